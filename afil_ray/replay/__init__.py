@@ -1,0 +1,1 @@
+"""Arrow replay store: episodes as rows, sharded by task and outcome."""

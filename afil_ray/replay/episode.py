@@ -1,0 +1,249 @@
+"""One episode as the replay store keeps it, and its Arrow row form.
+
+An episode is one row: episode metadata as scalar columns, per-step data as list columns of equal length T
+(the observation *before* each action), and the observation after the last action in ``final_state``.
+Per-step vectors are ``list<list<float32>>`` rather than fixed-size lists so that tasks with different
+state or action sizes share one schema and a whole store reads as one ``pyarrow.dataset``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+import pyarrow as pa
+
+OUTCOMES = ("demo", "success", "failure", "corrected")
+
+_VEC_F32 = pa.list_(pa.list_(pa.float32()))
+_VEC_U8 = pa.list_(pa.list_(pa.uint8()))
+
+# Columns every episode row has, in order. Per-camera image columns ``rgb_<camera>`` are appended when present.
+BASE_SCHEMA = pa.schema(
+    [
+        pa.field("episode_id", pa.string(), nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("outcome", pa.string(), nullable=False),
+        pa.field("instruction", pa.string()),
+        pa.field("seed", pa.int64()),
+        pa.field("source", pa.string()),
+        pa.field("policy_version", pa.int64()),
+        pa.field("sampler", pa.string()),
+        pa.field("sampler_params", pa.string()),  # JSON object
+        pa.field("control_mode", pa.string()),
+        pa.field("obs_mode", pa.string()),
+        pa.field("created", pa.timestamp("us", tz="UTC")),
+        pa.field("length", pa.int32()),
+        pa.field("success", pa.bool_()),  # success at any step (ManiSkill's success_once)
+        pa.field("parent_episode_id", pa.string()),  # the failure a corrected episode came from
+        pa.field("extra", pa.string()),  # JSON object for anything a producer wants to keep
+        # per-step columns, length T
+        pa.field("state", _VEC_F32),
+        pa.field("action", _VEC_F32),
+        pa.field("reward", pa.list_(pa.float32())),
+        pa.field("step_success", pa.list_(pa.bool_())),
+        pa.field("terminated", pa.list_(pa.bool_())),
+        pa.field("truncated", pa.list_(pa.bool_())),
+        pa.field("final_state", pa.list_(pa.float32())),
+        # simulator snapshots: the step index each was taken at (before that step's action) and its
+        # safetensors-serialised flat state dict (see afil_ray.envs.snapshot)
+        pa.field("snapshot_steps", pa.list_(pa.int32())),
+        pa.field("snapshots", pa.list_(pa.binary())),
+    ]
+)
+
+IMAGE_PREFIX = "rgb_"
+
+
+def new_episode_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class Episode:
+    """A finished episode. Arrays are numpy; ``images`` maps camera name to uint8 [T, H, W, C]."""
+
+    task: str
+    outcome: str
+    state: np.ndarray  # [T, D] float32
+    action: np.ndarray  # [T, A] float32
+    reward: np.ndarray  # [T] float32
+    step_success: np.ndarray  # [T] bool
+    terminated: np.ndarray  # [T] bool
+    truncated: np.ndarray  # [T] bool
+    final_state: np.ndarray  # [D] float32
+    instruction: str = ""
+    seed: int | None = None
+    source: str = ""
+    policy_version: int = -1
+    sampler: str = ""
+    sampler_params: dict = field(default_factory=dict)
+    control_mode: str = ""
+    obs_mode: str = "state"
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    snapshot_steps: list[int] = field(default_factory=list)
+    snapshots: list[bytes] = field(default_factory=list)
+    parent_episode_id: str | None = None
+    extra: dict = field(default_factory=dict)
+    episode_id: str = field(default_factory=new_episode_id)
+    created: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def __post_init__(self) -> None:
+        if self.outcome not in OUTCOMES:
+            raise ValueError(f"episode outcome must be one of {OUTCOMES}, got {self.outcome!r}")
+        n = len(self.action)
+        for name in ("state", "reward", "step_success", "terminated", "truncated"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"episode {self.episode_id}: {name} has {len(getattr(self, name))} steps, "
+                                 f"action has {n}")
+        for cam, img in self.images.items():
+            if len(img) != n or img.dtype != np.uint8 or img.ndim != 4:
+                raise ValueError(f"episode {self.episode_id}: camera {cam!r} images must be uint8 [T, H, W, C] "
+                                 f"with T={n}, got {img.dtype} {img.shape}")
+        if len(self.snapshot_steps) != len(self.snapshots):
+            raise ValueError(f"episode {self.episode_id}: {len(self.snapshot_steps)} snapshot steps but "
+                             f"{len(self.snapshots)} snapshots")
+
+    @property
+    def length(self) -> int:
+        return len(self.action)
+
+    @property
+    def success(self) -> bool:
+        return bool(np.any(self.step_success))
+
+
+def _nested_f32(arrays: list[np.ndarray]) -> pa.Array:
+    """[episodes][T, D] float arrays -> list<list<float32>> built from flat buffers (no Python loops per step)."""
+    inner_lengths, flats, outer = [], [], [0]
+    for a in arrays:
+        a = np.asarray(a, dtype=np.float32).reshape(len(a), -1)
+        inner_lengths.append(np.full(len(a), a.shape[1], dtype=np.int32))
+        flats.append(a.ravel())
+        outer.append(outer[-1] + len(a))
+    lens = np.concatenate(inner_lengths) if inner_lengths else np.zeros(0, np.int32)
+    inner_offsets = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]).astype(np.int32)
+    values = pa.array(np.concatenate(flats) if flats else np.zeros(0, np.float32), type=pa.float32())
+    inner = pa.ListArray.from_arrays(pa.array(inner_offsets, pa.int32()), values)
+    return pa.ListArray.from_arrays(pa.array(np.asarray(outer, np.int32), pa.int32()), inner)
+
+
+def _nested_u8(arrays: list[np.ndarray]) -> pa.Array:
+    """[episodes][T, H, W, C] uint8 -> list<list<uint8>>, one inner list per step (H*W*C values)."""
+    inner_lengths, flats, outer = [], [], [0]
+    for a in arrays:
+        a = np.ascontiguousarray(a, dtype=np.uint8)
+        per_step = int(np.prod(a.shape[1:]))
+        inner_lengths.append(np.full(len(a), per_step, dtype=np.int64))
+        flats.append(a.reshape(-1))
+        outer.append(outer[-1] + len(a))
+    lens = np.concatenate(inner_lengths)
+    inner_offsets = np.concatenate([[0], np.cumsum(lens)])
+    if inner_offsets[-1] > np.iinfo(np.int32).max:
+        raise ValueError("too many image bytes for one shard; lower replay.episodes_per_shard")
+    inner = pa.ListArray.from_arrays(pa.array(inner_offsets.astype(np.int32)), pa.array(np.concatenate(flats)))
+    return pa.ListArray.from_arrays(pa.array(np.asarray(outer, np.int32), pa.int32()), inner)
+
+
+def episodes_to_table(episodes: list[Episode]) -> pa.Table:
+    """Rows for a list of episodes; all must have the same cameras (one shard holds one partition)."""
+    if not episodes:
+        raise ValueError("episodes_to_table needs at least one episode")
+    cameras = sorted(episodes[0].images)
+    for ep in episodes:
+        if sorted(ep.images) != cameras:
+            raise ValueError(f"episode {ep.episode_id} has cameras {sorted(ep.images)}, expected {cameras}")
+
+    def col(name):
+        return [getattr(ep, name) for ep in episodes]
+
+    data = {
+        "episode_id": pa.array(col("episode_id"), pa.string()),
+        "task": pa.array(col("task"), pa.string()),
+        "outcome": pa.array(col("outcome"), pa.string()),
+        "instruction": pa.array(col("instruction"), pa.string()),
+        "seed": pa.array(col("seed"), pa.int64()),
+        "source": pa.array(col("source"), pa.string()),
+        "policy_version": pa.array(col("policy_version"), pa.int64()),
+        "sampler": pa.array(col("sampler"), pa.string()),
+        "sampler_params": pa.array([json.dumps(p, sort_keys=True) for p in col("sampler_params")], pa.string()),
+        "control_mode": pa.array(col("control_mode"), pa.string()),
+        "obs_mode": pa.array(col("obs_mode"), pa.string()),
+        "created": pa.array(col("created"), pa.timestamp("us", tz="UTC")),
+        "length": pa.array([ep.length for ep in episodes], pa.int32()),
+        "success": pa.array([ep.success for ep in episodes], pa.bool_()),
+        "parent_episode_id": pa.array(col("parent_episode_id"), pa.string()),
+        "extra": pa.array([json.dumps(e, sort_keys=True) for e in col("extra")], pa.string()),
+        "state": _nested_f32(col("state")),
+        "action": _nested_f32(col("action")),
+        "reward": pa.array([np.asarray(r, np.float32) for r in col("reward")], pa.list_(pa.float32())),
+        "step_success": pa.array([np.asarray(x, bool) for x in col("step_success")], pa.list_(pa.bool_())),
+        "terminated": pa.array([np.asarray(x, bool) for x in col("terminated")], pa.list_(pa.bool_())),
+        "truncated": pa.array([np.asarray(x, bool) for x in col("truncated")], pa.list_(pa.bool_())),
+        "final_state": pa.array([np.asarray(x, np.float32) for x in col("final_state")], pa.list_(pa.float32())),
+        "snapshot_steps": pa.array(col("snapshot_steps"), pa.list_(pa.int32())),
+        "snapshots": pa.array(col("snapshots"), pa.list_(pa.binary())),
+    }
+    fields = list(BASE_SCHEMA)
+    for cam in cameras:
+        shape = episodes[0].images[cam].shape[1:]
+        data[IMAGE_PREFIX + cam] = _nested_u8([ep.images[cam] for ep in episodes])
+        fields.append(pa.field(IMAGE_PREFIX + cam, _VEC_U8, metadata={"shape": json.dumps(list(shape))}))
+    return pa.Table.from_pydict(data, schema=pa.schema(fields))
+
+
+def _unnest(col: pa.Array, i: int, dtype) -> np.ndarray:
+    """Row i of a list<list<x>> column as a [T, D] array (zero-copy where Arrow allows)."""
+    steps = col[i].values  # list<x> of length T
+    if len(steps) == 0:
+        return np.zeros((0, 0), dtype)
+    flat = steps.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(len(steps), -1).astype(dtype, copy=False)
+
+
+def table_to_episodes(table: pa.Table) -> list[Episode]:
+    """Inverse of :func:`episodes_to_table` (used for round trips and small reads, not the training hot path)."""
+    cols = {name: table.column(name).combine_chunks() for name in table.column_names}
+    cameras = {n[len(IMAGE_PREFIX):]: table.schema.field(n) for n in table.column_names
+               if n.startswith(IMAGE_PREFIX)}
+    out = []
+    for i in range(table.num_rows):
+        def scalar(name, i=i):
+            return cols[name][i].as_py()
+
+        images = {}
+        for cam, fld in cameras.items():
+            shape = json.loads(fld.metadata[b"shape"])
+            images[cam] = _unnest(cols[IMAGE_PREFIX + cam], i, np.uint8).reshape(-1, *shape)
+        out.append(
+            Episode(
+                episode_id=scalar("episode_id"),
+                task=scalar("task"),
+                outcome=scalar("outcome"),
+                instruction=scalar("instruction"),
+                seed=scalar("seed"),
+                source=scalar("source"),
+                policy_version=scalar("policy_version"),
+                sampler=scalar("sampler"),
+                sampler_params=json.loads(scalar("sampler_params") or "{}"),
+                control_mode=scalar("control_mode"),
+                obs_mode=scalar("obs_mode"),
+                created=scalar("created"),
+                parent_episode_id=scalar("parent_episode_id"),
+                extra=json.loads(scalar("extra") or "{}"),
+                state=_unnest(cols["state"], i, np.float32),
+                action=_unnest(cols["action"], i, np.float32),
+                reward=np.asarray(scalar("reward"), np.float32),
+                step_success=np.asarray(scalar("step_success"), bool),
+                terminated=np.asarray(scalar("terminated"), bool),
+                truncated=np.asarray(scalar("truncated"), bool),
+                final_state=np.asarray(scalar("final_state"), np.float32),
+                snapshot_steps=scalar("snapshot_steps"),
+                snapshots=scalar("snapshots"),
+                images=images,
+            )
+        )
+    return out

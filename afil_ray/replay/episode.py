@@ -21,7 +21,7 @@ OUTCOMES = ("demo", "success", "failure", "corrected")
 _VEC_F32 = pa.list_(pa.list_(pa.float32()))
 _VEC_U8 = pa.list_(pa.list_(pa.uint8()))
 
-# Columns every episode row has, in order. Per-camera image columns ``rgb_<camera>`` are appended when present.
+# Columns every episode row has, in order. Per-camera image columns ``rgb_<camera>`` follow when present.
 BASE_SCHEMA = pa.schema(
     [
         pa.field("episode_id", pa.string(), nullable=False),
@@ -101,8 +101,8 @@ class Episode:
                                  f"action has {n}")
         for cam, img in self.images.items():
             if len(img) != n or img.dtype != np.uint8 or img.ndim != 4:
-                raise ValueError(f"episode {self.episode_id}: camera {cam!r} images must be uint8 [T, H, W, C] "
-                                 f"with T={n}, got {img.dtype} {img.shape}")
+                raise ValueError(f"episode {self.episode_id}: camera {cam!r} images must be uint8 "
+                                 f"[T, H, W, C] with T={n}, got {img.dtype} {img.shape}")
         if len(self.snapshot_steps) != len(self.snapshots):
             raise ValueError(f"episode {self.episode_id}: {len(self.snapshot_steps)} snapshot steps but "
                              f"{len(self.snapshots)} snapshots")
@@ -117,7 +117,7 @@ class Episode:
 
 
 def _nested_f32(arrays: list[np.ndarray]) -> pa.Array:
-    """[episodes][T, D] float arrays -> list<list<float32>> built from flat buffers (no Python loops per step)."""
+    """[episodes][T, D] float arrays -> list<list<float32>> from flat buffers (no Python loop per step)."""
     inner_lengths, flats, outer = [], [], [0]
     for a in arrays:
         a = np.asarray(a, dtype=np.float32).reshape(len(a), -1)
@@ -144,7 +144,8 @@ def _nested_u8(arrays: list[np.ndarray]) -> pa.Array:
     inner_offsets = np.concatenate([[0], np.cumsum(lens)])
     if inner_offsets[-1] > np.iinfo(np.int32).max:
         raise ValueError("too many image bytes for one shard; lower replay.episodes_per_shard")
-    inner = pa.ListArray.from_arrays(pa.array(inner_offsets.astype(np.int32)), pa.array(np.concatenate(flats)))
+    inner = pa.ListArray.from_arrays(pa.array(inner_offsets.astype(np.int32)),
+                                     pa.array(np.concatenate(flats)))
     return pa.ListArray.from_arrays(pa.array(np.asarray(outer, np.int32), pa.int32()), inner)
 
 
@@ -169,7 +170,8 @@ def episodes_to_table(episodes: list[Episode]) -> pa.Table:
         "source": pa.array(col("source"), pa.string()),
         "policy_version": pa.array(col("policy_version"), pa.int64()),
         "sampler": pa.array(col("sampler"), pa.string()),
-        "sampler_params": pa.array([json.dumps(p, sort_keys=True) for p in col("sampler_params")], pa.string()),
+        "sampler_params": pa.array([json.dumps(p, sort_keys=True) for p in col("sampler_params")],
+                                   pa.string()),
         "control_mode": pa.array(col("control_mode"), pa.string()),
         "obs_mode": pa.array(col("obs_mode"), pa.string()),
         "created": pa.array(col("created"), pa.timestamp("us", tz="UTC")),
@@ -183,7 +185,8 @@ def episodes_to_table(episodes: list[Episode]) -> pa.Table:
         "step_success": pa.array([np.asarray(x, bool) for x in col("step_success")], pa.list_(pa.bool_())),
         "terminated": pa.array([np.asarray(x, bool) for x in col("terminated")], pa.list_(pa.bool_())),
         "truncated": pa.array([np.asarray(x, bool) for x in col("truncated")], pa.list_(pa.bool_())),
-        "final_state": pa.array([np.asarray(x, np.float32) for x in col("final_state")], pa.list_(pa.float32())),
+        "final_state": pa.array([np.asarray(x, np.float32) for x in col("final_state")],
+                                pa.list_(pa.float32())),
         "snapshot_steps": pa.array(col("snapshot_steps"), pa.list_(pa.int32())),
         "snapshots": pa.array(col("snapshots"), pa.list_(pa.binary())),
     }
@@ -205,7 +208,7 @@ def _unnest(col: pa.Array, i: int, dtype) -> np.ndarray:
 
 
 def table_to_episodes(table: pa.Table) -> list[Episode]:
-    """Inverse of :func:`episodes_to_table` (used for round trips and small reads, not the training hot path)."""
+    """Inverse of :func:`episodes_to_table` (for round trips and small reads, not the training hot path)."""
     cols = {name: table.column(name).combine_chunks() for name in table.column_names}
     cameras = {n[len(IMAGE_PREFIX):]: table.schema.field(n) for n in table.column_names
                if n.startswith(IMAGE_PREFIX)}

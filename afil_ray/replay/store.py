@@ -53,6 +53,7 @@ META_OUTCOME = b"afil_ray.outcome"
 META_CREATED_NS = b"afil_ray.created_ns"
 META_WRITER = b"afil_ray.writer_id"
 META_FORMAT = b"afil_ray.format"
+META_COMPRESSION = b"afil_ray.compression"
 META_CRC32 = b"afil_ray.crc32"  # of the batch's uncompressed IPC serialisation: catches flipped payload bytes
 
 PARTITION_SCHEMA = pa.schema([pa.field("task", pa.string()), pa.field("outcome", pa.string())])
@@ -351,6 +352,7 @@ class ReplayStore:
                 META_CREATED_NS: str(created_ns),
                 META_WRITER: writer_id,
                 META_FORMAT: FORMAT_VERSION,
+                META_COMPRESSION: self.compression,
             }
         )
         batch = pa.RecordBatch.from_arrays(table.combine_chunks().to_batches()[0].columns, schema=schema)
@@ -448,18 +450,25 @@ class ReplayStore:
                 missing = [c for c in columns if schema.get_field_index(c) < 0]
                 if missing:
                     raise KeyError(f"shard {rel} has no column(s) {missing}")
+            # pyarrow copies the buffers it reads with included_fields, even from a memory map, so columns are
+            # picked that way only where a whole read would cost more: compressed or remote shards.
+            zero_copy = self.is_local and md.get(META_COMPRESSION, b"none") == b"none"
+            if columns is not None and not zero_copy:
                 reader = ipc.open_file(f, options=ipc.IpcReadOptions(
                     included_fields=[schema.get_field_index(c) for c in columns]))
             batches = []
             for i in range(reader.num_record_batches):
                 batch, batch_md = reader.get_batch_with_custom_metadata(i)
+                if columns is not None:
+                    batch = batch.select(columns)
                 batch.validate(full=True)
                 if verify and columns is None and batch_md is not None and META_CRC32 in batch_md:
                     crc, recorded = _batch_crc32(batch), int(batch_md[META_CRC32])
                     if crc != recorded:
                         raise ShardCorruptError(f"batch {i} checksum {crc} != recorded {recorded}")
                 batches.append(batch)
-        table = pa.Table.from_batches(batches, schema=reader.schema)  # the included fields only
+        table = pa.Table.from_batches(batches, schema=schema if columns is None else
+                                      pa.schema([schema.field(c) for c in columns], metadata=md))
         if META_EPISODES in md and table.num_rows != int(md[META_EPISODES]):
             raise ShardCorruptError(f"{table.num_rows} rows, metadata says {int(md[META_EPISODES])} episodes")
         return table

@@ -22,7 +22,9 @@ import socket
 import time
 import uuid
 import zlib
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
@@ -116,6 +118,12 @@ class PartitionStats:
     episodes: int
     steps: int
     bytes: int
+
+
+@dataclass(frozen=True)
+class _StagedShard:
+    tmp: str  # the written temporary, not yet durable or visible
+    shard: ShardFile  # what it becomes once committed
 
 
 @dataclass(frozen=True)
@@ -291,33 +299,49 @@ class ReplayStore:
         shards.sort(key=lambda s: (s.task, s.outcome, s.created_ns, s.path))
         return shards
 
-    def _write_atomic(self, rel: str, write: Any) -> None:
-        """Write via ``write(sink)`` to a '.'-prefixed temporary beside ``rel``, fsync it, rename it."""
-        final = self.abspath(rel)
-        directory, name = final.rsplit("/", 1)
+    def _write_temp(self, rel: str, write: Callable[[pa.NativeFile], None]) -> str:
+        """Write via ``write(sink)`` to a '.'-prefixed temporary beside ``rel``; returns its path."""
+        directory, name = self.abspath(rel).rsplit("/", 1)
         tmp = f"{directory}/.{name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
         try:
             if self.is_local:
                 _makedirs_durable(directory)
                 with pa.OSFile(tmp, "wb") as sink:
                     write(sink)
-                _fsync_path(tmp)
-                os.replace(tmp, final)
-                _fsync_path(directory)
             else:
                 self.fs.create_dir(directory, recursive=True)
                 with self.fs.open_output_stream(tmp) as sink:
                     write(sink)
+        except BaseException:
+            self._discard(tmp)
+            raise
+        return tmp
+
+    def _commit_temp(self, tmp: str, rel: str) -> None:
+        """Make a temporary durable and visible under ``rel``: fsync, rename, fsync the directory."""
+        final = self.abspath(rel)
+        try:
+            if self.is_local:
+                _fsync_path(tmp)
+                os.replace(tmp, final)
+                _fsync_path(final.rsplit("/", 1)[0])
+            else:
                 self.fs.move(tmp, final)
         except BaseException:
-            try:
-                if self.is_local:
-                    os.unlink(tmp)
-                else:
-                    self.fs.delete_file(tmp)
-            except OSError:
-                pass
+            self._discard(tmp)
             raise
+
+    def _discard(self, tmp: str) -> None:
+        try:
+            if self.is_local:
+                os.unlink(tmp)
+            else:
+                self.fs.delete_file(tmp)
+        except OSError:
+            pass
+
+    def _write_atomic(self, rel: str, write: Callable[[pa.NativeFile], None]) -> None:
+        self._commit_temp(self._write_temp(rel, write), rel)
 
     # ---------------------------------------------------------------- writing
 
@@ -332,7 +356,13 @@ class ReplayStore:
         return w.shards_written
 
     def write_shard(self, episodes: list[Episode], writer_id: str) -> ShardFile:
-        """One shard from episodes of one partition (the writer calls this; it does not apply retention)."""
+        """One durable, visible shard from episodes of one partition (no retention: the writer does that)."""
+        staged = self._stage_shard(episodes, writer_id)
+        self._commit_temp(staged.tmp, staged.shard.path)
+        return staged.shard
+
+    def _stage_shard(self, episodes: list[Episode], writer_id: str) -> _StagedShard:
+        """Convert and write a shard to its temporary; :meth:`_commit_temp` makes it durable and visible."""
         task, outcome = episodes[0].task, episodes[0].outcome
         for ep in episodes:
             if (ep.task, ep.outcome) != (task, outcome):
@@ -358,16 +388,17 @@ class ReplayStore:
         batch = pa.RecordBatch.from_arrays(table.combine_chunks().to_batches()[0].columns, schema=schema)
         crc = _batch_crc32(batch)
         options = ipc.IpcWriteOptions(compression=None if self.compression == "none" else self.compression)
+        size = 0
 
         def write(sink: pa.NativeFile) -> None:
+            nonlocal size
             with ipc.new_file(sink, schema, options=options) as w:
                 w.write_batch(batch, custom_metadata={META_CRC32: str(crc)})
+            size = sink.tell()
 
-        self._write_atomic(rel, write)
-        path = self.abspath(rel)
-        size = os.path.getsize(path) if self.is_local else self.fs.get_file_info(path).size
+        tmp = self._write_temp(rel, write)
         self._episode_counts[rel] = table.num_rows
-        return ShardFile(rel, task, outcome, created_ns, size or 0)
+        return _StagedShard(tmp, ShardFile(rel, task, outcome, created_ns, size))
 
     # ---------------------------------------------------------------- reading and checking shards
 
@@ -664,20 +695,27 @@ class ReplayStore:
 class ReplayWriter:
     """Buffers episodes per partition and writes a shard whenever one partition has ``episodes_per_shard``.
 
-    Episodes with different camera sets go to different shards of the same partition. Use as a context
-    manager, or call :meth:`close`; buffered episodes are written on exit even when the block raised.
+    A shard is converted and written to its temporary in the caller's thread; the fsync, rename and (with a
+    capacity) retention run on a background thread, so the next shard's work overlaps the disk's. At most
+    ``max_pending`` shards wait for it. A shard is visible to readers once committed, at the latest when
+    :meth:`flush` or :meth:`close` returns. Episodes with different camera sets go to different shards of the
+    same partition. Use as a context manager, or call :meth:`close`; buffered episodes are written on exit
+    even when the block raised.
     """
 
-    def __init__(self, store: ReplayStore, writer_id: str | None = None) -> None:
+    def __init__(self, store: ReplayStore, writer_id: str | None = None, *, max_pending: int = 2) -> None:
         self.store = store
         self.writer_id = writer_id or f"{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.shards_written: list[ShardFile] = []
+        self.max_pending = max_pending
+        self.shards_written: list[ShardFile] = []  # committed: durable and visible
         self.episodes_written = 0
         self._buffers: dict[tuple[str, str, tuple[str, ...]], list[Episode]] = {}
+        self._commits: deque[Future[None]] = deque()
+        self._committer: ThreadPoolExecutor | None = None
         self._closed = False
 
     def add(self, episode: Episode) -> list[ShardFile]:
-        """Buffer one episode; returns the shard it completed, if any."""
+        """Buffer one episode; returns the shard it completed, if any (committed shortly after)."""
         if self._closed:
             raise RuntimeError("ReplayWriter.add after close")
         if episode.outcome not in OUTCOMES:
@@ -686,7 +724,7 @@ class ReplayWriter:
         buffer = self._buffers.setdefault(key, [])
         buffer.append(episode)
         if len(buffer) >= self.store.episodes_per_shard:
-            return [self._flush(key)]
+            return [self._stage(key)]
         return []
 
     @property
@@ -694,24 +732,39 @@ class ReplayWriter:
         """Episodes buffered and not yet written."""
         return sum(len(b) for b in self._buffers.values())
 
-    def _flush(self, key: tuple[str, str, tuple[str, ...]]) -> ShardFile:
+    def _stage(self, key: tuple[str, str, tuple[str, ...]]) -> ShardFile:
         episodes = self._buffers[key]
-        shard = self.store.write_shard(episodes, self.writer_id)
+        staged = self.store._stage_shard(episodes, self.writer_id)
         del self._buffers[key]  # only once written: a failed write keeps the episodes for a retry
-        self.shards_written.append(shard)
-        self.episodes_written += len(episodes)
+        if self._committer is None:
+            self._committer = ThreadPoolExecutor(1, thread_name_prefix=f"replay-commit-{self.writer_id}")
+        self._commits.append(self._committer.submit(self._commit, staged, len(episodes)))
+        while len(self._commits) > self.max_pending:
+            self._commits.popleft().result()  # re-raises a failed commit here, in the producer
+        return staged.shard
+
+    def _commit(self, staged: _StagedShard, episodes: int) -> None:
+        self.store._commit_temp(staged.tmp, staged.shard.path)
+        self.shards_written.append(staged.shard)
+        self.episodes_written += episodes
         if self.store.capacity_per_partition is not None:
-            self.store.apply_retention(task=key[0], outcome=key[1])
-        return shard
+            self.store.apply_retention(task=staged.shard.task, outcome=staged.shard.outcome)
 
     def flush(self) -> list[ShardFile]:
-        """Write every non-empty buffer as a shard, however few episodes it holds."""
-        return [self._flush(key) for key in list(self._buffers)]
+        """Write every non-empty buffer as a shard, however few episodes it holds, and wait until all shards
+        are durable and visible. Returns the shards this call wrote."""
+        written = [self._stage(key) for key in list(self._buffers)]
+        while self._commits:
+            self._commits.popleft().result()
+        return written
 
     def close(self) -> list[ShardFile]:
-        written = self.flush()
-        self._closed = True
-        return written
+        try:
+            return self.flush()
+        finally:
+            self._closed = True
+            if self._committer is not None:
+                self._committer.shutdown(wait=True)
 
     def __enter__(self) -> ReplayWriter:
         return self

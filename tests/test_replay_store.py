@@ -352,3 +352,17 @@ def test_writer_flushes_on_error_and_refuses_after_close(tmp_path, make_episode)
     assert len(store.read_episodes()) == 1  # a finished episode is good data whatever happened next
     with pytest.raises(RuntimeError, match="after close"):
         writer.add(make_episode(seed=2))
+
+
+def test_writer_commits_in_the_background_and_flush_waits_for_it(tmp_path, make_episode):
+    store = ReplayStore(tmp_path, episodes_per_shard=1)
+    with store.writer(max_pending=0) as writer:
+        [shard] = writer.add(make_episode())
+        assert (tmp_path / shard.path).is_file()  # committed before add returned
+
+    writer = store.writer(max_pending=8)
+    staged = [writer.add(make_episode(seed=i))[0] for i in range(5)]
+    assert writer.flush() == []  # nothing left in the buffers, but it waits for the commits
+    assert writer.shards_written == staged and all((tmp_path / s.path).is_file() for s in staged)
+    assert not list(tmp_path.rglob(".*.tmp"))
+    writer.close()

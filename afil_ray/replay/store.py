@@ -345,8 +345,8 @@ class ReplayStore:
 
     # ---------------------------------------------------------------- writing
 
-    def writer(self, writer_id: str | None = None) -> ReplayWriter:
-        return ReplayWriter(self, writer_id)
+    def writer(self, writer_id: str | None = None, *, max_pending: int = 2) -> ReplayWriter:
+        return ReplayWriter(self, writer_id, max_pending=max_pending)
 
     def write_episodes(self, episodes: Iterable[Episode], writer_id: str | None = None) -> list[ShardFile]:
         """Write episodes and flush everything (for producers that already hold a finished batch)."""
@@ -697,10 +697,10 @@ class ReplayWriter:
 
     A shard is converted and written to its temporary in the caller's thread; the fsync, rename and (with a
     capacity) retention run on a background thread, so the next shard's work overlaps the disk's. At most
-    ``max_pending`` shards wait for it. A shard is visible to readers once committed, at the latest when
-    :meth:`flush` or :meth:`close` returns. Episodes with different camera sets go to different shards of the
-    same partition. Use as a context manager, or call :meth:`close`; buffered episodes are written on exit
-    even when the block raised.
+    ``max_pending`` shards wait for it (0: commit before returning). A shard is visible to readers once
+    committed, at the latest when :meth:`flush` or :meth:`close` returns. Episodes with different camera
+    sets go to different shards of the same partition. Use as a context manager, or call :meth:`close`;
+    buffered episodes are written on exit even when the block raised.
     """
 
     def __init__(self, store: ReplayStore, writer_id: str | None = None, *, max_pending: int = 2) -> None:

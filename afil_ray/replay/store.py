@@ -587,7 +587,7 @@ class ReplayStore:
             new = [s for s in shards if s.path not in known]
         rows = [r for r in (self._footer_row(s) for s in new) if r is not None]
         table = self._sorted(pa.concat_tables([kept.cast(MANIFEST_SCHEMA), self._manifest_table(rows)]))
-        if cached is None or rows or kept.num_rows != cached.num_rows:
+        if rows or (cached is not None and kept.num_rows != cached.num_rows):  # leaves empty stores alone
             self._save_manifest(table)
         return table
 

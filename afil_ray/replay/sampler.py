@@ -3,13 +3,13 @@
 Each shard's per-step columns are viewed as numpy arrays straight over the Arrow buffers: ``state``
 becomes a [steps, D] view of the flat float32 values and the list offsets say where each episode starts.
 Nothing is copied for uncompressed local shards, so a store larger than RAM costs address space and page
-cache, not memory; only the sampled rows are gathered, one fancy index per shard touched.
+cache, not memory; only the sampled rows are gathered, one fancy index per shard touched. Compressed
+(lz4/zstd) or remote shards cannot be mapped: their state, action and camera columns are read into memory.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,10 +24,8 @@ from afil_ray.replay.store import (
     Selection,
     ShardCorruptError,
     ShardFile,
-    _as_set,
+    selection_set,
 )
-
-log = logging.getLogger(__name__)
 
 Partition = tuple[str, str]  # (task, outcome)
 
@@ -99,7 +97,7 @@ class WindowSampler:
             raise ValueError(f"horizon must be >= 1, got {horizon}")
         self.store = store
         self.horizon = horizon
-        self.tasks, self.outcomes = _as_set(tasks), _as_set(outcomes)
+        self.tasks, self.outcomes = selection_set(tasks), selection_set(outcomes)
         self.balance = balance or weights is not None
         self.weights = dict(weights) if weights is not None else None
         self.cameras: tuple[str, ...] | None = tuple(cameras) if cameras is not None else None

@@ -133,7 +133,8 @@ class _Entry:
     mtime_ns: int | None
 
 
-def _as_set(selection: Selection) -> frozenset[str] | None:
+def selection_set(selection: Selection) -> frozenset[str] | None:
+    """A task/outcome selection as a set; None selects everything, a bare string is one name (not letters)."""
     if selection is None:
         return None
     if isinstance(selection, str):
@@ -290,7 +291,7 @@ class ReplayStore:
 
     def list_shards(self, task: Selection = None, outcome: Selection = None) -> list[ShardFile]:
         """Complete shards, oldest first per partition; temporaries and quarantined files never appear."""
-        tasks, outcomes = _as_set(task), _as_set(outcome)
+        tasks, outcomes = selection_set(task), selection_set(outcome)
         shards = []
         for entry in self._walk():
             s = self._parse_shard(entry)

@@ -22,7 +22,7 @@ import pyarrow.ipc as ipc
 import pytest
 
 from afil_ray.config import ReplayConfig
-from afil_ray.replay import Episode, ReplayStore, format_stats
+from afil_ray.replay import Episode, ReplayStore, WindowSampler, format_stats
 from afil_ray.replay.store import MANIFEST_NAME, QUARANTINE_DIR
 
 ARRAY_FIELDS = ("state", "action", "reward", "step_success", "terminated", "truncated", "final_state")
@@ -340,6 +340,8 @@ def test_non_local_filesystem_goes_through_pyarrow_fs(make_episode):
         assert_same_episode(got, want)
     assert [s.episodes for s in store.stats()] == [3]
     assert store.dataset().count_rows() == 3
+    batch = WindowSampler(store, horizon=4).sample(8)  # read into memory: nothing to map
+    assert batch["action"].shape == (8, 4, 3) and batch["images"]["base"].shape == (8, 8, 6, 3)
     listing = store.fs.get_file_info(pafs.FileSelector(store.root, recursive=True))
     assert not [i.path for i in listing if "/." in i.path]  # temporaries were moved into place
 

@@ -22,10 +22,11 @@ class EnvConfig:
     control_mode: str = "pd_joint_delta_pos"
     num_envs: int = 2
     backend: str = "auto"  # auto (GPU physics when CUDA is present) | cpu | gpu
-    cpu_vectorization: str = "loop"  # loop | async: how N CPU envs are stepped (docs/benchmarks.md)
+    cpu_vectorization: str = "auto"  # auto | loop | async: how N CPU envs are stepped (docs/benchmarks.md)
     max_episode_steps: int | None = None  # None: the task registry's limit
     snapshot_every: int = 10  # simulator state snapshot every k steps (0 disables)
     camera_size: int = 128  # width and height of each camera image in rgb mode
+    ignore_terminations: bool = False  # run to the limit after success/fail (success_at_end evaluation)
 
 
 @dataclass

@@ -1,0 +1,206 @@
+"""``afil-ray demos``: fill the replay store with successful planner demonstrations, in parallel and resumably.
+
+Seeds are tried in order from ``demos.seed_start``. A seed already in the store (as a demo) or recorded as a
+failed attempt is never tried again, so re-running with a larger ``--num`` adds only what is missing, and a run
+killed part-way loses at most the demos not yet flushed (their seeds are simply tried again).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+
+import pyarrow.dataset as ds
+from tqdm import tqdm
+
+from afil_ray.config import Config
+from afil_ray.demos.planner import DemoMaker, DemoResult
+from afil_ray.replay.store import ReplayStore
+
+log = logging.getLogger(__name__)
+SOURCE = "motion_planner"
+_FAILURES_DIR = "_meta/demo_failures"
+
+
+@dataclass
+class DemoReport:
+    task: str
+    wanted: int
+    existing: int
+    added: int = 0
+    failures: Counter = field(default_factory=Counter)
+    lengths: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return self.existing + self.added
+
+    def summary(self) -> str:
+        tried = self.added + sum(self.failures.values())
+        lines = [f"{self.task}: {self.total}/{self.wanted} demos in the store ({self.existing} before, "
+                 f"{self.added} added from {tried} seeds tried in {self.seconds:.0f} s)"]
+        if self.lengths:
+            ls = sorted(self.lengths)
+            lines.append(f"  added demo length: min {ls[0]}, median {ls[len(ls) // 2]}, max {ls[-1]}")
+        for reason, n in self.failures.most_common():
+            lines.append(f"  dropped {n}: {reason}")
+        return "\n".join(lines)
+
+
+class SimulatorCrash(RuntimeError):
+    """A worker process died (segfault or abort inside the simulator or planner)."""
+
+
+class _FailureLog:
+    """Seeds that produced no demo, one JSON line each, in a file per run (no two runs share a file)."""
+
+    def __init__(self, store: ReplayStore, task: str) -> None:
+        self.store, self.task = store, task
+        self.dir = f"{store.root}/{_FAILURES_DIR}/task={task}"
+        self.path = f"{self.dir}/{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+        self.lines: list[str] = []
+
+    def known(self) -> dict[int, str]:
+        from pyarrow import fs as pafs
+
+        out: dict[int, str] = {}
+        infos = self.store.fs.get_file_info(pafs.FileSelector(self.dir, allow_not_found=True))
+        for info in infos:
+            if info.type != pafs.FileType.File or not info.path.endswith(".jsonl"):
+                continue
+            with self.store.fs.open_input_stream(info.path) as f:
+                for line in f.read().decode().splitlines():
+                    try:
+                        rec = json.loads(line)
+                        out[int(rec["seed"])] = rec["reason"]
+                    except (ValueError, KeyError):
+                        continue  # a torn last line from a killed run: the seed is just tried again
+        return out
+
+    def add(self, result: DemoResult) -> None:
+        self.lines.append(json.dumps({"seed": result.seed, "reason": result.reason,
+                                      "planner_steps": result.planner_steps}))
+
+    def save(self) -> None:
+        if not self.lines:
+            return
+        self.store.fs.create_dir(self.dir, recursive=True)
+        tmp = f"{self.dir}/.{uuid.uuid4().hex}.tmp"
+        with self.store.fs.open_output_stream(tmp) as f:
+            f.write(("\n".join(self.lines) + "\n").encode())
+        self.store.fs.move(tmp, self.path)
+
+
+def existing_demo_seeds(store: ReplayStore, task: str) -> set[int]:
+    if not store.list_shards(task=task, outcome="demo"):
+        return set()
+    flt = (ds.field("task") == task) & (ds.field("outcome") == "demo") & (ds.field("source") == SOURCE)
+    return set(store.dataset().to_table(columns=["seed"], filter=flt)["seed"].to_pylist())
+
+
+_worker_maker: DemoMaker | None = None
+
+
+def _worker_init(cfg: Config) -> None:
+    global _worker_maker
+    logging.getLogger("mani_skill").setLevel(logging.ERROR)
+    _worker_maker = DemoMaker(cfg.env, cfg.demos)
+
+
+def _worker_make(seed: int) -> DemoResult:
+    assert _worker_maker is not None
+    return _worker_maker.make(seed)
+
+
+def generate_demos(cfg: Config, store: ReplayStore | None = None, progress: bool = True) -> DemoReport:
+    """Add demos for ``cfg.env.task`` until the store holds ``cfg.demos.num`` of them."""
+    store = store or ReplayStore.from_config(cfg.replay)
+    task, want = cfg.env.task, cfg.demos.num
+    have = existing_demo_seeds(store, task)
+    failures = _FailureLog(store, task)
+    done = have | set(failures.known())
+    report = DemoReport(task=task, wanted=want, existing=len(have))
+    need = want - len(have)
+    if need <= 0:
+        return report
+    seeds: Iterator[int] = (s for s in _count(cfg.demos.seed_start) if s not in done)
+    t0 = time.time()
+    bar = tqdm(total=need, desc=f"demos {task}", unit="demo", disable=not progress, dynamic_ncols=True)
+    writer = store.writer()
+    try:
+        for result in _results(cfg, seeds, need):
+            if result.episode is not None:
+                if report.added >= need:
+                    continue  # an over-produced seed: not recorded, tried again if ever needed
+                writer.add(result.episode)
+                report.added += 1
+                report.lengths.append(result.episode.length)
+                bar.update(1)
+            else:
+                failures.add(result)
+                report.failures[result.reason.split(":")[0]] += 1
+            if (report.added + sum(report.failures.values())) % cfg.demos.flush_every == 0:
+                writer.flush()
+                failures.save()
+            bar.set_postfix(dropped=sum(report.failures.values()))
+            if report.added >= need:
+                break
+    finally:
+        writer.close()
+        failures.save()
+        bar.close()
+        report.seconds = time.time() - t0
+    return report
+
+
+def _count(start: int) -> Iterator[int]:
+    while True:
+        yield start
+        start += 1
+
+
+def _results(cfg: Config, seeds: Iterator[int], need: int) -> Iterator[DemoResult]:
+    """Demo results in completion order; keeps about as many seeds in flight as still needed."""
+    workers = max(1, cfg.demos.workers)
+    if workers == 1:
+        maker = DemoMaker(cfg.env, cfg.demos)
+        try:
+            for seed in seeds:
+                yield maker.make(seed)
+        finally:
+            maker.close()
+        return
+    ctx = mp.get_context("spawn")  # SAPIEN and torch state must not be forked
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(cfg,)) as pool:
+        in_flight: dict[Future, int] = {}
+        produced = 0
+        try:
+            while True:
+                while len(in_flight) < 2 * workers and produced + len(in_flight) < need + workers:
+                    seed = next(seeds)
+                    in_flight[pool.submit(_worker_make, seed)] = seed
+                finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    seed = in_flight.pop(fut)
+                    try:
+                        result = fut.result()
+                    except BrokenProcessPool as e:
+                        raise SimulatorCrash(
+                            f"a demo worker for {cfg.env.task} died while planning seed {seed} or another seed "
+                            f"in flight (a simulator or planner crash). Demos written so far are kept; re-run "
+                            f"the same command to resume.") from e
+                    produced += result.episode is not None
+                    yield result
+        finally:
+            for fut in in_flight:
+                fut.cancel()

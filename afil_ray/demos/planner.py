@@ -1,0 +1,142 @@
+"""One demonstration: run a task's motion planner, then replay its joint targets in the policy's control mode.
+
+The planners drive ``pd_joint_pos`` and ignore truncation. A policy usually acts in ``pd_joint_delta_pos``
+(bounded, normalised actions), so the planner's joint targets are replayed closed-loop in the policy's control
+mode: at each step the action is the normalised difference between the next target and the arm's current joint
+positions. The replay is what gets recorded, so every stored (observation, action) pair is one the policy's
+controller really executed, and a demo is kept only if that replay succeeds within the task's episode limit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, replace
+
+import gymnasium as gym
+import numpy as np
+
+from afil_ray.config import DemoConfig, EnvConfig
+from afil_ray.envs.collector import EpisodeCollector
+from afil_ray.envs.maniskill import ManiSkillVecEnv, _import_maniskill, check_assets
+from afil_ray.envs.tasks import get_task
+from afil_ray.replay.episode import Episode
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_CONTROL_MODES = ("pd_joint_pos", "pd_joint_delta_pos", "pd_joint_target_delta_pos")
+HOLD_STEPS = 10  # steps the last target is held after the plan ends, for tasks that succeed once settled
+
+
+def planner_solutions() -> dict[str, object]:
+    from mani_skill.examples.motionplanning.panda import solutions as s
+
+    return {
+        "PushCube-v1": s.solvePushCube, "PullCube-v1": s.solvePullCube, "PickCube-v1": s.solvePickCube,
+        "StackCube-v1": s.solveStackCube, "LiftPegUpright-v1": s.solveLiftPegUpright,
+        "StackPyramid-v1": s.solveStackPyramid, "PegInsertionSide-v1": s.solvePegInsertionSide,
+    }
+
+
+class _TargetRecorder(gym.Wrapper):
+    """Records the joint-position targets the planner sends and whether the task reported success."""
+
+    def reset(self, **kwargs):
+        self.targets: list[np.ndarray] = []
+        self.success: list[bool] = []
+        return super().reset(**kwargs)
+
+    def step(self, action):
+        self.targets.append(np.asarray(action, np.float32).reshape(-1).copy())
+        obs, reward, terminated, truncated, info = super().step(action)
+        self.success.append(bool(np.asarray(info["success"]).reshape(-1)[0]))
+        return obs, reward, terminated, truncated, info
+
+
+@dataclass
+class DemoResult:
+    seed: int
+    episode: Episode | None
+    reason: str  # "ok" or why the seed produced no demo
+    planner_steps: int = 0
+
+
+def retarget(control_mode: str, base_env, target: np.ndarray) -> np.ndarray:
+    """Action in ``control_mode`` that moves the arm towards the ``pd_joint_pos`` target from where it is now."""
+    if control_mode == "pd_joint_pos":
+        return target
+    arm = base_env.agent.controller.controllers["arm"]
+    cfg = arm.config
+    n_arm = len(arm.joints)
+    ref = arm._target_qpos if cfg.use_target else arm.qpos
+    delta = target[:n_arm] - ref.detach().cpu().numpy().reshape(-1)
+    low, high = np.broadcast_to(cfg.lower, delta.shape), np.broadcast_to(cfg.upper, delta.shape)
+    arm_action = np.clip(delta, low, high)
+    if cfg.normalize_action:
+        arm_action = 2.0 * (arm_action - low) / (high - low) - 1.0
+    return np.concatenate([arm_action, target[n_arm:]]).astype(np.float32)
+
+
+class DemoMaker:
+    """Owns a planner env and a replay env for one task; ``make(seed)`` returns one demonstration or a reason."""
+
+    def __init__(self, env_cfg: EnvConfig, demo_cfg: DemoConfig) -> None:
+        if env_cfg.control_mode not in SUPPORTED_CONTROL_MODES:
+            raise ValueError(f"demonstrations can be retargeted to {SUPPORTED_CONTROL_MODES}, not "
+                             f"env.control_mode={env_cfg.control_mode!r}")
+        self.spec = get_task(env_cfg.task)
+        solutions = planner_solutions()
+        if self.spec.planner not in solutions:
+            raise ValueError(f"task {self.spec.env_id} has no motion planner; tasks with one: "
+                             f"{sorted(solutions)}")
+        self.solve = solutions[self.spec.planner]
+        _import_maniskill()
+        check_assets(self.spec.env_id)
+        self.demo_cfg = demo_cfg
+        self.limit = env_cfg.max_episode_steps or self.spec.max_episode_steps
+        self.max_length = demo_cfg.max_length or self.limit
+        self.planner_env = _TargetRecorder(gym.make(
+            self.spec.env_id, num_envs=1, sim_backend="physx_cpu", obs_mode="none", control_mode="pd_joint_pos",
+            max_episode_steps=demo_cfg.planner_max_steps, **dict(self.spec.env_kwargs)))
+        replay_cfg = replace(env_cfg, backend="cpu", cpu_vectorization="loop", num_envs=1,
+                             max_episode_steps=self.limit)
+        self.replay_env = ManiSkillVecEnv(replay_cfg)
+        self.control_mode = env_cfg.control_mode
+
+    def make(self, seed: int) -> DemoResult:
+        try:
+            res = self.solve(self.planner_env, seed=seed, debug=False, vis=False)
+        except Exception as e:  # planners raise on unreachable poses; count and move on
+            return DemoResult(seed, None, f"planner_error: {type(e).__name__}: {e}"[:200])
+        targets, success = self.planner_env.targets, self.planner_env.success
+        if isinstance(res, int) and res == -1:
+            return DemoResult(seed, None, "planner_failed", len(targets))
+        if not any(success):
+            return DemoResult(seed, None, "planner_no_success", len(targets))
+        first = success.index(True) + 1
+        if first > self.max_length:
+            return DemoResult(seed, None, "too_long", len(targets))
+        episode = self._replay(seed, targets)
+        if episode is None or not episode.success:
+            return DemoResult(seed, None, "replay_failed", len(targets))
+        episode.extra.update(planner_steps=len(targets), planner_success_step=first)
+        return DemoResult(seed, episode, "ok", len(targets))
+
+    def _replay(self, seed: int, targets: list[np.ndarray]) -> Episode | None:
+        collector = EpisodeCollector(self.replay_env, itertools.repeat(seed), source="motion_planner",
+                                     auto_reset=False)
+        collector.reset()
+        base = self.replay_env.local_env(0).base
+        plan = targets + [targets[-1]] * HOLD_STEPS
+        for target in plan:
+            action = retarget(self.control_mode, base, target)
+            _, finished = collector.step(action[None])
+            if finished:
+                ep = finished[0]
+                ep.outcome = "demo"
+                return ep
+        return None
+
+    def close(self) -> None:
+        self.planner_env.close()
+        self.replay_env.close()

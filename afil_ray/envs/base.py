@@ -1,0 +1,62 @@
+"""The one interface every simulator back-end implements, so rollout code never sees simulator specifics.
+
+Observations are batched numpy dicts: ``state`` float32 [N, D] (the task state in ``state`` mode, proprioception
+plus task extras in ``rgb`` mode) and one ``rgb_<camera>`` uint8 [N, H, W, 3] per camera in ``rgb`` mode.
+Step infos carry ``success`` and ``fail`` [N] bool, ``elapsed_steps`` [N] int and ``snapshot`` [N] object
+(serialised simulator state taken before the step it is recorded with, or None).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from afil_ray.envs.tasks import TaskSpec
+
+Obs = dict[str, np.ndarray]
+
+
+class SimulatorError(RuntimeError):
+    """The simulator crashed or misbehaved; the message names the task, back-end and env index."""
+
+
+@dataclass
+class StepResult:
+    obs: Obs
+    reward: np.ndarray  # [N] float32
+    terminated: np.ndarray  # [N] bool: success or fail (unless terminations are ignored)
+    truncated: np.ndarray  # [N] bool: the task's episode limit was reached
+    success: np.ndarray  # [N] bool
+    fail: np.ndarray  # [N] bool
+    elapsed_steps: np.ndarray  # [N] int
+    snapshots: list[bytes | None]  # state of each env at ``elapsed_steps`` (after this step), if taken
+
+    @property
+    def done(self) -> np.ndarray:
+        return self.terminated | self.truncated
+
+
+class VecEnv(Protocol):
+    task: TaskSpec
+    num_envs: int
+    obs_mode: str
+    control_mode: str
+    state_dim: int
+    action_dim: int
+    cameras: tuple[str, ...]
+    max_episode_steps: int
+    snapshot_every: int
+
+    def reset(self, seeds: list[int], mask: np.ndarray | None = None) -> tuple[Obs, list[bytes | None]]:
+        """Reset all envs (mask None) or those where mask is True, each with its own seed (len(seeds) == N)."""
+        ...
+
+    def step(self, actions: np.ndarray) -> StepResult: ...
+
+    def restore(self, index: int, snapshot: bytes, step: int) -> Obs:
+        """Put env ``index`` into a stored state; ``step`` becomes its elapsed-step counter. Returns its obs."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,125 @@
+"""Turns a stream of vectorized steps into finished Episode records.
+
+Each env keeps its own buffer; when an env's episode ends the buffer becomes an Episode (outcome ``success`` or
+``failure``) and the env is reset with the next seed, so rollout code only chooses actions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from afil_ray.envs.base import Obs, VecEnv
+from afil_ray.replay.episode import Episode
+
+
+@dataclass
+class _Buffer:
+    seed: int
+    states: list[np.ndarray] = field(default_factory=list)
+    images: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    actions: list[np.ndarray] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    success: list[bool] = field(default_factory=list)
+    fail: list[bool] = field(default_factory=list)
+    terminated: list[bool] = field(default_factory=list)
+    truncated: list[bool] = field(default_factory=list)
+    snapshot_steps: list[int] = field(default_factory=list)
+    snapshots: list[bytes] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def add_snapshot(self, step: int, blob: bytes | None) -> None:
+        if blob is not None:
+            self.snapshot_steps.append(step)
+            self.snapshots.append(blob)
+
+
+class EpisodeCollector:
+    """Steps ``env`` with given actions and returns episodes as they finish.
+
+    ``seeds`` yields the seed of every new episode, so a run's episodes are reproducible from its seed stream.
+    With ``auto_reset=False`` a finished env is left as it is and the caller decides what comes next.
+    Producer metadata (``source``, ``policy_version``, ``sampler``...) is read when an episode starts.
+    """
+
+    def __init__(self, env: VecEnv, seeds: Iterator[int], *, source: str, policy_version: int = -1,
+                 sampler: str = "", sampler_params: dict | None = None, auto_reset: bool = True) -> None:
+        self.env = env
+        self.auto_reset = auto_reset
+        self.seeds = seeds
+        self.source = source
+        self.policy_version = policy_version
+        self.sampler = sampler
+        self.sampler_params = sampler_params or {}
+        self._buffers: list[_Buffer] = []
+        self._meta: list[dict[str, Any]] = []
+        self.obs: Obs = {}
+
+    def _start(self, i: int, seed: int, snapshot: bytes | None) -> None:
+        buf = _Buffer(seed=seed)
+        buf.add_snapshot(0, snapshot)
+        self._buffers[i] = buf
+        self._meta[i] = {"policy_version": self.policy_version, "sampler": self.sampler,
+                         "sampler_params": dict(self.sampler_params)}
+
+    def reset(self) -> Obs:
+        n = self.env.num_envs
+        seeds = [next(self.seeds) for _ in range(n)]
+        self._buffers = [_Buffer(seed=s) for s in seeds]
+        self._meta = [{} for _ in range(n)]
+        self.obs, snaps = self.env.reset(seeds)
+        for i in range(n):
+            self._start(i, seeds[i], snaps[i])
+        return self.obs
+
+    def step(self, actions: np.ndarray) -> tuple[Obs, list[Episode]]:
+        before = self.obs
+        res = self.env.step(actions)
+        finished: list[Episode] = []
+        for i, buf in enumerate(self._buffers):
+            buf.states.append(before["state"][i].copy())
+            for cam in self.env.cameras:
+                buf.images.setdefault(cam, []).append(before[f"rgb_{cam}"][i].copy())
+            buf.actions.append(np.asarray(actions[i], np.float32).copy())
+            buf.rewards.append(float(res.reward[i]))
+            buf.success.append(bool(res.success[i]))
+            buf.fail.append(bool(res.fail[i]))
+            buf.terminated.append(bool(res.terminated[i]))
+            buf.truncated.append(bool(res.truncated[i]))
+            if res.done[i]:
+                finished.append(self._finish(i, res.obs["state"][i]))
+            else:
+                buf.add_snapshot(int(res.elapsed_steps[i]), res.snapshots[i])
+        self.obs = res.obs
+        done = res.done
+        if done.any() and self.auto_reset:
+            seeds = [next(self.seeds) if d else 0 for d in done]
+            new_obs, snaps = self.env.reset(seeds, mask=done)
+            self.obs = {k: np.where(_bcast(done, v), new_obs[k], v) for k, v in self.obs.items()}
+            for i in np.flatnonzero(done):
+                self._start(int(i), seeds[i], snaps[i])
+        return self.obs, finished
+
+    def _finish(self, i: int, final_state: np.ndarray) -> Episode:
+        buf, meta = self._buffers[i], self._meta[i]
+        success_once = any(buf.success)
+        outcome = "success" if success_once and not any(buf.fail) else "failure"
+        return Episode(
+            task=self.env.task.env_id, outcome=outcome, instruction=self.env.task.instruction, seed=buf.seed,
+            source=self.source, control_mode=self.env.control_mode, obs_mode=self.env.obs_mode,
+            state=np.stack(buf.states), action=np.stack(buf.actions),
+            reward=np.asarray(buf.rewards, np.float32), step_success=np.asarray(buf.success),
+            terminated=np.asarray(buf.terminated), truncated=np.asarray(buf.truncated),
+            final_state=np.asarray(final_state, np.float32).copy(),
+            images={cam: np.stack(v) for cam, v in buf.images.items()},
+            snapshot_steps=buf.snapshot_steps, snapshots=buf.snapshots,
+            extra={**buf.extra, "fail_once": any(buf.fail), "success_at_end": buf.success[-1]},
+            **meta,
+        )
+
+
+def _bcast(mask: np.ndarray, like: np.ndarray) -> np.ndarray:
+    return mask.reshape((-1,) + (1,) * (like.ndim - 1))

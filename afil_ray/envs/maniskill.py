@@ -1,0 +1,373 @@
+"""ManiSkill3 behind the VecEnv interface.
+
+Two back-ends with one interface:
+- ``gpu``: one ManiSkill env with ``num_envs`` parallel scenes in GPU physics (``physx_cuda``).
+- ``cpu``: ``num_envs`` single-scene CPU envs, stepped by gymnasium's ``SyncVectorEnv`` (a plain loop, in process)
+  or ``AsyncVectorEnv`` (one process each). docs/benchmarks.md has the measurement behind the ``auto`` choice:
+  on 2 cores the loop is as fast for state observations and processes win once cameras render.
+
+Episode limits, step counting and snapshots are ours, not ManiSkill's: ManiSkill's registered 50-step limit is
+far too short for these tasks, and ``set_state_dict`` does not restore its elapsed-step counter.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any, ClassVar
+
+import gymnasium as gym
+import numpy as np
+
+from afil_ray.config import EnvConfig
+from afil_ray.envs import snapshot as snap
+from afil_ray.envs.base import Obs, SimulatorError, StepResult
+from afil_ray.envs.tasks import TaskSpec, get_task
+
+log = logging.getLogger(__name__)
+
+OBS_MODES = ("state", "rgb")
+_NO_LIMIT = 10**9  # ManiSkill's own TimeLimit is disabled; the adapter applies the task's limit
+
+
+class AssetsMissingError(RuntimeError):
+    """The task needs downloaded assets (YCB objects, scenes) that are not on this machine."""
+
+
+def _import_maniskill() -> None:
+    os.environ.setdefault("MS_SKIP_ASSET_DOWNLOAD_PROMPT", "0")
+    import mani_skill.envs  # noqa: F401  (registers the tasks)
+
+
+def check_assets(env_id: str) -> None:
+    """Fail fast with a clear message instead of ManiSkill's interactive download prompt (which would hang)."""
+    _import_maniskill()
+    from mani_skill.utils import assets
+    from mani_skill.utils.registration import REGISTERED_ENVS
+
+    if env_id not in REGISTERED_ENVS:
+        raise KeyError(f"ManiSkill has no task {env_id!r}")
+    missing = []
+    for asset_id in REGISTERED_ENVS[env_id].asset_download_ids or []:
+        ids = (assets.expand_data_group_into_individual_data_source_ids(asset_id)
+               if asset_id in assets.DATA_GROUPS else [asset_id])
+        missing += [i for i in ids if not assets.is_data_source_downloaded(i)]
+    if missing:
+        shown = ", ".join(sorted(set(missing))[:5]) + (" ..." if len(set(missing)) > 5 else "")
+        raise AssetsMissingError(
+            f"task {env_id} needs ManiSkill assets that are not downloaded ({shown}). Download them on a machine "
+            f"with network access (python -m mani_skill.utils.download_asset {env_id}) and copy "
+            f"~/.maniskill/data (or $MS_ASSET_DIR) here; tasks built from primitives need no assets."
+        )
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
+def convert_obs(raw: Any, obs_mode: str) -> Obs:
+    """ManiSkill batched obs -> {"state": [N, D] float32, "rgb_<cam>": [N, H, W, 3] uint8}."""
+    if obs_mode == "state":
+        return {"state": _to_numpy(raw).astype(np.float32, copy=False)}
+    from mani_skill.utils.common import flatten_state_dict
+
+    proprio = {k: raw[k] for k in ("agent", "extra") if k in raw}
+    state = _to_numpy(flatten_state_dict(proprio, use_torch=True)).astype(np.float32, copy=False)
+    out: Obs = {"state": state}
+    for cam, data in raw["sensor_data"].items():
+        out[f"rgb_{cam}"] = _to_numpy(data["rgb"])
+    return out
+
+
+def _make_maniskill(spec: TaskSpec, cfg: EnvConfig, num_envs: int, sim_backend: str) -> gym.Env:
+    if cfg.obs_mode not in OBS_MODES:
+        raise ValueError(f"env.obs_mode must be one of {OBS_MODES}, got {cfg.obs_mode!r}")
+    check_assets(spec.env_id)
+    kwargs: dict[str, Any] = dict(spec.env_kwargs)
+    if cfg.obs_mode == "rgb":
+        kwargs["sensor_configs"] = dict(width=cfg.camera_size, height=cfg.camera_size)
+    try:
+        return gym.make(
+            spec.env_id, num_envs=num_envs, sim_backend=sim_backend, obs_mode=cfg.obs_mode,
+            control_mode=cfg.control_mode, max_episode_steps=_NO_LIMIT, **kwargs,
+        )
+    except Exception as e:
+        raise SimulatorError(f"cannot create ManiSkill task {spec.env_id} ({sim_backend}, obs_mode={cfg.obs_mode}, "
+                             f"control_mode={cfg.control_mode}): {e}") from e
+
+
+def _limit(spec: TaskSpec, cfg: EnvConfig) -> int:
+    return cfg.max_episode_steps or spec.max_episode_steps
+
+
+class ManiSkillCpuEnv(gym.Env):
+    """One CPU ManiSkill scene with our episode limit, step counter and periodic state snapshots.
+
+    Unbatched gymnasium env so that gymnasium's vector envs (loop or processes) can batch it.
+    """
+
+    metadata: ClassVar[dict] = {"render_modes": []}
+
+    def __init__(self, cfg: EnvConfig, index: int = 0) -> None:
+        _import_maniskill()
+        self.spec_ = get_task(cfg.task)
+        self.cfg = cfg
+        self.index = index
+        self.max_episode_steps = _limit(self.spec_, cfg)
+        self._env = _make_maniskill(self.spec_, cfg, 1, "physx_cpu")
+        self._base = self._env.unwrapped
+        self._t = 0
+        raw, _ = self._env.reset(seed=0)
+        first = self._unbatch(convert_obs(raw, cfg.obs_mode))
+        self.observation_space = gym.spaces.Dict({
+            k: gym.spaces.Box(0, 255, v.shape, np.uint8) if v.dtype == np.uint8
+            else gym.spaces.Box(-np.inf, np.inf, v.shape, np.float32)
+            for k, v in first.items()
+        })
+        low, high = self._env.action_space.low, self._env.action_space.high
+        self.action_space = gym.spaces.Box(low.reshape(-1), high.reshape(-1), dtype=np.float32)
+
+    @property
+    def base(self) -> Any:
+        """The unwrapped ManiSkill env (agent, controllers, scene)."""
+        return self._base
+
+    @staticmethod
+    def _unbatch(obs: Obs) -> Obs:
+        return {k: v[0] for k, v in obs.items()}
+
+    def _obs(self, raw: Any) -> Obs:
+        return self._unbatch(convert_obs(raw, self.cfg.obs_mode))
+
+    def _snapshot(self) -> bytes | None:
+        every = self.cfg.snapshot_every
+        return snap.dumps(self._base.get_state_dict()) if every and self._t % every == 0 else None
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[Obs, dict]:
+        try:
+            raw, _ = self._env.reset(seed=seed)
+        except Exception as e:
+            raise SimulatorError(f"{self.spec_.env_id} env {self.index}: reset(seed={seed}) failed: {e}") from e
+        self._t = 0
+        return self._obs(raw), {"snapshot": self._snapshot()}
+
+    def step(self, action: np.ndarray) -> tuple[Obs, float, bool, bool, dict]:
+        try:
+            raw, reward, _, _, info = self._env.step(np.asarray(action, np.float32)[None])
+        except Exception as e:
+            raise SimulatorError(f"{self.spec_.env_id} env {self.index}: step {self._t} failed: {e}") from e
+        self._t += 1
+        success = bool(_to_numpy(info["success"]).reshape(-1)[0])
+        fail = bool(_to_numpy(info["fail"]).reshape(-1)[0]) if "fail" in info else False
+        terminated = (success or fail) and not self.cfg.ignore_terminations
+        truncated = self._t >= self.max_episode_steps and not terminated
+        out = {"success": success, "fail": fail, "elapsed_steps": self._t,
+               "snapshot": None if (terminated or truncated) else self._snapshot()}
+        return self._obs(raw), float(_to_numpy(reward).reshape(-1)[0]), terminated, truncated, out
+
+    def restore_from(self, requests: dict[int, tuple[bytes, int]]) -> Obs | None:
+        """Restore this env if ``requests`` names its index (vector envs broadcast calls to every env)."""
+        if self.index not in requests:
+            return None
+        blob, step = requests[self.index]
+        from mani_skill.utils import common
+
+        self._base.set_state_dict(common.to_tensor(snap.loads(blob)))
+        self._t = step
+        return self._obs(self._base.get_obs())
+
+    def close(self) -> None:
+        self._env.close()
+
+
+class ManiSkillVecEnv:
+    """N ManiSkill scenes behind the VecEnv interface (see module docstring for the back-ends)."""
+
+    def __init__(self, cfg: EnvConfig, num_envs: int | None = None) -> None:
+        self.cfg = cfg
+        self.task = get_task(cfg.task)
+        self.num_envs = num_envs or cfg.num_envs
+        self.obs_mode = cfg.obs_mode
+        self.control_mode = cfg.control_mode
+        self.max_episode_steps = _limit(self.task, cfg)
+        self.snapshot_every = cfg.snapshot_every
+        self.backend = resolve_backend(cfg.backend)
+        if self.backend == "gpu":
+            self._impl: _GpuBatch | _CpuBatch = _GpuBatch(cfg, self.num_envs, self.max_episode_steps)
+        else:
+            self._impl = _CpuBatch(cfg, self.num_envs)
+        self.state_dim = self._impl.state_dim
+        self.action_dim = self._impl.action_dim
+        self.cameras = self._impl.cameras
+        self.action_low, self.action_high = self._impl.action_low, self._impl.action_high
+
+    def reset(self, seeds: list[int], mask: np.ndarray | None = None) -> tuple[Obs, list[bytes | None]]:
+        if len(seeds) != self.num_envs:
+            raise ValueError(f"reset needs one seed per env ({self.num_envs}), got {len(seeds)}")
+        return self._impl.reset(seeds, mask)
+
+    def step(self, actions: np.ndarray) -> StepResult:
+        actions = np.asarray(actions, np.float32)
+        if actions.shape != (self.num_envs, self.action_dim):
+            raise ValueError(f"actions must have shape {(self.num_envs, self.action_dim)}, got {actions.shape}")
+        return self._impl.step(actions)
+
+    def restore(self, index: int, snapshot: bytes, step: int) -> Obs:
+        return self._impl.restore(index, snapshot, step)
+
+    def local_env(self, index: int) -> ManiSkillCpuEnv:
+        """The in-process env ``index`` (CPU loop back-end only), for code that must read simulator internals."""
+        if not isinstance(self._impl, _CpuBatch) or self._impl.mode != "loop":
+            raise RuntimeError("local_env needs backend=cpu with cpu_vectorization=loop")
+        return self._impl.venv.envs[index]
+
+    def close(self) -> None:
+        self._impl.close()
+
+    def __enter__(self) -> ManiSkillVecEnv:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def resolve_backend(backend: str) -> str:
+    if backend not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"env.backend must be auto, cpu or gpu, got {backend!r}")
+    if backend != "auto":
+        return backend
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_cpu_vectorization(cfg: EnvConfig) -> str:
+    if cfg.cpu_vectorization not in ("auto", "loop", "async"):
+        raise ValueError(f"env.cpu_vectorization must be auto, loop or async, got {cfg.cpu_vectorization!r}")
+    if cfg.cpu_vectorization != "auto":
+        return cfg.cpu_vectorization
+    # Measured (docs/benchmarks.md): equal for state obs, processes faster once cameras render.
+    return "async" if cfg.obs_mode == "rgb" and (os.cpu_count() or 1) > 1 else "loop"
+
+
+def _stack_infos(infos: dict, key: str, n: int, default: Any) -> np.ndarray:
+    if key not in infos:
+        return np.full(n, default)
+    values, mask = infos[key], infos.get(f"_{key}", np.ones(n, bool))
+    return np.where(mask, values, default)
+
+
+class _CpuBatch:
+    def __init__(self, cfg: EnvConfig, num_envs: int) -> None:
+        from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
+
+        fns = [functools.partial(ManiSkillCpuEnv, cfg, i) for i in range(num_envs)]
+        self.mode = resolve_cpu_vectorization(cfg)
+        if self.mode == "async":
+            self.venv = AsyncVectorEnv(fns, context="forkserver", autoreset_mode=AutoresetMode.DISABLED,
+                                       shared_memory=True, copy=True)
+        else:
+            self.venv = SyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED, copy=True)
+        self.n = num_envs
+        space = self.venv.single_observation_space
+        self.state_dim = int(space["state"].shape[0])
+        self.cameras = tuple(k[len("rgb_"):] for k in space if k.startswith("rgb_"))
+        act = self.venv.single_action_space
+        self.action_dim = int(act.shape[0])
+        self.action_low, self.action_high = act.low.copy(), act.high.copy()
+
+    def _snapshots(self, infos: dict) -> list[bytes | None]:
+        if "snapshot" not in infos:
+            return [None] * self.n
+        mask = infos.get("_snapshot", np.ones(self.n, bool))
+        return [s if m else None for s, m in zip(infos["snapshot"], mask, strict=True)]
+
+    def reset(self, seeds: list[int], mask: np.ndarray | None) -> tuple[Obs, list[bytes | None]]:
+        options = None if mask is None else {"reset_mask": np.asarray(mask, bool)}
+        obs, infos = self.venv.reset(seed=list(seeds), options=options)
+        snaps = self._snapshots(infos)
+        if mask is not None:
+            snaps = [s if m else None for s, m in zip(snaps, mask, strict=True)]
+        return dict(obs), snaps
+
+    def step(self, actions: np.ndarray) -> StepResult:
+        obs, reward, terminated, truncated, infos = self.venv.step(actions)
+        return StepResult(
+            obs=dict(obs), reward=np.asarray(reward, np.float32), terminated=np.asarray(terminated, bool),
+            truncated=np.asarray(truncated, bool),
+            success=_stack_infos(infos, "success", self.n, False).astype(bool),
+            fail=_stack_infos(infos, "fail", self.n, False).astype(bool),
+            elapsed_steps=_stack_infos(infos, "elapsed_steps", self.n, 0).astype(np.int64),
+            snapshots=self._snapshots(infos),
+        )
+
+    def restore(self, index: int, snapshot: bytes, step: int) -> Obs:
+        results = self.venv.call("restore_from", {index: (snapshot, step)})
+        return results[index]
+
+    def close(self) -> None:
+        self.venv.close()
+
+
+class _GpuBatch:
+    """All scenes in one GPU-physics ManiSkill env; per-env bookkeeping is done here in numpy."""
+
+    def __init__(self, cfg: EnvConfig, num_envs: int, limit: int) -> None:
+        import torch
+
+        _import_maniskill()
+        self.cfg, self.n, self.limit = cfg, num_envs, limit
+        self.env = _make_maniskill(get_task(cfg.task), cfg, num_envs, "physx_cuda")
+        self.base = self.env.unwrapped
+        self.device = self.base.device
+        self.t = np.zeros(num_envs, np.int64)
+        raw, _ = self.env.reset(seed=list(range(num_envs)))
+        first = convert_obs(raw, cfg.obs_mode)
+        self.state_dim = first["state"].shape[1]
+        self.cameras = tuple(k[len("rgb_"):] for k in first if k.startswith("rgb_"))
+        space = self.base.single_action_space
+        self.action_dim = int(np.prod(space.shape))
+        self.action_low, self.action_high = space.low.reshape(-1), space.high.reshape(-1)
+        self._torch = torch
+
+    def _snapshots(self, which: np.ndarray) -> list[bytes | None]:
+        every = self.cfg.snapshot_every
+        take = which & (self.t % every == 0) if every else np.zeros(self.n, bool)
+        if not take.any():
+            return [None] * self.n
+        state = self.base.get_state_dict()
+
+        def select(tree: Any, i: int) -> Any:
+            return {k: select(v, i) for k, v in tree.items()} if isinstance(tree, dict) else tree[i:i + 1]
+
+        return [snap.dumps(select(state, i)) if take[i] else None for i in range(self.n)]
+
+    def reset(self, seeds: list[int], mask: np.ndarray | None) -> tuple[Obs, list[bytes | None]]:
+        mask = np.ones(self.n, bool) if mask is None else np.asarray(mask, bool)
+        idx = np.flatnonzero(mask)
+        raw, _ = self.env.reset(seed=[int(seeds[i]) for i in idx],
+                                options={"env_idx": self._torch.as_tensor(idx, device=self.device)})
+        self.t[idx] = 0
+        return convert_obs(raw, self.cfg.obs_mode), self._snapshots(mask)
+
+    def step(self, actions: np.ndarray) -> StepResult:
+        raw, reward, _, _, info = self.env.step(self._torch.as_tensor(actions, device=self.device))
+        self.t += 1
+        success = _to_numpy(info["success"]).astype(bool)
+        fail = _to_numpy(info["fail"]).astype(bool) if "fail" in info else np.zeros(self.n, bool)
+        terminated = (success | fail) & (not self.cfg.ignore_terminations)
+        truncated = (self.t >= self.limit) & ~terminated
+        return StepResult(convert_obs(raw, self.cfg.obs_mode), _to_numpy(reward).astype(np.float32), terminated,
+                          truncated, success, fail, self.t.copy(), self._snapshots(~(terminated | truncated)))
+
+    def restore(self, index: int, snapshot: bytes, step: int) -> Obs:
+        from mani_skill.utils import common
+
+        state = common.to_tensor(snap.loads(snapshot), device=self.device)
+        self.base.set_state_dict(state, env_idx=self._torch.as_tensor([index], device=self.device))
+        self.t[index] = step
+        return {k: v[index] for k, v in convert_obs(self.base.get_obs(), self.cfg.obs_mode).items()}
+
+    def close(self) -> None:
+        self.env.close()

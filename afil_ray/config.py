@@ -44,7 +44,7 @@ class DemoConfig:
     seed_start: int = 0
     planner_max_steps: int = 1000  # generous: the planners ignore truncation
     max_length: int | None = None  # drop longer (pathological) plans; None: 2x the task's episode limit
-    flush_every: int = 16  # episodes per replay write from the demo driver
+    flush_every: int = 32  # attempts between flushes of the demo driver (bounds what a kill can lose)
 
 
 @dataclass

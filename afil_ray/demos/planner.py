@@ -9,6 +9,8 @@ controller really executed, and a demo is kept only if that replay succeeds with
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import logging
 from dataclasses import dataclass, replace
@@ -105,7 +107,8 @@ class DemoMaker:
 
     def make(self, seed: int) -> DemoResult:
         try:
-            res = self.solve(self.planner_env, seed=seed, debug=False, vis=False)
+            with contextlib.redirect_stdout(io.StringIO()):  # the planners print every failed screw plan
+                res = self.solve(self.planner_env, seed=seed, debug=False, vis=False)
         except Exception as e:  # planners raise on unreachable poses; count and move on
             return DemoResult(seed, None, f"planner_error: {type(e).__name__}: {e}"[:200])
         targets, success = self.planner_env.targets, self.planner_env.success

@@ -144,9 +144,22 @@ class ManiSkillCpuEnv(gym.Env):
         every = self.cfg.snapshot_every
         return snap.dumps(self._base.get_state_dict()) if every and self._t % every == 0 else None
 
+    def _refresh_contacts(self) -> Any:
+        """Observation of the current state with contact-derived features (``is_grasped``) made current.
+
+        After a reset or ``set_state_dict`` PhysX still reports the contacts of the last simulated step, so a
+        reset right after a grasp observes ``is_grasped=1``. One physics step computes the contacts of the new
+        configuration, and restoring the state undoes the step's motion.
+        """
+        state = self._base.get_state_dict()
+        self._base.scene.px.step()
+        self._base.set_state_dict(state)
+        return self._base.get_obs()
+
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[Obs, dict]:
         try:
-            raw, _ = self._env.reset(seed=seed)
+            self._env.reset(seed=seed)
+            raw = self._refresh_contacts()
         except Exception as e:
             raise SimulatorError(f"{self.spec_.env_id} env {self.index}: reset(seed={seed}) failed: {e}") from e
         self._t = 0
@@ -175,7 +188,7 @@ class ManiSkillCpuEnv(gym.Env):
 
         self._base.set_state_dict(common.to_tensor(snap.loads(blob)))
         self._t = step
-        return self._obs(self._base.get_obs())
+        return self._obs(self._refresh_contacts())
 
     def close(self) -> None:
         self._env.close()

@@ -2,8 +2,8 @@
 
 Two back-ends with one interface:
 - ``gpu``: one ManiSkill env with ``num_envs`` parallel scenes in GPU physics (``physx_cuda``).
-- ``cpu``: ``num_envs`` single-scene CPU envs, stepped by gymnasium's ``SyncVectorEnv`` (a plain loop, in process)
-  or ``AsyncVectorEnv`` (one process each). docs/benchmarks.md has the measurement behind the ``auto`` choice:
+- ``cpu``: ``num_envs`` single-scene CPU envs, stepped in a plain loop in this process or by gymnasium's
+  ``AsyncVectorEnv`` (one process each). docs/benchmarks.md has the measurement behind the ``auto`` choice:
   on 2 cores the loop is as fast for state observations and processes win once cameras render.
 
 Episode limits, step counting and snapshots are ours, not ManiSkill's: ManiSkill's registered 50-step limit is
@@ -158,7 +158,7 @@ class ManiSkillCpuEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[Obs, dict]:
         try:
-            self._env.reset(seed=seed)
+            self._base.reset(seed=seed)
             raw = self._refresh_contacts()
         except Exception as e:
             raise SimulatorError(f"{self.spec_.env_id} env {self.index}: reset(seed={seed}) failed: {e}") from e
@@ -167,7 +167,8 @@ class ManiSkillCpuEnv(gym.Env):
 
     def step(self, action: np.ndarray) -> tuple[Obs, float, bool, bool, dict]:
         try:
-            raw, reward, _, _, info = self._env.step(np.asarray(action, np.float32)[None])
+            # the unwrapped env: the adapter owns the time limit, so gym.make's wrappers are only overhead
+            raw, reward, _, _, info = self._base.step(np.asarray(action, np.float32)[None])
         except Exception as e:
             raise SimulatorError(f"{self.spec_.env_id} env {self.index}: step {self._t} failed: {e}") from e
         self._t += 1
@@ -206,10 +207,13 @@ class ManiSkillVecEnv:
         self.max_episode_steps = _limit(self.task, cfg)
         self.snapshot_every = cfg.snapshot_every
         self.backend = resolve_backend(cfg.backend)
+        self._impl: _GpuBatch | _LoopBatch | _AsyncBatch
         if self.backend == "gpu":
-            self._impl: _GpuBatch | _CpuBatch = _GpuBatch(cfg, self.num_envs, self.max_episode_steps)
+            self._impl = _GpuBatch(cfg, self.num_envs, self.max_episode_steps)
+        elif resolve_cpu_vectorization(cfg) == "async":
+            self._impl = _AsyncBatch(cfg, self.num_envs)
         else:
-            self._impl = _CpuBatch(cfg, self.num_envs)
+            self._impl = _LoopBatch(cfg, self.num_envs)
         self.state_dim = self._impl.state_dim
         self.action_dim = self._impl.action_dim
         self.cameras = self._impl.cameras
@@ -231,9 +235,9 @@ class ManiSkillVecEnv:
 
     def local_env(self, index: int) -> ManiSkillCpuEnv:
         """The in-process env ``index`` (CPU loop back-end only), for code that must read simulator internals."""
-        if not isinstance(self._impl, _CpuBatch) or self._impl.mode != "loop":
+        if not isinstance(self._impl, _LoopBatch):
             raise RuntimeError("local_env needs backend=cpu with cpu_vectorization=loop")
-        return self._impl.venv.envs[index]
+        return self._impl.envs[index]
 
     def close(self) -> None:
         self._impl.close()
@@ -271,24 +275,65 @@ def _stack_infos(infos: dict, key: str, n: int, default: Any) -> np.ndarray:
     return np.where(mask, values, default)
 
 
-class _CpuBatch:
+class _LoopBatch:
+    """N CPU envs stepped one after the other in this process (no per-step info merging: the cheapest path)."""
+
+    mode = "loop"
+
     def __init__(self, cfg: EnvConfig, num_envs: int) -> None:
-        from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
+        self.envs = [ManiSkillCpuEnv(cfg, i) for i in range(num_envs)]
+        self.n = num_envs
+        _describe(self, self.envs[0].observation_space, self.envs[0].action_space)
+        self._last: list[Obs] = [{} for _ in range(num_envs)]
+
+    def _batch(self) -> Obs:
+        return {k: np.stack([o[k] for o in self._last]) for k in self._last[0]}
+
+    def reset(self, seeds: list[int], mask: np.ndarray | None) -> tuple[Obs, list[bytes | None]]:
+        snaps: list[bytes | None] = [None] * self.n
+        for i, env in enumerate(self.envs):
+            if mask is None or mask[i]:
+                self._last[i], info = env.reset(seed=int(seeds[i]))
+                snaps[i] = info["snapshot"]
+        return self._batch(), snaps
+
+    def step(self, actions: np.ndarray) -> StepResult:
+        out = [env.step(a) for env, a in zip(self.envs, actions, strict=True)]
+        self._last = [o[0] for o in out]
+        infos = [o[4] for o in out]
+        return StepResult(
+            obs=self._batch(), reward=np.array([o[1] for o in out], np.float32),
+            terminated=np.array([o[2] for o in out]), truncated=np.array([o[3] for o in out]),
+            success=np.array([i["success"] for i in infos]), fail=np.array([i["fail"] for i in infos]),
+            elapsed_steps=np.array([i["elapsed_steps"] for i in infos], np.int64),
+            snapshots=[i["snapshot"] for i in infos],
+        )
+
+    def restore(self, index: int, snapshot: bytes, step: int) -> Obs:
+        obs = self.envs[index].restore_from({index: (snapshot, step)})
+        assert obs is not None
+        self._last[index] = obs
+        return obs
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
+class _AsyncBatch:
+    """N CPU envs, one process each, through gymnasium's AsyncVectorEnv (shared-memory observations)."""
+
+    mode = "async"
+
+    def __init__(self, cfg: EnvConfig, num_envs: int) -> None:
+        from gymnasium.vector import AsyncVectorEnv, AutoresetMode
 
         fns = [functools.partial(ManiSkillCpuEnv, cfg, i) for i in range(num_envs)]
-        self.mode = resolve_cpu_vectorization(cfg)
-        if self.mode == "async":
-            self.venv = AsyncVectorEnv(fns, context="forkserver", autoreset_mode=AutoresetMode.DISABLED,
-                                       shared_memory=True, copy=True)
-        else:
-            self.venv = SyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED, copy=True)
+        # forkserver: SAPIEN and torch state must not be forked from a parent that already uses them
+        self.venv = AsyncVectorEnv(fns, context="forkserver", autoreset_mode=AutoresetMode.DISABLED,
+                                   shared_memory=True, copy=True)
         self.n = num_envs
-        space = self.venv.single_observation_space
-        self.state_dim = int(space["state"].shape[0])
-        self.cameras = tuple(k[len("rgb_"):] for k in space if k.startswith("rgb_"))
-        act = self.venv.single_action_space
-        self.action_dim = int(act.shape[0])
-        self.action_low, self.action_high = act.low.copy(), act.high.copy()
+        _describe(self, self.venv.single_observation_space, self.venv.single_action_space)
 
     def _snapshots(self, infos: dict) -> list[bytes | None]:
         if "snapshot" not in infos:
@@ -298,7 +343,7 @@ class _CpuBatch:
 
     def reset(self, seeds: list[int], mask: np.ndarray | None) -> tuple[Obs, list[bytes | None]]:
         options = None if mask is None else {"reset_mask": np.asarray(mask, bool)}
-        obs, infos = self.venv.reset(seed=list(seeds), options=options)
+        obs, infos = self.venv.reset(seed=[int(s) for s in seeds], options=options)
         snaps = self._snapshots(infos)
         if mask is not None:
             snaps = [s if m else None for s, m in zip(snaps, mask, strict=True)]
@@ -316,11 +361,17 @@ class _CpuBatch:
         )
 
     def restore(self, index: int, snapshot: bytes, step: int) -> Obs:
-        results = self.venv.call("restore_from", {index: (snapshot, step)})
-        return results[index]
+        return self.venv.call("restore_from", {index: (snapshot, step)})[index]
 
     def close(self) -> None:
         self.venv.close()
+
+
+def _describe(batch: Any, obs_space: gym.spaces.Dict, act_space: gym.spaces.Box) -> None:
+    batch.state_dim = int(obs_space["state"].shape[0])
+    batch.cameras = tuple(k[len("rgb_"):] for k in obs_space if k.startswith("rgb_"))
+    batch.action_dim = int(act_space.shape[0])
+    batch.action_low, batch.action_high = act_space.low.copy(), act_space.high.copy()
 
 
 class _GpuBatch:

@@ -75,7 +75,8 @@ def test_partial_reset_touches_only_masked_envs(state_env):
 
 
 def test_snapshot_restore_reproduces_the_trajectory(state_env):
-    """Restoring a step-4 snapshot and replaying the same actions gives the same observations, and the
+    """Restoring a step-4 snapshot and replaying the same actions gives the same observations (to float32
+    rounding), and the
     adapter's step counter (which ManiSkill's set_state_dict does not restore) is set to the snapshot step."""
     state_env.reset([11, 12])
     acts = _actions(state_env, 8, seed=1)
@@ -87,7 +88,8 @@ def test_snapshot_restore_reproduces_the_trajectory(state_env):
             snap4 = res.snapshots
     obs = state_env.restore(0, snap4[0], 4)
     state_env.restore(1, snap4[1], 4)
-    np.testing.assert_array_equal(obs["state"], states[3][0])
+    # float32 rounding: link poses are recomputed after the contact refresh (see ManiSkillCpuEnv)
+    np.testing.assert_allclose(obs["state"], states[3][0], atol=1e-6)
     for t in range(4, 8):
         res = state_env.step(acts[t])
         np.testing.assert_allclose(res.obs["state"][0], states[t][0], atol=1e-5)
@@ -103,7 +105,7 @@ def test_rgb_mode_images_and_restore(rgb_env):
     for a in _actions(rgb_env, 3):
         rgb_env.step(a)
     restored = rgb_env.restore(0, snaps[0], 0)
-    np.testing.assert_array_equal(restored["state"], obs["state"][0])
+    np.testing.assert_allclose(restored["state"], obs["state"][0], atol=1e-6)
     assert np.abs(restored[cam].astype(int) - obs[cam][0].astype(int)).mean() < 1.0
 
 

@@ -2,7 +2,7 @@
 
 Run: ``.venv/bin/python benchmarks/bench_replay.py`` (about a minute; prints a markdown table). Episodes are
 shaped like ManiSkill state-mode rollouts: 120 steps, state 40, action 8, a simulator snapshot every 10 steps
-(12 x 20 KB). Results are recorded in docs/benchmarks_replay.md.
+(12 x 20 KB). Results are recorded in docs/benchmarks.md.
 """
 
 from __future__ import annotations

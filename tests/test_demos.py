@@ -77,3 +77,13 @@ def test_generate_is_resumable_and_counts_failures(tmp_path):
 def test_unsupported_inputs_are_rejected():
     with pytest.raises(ValueError, match="retargeted"):
         DemoMaker(EnvConfig(task="PullCube-v1", control_mode="pd_ee_delta_pose"), DemoConfig())
+
+
+def test_parallel_workers_fill_the_store(tmp_path):
+    cfg = Config(env=EnvConfig(task="PullCube-v1"), demos=DemoConfig(num=4, workers=2, flush_every=2))
+    cfg.replay.root = str(tmp_path / "store")
+    store = ReplayStore.from_config(cfg.replay)
+    report = generate_demos(cfg, store, progress=False)
+    assert report.total == 4
+    episodes = store.read_episodes(task="PullCube-v1", outcome="demo")
+    assert len(episodes) == 4 and len({e.seed for e in episodes}) == 4 and all(e.success for e in episodes)

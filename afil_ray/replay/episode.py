@@ -95,6 +95,8 @@ class Episode:
         if self.outcome not in OUTCOMES:
             raise ValueError(f"episode outcome must be one of {OUTCOMES}, got {self.outcome!r}")
         n = len(self.action)
+        if n == 0:
+            raise ValueError(f"episode {self.episode_id} ({self.task}) has no steps; nothing to store")
         for name in ("state", "reward", "step_success", "terminated", "truncated"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"episode {self.episode_id}: {name} has {len(getattr(self, name))} steps, "

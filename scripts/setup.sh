@@ -41,14 +41,19 @@ apt_setup() {
   as_root touch "$stamp"
 }
 
+# pip, quiet; drops the per-package notes some machines print for configured-but-absent local indexes.
+pip_install() {
+  "$VENV/bin/python" -m pip install -q "$@" 2> >(grep -v -e "is ignored: it is neither" -e "^\s*$" >&2)
+}
+
 venv_setup() {
   local want
   want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
   if [ -f "$VENV/.afil-stamp" ] && [ "$(cat "$VENV/.afil-stamp")" = "$want" ]; then return; fi
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
-  "$VENV/bin/python" -m pip install -q -e ".[dev]"
+  pip_install --upgrade pip
+  pip_install "$TORCH_SPEC"
+  pip_install -e ".[dev]"
   echo "$want" > "$VENV/.afil-stamp"
 }
 

@@ -48,12 +48,82 @@ class DemoConfig:
 
 
 @dataclass
+class PolicyConfig:
+    """The DAG-VLA: one backbone, a success head and a failure head (afil_ray/policy/)."""
+
+    backbone: str = "tiny"  # tiny (random init from a transformers config) | pretrained (from pretrained_path)
+    pretrained_path: str | None = None  # local checkpoint directory for backbone=pretrained
+    hidden_size: int = 128  # tiny backbone width
+    num_layers: int = 2  # tiny backbone depth
+    num_heads: int = 4
+    max_text_tokens: int = 32
+    image_size: int = 64  # camera images are resized to this for the vision tower
+    patch_size: int = 16
+    horizon: int = 16  # H: actions per chunk
+    objective: str = "flow"  # flow (flow matching) | ddpm (epsilon prediction)
+    diffusion_steps: int = 100  # training timesteps of the DDPM schedule
+    head_width: int = 128
+    head_depth: int = 3
+    failure_head_width: int | None = None  # None: same as the success head
+    failure_head_depth: int | None = None
+    failure_head_init: str = "success"  # success (copy the success head) | random
+
+
+@dataclass
+class SamplerConfig:
+    """How action chunks are sampled: v = v_s + w * (v_s - v_f), w per sample and step for ``adaptive``."""
+
+    kind: str = "success_only"  # success_only | static | adaptive
+    w: float = 0.05  # static guidance weight
+    lam: float = 1.0  # adaptive guidance scale: w = lam * (1 - cos(v_s, v_f)) / 2
+    steps: int = 10  # K integration (flow) or denoising (ddpm, DDIM) steps
+    execute_steps: int = 8  # actions executed from each chunk before re-planning
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "success_only"  # success_only (backbone + success head) | failure_head | joint
+    steps: int = 20000
+    batch_size: int = 256
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 500
+    grad_clip: float = 1.0
+    log_every: int = 100
+    checkpoint_every: int = 2000
+    balance: bool = False  # sample partitions (task, outcome) equally
+    failure_targets: str = "sampled"  # failure head learns from: sampled (whole chunks) | executed (actions)
+    device: str = "auto"  # auto | cpu | cuda
+    num_threads: int = 0  # torch CPU threads (0: torch's default)
+
+
+@dataclass
+class DataConfig:
+    store: str = "runs/replay"  # replay store to train from
+    tasks: list[str] = field(default_factory=list)  # empty: env.task
+    success_outcomes: list[str] = field(default_factory=lambda: ["demo", "success", "corrected"])
+    failure_outcomes: list[str] = field(default_factory=lambda: ["failure"])
+
+
+@dataclass
+class EvalConfig:
+    episodes: int = 50
+    seed_start: int = 100000  # evaluation seeds are disjoint from demo seeds (which start at 0)
+    checkpoint: str | None = None  # checkpoint directory; None: the newest in run_dir
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     seed: int = 0
     env: EnvConfig = field(default_factory=EnvConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     demos: DemoConfig = field(default_factory=DemoConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 class ConfigError(ValueError):

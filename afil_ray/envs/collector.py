@@ -30,6 +30,10 @@ class _Buffer:
     snapshot_steps: list[int] = field(default_factory=list)
     snapshots: list[bytes] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    chunk_steps: list[int] = field(default_factory=list)
+    chunks: list[np.ndarray] = field(default_factory=list)
+    chunk_w: list[np.ndarray] = field(default_factory=list)
+    chunk_cos: list[np.ndarray] = field(default_factory=list)
 
     def add_snapshot(self, step: int, blob: bytes | None) -> None:
         if blob is not None:
@@ -57,6 +61,7 @@ class EpisodeCollector:
         self._buffers: list[_Buffer] = []
         self._meta: list[dict[str, Any]] = []
         self.obs: Obs = {}
+        self.last_done = np.zeros(env.num_envs, bool)
 
     def _start(self, i: int, seed: int, snapshot: bytes | None) -> None:
         buf = _Buffer(seed=seed)
@@ -64,6 +69,17 @@ class EpisodeCollector:
         self._buffers[i] = buf
         self._meta[i] = {"policy_version": self.policy_version, "sampler": self.sampler,
                          "sampler_params": dict(self.sampler_params)}
+
+    def add_chunk(self, i: int, chunk: np.ndarray, w: np.ndarray | None = None,
+                  cos: np.ndarray | None = None) -> None:
+        """Record the chunk sampled for env ``i`` at its current step (with the sampler's diagnostics)."""
+        buf = self._buffers[i]
+        buf.chunk_steps.append(len(buf.actions))
+        buf.chunks.append(np.asarray(chunk, np.float32))
+        if w is not None:
+            buf.chunk_w.append(np.asarray(w, np.float32))
+        if cos is not None:
+            buf.chunk_cos.append(np.asarray(cos, np.float32))
 
     def reset(self) -> Obs:
         n = self.env.num_envs
@@ -79,6 +95,7 @@ class EpisodeCollector:
         before = self.obs
         res = self.env.step(actions)
         finished: list[Episode] = []
+        self.last_done = res.done.copy()  # finished episodes are in ascending env order of this mask
         for i, buf in enumerate(self._buffers):
             buf.states.append(before["state"][i].copy())
             for cam in self.env.cameras:
@@ -115,7 +132,10 @@ class EpisodeCollector:
             terminated=np.asarray(buf.terminated), truncated=np.asarray(buf.truncated),
             final_state=np.asarray(final_state, np.float32).copy(),
             images={cam: np.stack(v) for cam, v in buf.images.items()},
-            snapshot_steps=buf.snapshot_steps, snapshots=buf.snapshots,
+            snapshot_steps=buf.snapshot_steps, snapshots=buf.snapshots, chunk_steps=buf.chunk_steps,
+            chunks=np.stack(buf.chunks) if buf.chunks else None,
+            chunk_w=np.stack(buf.chunk_w) if len(buf.chunk_w) == len(buf.chunks) and buf.chunk_w else None,
+            chunk_cos=np.stack(buf.chunk_cos) if len(buf.chunk_cos) == len(buf.chunks) and buf.chunk_cos else None,
             extra={**buf.extra, "fail_once": any(buf.fail), "success_at_end": buf.success[-1]},
             **meta,
         )

@@ -52,6 +52,12 @@ BASE_SCHEMA = pa.schema(
         # safetensors-serialised flat state dict (see afil_ray.envs.snapshot)
         pa.field("snapshot_steps", pa.list_(pa.int32())),
         pa.field("snapshots", pa.list_(pa.binary())),
+        # policy rollouts: at every re-planning step, the whole sampled chunk [H*A] and the sampler's per
+        # integration-step guidance weight and cosine [K] (empty for demonstrations)
+        pa.field("chunk_steps", pa.list_(pa.int32())),
+        pa.field("chunks", _VEC_F32),
+        pa.field("chunk_w", _VEC_F32),
+        pa.field("chunk_cos", _VEC_F32),
     ]
 )
 
@@ -86,6 +92,10 @@ class Episode:
     images: dict[str, np.ndarray] = field(default_factory=dict)
     snapshot_steps: list[int] = field(default_factory=list)
     snapshots: list[bytes] = field(default_factory=list)
+    chunk_steps: list[int] = field(default_factory=list)
+    chunks: np.ndarray | None = None  # [C, H, A] sampled chunks at chunk_steps
+    chunk_w: np.ndarray | None = None  # [C, K] guidance weight per integration step (mean over the chunk)
+    chunk_cos: np.ndarray | None = None  # [C, K] cos(v_s, v_f) per integration step
     parent_episode_id: str | None = None
     extra: dict = field(default_factory=dict)
     episode_id: str = field(default_factory=new_episode_id)
@@ -105,6 +115,11 @@ class Episode:
             if len(img) != n or img.dtype != np.uint8 or img.ndim != 4:
                 raise ValueError(f"episode {self.episode_id}: camera {cam!r} images must be uint8 "
                                  f"[T, H, W, C] with T={n}, got {img.dtype} {img.shape}")
+        for name in ("chunks", "chunk_w", "chunk_cos"):
+            arr = getattr(self, name)
+            if arr is not None and len(arr) != len(self.chunk_steps):
+                raise ValueError(f"episode {self.episode_id}: {len(arr)} {name} but {len(self.chunk_steps)} "
+                                 f"chunk steps")
         if len(self.snapshot_steps) != len(self.snapshots):
             raise ValueError(f"episode {self.episode_id}: {len(self.snapshot_steps)} snapshot steps but "
                              f"{len(self.snapshots)} snapshots")
@@ -122,7 +137,8 @@ def _nested_f32(arrays: list[np.ndarray]) -> pa.Array:
     """[episodes][T, D] float arrays -> list<list<float32>> from flat buffers (no Python loop per step)."""
     inner_lengths, flats, outer = [], [], [0]
     for a in arrays:
-        a = np.asarray(a, dtype=np.float32).reshape(len(a), -1)
+        a = np.asarray(a, dtype=np.float32)
+        a = a.reshape(len(a), -1) if a.size else np.zeros((len(a), 0), np.float32)
         inner_lengths.append(np.full(len(a), a.shape[1], dtype=np.int32))
         flats.append(a.ravel())
         outer.append(outer[-1] + len(a))
@@ -149,6 +165,14 @@ def _nested_u8(arrays: list[np.ndarray]) -> pa.Array:
     inner = pa.ListArray.from_arrays(pa.array(inner_offsets.astype(np.int32)),
                                      pa.array(np.concatenate(flats)))
     return pa.ListArray.from_arrays(pa.array(np.asarray(outer, np.int32), pa.int32()), inner)
+
+
+def _rows(arr: np.ndarray | None) -> np.ndarray:
+    """[C, ...] -> [C, prod(...)] float32; None -> [0, 0]."""
+    if arr is None:
+        return np.zeros((0, 0), np.float32)
+    arr = np.asarray(arr, np.float32)
+    return arr.reshape(len(arr), -1)
 
 
 def episodes_to_table(episodes: list[Episode]) -> pa.Table:
@@ -191,6 +215,10 @@ def episodes_to_table(episodes: list[Episode]) -> pa.Table:
                                 pa.list_(pa.float32())),
         "snapshot_steps": pa.array(col("snapshot_steps"), pa.list_(pa.int32())),
         "snapshots": pa.array(col("snapshots"), pa.list_(pa.binary())),
+        "chunk_steps": pa.array(col("chunk_steps"), pa.list_(pa.int32())),
+        "chunks": _nested_f32([_rows(ep.chunks) for ep in episodes]),
+        "chunk_w": _nested_f32([_rows(ep.chunk_w) for ep in episodes]),
+        "chunk_cos": _nested_f32([_rows(ep.chunk_cos) for ep in episodes]),
     }
     fields = list(BASE_SCHEMA)
     for cam in cameras:
@@ -207,6 +235,22 @@ def _unnest(col: pa.Array, i: int, dtype) -> np.ndarray:
         return np.zeros((0, 0), dtype)
     flat = steps.flatten().to_numpy(zero_copy_only=False)
     return flat.reshape(len(steps), -1).astype(dtype, copy=False)
+
+
+def _optional(cols: dict, name: str, i: int, schema: pa.Schema) -> np.ndarray | None:
+    """A [C, width] chunk column as an array, None when absent (older shards) or empty; chunks are returned
+    flat per chunk ([C, H*A]): the shape lives in the policy, not the store."""
+    if name not in cols or cols[name][i].as_py() in (None, []):
+        return None
+    return _unnest(cols[name], i, np.float32)
+
+
+def _chunks(flat: np.ndarray | None, action_col: pa.Array, i: int) -> np.ndarray | None:
+    """Chunks are stored flat ([C, H*A]); A is the episode's action width, so [C, H, A] comes back."""
+    if flat is None:
+        return None
+    action_dim = len(action_col[i].values[0]) if len(action_col[i].values) else 1
+    return flat.reshape(len(flat), -1, action_dim)
 
 
 def table_to_episodes(table: pa.Table) -> list[Episode]:
@@ -248,6 +292,10 @@ def table_to_episodes(table: pa.Table) -> list[Episode]:
                 final_state=np.asarray(scalar("final_state"), np.float32),
                 snapshot_steps=scalar("snapshot_steps"),
                 snapshots=scalar("snapshots"),
+                chunk_steps=scalar("chunk_steps") or [],
+                chunks=_chunks(_optional(cols, "chunks", i, table.schema), cols["action"], i),
+                chunk_w=_optional(cols, "chunk_w", i, table.schema),
+                chunk_cos=_optional(cols, "chunk_cos", i, table.schema),
                 images=images,
             )
         )

@@ -53,6 +53,40 @@ def cmd_replay_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from afil_ray.train import Trainer
+
+    cfg = _config(args, [])
+    trainer = Trainer(cfg, progress=not args.quiet)
+    final = trainer.run()
+    print(f"trained {cfg.train.mode} to step {trainer.step}; checkpoint {final}; TensorBoard logs {cfg.run_dir}/tb")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from afil_ray.evaluate import evaluate
+    from afil_ray.policy.checkpoint import load_policy
+    from afil_ray.train import CheckpointError, latest_checkpoint
+
+    extra = [f"eval.episodes={args.episodes}"] if args.episodes is not None else []
+    cfg = _config(args, extra)
+    path = Path(cfg.eval.checkpoint) if cfg.eval.checkpoint else latest_checkpoint(cfg.run_dir)
+    if path is None:
+        raise CheckpointError(f"no checkpoint in {cfg.run_dir}/checkpoints; train first or set eval.checkpoint")
+    policy = load_policy(path)
+    result = evaluate(cfg, policy, progress=not args.quiet)
+    print(f"{result.summary()}  (checkpoint {path}, seeds {cfg.eval.seed_start}..)")
+    out = Path(cfg.run_dir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"task": result.task, "sampler": result.sampler, "checkpoint": str(path),
+              "success_rate": result.success_rate, "episodes": len(result.episodes),
+              "successes": [bool(e.success) for e in result.episodes], "seeds": [e.seed for e in result.episodes]}
+    (out / f"{result.task}-{result.sampler}-{path.name}.json").write_text(json.dumps(record, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="afil-ray", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true")
@@ -69,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, help="planner processes (demos.workers)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demos)
+
+    t = sub.add_parser("train", help="train the policy from the replay store (train.mode, data.store)")
+    with_config(t)
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="closed-loop success rate of a checkpoint on fresh seeds")
+    with_config(e)
+    e.add_argument("--episodes", type=int, help="episodes (eval.episodes)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("replay", help="inspect a replay store")
     rsub = r.add_subparsers(dest="replay_command", required=True)
@@ -89,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"afil-ray: config error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a known failure class gets one clear line instead of a traceback
+        if type(e).__name__ in ("CheckpointError", "AssetsMissingError", "SimulatorCrash"):
+            print(f"afil-ray: {e}", file=sys.stderr)
+            return 1
+        raise
     except KeyboardInterrupt:
         print("afil-ray: interrupted; everything flushed so far is kept", file=sys.stderr)
         return 130

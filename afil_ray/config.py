@@ -83,6 +83,7 @@ class SamplerConfig:
 @dataclass
 class TrainConfig:
     mode: str = "success_only"  # success_only (backbone + success head) | failure_head | joint
+    init_from: str | None = None  # checkpoint to start from (e.g. a success-only policy for failure_head)
     steps: int = 20000
     batch_size: int = 256
     lr: float = 3e-4

@@ -1,0 +1,230 @@
+"""``afil-ray train``: fit the DAG-VLA's heads from the replay store, with checkpoints and resume.
+
+Modes: ``success_only`` trains backbone + success head on demo/success/corrected windows; ``failure_head`` trains
+only the failure head on failure windows (everything else frozen: what the online learner does); ``joint``
+trains everything on both. A kill loses at most ``checkpoint_every`` steps: the newest checkpoint (policy
+components, optimizer, step, RNG) is picked up by the next run with the same ``run_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from afil_ray.config import Config, save_resolved
+from afil_ray.envs.tasks import get_task
+from afil_ray.policy import checkpoint as ckpt
+from afil_ray.policy.model import DAGPolicy
+from afil_ray.replay.sampler import WindowSampler
+from afil_ray.replay.store import ReplayStore
+
+log = logging.getLogger(__name__)
+MODES = ("success_only", "failure_head", "joint")
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not match the configuration."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run (``checkpoints/latest`` names it), or None."""
+    pointer = Path(run_dir) / "checkpoints" / LATEST
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{pointer} names {path.name}, which does not exist")
+    return path
+
+
+@dataclass
+class _Heads:
+    """Which windows train which head in a mode."""
+
+    success: bool
+    failure: bool
+
+
+def _heads(mode: str) -> _Heads:
+    if mode not in MODES:
+        raise ValueError(f"train.mode must be one of {MODES}, got {mode!r}")
+    return _Heads(success=mode in ("success_only", "joint"), failure=mode in ("failure_head", "joint"))
+
+
+class Trainer:
+    """Plain training loop (no Ray): the learner actor wraps the same class."""
+
+    def __init__(self, cfg: Config, *, progress: bool = True) -> None:
+        self.cfg, self.progress = cfg, progress
+        tc = cfg.train
+        self.heads = _heads(tc.mode)
+        if tc.num_threads:
+            torch.set_num_threads(tc.num_threads)
+        self.device = resolve_device(tc.device)
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.tasks = list(cfg.data.tasks) or [cfg.env.task]
+        self.instructions = {t: get_task(t).instruction for t in self.tasks}
+        store = ReplayStore(cfg.data.store)
+        cameras = () if cfg.env.obs_mode == "state" else None
+        h = cfg.policy.horizon
+        self.samplers: dict[str, WindowSampler] = {}
+        if self.heads.success:
+            self.samplers["success"] = WindowSampler(store, h, tasks=self.tasks, outcomes=cfg.data.success_outcomes,
+                                                     balance=tc.balance, cameras=cameras, seed=cfg.seed)
+        if self.heads.failure:
+            self.samplers["failure"] = WindowSampler(store, h, tasks=self.tasks, outcomes=cfg.data.failure_outcomes,
+                                                     balance=tc.balance, cameras=cameras, seed=cfg.seed + 1)
+        for name, s in self.samplers.items():
+            if s.num_steps == 0:
+                raise RuntimeError(f"no {name} windows in {cfg.data.store} for tasks {self.tasks} "
+                                   f"(outcomes {s.outcomes}); generate demos or rollouts first")
+        self.step = 0
+        resume = latest_checkpoint(self.run_dir)
+        if resume is not None:
+            self.policy = self._load_policy(resume)
+        elif tc.init_from:
+            self.policy = self._load_policy(Path(tc.init_from))
+        else:
+            self.policy = self._new_policy()
+        self.policy.to(self.device)
+        self.params = [p for p in self.policy.parameters_for(tc.mode) if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
+        if resume is not None:
+            self._load_trainer_state(resume)
+        save_resolved(cfg, self.run_dir)
+        self.writer = SummaryWriter(str(self.run_dir / "tb"))
+
+    # ---------------------------------------------------------------- set-up
+
+    def _new_policy(self) -> DAGPolicy:
+        sampler = next(iter(self.samplers.values()))
+        policy = DAGPolicy.from_config(self.cfg.policy, state_dim=sampler.state_dim,
+                                       action_dim=sampler.action_dim, cameras=tuple(sampler.cameras))
+        # normalisation statistics from the training data (a bounded sample keeps this cheap for big stores)
+        fit = [s.sample(min(65536, max(1024, s.num_steps))) for s in self.samplers.values()]
+        policy.fit_normalizer(np.concatenate([b["state"] for b in fit]),
+                              np.concatenate([b["action"][~b["action_is_pad"]] for b in fit]))
+        return policy
+
+    def _load_policy(self, path: Path) -> DAGPolicy:
+        try:
+            return ckpt.load_policy(path)
+        except FileNotFoundError as e:
+            raise CheckpointError(f"checkpoint {path} is missing or incomplete: {e}") from e
+
+    def _load_trainer_state(self, path: Path) -> None:
+        state = json.loads((path / "trainer.json").read_text())
+        if state["mode"] != self.cfg.train.mode:
+            raise CheckpointError(f"{path} was written in train.mode={state['mode']}, this run uses "
+                                  f"{self.cfg.train.mode}; use a new run_dir (train.init_from={path})")
+        self.step = int(state["step"])
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device))
+        torch.set_rng_state(torch.load(path / "torch_rng.pt"))
+        for i, s in enumerate(self.samplers.values()):  # deterministic continuation of the data stream
+            s.rng = np.random.default_rng([self.cfg.seed + i, self.step])
+        log.info("resumed %s at step %d", path, self.step)
+
+    # ---------------------------------------------------------------- loop
+
+    def lr_at(self, step: int) -> float:
+        tc = self.cfg.train
+        if step < tc.warmup_steps:
+            return tc.lr * (step + 1) / tc.warmup_steps
+        progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
+        return tc.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+    def _batch(self, name: str) -> dict[str, Any]:
+        sampler = self.samplers[name]
+        batch = sampler.sample(self.cfg.train.batch_size)
+        batch["instruction"] = [self.instructions[sampler.partitions[p][0]] for p in batch["partition"]]
+        return batch
+
+    def train_step(self) -> dict[str, float]:
+        self.policy.train()
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr_at(self.step)
+        metrics: dict[str, float] = {}
+        total = torch.zeros((), device=self.device)
+        for head, on in (("success", self.heads.success), ("failure", self.heads.failure)):
+            if on:
+                loss, m = self.policy.loss(self._batch(head), head=head)
+                total = total + loss
+                metrics[f"losses/{head}_head"] = float(loss.detach())
+                metrics.update({f"train/{head}_{k}": float(v) for k, v in m.items()})
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        metrics["train/grad_norm"] = float(grad_norm)
+        metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        return metrics
+
+    def run(self, steps: int | None = None) -> Path:
+        """Train up to ``train.steps`` (or ``steps`` more); returns the final checkpoint."""
+        tc = self.cfg.train
+        target = tc.steps if steps is None else self.step + steps
+        bar = tqdm(total=target, initial=self.step, desc=f"train {tc.mode}", unit="step",
+                   disable=not self.progress, dynamic_ncols=True)
+        t0, samples = time.perf_counter(), 0
+        try:
+            while self.step < target:
+                metrics = self.train_step()
+                samples += tc.batch_size * (int(self.heads.success) + int(self.heads.failure))
+                bar.update(1)
+                if self.step % tc.log_every == 0 or self.step == target:
+                    elapsed = time.perf_counter() - t0
+                    metrics["time/samples_per_s"] = samples / elapsed
+                    for k, v in metrics.items():
+                        self.writer.add_scalar(k, v, self.step)
+                    bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in metrics.items()
+                                     if k.startswith("losses/")})
+                    t0, samples = time.perf_counter(), 0
+                if self.step % tc.checkpoint_every == 0:
+                    self.save()
+        finally:
+            bar.close()
+            self.writer.flush()
+        return self.save()
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def save(self) -> Path:
+        """Write ``checkpoints/step_NNNNNNNN`` atomically (temporary directory, then rename) and point
+        ``latest`` at it; an existing checkpoint of the same step is kept."""
+        name = f"step_{self.step:08d}"
+        final = self.ckpt_dir / name
+        if final.is_dir():
+            return final
+        tmp = self.ckpt_dir / f".tmp-{name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        ckpt.save_policy(self.policy, tmp)
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(torch.get_rng_state(), tmp / "torch_rng.pt")
+        (tmp / "trainer.json").write_text(json.dumps({"step": self.step, "mode": self.cfg.train.mode}))
+        os.replace(tmp, final)
+        pointer_tmp = self.ckpt_dir / f".{LATEST}.tmp"
+        pointer_tmp.write_text(name)
+        os.replace(pointer_tmp, self.ckpt_dir / LATEST)
+        return final

@@ -27,6 +27,7 @@ from afil_ray.config import Config, save_resolved
 from afil_ray.envs.tasks import get_task
 from afil_ray.policy import checkpoint as ckpt
 from afil_ray.policy.model import DAGPolicy
+from afil_ray.replay.chunks import ChunkSampler
 from afil_ray.replay.sampler import WindowSampler
 from afil_ray.replay.store import ReplayStore
 
@@ -87,13 +88,20 @@ class Trainer:
         store = ReplayStore(cfg.data.store)
         cameras = () if cfg.env.obs_mode == "state" else None
         h = cfg.policy.horizon
-        self.samplers: dict[str, WindowSampler] = {}
+        self.samplers: dict[str, WindowSampler | ChunkSampler] = {}
         if self.heads.success:
             self.samplers["success"] = WindowSampler(store, h, tasks=self.tasks, outcomes=cfg.data.success_outcomes,
                                                      balance=tc.balance, cameras=cameras, seed=cfg.seed)
         if self.heads.failure:
-            self.samplers["failure"] = WindowSampler(store, h, tasks=self.tasks, outcomes=cfg.data.failure_outcomes,
-                                                     balance=tc.balance, cameras=cameras, seed=cfg.seed + 1)
+            if tc.failure_targets == "sampled":
+                self.samplers["failure"] = ChunkSampler(store, h, tasks=self.tasks, outcomes=cfg.data.failure_outcomes,
+                                                        seed=cfg.seed + 1)
+            elif tc.failure_targets == "executed":
+                self.samplers["failure"] = WindowSampler(store, h, tasks=self.tasks,
+                                                         outcomes=cfg.data.failure_outcomes, balance=tc.balance,
+                                                         cameras=cameras, seed=cfg.seed + 1)
+            else:
+                raise ValueError(f"train.failure_targets must be sampled or executed, got {tc.failure_targets!r}")
         for name, s in self.samplers.items():
             if s.num_steps == 0:
                 raise RuntimeError(f"no {name} windows in {cfg.data.store} for tasks {self.tasks} "

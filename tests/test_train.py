@@ -1,0 +1,87 @@
+"""The trainer end to end on a small synthetic store: modes, TensorBoard, checkpoints, resume, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from afil_ray.config import Config
+from afil_ray.policy.checkpoint import load_policy
+from afil_ray.replay.store import ReplayStore
+from afil_ray.train import CheckpointError, Trainer, latest_checkpoint
+
+from conftest import build_episode
+
+TASK = "PullCube-v1"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    eps = [build_episode(task=TASK, outcome="demo", length=20, seed=i) for i in range(6)]
+    for i in range(4):  # failures as policy rollouts record them: with the chunk sampled at each re-planning step
+        ep = build_episode(task=TASK, outcome="failure", length=20, seed=100 + i)
+        ep.chunk_steps = [0, 8, 16]
+        ep.chunks = np.stack([ep.action[[min(t + k, 19) for k in range(4)]] for t in ep.chunk_steps])
+        eps.append(ep)
+    ReplayStore(root).write_episodes(eps)
+    return root
+
+
+def _cfg(store, run_dir, **train) -> Config:
+    cfg = Config(run_dir=str(run_dir))
+    cfg.env.task = TASK
+    cfg.data.store = str(store)
+    cfg.policy.hidden_size, cfg.policy.head_width, cfg.policy.horizon = 32, 32, 4
+    cfg.policy.num_layers, cfg.policy.head_depth = 1, 1
+    cfg.train.batch_size, cfg.train.warmup_steps, cfg.train.log_every = 8, 2, 2
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+def test_success_training_logs_checkpoints_and_resumes(store, tmp_path):
+    cfg = _cfg(store, tmp_path / "run", steps=6, checkpoint_every=3)
+    trainer = Trainer(cfg, progress=False)
+    final = trainer.run()
+    assert final.name == "step_00000006" and latest_checkpoint(cfg.run_dir) == final
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"losses/success_head", "train/grad_norm", "time/samples_per_s"} <= set(tags)
+    assert [e.step for e in events.Scalars("losses/success_head")] == [2, 4, 6]
+
+    # a new trainer on the same run_dir resumes from step 6 with the same weights and optimizer state
+    cfg.train.steps = 8
+    resumed = Trainer(cfg, progress=False)
+    assert resumed.step == 6
+    for a, b in zip(trainer.policy.state_dict().values(), resumed.policy.state_dict().values(), strict=True):
+        assert torch.equal(a.cpu(), b.cpu())
+    assert resumed.optimizer.state_dict()["state"].keys() == trainer.optimizer.state_dict()["state"].keys()
+    assert resumed.run().name == "step_00000008"
+
+
+def test_failure_head_mode_trains_only_the_failure_head(store, tmp_path):
+    base = Trainer(_cfg(store, tmp_path / "base", steps=2), progress=False).run()
+    cfg = _cfg(store, tmp_path / "fail", steps=3, mode="failure_head", init_from=str(base))
+    trainer = Trainer(cfg, progress=False)
+    before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    trainer.run()
+    after = trainer.policy.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("failure_head.") for k in changed), sorted(changed)[:5]
+    assert load_policy(latest_checkpoint(cfg.run_dir)) is not None
+
+
+def test_bad_inputs(store, tmp_path):
+    with pytest.raises(ValueError, match=r"train\.mode"):
+        Trainer(_cfg(store, tmp_path / "a", mode="both"), progress=False)
+    with pytest.raises(CheckpointError):
+        Trainer(_cfg(store, tmp_path / "b", mode="failure_head", init_from=str(tmp_path / "nope")), progress=False)
+    with pytest.raises(RuntimeError, match="no success windows"):
+        cfg = _cfg(store, tmp_path / "c")
+        cfg.env.task = "StackCube-v1"
+        Trainer(cfg, progress=False)

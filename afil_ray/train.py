@@ -26,6 +26,7 @@ from tqdm import tqdm
 from afil_ray.config import Config, save_resolved
 from afil_ray.envs.tasks import get_task
 from afil_ray.policy import checkpoint as ckpt
+from afil_ray.policy.checkpoint import CheckpointError
 from afil_ray.policy.model import DAGPolicy
 from afil_ray.replay.chunks import ChunkSampler
 from afil_ray.replay.sampler import WindowSampler
@@ -33,11 +34,8 @@ from afil_ray.replay.store import ReplayStore
 
 log = logging.getLogger(__name__)
 MODES = ("success_only", "failure_head", "joint")
+__all__ = ["MODES", "CheckpointError", "Trainer", "latest_checkpoint"]
 LATEST = "latest"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not match the configuration."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -135,10 +133,7 @@ class Trainer:
         return policy
 
     def _load_policy(self, path: Path) -> DAGPolicy:
-        try:
-            return ckpt.load_policy(path)
-        except FileNotFoundError as e:
-            raise CheckpointError(f"checkpoint {path} is missing or incomplete: {e}") from e
+        return ckpt.load_policy(path, device=self.device)
 
     def _load_trainer_state(self, path: Path) -> None:
         state = json.loads((path / "trainer.json").read_text())

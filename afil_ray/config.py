@@ -67,6 +67,11 @@ class PolicyConfig:
     failure_head_width: int | None = None  # None: same as the success head
     failure_head_depth: int | None = None
     failure_head_init: str = "success"  # success (copy the success head) | random
+    vision_layers: int = 1  # tiny backbone: SigLIP vision tower depth (runs only when the policy has cameras)
+    flow_time: str = "beta"  # flow matching training time: beta (openpi's Beta(1.5, 1), more noisy steps) | uniform
+    ddpm_schedule: str = "cosine"  # cosine | linear (betas 1e-4 .. 0.02 scaled by 1000 / diffusion_steps)
+    action_norm: str = "minmax"  # minmax (each action dim to [-1, 1]) | meanstd
+    action_clip: float | None = 1.0  # clip normalised DDIM x0 estimates and sampled chunks to +-this (None: off)
 
 
 @dataclass
@@ -78,6 +83,7 @@ class SamplerConfig:
     lam: float = 1.0  # adaptive guidance scale: w = lam * (1 - cos(v_s, v_f)) / 2
     steps: int = 10  # K integration (flow) or denoising (ddpm, DDIM) steps
     execute_steps: int = 8  # actions executed from each chunk before re-planning
+    fused_heads: bool = True  # run same-shape success and failure heads as one stacked call (else two calls)
 
 
 @dataclass

@@ -1,0 +1,174 @@
+"""DAG-VLA: one shared backbone, a success head and a failure head, with the normaliser that maps env units.
+
+Everything numpy-shaped (replay batches, env observations) is converted and normalised here, so trainers and
+rollout actors never see normalised values. Which parameters train in which mode is decided here too, so the
+trainer's ``train.mode`` has one place that gives it meaning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from afil_ray.config import PolicyConfig, SamplerConfig
+from afil_ray.policy.backbone import Backbone, Prefix, load_vlm
+from afil_ray.policy.heads import ActionHead, same_shape
+from afil_ray.policy.normalize import Normalizer
+from afil_ray.policy.objectives import make_objective, masked_mse
+from afil_ray.policy.sampler import HeadPair, sample_chunk
+from afil_ray.policy.tokenizer import Tokenizer, make_tokenizer
+
+TRAIN_MODES = ("success_only", "failure_head", "joint")
+HEADS = ("success", "failure")
+COMPONENTS = ("backbone", "success_head", "failure_head")
+IMAGE_PREFIX = "rgb_"  # env observation key of a camera's images
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Noise drawn where the generator lives, so one CPU seed gives the same noise on any device."""
+    draw = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=draw).to(device)
+
+
+class DAGPolicy(nn.Module):
+    def __init__(self, cfg: PolicyConfig, backbone: Backbone, tokenizer: Tokenizer, state_dim: int,
+                 action_dim: int) -> None:
+        super().__init__()
+        self.config = cfg
+        self.state_dim, self.action_dim, self.horizon = state_dim, action_dim, cfg.horizon
+        self.cameras = backbone.cameras
+        self.tokenizer = tokenizer
+        self.backbone = backbone
+        self.success_head = ActionHead(action_dim, cfg.horizon, backbone.width, cfg.head_width, cfg.head_depth,
+                                       cfg.num_heads)
+        self.failure_head = ActionHead(action_dim, cfg.horizon, backbone.width,
+                                       cfg.failure_head_width or cfg.head_width,
+                                       cfg.failure_head_depth or cfg.head_depth, cfg.num_heads)
+        if cfg.failure_head_init not in ("success", "random"):
+            raise ValueError(f"policy.failure_head_init must be success | random, got {cfg.failure_head_init!r}")
+        if cfg.failure_head_init == "success" and same_shape(self.success_head, self.failure_head):
+            self.init_failure_head_from_success()
+        self.normalizer = Normalizer(state_dim, action_dim, cfg.action_norm)
+        self.objective = make_objective(cfg.objective, cfg.diffusion_steps, cfg.ddpm_schedule, cfg.flow_time)
+        self.heads = HeadPair(self.success_head, self.failure_head)
+
+    @classmethod
+    def from_config(cls, cfg: PolicyConfig, state_dim: int, action_dim: int, cameras: Sequence[str] = (), *,
+                    vlm_config: PretrainedConfig | None = None, tokenizer_path: str | None = None) -> DAGPolicy:
+        """A new policy (tiny: random init; pretrained: backbone weights from ``cfg.pretrained_path``).
+
+        ``vlm_config``/``tokenizer_path`` build the architecture without loading weights (checkpoint loading).
+        """
+        tokenizer = make_tokenizer(cfg.backbone, cfg.max_text_tokens, tokenizer_path or cfg.pretrained_path)
+        vlm = load_vlm(cfg, tokenizer.vocab_size, bool(cameras), vlm_config)
+        backbone = Backbone(vlm, state_dim, cameras)
+        vocab = backbone.language_model.get_input_embeddings().num_embeddings
+        if tokenizer.vocab_size > vocab:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the backbone embeds only {vocab}")
+        return cls(cfg, backbone, tokenizer, state_dim, action_dim)
+
+    @property
+    def device(self) -> torch.device:
+        return self.success_head.position.device
+
+    def head(self, name: str) -> ActionHead:
+        if name not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {name!r}")
+        return self.success_head if name == "success" else self.failure_head
+
+    def component(self, name: str) -> nn.Module:
+        if name not in COMPONENTS:
+            raise ValueError(f"component must be one of {COMPONENTS}, got {name!r}")
+        return getattr(self, name)
+
+    def init_failure_head_from_success(self) -> None:
+        """Start the failure head from the success head (same shape only): it then learns what to avoid
+        from a generator that already models the task, instead of from scratch."""
+        if not same_shape(self.success_head, self.failure_head):
+            raise ValueError("failure head differs in shape from the success head; it cannot be copied")
+        self.failure_head.load_state_dict(self.success_head.state_dict())
+
+    def fit_normalizer(self, state: np.ndarray, action: np.ndarray) -> Normalizer:
+        """Statistics from data (state [N, D], real actions [N, A]); call before training."""
+        return self.normalizer.fit(state, action)
+
+    # ------------------------------------------------------------------ training
+
+    def parameters_for(self, mode: str) -> list[nn.Parameter]:
+        """success_only: backbone + success head; failure_head: failure head alone; joint: everything."""
+        modules = {
+            "success_only": [self.backbone, self.success_head],
+            "failure_head": [self.failure_head],
+            "joint": [self.backbone, self.success_head, self.failure_head],
+        }
+        if mode not in modules:
+            raise ValueError(f"train.mode must be one of {TRAIN_MODES}, got {mode!r}")
+        return [p for m in modules[mode] for p in m.parameters()]
+
+    def set_trainable(self, mode: str) -> list[nn.Parameter]:
+        """Freeze everything outside ``parameters_for(mode)`` (a frozen backbone then builds no graph)."""
+        trainable = {id(p) for p in self.parameters_for(mode)}
+        for p in self.parameters():
+            p.requires_grad_(id(p) in trainable)
+        return self.parameters_for(mode)
+
+    def _tensor(self, value: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.as_tensor(value, dtype=dtype, device=self.device)
+
+    def encode(self, state: Any, images: Mapping[str, Any], instructions: Sequence[str] | str) -> Prefix:
+        """Raw (env-unit) state [B, D] and uint8 images -> prefix; normalisation and tokenising happen here."""
+        state = self._tensor(state, torch.float32)
+        if state.dim() != 2 or state.shape[1] != self.state_dim:
+            raise ValueError(f"state has shape {tuple(state.shape)}, this policy expects [B, {self.state_dim}]")
+        if isinstance(instructions, str):
+            instructions = [instructions] * state.shape[0]
+        if len(instructions) != state.shape[0]:
+            raise ValueError(f"{len(instructions)} instructions for a batch of {state.shape[0]}")
+        ids, mask = self.tokenizer(list(instructions))
+        pixels = {cam: self._tensor(images[cam]) for cam in self.cameras if cam in images}
+        return self.backbone.encode(self.normalizer.normalize_state(state), pixels, ids.to(self.device),
+                                    mask.to(self.device))
+
+    def loss(self, batch: Mapping[str, Any], head: str = "success",
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """The generative loss of one head on a WindowSampler batch plus ``instruction`` (list of str).
+
+        Padded chunk steps (``action_is_pad``) do not count. Metrics are plain floats.
+        """
+        if "instruction" not in batch:
+            raise KeyError("policy batch needs 'instruction' (one string per window) besides the sampler's keys")
+        action = self._tensor(batch["action"], torch.float32)
+        if action.dim() != 3 or action.shape[1:] != (self.horizon, self.action_dim):
+            raise ValueError(f"action has shape {tuple(action.shape)}, this policy expects "
+                             f"[B, {self.horizon}, {self.action_dim}]")
+        is_pad = self._tensor(batch["action_is_pad"], torch.bool)
+        prefix = self.encode(batch["state"], batch.get("images") or {}, batch["instruction"])
+        actions = self.normalizer.normalize_action(action)
+        noise = _randn(tuple(actions.shape), generator, self.device)
+        t = self.objective.sample_time(actions.shape[0], generator, self.device)
+        x_t, t_head, target = self.objective.training_pair(actions, noise, t)
+        pred = self.head(head).predict(x_t, t_head, prefix.hidden, prefix.mask)
+        loss = masked_mse(pred, target, is_pad)
+        return loss, {"loss": float(loss.detach()), "pad_fraction": float(is_pad.float().mean())}
+
+    # ------------------------------------------------------------------ acting
+
+    @torch.no_grad()
+    def sample(self, obs: Mapping[str, Any], instructions: Sequence[str] | str, sampler: SamplerConfig,
+               generator: torch.Generator | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        """An action chunk [B, H, A] in env units for env observations (``state``, ``rgb_<camera>``)."""
+        images = {cam: obs[IMAGE_PREFIX + cam] for cam in self.cameras if IMAGE_PREFIX + cam in obs}
+        prefix = self.encode(obs["state"], images, instructions)
+        noise = _randn((prefix.hidden.shape[0], self.horizon, self.action_dim), generator, self.device)
+        chunk, diagnostics = sample_chunk(self.heads, self.objective, prefix, noise, sampler,
+                                          clip=self.config.action_clip)
+        actions = self.normalizer.unnormalize_action(chunk)
+        return actions.float().cpu().numpy(), {"sampler": sampler.kind, **diagnostics}
+
+    def num_parameters(self) -> dict[str, int]:
+        return {name: sum(p.numel() for p in self.component(name).parameters()) for name in COMPONENTS}

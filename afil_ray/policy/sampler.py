@@ -1,0 +1,104 @@
+"""Sampling one action chunk, top to bottom like the math (openpi's ``sample_actions``, plus the AFIL line).
+
+The caller encodes the prefix once per chunk; each head projects its cross-attention keys/values once
+(``prefix_memory``), and the loop then runs only the heads. ``success_only`` never touches the failure head.
+The guided samplers evaluate both heads on the same noisy chunk in one stacked call when the heads have the
+same shape (see ``heads.py``), else in two calls, and the diagnostics record which.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from torch.func import functional_call
+
+from afil_ray.config import SamplerConfig
+from afil_ray.policy.backbone import Prefix
+from afil_ray.policy.guidance import adaptive_weight, cosine, static_weight
+from afil_ray.policy.heads import ActionHead, same_shape
+from afil_ray.policy.objectives import Objective
+
+SAMPLER_KINDS = ("success_only", "static", "adaptive")
+
+
+def _sub(params: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+
+
+class HeadPair:
+    """Success and failure heads evaluated together: one call on weights stacked over a leading axis of 2.
+
+    The stacked copy is rebuilt only when a head's weights change (optimizer steps and ``load_state_dict``
+    bump the tensors' version counters), so an actor pays for it once per weight update, not per chunk.
+    """
+
+    def __init__(self, success: ActionHead, failure: ActionHead) -> None:
+        self.success, self.failure = success, failure
+        self.can_fuse = same_shape(success, failure)
+        self._base = copy.deepcopy(success).to("meta") if self.can_fuse else None
+        self._key: tuple | None = None
+        self._stacked: dict[str, torch.Tensor] = {}
+
+    def stacked(self) -> dict[str, torch.Tensor]:
+        success, failure = self.success.state_dict(), self.failure.state_dict()
+        key = tuple((t.device, t.data_ptr(), t._version) for t in [*success.values(), *failure.values()])
+        if key != self._key:  # like torch.func.stack_module_state, minus its requires_grad bookkeeping
+            self._stacked = {name: torch.stack([success[name], failure[name]]) for name in success}
+            self._key = key
+        return self._stacked
+
+    def prefix_memory(self, hidden: torch.Tensor, fused: bool) -> Any:
+        if fused:
+            memory = _sub(self.stacked(), "memory.")
+            return functional_call(self._base.memory, memory, (hidden.expand(2, *hidden.shape),))
+        return self.success.prefix_memory(hidden), self.failure.prefix_memory(hidden)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, memory: Any, prefix_mask: torch.Tensor,
+                 fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(v_s, v_f) for the same noisy chunk x."""
+        if fused:
+            v = functional_call(self._base, self.stacked(), (x, t, memory, prefix_mask))
+            return v[0], v[1]
+        return self.success(x, t, memory[0], prefix_mask), self.failure(x, t, memory[1], prefix_mask)
+
+
+@torch.no_grad()
+def sample_chunk(heads: HeadPair, objective: Objective, prefix: Prefix, noise: torch.Tensor,
+                 cfg: SamplerConfig, clip: float | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Denoise ``noise`` [B, H, A] into a normalised action chunk; diagnostics hold per-step mean w and cos."""
+    if cfg.kind not in SAMPLER_KINDS:
+        raise ValueError(f"sampler.kind must be one of {SAMPLER_KINDS}, got {cfg.kind!r}")
+    if cfg.steps < 1:
+        raise ValueError(f"sampler.steps must be >= 1, got {cfg.steps}")
+    guided = cfg.kind != "success_only"
+    fused = guided and cfg.fused_heads and heads.can_fuse
+    memory = heads.prefix_memory(prefix.hidden, fused) if guided else heads.success.prefix_memory(prefix.hidden)
+    batch = noise.shape[0]
+    w_steps, cos_steps = [], []  # per-step means, kept on the device until the end (no sync per step)
+
+    x = noise
+    for step in objective.steps(cfg.steps):
+        t = torch.full((batch,), step.t_head, dtype=x.dtype, device=x.device)
+        if not guided:
+            v = heads.success(x, t, memory, prefix.mask)
+        else:
+            v_s, v_f = heads(x, t, memory, prefix.mask, fused)
+            w = adaptive_weight(v_s, v_f, cfg.lam) if cfg.kind == "adaptive" else static_weight(v_s, cfg.w)
+            v = v_s + w[:, None, None] * (v_s - v_f)  # guidance.guide: v̂ = v_s + w·(v_s − v_f)
+            w_steps.append(w.mean())
+            cos_steps.append(cosine(v_s, v_f).mean())
+        x = objective.update(x, v, step, clip)
+
+    if clip is not None:
+        x = x.clamp(-clip, clip)
+    steps = len(objective.steps(cfg.steps))
+    diagnostics = {
+        "w": torch.stack(w_steps).cpu().numpy() if guided else np.zeros(steps),
+        "cos": torch.stack(cos_steps).cpu().numpy() if guided else np.full(steps, np.nan),
+        "fused": fused,
+        "failure_head_evals": steps if guided else 0,
+    }
+    return x, diagnostics

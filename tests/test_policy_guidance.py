@@ -144,7 +144,7 @@ def test_success_only_never_runs_the_failure_head(monkeypatch):
         patch.setattr(HeadPair, "stacked", forbidden)
         _, diag = policy.sample(obs(), "push", SamplerConfig(kind="success_only"), gen())
     assert calls == [] and diag["failure_head_evals"] == 0 and not diag["fused"]
-    assert np.all(diag["w"] == 0) and np.all(np.isnan(diag["cos"]))
+    assert diag["w"].shape == (BATCH, 10) and np.all(diag["w"] == 0) and diag["cos"] is None
 
     policy.sample(obs(), "push", SamplerConfig(kind="adaptive", fused_heads=False), gen())
     assert len(calls) > 0  # the hooks do see the failure head when it runs
@@ -160,12 +160,15 @@ def test_heads_of_different_shape_fall_back_to_two_calls():
     assert np.all((diag["w"] >= 0) & (diag["w"] <= 1.5))
 
 
-def test_diagnostics_hold_one_mean_weight_and_cosine_per_step():
+def test_diagnostics_hold_weight_and_cosine_per_sample_and_step():
     policy = make_policy()
     _, diag = policy.sample(obs(), "push", SamplerConfig(kind="adaptive", lam=2.0, steps=7), gen())
-    assert diag["w"].shape == diag["cos"].shape == (7,)
+    assert diag["w"].shape == diag["cos"].shape == (BATCH, 7)
+    assert diag["w_mean"].shape == diag["cos_mean"].shape == (7,)
     assert np.all((diag["w"] >= 0) & (diag["w"] <= 2.0)) and np.all(np.abs(diag["cos"]) <= 1)
-    np.testing.assert_allclose(diag["w"], 2.0 * (1 - diag["cos"]) / 2, atol=0.05)  # mean of a linear map
+    np.testing.assert_allclose(diag["w"], 2.0 * (1 - diag["cos"]) / 2, atol=1e-6)  # the rule, per sample
+    np.testing.assert_allclose(diag["w_mean"], diag["w"].mean(0), atol=1e-6)
+    assert diag["w"].std(0).max() > 0  # not one weight for the whole batch
     _, static = policy.sample(obs(), "push", SamplerConfig(kind="static", w=0.05, steps=7), gen())
     np.testing.assert_allclose(static["w"], 0.05)
 

@@ -42,7 +42,7 @@ def test_samplers_land_on_the_data_point_given_the_exact_field(objective, steps)
     x, diag = sample_chunk(HeadPair(oracle, oracle), objective, prefix, noise, SamplerConfig(steps=steps))
     # Euler is exact on straight paths, DDIM on x0 (up to float32: one DDIM step divides by √ᾱ of ~0.006)
     assert torch.allclose(x, a0.expand(6, 2, 2), atol=1e-3)
-    assert diag["w"].shape == (steps,)
+    assert diag["w"].shape == (6, steps) and diag["w_mean"].shape == (steps,)
 
 
 def test_flow_training_pair_follows_the_convention():
@@ -111,7 +111,7 @@ def test_policy_loss_counts_only_unpadded_steps():
     tau = policy.objective.sample_time(3, g, torch.device("cpu"))
     _, _, target = policy.objective.training_pair(torch.from_numpy(batch["action"]), noise, tau)
     per_step = (seen["pred"] - target).pow(2).mean(-1).detach().numpy()
-    assert float(loss) == pytest.approx(per_step[~pad].mean(), rel=1e-6)
+    assert loss.item() == pytest.approx(per_step[~pad].mean(), rel=1e-6)
     assert abs(per_step[~pad].mean() - per_step.mean()) > 1e-3  # padding would have changed it
     assert metrics["pad_fraction"] == pytest.approx(pad.mean())
     with pytest.raises(KeyError, match="instruction"):

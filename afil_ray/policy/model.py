@@ -161,7 +161,10 @@ class DAGPolicy(nn.Module):
     @torch.no_grad()
     def sample(self, obs: Mapping[str, Any], instructions: Sequence[str] | str, sampler: SamplerConfig,
                generator: torch.Generator | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-        """An action chunk [B, H, A] in env units for env observations (``state``, ``rgb_<camera>``)."""
+        """An action chunk [B, H, A] in env units for env observations (``state``, ``rgb_<camera>``).
+
+        Diagnostics (see ``sampler.sample_chunk``): ``w``/``cos`` [B, K], ``w_mean``/``cos_mean`` [K], ``fused``.
+        """
         images = {cam: obs[IMAGE_PREFIX + cam] for cam in self.cameras if IMAGE_PREFIX + cam in obs}
         prefix = self.encode(obs["state"], images, instructions)
         noise = _randn((prefix.hidden.shape[0], self.horizon, self.action_dim), generator, self.device)

@@ -68,7 +68,12 @@ class HeadPair:
 @torch.no_grad()
 def sample_chunk(heads: HeadPair, objective: Objective, prefix: Prefix, noise: torch.Tensor,
                  cfg: SamplerConfig, clip: float | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Denoise ``noise`` [B, H, A] into a normalised action chunk; diagnostics hold per-step mean w and cos."""
+    """Denoise ``noise`` [B, H, A] into a normalised action chunk.
+
+    Diagnostics: ``w`` and ``cos`` [B, K] per sample and step (rollouts store them per chunk), their per-step
+    means ``w_mean``/``cos_mean`` [K], ``fused`` and ``failure_head_evals``. ``success_only`` reports w = 0 and
+    ``cos = None`` (the failure head is not evaluated, so there is no cosine).
+    """
     if cfg.kind not in SAMPLER_KINDS:
         raise ValueError(f"sampler.kind must be one of {SAMPLER_KINDS}, got {cfg.kind!r}")
     if cfg.steps < 1:
@@ -77,7 +82,7 @@ def sample_chunk(heads: HeadPair, objective: Objective, prefix: Prefix, noise: t
     fused = guided and cfg.fused_heads and heads.can_fuse
     memory = heads.prefix_memory(prefix.hidden, fused) if guided else heads.success.prefix_memory(prefix.hidden)
     batch = noise.shape[0]
-    w_steps, cos_steps = [], []  # per-step means, kept on the device until the end (no sync per step)
+    w_steps, cos_steps = [], []  # [B] per step, kept on the device until the end (no sync per step)
 
     x = noise
     for step in objective.steps(cfg.steps):
@@ -88,17 +93,20 @@ def sample_chunk(heads: HeadPair, objective: Objective, prefix: Prefix, noise: t
             v_s, v_f = heads(x, t, memory, prefix.mask, fused)
             w = adaptive_weight(v_s, v_f, cfg.lam) if cfg.kind == "adaptive" else static_weight(v_s, cfg.w)
             v = v_s + w[:, None, None] * (v_s - v_f)  # guidance.guide: v̂ = v_s + w·(v_s − v_f)
-            w_steps.append(w.mean())
-            cos_steps.append(cosine(v_s, v_f).mean())
+            w_steps.append(w)
+            cos_steps.append(cosine(v_s, v_f))
         x = objective.update(x, v, step, clip)
 
     if clip is not None:
         x = x.clamp(-clip, clip)
     steps = len(objective.steps(cfg.steps))
+    if guided:
+        w_all, cos_all = torch.stack(w_steps, 1).cpu().numpy(), torch.stack(cos_steps, 1).cpu().numpy()
+    else:
+        w_all, cos_all = np.zeros((batch, steps), np.float32), None
     diagnostics = {
-        "w": torch.stack(w_steps).cpu().numpy() if guided else np.zeros(steps),
-        "cos": torch.stack(cos_steps).cpu().numpy() if guided else np.full(steps, np.nan),
-        "fused": fused,
-        "failure_head_evals": steps if guided else 0,
+        "w": w_all, "cos": cos_all,
+        "w_mean": w_all.mean(0), "cos_mean": None if cos_all is None else cos_all.mean(0),
+        "fused": fused, "failure_head_evals": steps if guided else 0,
     }
     return x, diagnostics

@@ -118,7 +118,7 @@ class Trainer:
         if resume is not None:
             self._load_trainer_state(resume)
         save_resolved(cfg, self.run_dir)
-        self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        self.writer = SummaryWriter(str(self.run_dir / "tb"), flush_secs=30)  # live dashboards
 
     # ---------------------------------------------------------------- set-up
 

@@ -67,10 +67,12 @@ class PretrainedTokenizer:
     def __init__(self, path: str | Path, max_length: int) -> None:
         from transformers import AutoTokenizer
 
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"policy.pretrained_path: no such directory {str(path)!r}")
         try:
             self.hf = AutoTokenizer.from_pretrained(str(path))
         except (OSError, ValueError) as e:
-            raise FileNotFoundError(f"no usable tokenizer in {path}: {e}") from None
+            raise FileNotFoundError(f"policy.pretrained_path: no usable tokenizer in {path}: {e}") from None
         self.max_length = max_length
         self.vocab_size = len(self.hf)
         self._encode = lru_cache(maxsize=1024)(self._encode_one)

@@ -1,12 +1,15 @@
 """The shared vision-language backbone E(o, l): camera images, instruction and state -> prefix tokens.
 
 Built on a real VLM class path (PaliGemma: a SigLIP vision tower, a linear projector and a Gemma decoder), as
-pi0 does, so ``tiny`` (random init from a small config) and ``pretrained`` (``from_pretrained``) share every
-line. The decoder runs with bidirectional attention over the whole prefix (pi0's prefix is bidirectional too):
-every attention layer is switched to non-causal and the padding mask is passed as a ready 4-D bidirectional
-mask, because Gemma's ``use_bidirectional_attention`` alone falls back to a causal mask as soon as a 2-D
-padding mask is given (transformers 5.23). Images are optional: a state-only policy has no camera tokens and
-never runs the vision tower.
+pi0 does, so ``tiny`` (random init from a small config) and ``pretrained`` (``from_pretrained`` of a
+PaliGemma-class checkpoint: ``get_image_features`` plus a ``language_model``) share every line. A state-only
+tiny policy builds just the Gemma decoder: it has no camera tokens and carries no unused vision tower.
+
+The prefix is [patch tokens per camera] [instruction tokens, padded] [one linear state token], and the decoder
+runs with bidirectional attention over all of it (pi0's prefix is bidirectional too): every attention layer is
+switched to non-causal and the padding mask is passed as a ready 4-D bidirectional mask, because Gemma's
+``use_bidirectional_attention`` alone falls back to a causal mask as soon as a 2-D padding mask is given
+(transformers 5.23).
 """
 
 from __future__ import annotations
@@ -111,7 +114,7 @@ class Backbone(nn.Module):
         return int(self.language_model.config.hidden_size)
 
     def _pixels(self, image: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, H, W, 3] -> float [B, 3, S, S] in [-1, 1], SigLIP's input convention."""
+        """uint8 [B, H, W, 3] (any H, W) -> float [B, 3, S, S] in [-1, 1], SigLIP's input convention."""
         pixels = image.permute(0, 3, 1, 2).float() / 255.0
         if pixels.shape[-2:] != (self.image_size, self.image_size):
             pixels = F.interpolate(pixels, size=(self.image_size, self.image_size), mode="bilinear",

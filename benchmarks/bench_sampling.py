@@ -1,0 +1,145 @@
+"""Per-chunk sampling latency of the DAG-VLA policy: success-only vs static and adaptive failure-informed guidance.
+
+Run: ``.venv/bin/python benchmarks/bench_sampling.py`` (about two minutes on 2 cores; prints markdown). The
+default tiny policy with ManiSkill-like state observations (state 40, action 8, H = 16, K = 10 steps): one
+``policy.sample`` call per chunk, i.e. prefix encoding once plus K head evaluations. Samplers are timed in
+interleaved rounds (every sampler once per round, the order rotating) and the median per sampler is reported,
+so drift on a shared machine hits all of them alike. ``two calls`` is the guided sampler with
+``sampler.fused_heads=false`` (the naive form: the failure head as a second call per step).
+
+The guided/success-only ratio is bounded below by the work: guidance evaluates two heads per step, so with
+equal heads it costs about (prefix + 2 K head) / (prefix + K head); a fused call saves call overhead, not FLOPs.
+The second table shows settings in which that ratio is small: a lighter failure head, or a backbone heavy
+enough that the prefix dominates (as in pi0, whose 2B-parameter VLM dwarfs its 300M action expert).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from afil_ray.config import PolicyConfig, SamplerConfig
+from afil_ray.policy import DAGPolicy
+
+STATE_DIM, ACTION_DIM = 40, 8
+INSTRUCTION = "pull the cube to the goal region"
+SAMPLERS = {
+    "success_only": SamplerConfig(kind="success_only"),
+    "static": SamplerConfig(kind="static", w=0.05),
+    "adaptive": SamplerConfig(kind="adaptive", lam=1.0),
+    "adaptive, two calls": SamplerConfig(kind="adaptive", lam=1.0, fused_heads=False),
+}
+
+
+def observation(batch: int, cameras: tuple[str, ...], image: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    obs = {"state": rng.standard_normal((batch, STATE_DIM)).astype(np.float32)}
+    for cam in cameras:
+        obs[f"rgb_{cam}"] = rng.integers(0, 256, (batch, image, image, 3), dtype=np.uint8)
+    return obs
+
+
+def time_samplers(policy: DAGPolicy, obs: dict, samplers: dict[str, SamplerConfig], rounds: int,
+                  calls: int) -> dict[str, float]:
+    """Median over rounds of the mean per-chunk latency (ms); samplers interleaved, order rotating."""
+    names = list(samplers)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    g = torch.Generator().manual_seed(0)
+    for name in names:  # warm-up (allocations, the fused weight stack)
+        policy.sample(obs, INSTRUCTION, samplers[name], g)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            start = time.perf_counter()
+            for _ in range(calls):
+                policy.sample(obs, INSTRUCTION, samplers[name], g)
+            times[name].append((time.perf_counter() - start) / calls * 1e3)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def time_prefix(policy: DAGPolicy, obs: dict, rounds: int, calls: int) -> float:
+    images = {c: obs[f"rgb_{c}"] for c in policy.cameras}
+    samples = []
+    with torch.no_grad():
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(calls):
+                policy.encode(obs["state"], images, INSTRUCTION)
+            samples.append((time.perf_counter() - start) / calls * 1e3)
+    return statistics.median(samples)
+
+
+def build(cfg: PolicyConfig, cameras: tuple[str, ...] = ()) -> DAGPolicy:
+    torch.manual_seed(0)
+    return DAGPolicy.from_config(cfg, STATE_DIM, ACTION_DIM, cameras).eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--budget", type=float, default=0.25, help="seconds per (sampler, round) measurement")
+    args = parser.parse_args()
+
+    cfg = PolicyConfig()
+    policy = build(cfg)
+    counts = policy.num_parameters()
+    print(f"# Sampling latency per chunk\n\n{platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}; policy: default PolicyConfig (backbone {cfg.hidden_size} wide x "
+          f"{cfg.num_layers} layers, heads {cfg.head_width} x {cfg.head_depth}), state {STATE_DIM}, action "
+          f"{ACTION_DIM}, H = {cfg.horizon}, K = {SamplerConfig().steps}; median of {args.rounds} interleaved "
+          "rounds.\n")
+    print("| batch | prefix only ms | " + " | ".join(f"{n} ms" for n in SAMPLERS)
+          + " | adaptive / success_only | two calls / success_only |")
+    print("|---" * (len(SAMPLERS) + 4) + "|")
+    for batch in args.batches:
+        obs = observation(batch, (), 0)
+        start = time.perf_counter()
+        policy.sample(obs, INSTRUCTION, SAMPLERS["adaptive"])
+        calls = max(1, int(args.budget / (time.perf_counter() - start)))
+        t = time_samplers(policy, obs, SAMPLERS, args.rounds, calls)
+        prefix = time_prefix(policy, obs, args.rounds, calls)
+        print(f"| {batch} | {prefix:.2f} | " + " | ".join(f"{t[n]:.2f}" for n in SAMPLERS)
+              + f" | {t['adaptive'] / t['success_only']:.2f} | "
+              f"{t['adaptive, two calls'] / t['success_only']:.2f} |", flush=True)
+
+    total = sum(counts.values())
+    print(f"\nParameters: backbone {counts['backbone']:,}, success head {counts['success_head']:,}, failure head "
+          f"{counts['failure_head']:,} (+{100 * counts['failure_head'] / (total - counts['failure_head']):.1f}% over "
+          f"backbone + success head).\n")
+
+    batch = max(args.batches)
+    variants = [
+        ("default (equal heads)", cfg, ()),
+        ("failure head 64 wide x 1", dataclasses.replace(cfg, failure_head_width=64, failure_head_depth=1), ()),
+        ("failure head 32 wide x 1", dataclasses.replace(cfg, failure_head_width=32, failure_head_depth=1), ()),
+        ("backbone 512 x 6 (equal heads)", dataclasses.replace(cfg, hidden_size=512, num_layers=6, num_heads=8), ()),
+        ("default + 2 cameras (128 px, 64 patches each)", dataclasses.replace(cfg, image_size=128),
+         ("base", "hand")),
+    ]
+    print(f"## What makes guidance cheap (batch {batch})\n")
+    print("| setting | failure head params (% of rest) | prefix ms | success_only ms | adaptive ms | "
+          "adaptive / success_only |")
+    print("|---|---|---|---|---|---|")
+    samplers = {n: SAMPLERS[n] for n in ("success_only", "adaptive")}
+    for name, vcfg, cameras in variants:
+        vpolicy = build(vcfg, cameras)
+        obs = observation(batch, cameras, 128)
+        start = time.perf_counter()
+        vpolicy.sample(obs, INSTRUCTION, SAMPLERS["adaptive"])
+        calls = max(1, int(args.budget / (time.perf_counter() - start)))
+        t = time_samplers(vpolicy, obs, samplers, max(3, args.rounds // 2), calls)
+        prefix = time_prefix(vpolicy, obs, max(3, args.rounds // 2), calls)
+        c = vpolicy.num_parameters()
+        share = 100 * c["failure_head"] / (c["backbone"] + c["success_head"])
+        print(f"| {name} | {c['failure_head']:,} ({share:.1f}%) | {prefix:.2f} | {t['success_only']:.2f} | "
+              f"{t['adaptive']:.2f} | {t['adaptive'] / t['success_only']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -36,6 +36,11 @@ def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: to
 
 
 class DAGPolicy(nn.Module):
+    """Backbone + success head + failure head + normaliser; ``loss`` trains one head, ``sample`` acts.
+
+    Build with :meth:`from_config`; save and load with ``afil_ray.policy.checkpoint``.
+    """
+
     def __init__(self, cfg: PolicyConfig, backbone: Backbone, tokenizer: Tokenizer, state_dim: int,
                  action_dim: int) -> None:
         super().__init__()

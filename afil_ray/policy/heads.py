@@ -5,13 +5,12 @@ and values do not change while one chunk is denoised, so they are projected once
 (:class:`PrefixMemory`, the analogue of pi0's KV cache) and every integration step runs only the
 action-token path.
 
-Two heads of the same shape run as one call: ``torch.func.functional_call`` with both heads' weights stacked
-on a leading axis (``torch.func.stack_module_state``). :class:`Linear` and :class:`LayerNorm` are the torch
-modules plus a path for such stacked weights (one ``baddbmm`` for both heads), and every other op keeps
-arbitrary leading axes, so this file is the only implementation of the head for one head and for two. On CPU
-this measured as fast as two separate calls at batch 64 and faster at batch 1, where ``torch.vmap`` over
-``functional_call`` was 1.5-2x slower than two calls (``bmm`` plus separate bias adds and copies, and no
-batching rule for CPU flash attention).
+Two heads of the same shape run as one call of one module whose weights are both heads' weights stacked on a
+leading axis (``sampler.HeadPair``). :class:`Linear` and :class:`LayerNorm` are the torch modules plus a path
+for such stacked weights (one ``baddbmm`` for both heads), and every other op keeps arbitrary leading axes, so
+this file is the only implementation of the head, for one head and for two. ``torch.vmap`` over
+``functional_call`` was measured 1.5-2x slower than two separate calls on CPU (``bmm`` plus separate bias adds
+and copies, and no batching rule for CPU flash attention), so it is not used.
 """
 
 from __future__ import annotations
@@ -112,7 +111,7 @@ class Block(nn.Module):
 class ActionHead(nn.Module):
     """G(x, t, h): noisy chunk [B, H, A] and time t [B] in [0, 1] (1 = pure noise) -> prediction [B, H, A].
 
-    Called with weights stacked over M heads (``functional_call``), the same forward returns [M, B, H, A].
+    With weights stacked over M heads (``sampler.HeadPair``), the same forward returns [M, B, H, A].
     """
 
     def __init__(self, action_dim: int, horizon: int, prefix_dim: int, width: int = 128, depth: int = 3,
@@ -130,7 +129,7 @@ class ActionHead(nn.Module):
         self.action_out = Linear(width, action_dim)
 
     def _members(self) -> tuple[int, ...]:
-        """() for one head, (M,) when called with weights stacked over M heads."""
+        """() for one head, (M,) when the weights are stacked over M heads."""
         weight = self.action_in.weight
         return tuple(weight.shape[:1]) if weight.dim() == 3 else ()
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.func import functional_call
+from torch import nn
 
 from afil_ray.config import SamplerConfig
 from afil_ray.policy.backbone import Prefix
@@ -24,43 +24,45 @@ from afil_ray.policy.objectives import Objective
 SAMPLER_KINDS = ("success_only", "static", "adaptive")
 
 
-def _sub(params: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
-
-
 class HeadPair:
-    """Success and failure heads evaluated together: one call on weights stacked over a leading axis of 2.
+    """Success and failure heads evaluated together: one call of one module whose weights are both heads'
+    weights stacked on a leading axis of 2 (``torch.func.stack_module_state``'s layout).
 
-    The stacked copy is rebuilt only when a head's weights change (optimizer steps and ``load_state_dict``
-    bump the tensors' version counters), so an actor pays for it once per weight update, not per chunk.
+    The stacked module is built once per weight version, not per call: it is rebuilt only when a head's weights
+    change (optimizer steps and ``load_state_dict`` bump the tensors' version counters), so an actor pays for
+    the copy once per weight update, and each step is a plain module call (``functional_call`` would swap ~100
+    tensors in and out at every step, which cost more than the second head at batch 1).
     """
 
     def __init__(self, success: ActionHead, failure: ActionHead) -> None:
         self.success, self.failure = success, failure
         self.can_fuse = same_shape(success, failure)
-        self._base = copy.deepcopy(success).to("meta") if self.can_fuse else None
         self._key: tuple | None = None
-        self._stacked: dict[str, torch.Tensor] = {}
+        self._stacked: ActionHead | None = None
 
-    def stacked(self) -> dict[str, torch.Tensor]:
+    def stacked(self) -> ActionHead:
         success, failure = self.success.state_dict(), self.failure.state_dict()
         key = tuple((t.device, t.data_ptr(), t._version) for t in [*success.values(), *failure.values()])
-        if key != self._key:  # like torch.func.stack_module_state, minus its requires_grad bookkeeping
-            self._stacked = {name: torch.stack([success[name], failure[name]]) for name in success}
-            self._key = key
+        if key != self._key:
+            head = copy.deepcopy(self.success)
+            with torch.no_grad():
+                for name, weight in success.items():
+                    owner, attr = head.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+                    setattr(owner, attr, nn.Parameter(torch.stack([weight, failure[name]]), requires_grad=False))
+            self._stacked, self._key = head, key
         return self._stacked
 
     def prefix_memory(self, hidden: torch.Tensor, fused: bool) -> Any:
+        """Both heads' prefix keys/values; call once per chunk, before the steps (it refreshes the stack)."""
         if fused:
-            memory = _sub(self.stacked(), "memory.")
-            return functional_call(self._base.memory, memory, (hidden.expand(2, *hidden.shape),))
+            return self.stacked().prefix_memory(hidden)
         return self.success.prefix_memory(hidden), self.failure.prefix_memory(hidden)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, memory: Any, prefix_mask: torch.Tensor,
                  fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(v_s, v_f) for the same noisy chunk x."""
         if fused:
-            v = functional_call(self._base, self.stacked(), (x, t, memory, prefix_mask))
+            v = self._stacked(x, t, memory, prefix_mask)
             return v[0], v[1]
         return self.success(x, t, memory[0], prefix_mask), self.failure(x, t, memory[1], prefix_mask)
 

@@ -3,9 +3,9 @@
 Run: ``.venv/bin/python benchmarks/bench_sampling.py`` (about two minutes on 2 cores; prints markdown). The
 default tiny policy with ManiSkill-like state observations (state 40, action 8, H = 16, K = 10 steps): one
 ``policy.sample`` call per chunk, i.e. prefix encoding once plus K head evaluations. Samplers are timed in
-interleaved rounds (every sampler once per round, the order rotating) and the median per sampler is reported,
-so drift on a shared machine hits all of them alike. ``two calls`` is the guided sampler with
-``sampler.fused_heads=false`` (the naive form: the failure head as a second call per step).
+interleaved rounds (every sampler once per round, the order rotating); latencies are medians over rounds and
+ratios medians of the per-round ratios, so drift on a shared machine cancels. ``two calls`` is the guided
+sampler with ``sampler.fused_heads=false`` (the naive form: the failure head as a second call per step).
 
 The guided/success-only ratio is bounded below by the work: guidance evaluates two heads per step, so with
 equal heads it costs about (prefix + 2 K head) / (prefix + K head); a fused call saves call overhead, not FLOPs.
@@ -46,8 +46,8 @@ def observation(batch: int, cameras: tuple[str, ...], image: int) -> dict[str, n
 
 
 def time_samplers(policy: DAGPolicy, obs: dict, samplers: dict[str, SamplerConfig], rounds: int,
-                  calls: int) -> dict[str, float]:
-    """Median over rounds of the mean per-chunk latency (ms); samplers interleaved, order rotating."""
+                  calls: int) -> dict[str, list[float]]:
+    """Mean per-chunk latency (ms) of each sampler in each round; samplers interleaved, order rotating."""
     names = list(samplers)
     times: dict[str, list[float]] = {n: [] for n in names}
     g = torch.Generator().manual_seed(0)
@@ -59,7 +59,12 @@ def time_samplers(policy: DAGPolicy, obs: dict, samplers: dict[str, SamplerConfi
             for _ in range(calls):
                 policy.sample(obs, INSTRUCTION, samplers[name], g)
             times[name].append((time.perf_counter() - start) / calls * 1e3)
-    return {n: statistics.median(v) for n, v in times.items()}
+    return times
+
+
+def ratio(times: dict[str, list[float]], over: str, under: str = "success_only") -> float:
+    """Median of the per-round ratios: both were measured side by side, so machine drift cancels."""
+    return statistics.median(a / b for a, b in zip(times[over], times[under], strict=True))
 
 
 def time_prefix(policy: DAGPolicy, obs: dict, rounds: int, calls: int) -> float:
@@ -82,7 +87,7 @@ def build(cfg: PolicyConfig, cameras: tuple[str, ...] = ()) -> DAGPolicy:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--budget", type=float, default=0.25, help="seconds per (sampler, round) measurement")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
@@ -107,9 +112,8 @@ def main() -> None:
         calls = max(1, int(args.budget / (time.perf_counter() - start)))
         t = time_samplers(policy, obs, SAMPLERS, args.rounds, calls)
         prefix = time_prefix(policy, obs, args.rounds, calls)
-        print(f"| {batch} | {prefix:.2f} | " + " | ".join(f"{t[n]:.2f}" for n in SAMPLERS)
-              + f" | {t['adaptive'] / t['success_only']:.2f} | "
-              f"{t['adaptive, two calls'] / t['success_only']:.2f} |", flush=True)
+        print(f"| {batch} | {prefix:.2f} | " + " | ".join(f"{statistics.median(t[n]):.2f}" for n in SAMPLERS)
+              + f" | {ratio(t, 'adaptive'):.2f} | {ratio(t, 'adaptive, two calls'):.2f} |", flush=True)
 
     total = sum(counts.values())
     print(f"\nParameters: backbone {counts['backbone']:,}, success head {counts['success_head']:,}, failure head "
@@ -127,21 +131,23 @@ def main() -> None:
     ]
     print(f"## What makes guidance cheap (batch {batch})\n")
     print("| setting | failure head params (% of rest) | prefix ms | success_only ms | adaptive ms | "
-          "adaptive / success_only |")
-    print("|---|---|---|---|---|---|")
-    samplers = {n: SAMPLERS[n] for n in ("success_only", "adaptive")}
+          "two calls ms | adaptive / success_only | two calls / success_only |")
+    print("|---" * 8 + "|")
+    samplers = {n: SAMPLERS[n] for n in ("success_only", "adaptive", "adaptive, two calls")}
     for name, vcfg, cameras in variants:
         vpolicy = build(vcfg, cameras)
         obs = observation(batch, cameras, 128)
         start = time.perf_counter()
         vpolicy.sample(obs, INSTRUCTION, SAMPLERS["adaptive"])
         calls = max(1, int(args.budget / (time.perf_counter() - start)))
-        t = time_samplers(vpolicy, obs, samplers, max(3, args.rounds // 2), calls)
-        prefix = time_prefix(vpolicy, obs, max(3, args.rounds // 2), calls)
+        t = time_samplers(vpolicy, obs, samplers, args.rounds, calls)
+        prefix = time_prefix(vpolicy, obs, args.rounds, calls)
         c = vpolicy.num_parameters()
         share = 100 * c["failure_head"] / (c["backbone"] + c["success_head"])
-        print(f"| {name} | {c['failure_head']:,} ({share:.1f}%) | {prefix:.2f} | {t['success_only']:.2f} | "
-              f"{t['adaptive']:.2f} | {t['adaptive'] / t['success_only']:.2f} |", flush=True)
+        print(f"| {name} | {c['failure_head']:,} ({share:.1f}%) | {prefix:.2f} | "
+              f"{statistics.median(t['success_only']):.2f} | {statistics.median(t['adaptive']):.2f} | "
+              f"{statistics.median(t['adaptive, two calls']):.2f} | {ratio(t, 'adaptive'):.2f} | "
+              f"{ratio(t, 'adaptive, two calls'):.2f} |", flush=True)
 
 
 if __name__ == "__main__":

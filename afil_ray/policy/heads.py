@@ -120,6 +120,7 @@ class ActionHead(nn.Module):
         if width % num_heads:
             raise ValueError(f"head width {width} is not divisible by num_heads {num_heads}")
         self.action_dim, self.horizon, self.width, self.depth = action_dim, horizon, width, depth
+        self.prefix_dim, self.num_heads = prefix_dim, num_heads
         self.action_in = Linear(action_dim, width)
         self.time_mlp = nn.Sequential(Linear(width, width), nn.SiLU(), Linear(width, width))
         self.position = nn.Parameter(torch.randn(horizon, width) * 0.02)
@@ -150,6 +151,12 @@ class ActionHead(nn.Module):
                 prefix_mask: torch.Tensor) -> torch.Tensor:
         """One-shot call (training): project the prefix and run the head."""
         return self(x, t, self.prefix_memory(hidden), prefix_mask)
+
+
+def empty_like(head: ActionHead) -> ActionHead:
+    """A head of the same architecture with no storage (meta tensors), to receive other weights."""
+    with torch.device("meta"):
+        return ActionHead(head.action_dim, head.horizon, head.prefix_dim, head.width, head.depth, head.num_heads)
 
 
 def same_shape(a: nn.Module, b: nn.Module) -> bool:

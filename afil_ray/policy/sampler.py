@@ -8,7 +8,6 @@ same shape (see ``heads.py``), else in two calls, and the diagnostics record whi
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,7 @@ from torch import nn
 from afil_ray.config import SamplerConfig
 from afil_ray.policy.backbone import Prefix
 from afil_ray.policy.guidance import adaptive_weight, cosine, static_weight
-from afil_ray.policy.heads import ActionHead, same_shape
+from afil_ray.policy.heads import ActionHead, empty_like, same_shape
 from afil_ray.policy.objectives import Objective
 
 SAMPLER_KINDS = ("success_only", "static", "adaptive")
@@ -44,7 +43,7 @@ class HeadPair:
         success, failure = self.success.state_dict(), self.failure.state_dict()
         key = tuple((t.device, t.data_ptr(), t._version) for t in [*success.values(), *failure.values()])
         if key != self._key:
-            head = copy.deepcopy(self.success)
+            head = empty_like(self.success)
             with torch.no_grad():
                 for name, weight in success.items():
                     owner, attr = head.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]

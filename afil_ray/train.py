@@ -113,7 +113,7 @@ class Trainer:
         else:
             self.policy = self._new_policy()
         self.policy.to(self.device)
-        self.params = [p for p in self.policy.parameters_for(tc.mode) if p.requires_grad]
+        self.params = self.policy.set_trainable(tc.mode)  # frozen parts build no autograd graph
         self.optimizer = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
         if resume is not None:
             self._load_trainer_state(resume)

@@ -7,6 +7,7 @@ killed part-way loses at most the demos not yet flushed (their seeds are simply 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import multiprocessing as mp
@@ -133,7 +134,7 @@ def generate_demos(cfg: Config, store: ReplayStore | None = None, progress: bool
     need = want - len(have)
     if need <= 0:
         return report
-    seeds: Iterator[int] = (s for s in _count(cfg.demos.seed_start) if s not in done)
+    seeds: Iterator[int] = (s for s in itertools.count(cfg.demos.seed_start) if s not in done)
     t0 = time.time()
     bar = tqdm(total=need, desc=f"demos {task}", unit="demo", disable=not progress, dynamic_ncols=True)
     writer = store.writer()
@@ -161,12 +162,6 @@ def generate_demos(cfg: Config, store: ReplayStore | None = None, progress: bool
         bar.close()
         report.seconds = time.time() - t0
     return report
-
-
-def _count(start: int) -> Iterator[int]:
-    while True:
-        yield start
-        start += 1
 
 
 def _results(cfg: Config, seeds: Iterator[int], need: int) -> Iterator[DemoResult]:

@@ -87,6 +87,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from afil_ray.loop.driver import LoopDriver
+
+    extra = [f"loop.duration_s={args.duration}"] if args.duration is not None else []
+    cfg = _config(args, extra)
+    summary = LoopDriver(cfg).run()
+    print(json.dumps(summary, indent=2))
+    print(f"run directory {cfg.run_dir}: TensorBoard `tensorboard --logdir {cfg.run_dir}/tb`")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="afil-ray", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true")
@@ -114,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--episodes", type=int, help="episodes (eval.episodes)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)
+
+    u = sub.add_parser("run", help="the harvest-learn loop on Ray (local Ray unless RAY_ADDRESS/loop.address)")
+    with_config(u)
+    u.add_argument("--duration", type=float, help="seconds to run (loop.duration_s)")
+    u.set_defaults(func=cmd_run)
 
     r = sub.add_parser("replay", help="inspect a replay store")
     rsub = r.add_subparsers(dest="replay_command", required=True)

@@ -120,6 +120,37 @@ class EvalConfig:
 
 
 @dataclass
+class LoopConfig:
+    """``afil-ray run``: the harvest-learn loop on Ray (rollout actors, learner, evaluator)."""
+
+    address: str | None = None  # Ray cluster to join; None: RAY_ADDRESS when set (ray job submit), else local Ray
+    init_from: str | None = None  # the success-only checkpoint the loop starts from (required)
+    duration_s: float = 300.0  # wall-clock budget of the loop
+    max_learner_steps: int | None = None  # optional step budget (whichever comes first)
+    num_rollout_actors: int = 2
+    rollout_cpus: float = 1.0  # Ray resources per actor (fractions allowed)
+    rollout_gpus: float = 0.0
+    learner_cpus: float = 1.0
+    learner_gpus: float = 0.0
+    eval_cpus: float = 1.0
+    eval_gpus: float = 0.0
+    torch_threads: int = 1  # per actor: actors share the node's cores
+    local_num_cpus: int | None = None  # local Ray only: CPUs it may schedule (None: all cores)
+    round_s: float = 5.0  # length of one actor call; metrics reach TensorBoard once per round
+    weight_poll_s: float = 0.5  # rollout actors ask for a newer weight version at most this often
+    publish_every: int = 50  # learner steps per published weight version
+    checkpoint_every: int = 200  # learner steps per learner checkpoint
+    refresh_every: int = 50  # learner steps between re-reads of the replay store
+    min_failures: int = 4  # failure episodes in the store before the learner starts
+    eval_every_s: float = 60.0  # evaluate the newest version at most this often (0: no evaluator)
+    eval_episodes: int = 10  # fixed seeds eval.seed_start .. + N - 1, the same for every version
+    eval_samplers: list[str] = field(default_factory=lambda: ["success_only", "adaptive"])
+    rolling_window: int = 50  # episodes per task in the rolling success / failure rate
+    max_restarts: int = 3  # Ray restarts per actor before the loop gives up on it
+    keep_success_snapshots: bool = False  # simulator snapshots are for correcting failures; successes drop them
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     seed: int = 0
@@ -131,6 +162,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
 
 
 class ConfigError(ValueError):

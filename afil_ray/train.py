@@ -27,6 +27,7 @@ from afil_ray.config import Config, save_resolved
 from afil_ray.envs.tasks import get_task
 from afil_ray.policy import checkpoint as ckpt
 from afil_ray.policy.checkpoint import CheckpointError
+from afil_ray.policy.heads import same_shape
 from afil_ray.policy.model import DAGPolicy
 from afil_ray.replay.chunks import ChunkSampler
 from afil_ray.replay.sampler import WindowSampler
@@ -34,7 +35,7 @@ from afil_ray.replay.store import ReplayStore
 
 log = logging.getLogger(__name__)
 MODES = ("success_only", "failure_head", "joint")
-__all__ = ["MODES", "CheckpointError", "Trainer", "latest_checkpoint"]
+__all__ = ["MODES", "CheckpointError", "Trainer", "latest_checkpoint", "load_start_policy"]
 LATEST = "latest"
 
 
@@ -55,6 +56,23 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path
 
 
+def load_start_policy(path: str | Path, device: str | torch.device = "cpu") -> DAGPolicy:
+    """A checkpoint as the starting point of further training or of the online loop.
+
+    A success-only checkpoint's failure head is still the untrained copy made when the policy was built; with
+    ``policy.failure_head_init=success`` it is replaced by the trained success head, so the failure head starts
+    from a generator that models the task (and guidance is a no-op, v_f = v_s, until it learns failures).
+    """
+    path = Path(path)
+    policy = ckpt.load_policy(path, device=device)
+    trainer_file = path / "trainer.json"
+    mode = json.loads(trainer_file.read_text()).get("mode") if trainer_file.is_file() else None
+    if mode == "success_only" and policy.config.failure_head_init == "success" \
+            and same_shape(policy.success_head, policy.failure_head):
+        policy.init_failure_head_from_success()
+    return policy
+
+
 @dataclass
 class _Heads:
     """Which windows train which head in a mode."""
@@ -72,7 +90,8 @@ def _heads(mode: str) -> _Heads:
 class Trainer:
     """Plain training loop (no Ray): the learner actor wraps the same class."""
 
-    def __init__(self, cfg: Config, *, progress: bool = True) -> None:
+    def __init__(self, cfg: Config, *, progress: bool = True, tensorboard: bool = True) -> None:
+        """``tensorboard=False``: no event files of its own (the online loop's driver logs the metrics)."""
         self.cfg, self.progress = cfg, progress
         tc = cfg.train
         self.heads = _heads(tc.mode)
@@ -109,7 +128,7 @@ class Trainer:
         if resume is not None:
             self.policy = self._load_policy(resume)
         elif tc.init_from:
-            self.policy = self._load_policy(Path(tc.init_from))
+            self.policy = load_start_policy(tc.init_from, self.device)
         else:
             self.policy = self._new_policy()
         self.policy.to(self.device)
@@ -118,7 +137,13 @@ class Trainer:
         if resume is not None:
             self._load_trainer_state(resume)
         save_resolved(cfg, self.run_dir)
-        self.writer = SummaryWriter(str(self.run_dir / "tb"), flush_secs=30)  # live dashboards
+        self.writer = SummaryWriter(str(self.run_dir / "tb"), flush_secs=30) if tensorboard else None
+
+    def refresh_data(self) -> dict[str, int]:
+        """Pick up shards written since the samplers were built (rollout actors keep adding episodes)."""
+        for s in self.samplers.values():
+            s.refresh()
+        return {name: s.num_steps for name, s in self.samplers.items()}
 
     # ---------------------------------------------------------------- set-up
 
@@ -198,8 +223,9 @@ class Trainer:
                 if self.step % tc.log_every == 0 or self.step == target:
                     elapsed = time.perf_counter() - t0
                     metrics["time/samples_per_s"] = samples / elapsed
-                    for k, v in metrics.items():
-                        self.writer.add_scalar(k, v, self.step)
+                    if self.writer is not None:
+                        for k, v in metrics.items():
+                            self.writer.add_scalar(k, v, self.step)
                     bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in metrics.items()
                                      if k.startswith("losses/")})
                     t0, samples = time.perf_counter(), 0
@@ -207,7 +233,8 @@ class Trainer:
                     self.save()
         finally:
             bar.close()
-            self.writer.flush()
+            if self.writer is not None:
+                self.writer.flush()
         return self.save()
 
     # ---------------------------------------------------------------- checkpoints

@@ -68,6 +68,10 @@ def test_failure_head_mode_trains_only_the_failure_head(store, tmp_path):
     base = Trainer(_cfg(store, tmp_path / "base", steps=2), progress=False).run()
     cfg = _cfg(store, tmp_path / "fail", steps=3, mode="failure_head", init_from=str(base))
     trainer = Trainer(cfg, progress=False)
+    trained = load_policy(base)
+    # the failure head starts from the *trained* success head, not the untrained copy stored with it
+    assert torch.equal(trainer.policy.failure_head.action_out.weight, trained.success_head.action_out.weight)
+    assert not torch.equal(trained.failure_head.action_out.weight, trained.success_head.action_out.weight)
     before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
     trainer.run()
     after = trainer.policy.state_dict()

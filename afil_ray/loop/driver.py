@@ -1,0 +1,247 @@
+"""``afil-ray run``: places the board, the learner, N rollout actors and the evaluator on Ray and keeps them busy.
+
+Every actor call is one bounded round (``loop.round_s``); the driver waits for whichever round ends first,
+logs its report and starts that actor's next round. So the driver is the only place that writes TensorBoard,
+stopping never interrupts a step (Ctrl-C or SIGTERM ends the rounds in flight, flushes the rollout writers,
+checkpoints the learner and prints a summary), and a crashed actor costs one round: Ray restarts it
+(``loop.max_restarts``), its constructor re-syncs the newest weights, and the driver starts its next round.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+
+from afil_ray.config import Config, save_resolved
+from afil_ray.loop.metrics import LoopMetrics
+
+log = logging.getLogger(__name__)
+
+
+def _absolute(cfg: Config) -> Config:
+    """Local Ray: actors may not share the driver's working directory, so local paths become absolute."""
+    cfg = copy.deepcopy(cfg)
+    for section, key in (("", "run_dir"), ("replay", "root"), ("data", "store"), ("loop", "init_from")):
+        owner = getattr(cfg, section) if section else cfg
+        value = getattr(owner, key)
+        if value and "://" not in value:
+            setattr(owner, key, str(Path(value).resolve()))
+    return cfg
+
+
+def check_loop_config(cfg: Config) -> None:
+    if not cfg.loop.init_from:
+        raise ValueError("loop.init_from must name the success-only checkpoint the loop starts from "
+                         "(train one with `afil-ray train`)")
+    if not (Path(cfg.loop.init_from) / "spec.json").is_file() and "://" not in cfg.loop.init_from:
+        raise FileNotFoundError(f"loop.init_from: no checkpoint at {cfg.loop.init_from}")
+    if cfg.data.store != cfg.replay.root:
+        raise ValueError(f"data.store ({cfg.data.store}) and replay.root ({cfg.replay.root}) differ: the learner "
+                         "must read the store the rollout actors write")
+    if cfg.loop.num_rollout_actors < 1:
+        raise ValueError(f"loop.num_rollout_actors must be >= 1, got {cfg.loop.num_rollout_actors}")
+
+
+class LoopDriver:
+    def __init__(self, cfg: Config) -> None:
+        check_loop_config(cfg)
+        self.cfg = cfg
+        self.stopping = False
+        self.started_ray = False
+        self.inflight: dict[Any, tuple[str, int]] = {}
+        self.failures: dict[tuple[str, int], int] = {}
+        self.retry_at: dict[tuple[str, int], float] = {}  # failed actors' next round, once Ray restarted them
+        self.metrics: LoopMetrics | None = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def _init_ray(self) -> None:
+        address = self.cfg.loop.address or os.environ.get("RAY_ADDRESS")
+        if ray.is_initialized():
+            return
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            self.cfg = _absolute(self.cfg)
+            ray.init(num_cpus=self.cfg.loop.local_num_cpus, include_dashboard=False, log_to_driver=True)
+            self.started_ray = True
+
+    def _options(self, cpus: float, gpus: float, restarts: int) -> dict[str, Any]:
+        return {"num_cpus": cpus, "num_gpus": gpus, "max_restarts": restarts, "max_task_retries": 0}
+
+    def start(self) -> None:
+        from actors.evaluator import EvalActor
+        from actors.rollout import RolloutActor
+        from actors.weight_board import WeightBoardActor
+        from learners.learner import LearnerActor
+
+        self._init_ray()
+        cfg, lc = self.cfg, self.cfg.loop
+        run_dir = Path(cfg.run_dir)
+        save_resolved(cfg, run_dir)
+        (run_dir / "replay_store.txt").write_text(f"{cfg.replay.root}\n")
+        self.metrics = LoopMetrics(run_dir / "tb", rolling_window=lc.rolling_window)
+        self.board = WeightBoardActor.remote()
+        self.learner = LearnerActor.options(**self._options(lc.learner_cpus, lc.learner_gpus, lc.max_restarts)
+                                            ).remote(cfg, self.board)
+        self.rollouts = [RolloutActor.options(**self._options(lc.rollout_cpus, lc.rollout_gpus, lc.max_restarts)
+                                              ).remote(cfg, i, self.board) for i in range(lc.num_rollout_actors)]
+        self.evaluator = (EvalActor.options(**self._options(lc.eval_cpus, lc.eval_gpus, lc.max_restarts)
+                                            ).remote(cfg, self.board) if lc.eval_every_s > 0 else None)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout_s: float = 600.0) -> None:
+        """Block until every actor is constructed (simulators built, policy loaded): the budget starts after.
+        A constructor that raises (bad checkpoint, missing assets) ends the run here with its message."""
+        actors = {"learner 0": self.learner, **{f"rollout {i}": a for i, a in enumerate(self.rollouts)}}
+        if self.evaluator is not None:
+            actors["eval 0"] = self.evaluator
+        refs = {a.pid.remote(): name for name, a in actors.items()}
+        t0 = time.monotonic()
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=10.0)
+            for ref in ready:
+                name = refs.pop(ref)
+                try:
+                    log.info("%s ready (pid %d)", name, ray.get(ref))
+                except RayActorError as e:
+                    raise RuntimeError(f"{name} actor could not start: {e}") from None
+            if refs and time.monotonic() - t0 > timeout_s:
+                raise TimeoutError(f"actors not ready after {timeout_s:.0f} s (cluster resources?): "
+                                   f"{sorted(refs.values())}")
+            if refs:
+                log.info("waiting for %s", ", ".join(sorted(refs.values())))
+
+    # ------------------------------------------------------------------ rounds
+
+    def _submit(self, kind: str, index: int = 0) -> None:
+        lc = self.cfg.loop
+        if kind == "rollout":
+            ref = self.rollouts[index].run.remote(lc.round_s)
+        elif kind == "learner":
+            ref = self.learner.train.remote(lc.round_s)
+        else:
+            ref = self.evaluator.evaluate_latest.remote()
+        self.inflight[ref] = (kind, index)
+
+    def _actor(self, kind: str, index: int) -> Any:
+        return {"rollout": lambda: self.rollouts[index], "learner": lambda: self.learner,
+                "eval": lambda: self.evaluator}[kind]()
+
+    def _handle(self, ref: Any, kind: str, index: int) -> bool:
+        """Log one finished round; False when the actor failed (the caller resubmits after a pause)."""
+        try:
+            result = ray.get(ref)
+        except ActorUnavailableError:  # restarting: not a new failure; try again shortly
+            return False
+        except (RayActorError, RayTaskError) as e:
+            key = (kind, index)
+            self.failures[key] = self.failures.get(key, 0) + 1
+            self.metrics.actor_restarts += 1
+            if isinstance(e, RayTaskError) and not isinstance(e, RayActorError):
+                # the actor is alive but its call raised: log the remote traceback, restart it to rebuild state
+                log.error("%s %d raised (restart %d of %d):\n%s", kind, index, self.failures[key],
+                          self.cfg.loop.max_restarts, e)
+                if self.failures[key] <= self.cfg.loop.max_restarts:
+                    ray.kill(self._actor(kind, index), no_restart=False)
+            else:
+                log.error("%s %d died (restart %d of %d): %s", kind, index, self.failures[key],
+                          self.cfg.loop.max_restarts, str(e).strip().splitlines()[0])
+            if self.failures[key] > self.cfg.loop.max_restarts:
+                raise RuntimeError(f"{kind} actor {index} failed more than loop.max_restarts="
+                                   f"{self.cfg.loop.max_restarts} times; last error: {e}") from None
+            return False
+        if kind == "rollout":
+            self.metrics.rollout(result)
+        elif kind == "learner":
+            self.metrics.learner(result)
+        elif result is not None:
+            self.metrics.evaluation(result)
+            log.info("eval of version %d: %s", result.version, result.success_rate)
+        return True
+
+    def _install_signals(self) -> None:
+        def stop(signum: int, _frame: Any) -> None:
+            if self.stopping:  # a second signal: stop waiting for rounds
+                raise KeyboardInterrupt
+            log.warning("%s: finishing the rounds in flight, then stopping", signal.Signals(signum).name)
+            self.stopping = True
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+
+    def run(self) -> dict[str, Any]:
+        """Run until ``loop.duration_s`` (or ``loop.max_learner_steps``) or a stop signal; returns the summary."""
+        lc = self.cfg.loop
+        if self.metrics is None:
+            self.start()
+        self._install_signals()
+        deadline = time.monotonic() + lc.duration_s
+        for i in range(len(self.rollouts)):
+            self._submit("rollout", i)
+        self._submit("learner")
+        next_eval = time.monotonic()
+        try:
+            while not self.stopping and time.monotonic() < deadline:
+                if lc.max_learner_steps is not None and self.metrics.learner_step >= lc.max_learner_steps:
+                    break
+                if self.evaluator is not None and time.monotonic() >= next_eval \
+                        and "eval" not in {k for k, _ in self.inflight.values()}:
+                    self._submit("eval")
+                now = time.monotonic()
+                for key in [k for k, at in self.retry_at.items() if at <= now]:
+                    del self.retry_at[key]
+                    self._submit(*key)
+                ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=1.0) if self.inflight else ([], [])
+                for ref in ready:
+                    kind, index = self.inflight.pop(ref)
+                    ok = self._handle(ref, kind, index)
+                    if kind == "eval":
+                        next_eval = time.monotonic() + (lc.eval_every_s if ok else 1.0)
+                    elif not ok:
+                        self.retry_at[(kind, index)] = time.monotonic() + 1.0  # let Ray restart it first
+                    elif not self.stopping:
+                        self._submit(kind, index)
+        finally:
+            summary = self.shutdown()
+        return summary
+
+    # ------------------------------------------------------------------ stop
+
+    def shutdown(self) -> dict[str, Any]:
+        """Let the rounds in flight end, flush the rollout writers, checkpoint the learner, print a summary."""
+        lc = self.cfg.loop
+        pending = list(self.inflight)
+        if pending:
+            done, _ = ray.wait(pending, num_returns=len(pending), timeout=2 * lc.round_s + 60)
+            for ref in done:
+                kind, index = self.inflight.pop(ref)
+                try:
+                    self._handle(ref, kind, index)
+                except RuntimeError as e:
+                    log.error("%s", e)
+        closing = [a.close.remote() for a in self.rollouts]
+        final = self.learner.stop.remote()
+        summary = self.metrics.summary()
+        for ref, what in [*((r, "rollout writer flush") for r in closing), (final, "learner checkpoint")]:
+            try:
+                result = ray.get(ref, timeout=120)
+                if what == "learner checkpoint":
+                    summary["final_checkpoint"] = result
+            except Exception as e:  # report and go on: the other actors still need to stop cleanly
+                log.error("%s failed: %s", what, e)
+        summary["stopped_by_signal"] = self.stopping
+        self.metrics.close()
+        (Path(self.cfg.run_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.started_ray:
+            ray.shutdown()
+        return summary

@@ -1,0 +1,79 @@
+"""The loop's evaluator: the newest weights on a fixed, seeded set of initial states, per sampler side by side.
+
+Every version is evaluated on the same seeds (``eval.seed_start`` ..) and the same sampling noise, so two
+versions' numbers differ by the weights alone. ``success_only`` does not read the failure head, so while only
+the failure head is trained its result is computed once and reused.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from afil_ray.config import Config
+from afil_ray.evaluate import evaluate
+from afil_ray.loop.board import WeightSource
+from afil_ray.loop.weights import apply
+from afil_ray.policy.sampler import SAMPLER_KINDS
+from afil_ray.train import load_start_policy, resolve_device
+
+READS_FAILURE_HEAD = {"success_only": False, "static": True, "adaptive": True}
+
+
+@dataclass
+class EvalReport:
+    version: int
+    episodes: int
+    success_rate: dict[str, float] = field(default_factory=dict)  # per sampler
+    seconds: float = 0.0
+    reused: list[str] = field(default_factory=list)  # samplers whose result carried over from an older version
+
+
+class LoopEvaluator:
+    """Plain class; ``actors.evaluator.EvalActor`` is its Ray shell."""
+
+    def __init__(self, cfg: Config, weights: WeightSource) -> None:
+        unknown = [s for s in cfg.loop.eval_samplers if s not in SAMPLER_KINDS]
+        if unknown:
+            raise ValueError(f"loop.eval_samplers: unknown sampler {unknown[0]!r}; samplers are {SAMPLER_KINDS}")
+        if cfg.loop.torch_threads:
+            torch.set_num_threads(cfg.loop.torch_threads)
+        self.cfg, self.weights = cfg, weights
+        self.policy = load_start_policy(cfg.loop.init_from, resolve_device(cfg.train.device))
+        self.policy.eval()
+        self.version = 0
+        self.evaluated = -1
+        self._cache: dict[str, float] = {}  # results that only the success side determines
+        self._success_side_changed = True
+
+    def evaluate_latest(self) -> EvalReport | None:
+        """Evaluate the newest version, or return None when it was evaluated already."""
+        packet = self.weights.poll(self.version, block=True)
+        if packet is not None:
+            apply(self.policy, packet)
+            self.version = packet.version
+            if set(packet.components) & {"backbone", "success_head"}:
+                self._success_side_changed = True
+        if self.version == self.evaluated:
+            return None
+        t0 = time.perf_counter()
+        report = EvalReport(version=self.version, episodes=self.cfg.loop.eval_episodes)
+        for kind in self.cfg.loop.eval_samplers:
+            if not READS_FAILURE_HEAD[kind] and kind in self._cache and not self._success_side_changed:
+                report.success_rate[kind] = self._cache[kind]
+                report.reused.append(kind)
+                continue
+            cfg = copy.deepcopy(self.cfg)
+            cfg.sampler.kind = kind
+            cfg.eval.episodes = self.cfg.loop.eval_episodes
+            result = evaluate(cfg, self.policy, progress=False)
+            report.success_rate[kind] = result.success_rate
+            if not READS_FAILURE_HEAD[kind]:
+                self._cache[kind] = result.success_rate
+        self._success_side_changed = False
+        self.evaluated = self.version
+        report.seconds = time.perf_counter() - t0
+        return report

@@ -1,0 +1,167 @@
+"""The rollout worker: runs the current policy in a vectorized simulator and harvests every finished episode.
+
+Every finished episode (success or failure) goes to the replay store, committed before the worker steps on,
+so a killed worker loses at most the episodes still running. Failures keep their simulator snapshots (failure
+correction restores them); successes drop theirs unless asked. Between steps the worker asks its weight source
+for a newer version (at most every ``loop.weight_poll_s``) and applies it: envs whose action queues still hold
+actions of the old chunk finish them, every later chunk comes from the new weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from afil_ray.config import Config
+from afil_ray.envs.base import SimulatorError, VecEnv
+from afil_ray.envs.maniskill import ManiSkillVecEnv
+from afil_ray.loop.board import WeightSource
+from afil_ray.loop.weights import WeightPacket, apply
+from afil_ray.replay.episode import Episode
+from afil_ray.replay.store import ReplayStore
+from afil_ray.rollout import ChunkedRollout, RolloutStats
+from afil_ray.train import load_start_policy, resolve_device
+
+log = logging.getLogger(__name__)
+ROLLOUT_SEED_BASE = 1_000_000  # demo seeds start at 0 and evaluation seeds at 100000
+MAX_CONSECUTIVE_CRASHES = 3
+
+
+@dataclass
+class EpisodeSummary:
+    task: str
+    success: bool
+    length: int
+    seed: int
+    policy_version: int
+
+
+@dataclass
+class RolloutReport:
+    """What one ``run`` call did; the driver turns it into TensorBoard scalars."""
+
+    worker: int
+    seconds: float
+    env_steps: int
+    version: int  # weight version in use at the end of the call
+    latest_version: int  # newest version the worker knew of (staleness = latest - version)
+    episodes: list[EpisodeSummary] = field(default_factory=list)
+    applied: list[tuple[int, float]] = field(default_factory=list)  # (version, publish-to-applied seconds)
+    w_mean: float | None = None
+    cos_mean: float | None = None
+    shards_written: int = 0
+    simulator_errors: list[str] = field(default_factory=list)
+
+
+class RolloutWorker:
+    """Plain class; ``actors.rollout.RolloutActor`` is its Ray shell."""
+
+    def __init__(self, cfg: Config, index: int, weights: WeightSource, *, seed_start: int | None = None,
+                 make_env: Any = ManiSkillVecEnv) -> None:
+        if not cfg.loop.init_from:
+            raise ValueError("loop.init_from must name the success-only checkpoint the loop starts from")
+        if cfg.loop.torch_threads:
+            torch.set_num_threads(cfg.loop.torch_threads)
+        self.cfg, self.index, self.weights, self.make_env = cfg, index, weights, make_env
+        self.policy = load_start_policy(cfg.loop.init_from, resolve_device(cfg.train.device))
+        self.policy.eval()
+        self.version = 0
+        self.store = ReplayStore.from_config(cfg.replay)
+        self.writer = self.store.writer(f"rollout{index}-{np.random.SeedSequence().entropy % 2**32:08x}",
+                                        max_pending=0)
+        if seed_start is None:  # a restarted worker must not repeat its predecessor's seeds
+            seed_start = ROLLOUT_SEED_BASE + int(np.random.default_rng().integers(0, 2**30))
+        self.seeds = itertools.count(seed_start)
+        self.generator = torch.Generator().manual_seed(seed_start)
+        self.env: VecEnv | None = None
+        self.rollout: ChunkedRollout | None = None
+        self._last_poll = -np.inf
+        self._applied: list[tuple[int, float]] = []
+        self._crashes = 0
+        self._start_env()
+        self._poll(force=True)  # a restarted worker picks up the newest version before its first step
+
+    def _start_env(self) -> None:
+        self.env = self.make_env(self.cfg.env)
+        self.rollout = ChunkedRollout(self.env, self.policy, self.cfg.sampler, self.seeds, source="rollout",
+                                      policy_version=self.version, generator=self.generator)
+
+    def _poll(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_poll < self.cfg.loop.weight_poll_s:
+            return
+        self._last_poll = now
+        packet = self.weights.poll(self.version, block=force)
+        if packet is not None:
+            self.apply(packet)
+
+    def apply(self, packet: WeightPacket) -> None:
+        apply(self.policy, packet)
+        self.version = packet.version
+        self.rollout.set_policy(self.policy, packet.version)
+        self._applied.append((packet.version, time.time() - packet.published_at))
+
+    def _keep(self, episode: Episode) -> Episode:
+        if episode.success and not self.cfg.loop.keep_success_snapshots:
+            return dataclasses.replace(episode, snapshot_steps=[], snapshots=[])
+        return episode
+
+    def _recover(self, error: SimulatorError) -> None:
+        """Rebuild the simulator after a crash; the episodes it was running are lost, stored ones are not."""
+        self._crashes += 1
+        log.error("rollout worker %d: simulator crashed (%d in a row): %s", self.index, self._crashes, error)
+        if self._crashes > MAX_CONSECUTIVE_CRASHES:
+            raise SimulatorError(f"rollout worker {self.index}: {self._crashes} simulator crashes in a row, "
+                                 f"last: {error}") from error
+        try:
+            self.env.close()
+        except Exception:  # a crashed simulator may not close cleanly; it is being replaced anyway
+            log.exception("rollout worker %d: closing the crashed simulator failed", self.index)
+        self._start_env()
+
+    def run(self, seconds: float) -> RolloutReport:
+        """Step for ``seconds`` of wall time; every episode that finishes is durable before this returns."""
+        t0 = time.perf_counter()
+        report = RolloutReport(worker=self.index, seconds=0.0, env_steps=0, version=self.version,
+                               latest_version=self.version)
+        w: list[float] = []
+        cos: list[float] = []
+        self.rollout.stats = RolloutStats()
+        while time.perf_counter() - t0 < seconds:
+            self._poll()
+            try:
+                finished = self.rollout.step()
+            except SimulatorError as e:
+                report.simulator_errors.append(str(e))
+                w, cos = w + self.rollout.stats.w, cos + self.rollout.stats.cos
+                self._recover(e)
+                continue
+            self._crashes = 0
+            report.env_steps += self.env.num_envs
+            if finished:
+                for ep in finished:
+                    self.writer.add(self._keep(ep))
+                report.shards_written += len(self.writer.flush())
+                report.episodes += [EpisodeSummary(ep.task, bool(ep.success), ep.length, ep.seed, ep.policy_version)
+                                    for ep in finished]
+        w, cos = w + self.rollout.stats.w, cos + self.rollout.stats.cos
+        report.seconds = time.perf_counter() - t0
+        report.version, report.latest_version = self.version, max(self.version, self.weights.latest_version())
+        report.applied, self._applied = self._applied, []
+        report.w_mean = float(np.mean(w)) if w else None
+        report.cos_mean = float(np.mean(cos)) if cos else None
+        return report
+
+    def close(self) -> None:
+        """Commit what is buffered (nothing normally: every finished episode is flushed) and free the env."""
+        self.writer.close()
+        if self.env is not None:
+            self.env.close()
+            self.env = None

@@ -1,0 +1,139 @@
+"""Turns actor reports into TensorBoard scalars, in one place (the driver), so no node needs a shared disk
+for its event files and every dashboard reads one run directory.
+
+Tags: ``rollout/`` success and failure rates per task (rolling window and cumulative), episodes/s, env
+steps/s; ``replay/`` episodes by outcome; ``learner/`` loss per head, grad norm, steps/s; ``sync/`` weight
+version, staleness per actor, publish time, bytes per version, publish-to-applied latency; ``sampler/`` mean w
+and cos; ``eval/`` success rate per sampler. Rollout-side scalars are indexed by total env steps, learner
+scalars by learner step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from torch.utils.tensorboard import SummaryWriter
+
+from afil_ray.loop.evaluator import EvalReport
+from afil_ray.loop.harvest import RolloutReport
+from afil_ray.loop.learner import LearnerReport
+
+
+@dataclass
+class TaskRates:
+    window: deque[bool]
+    successes: int = 0
+    episodes: int = 0
+
+    def add(self, success: bool) -> None:
+        self.window.append(success)
+        self.successes += success
+        self.episodes += 1
+
+
+@dataclass
+class LoopMetrics:
+    """Running totals of the loop plus the TensorBoard writer; ``summary()`` is what the driver prints."""
+
+    tb_dir: Path
+    rolling_window: int = 50
+    env_steps: int = 0
+    episodes_by_outcome: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    rates: dict[str, TaskRates] = field(default_factory=dict)
+    staleness: list[int] = field(default_factory=list)  # versions behind, one entry per rollout report
+    latency: list[float] = field(default_factory=list)  # publish-to-applied seconds, every application
+    push_bytes: list[int] = field(default_factory=list)
+    push_seconds: list[float] = field(default_factory=list)
+    versions_applied: dict[int, set[int]] = field(default_factory=lambda: defaultdict(set))  # worker -> versions
+    learner_step: int = 0
+    newest_version: int = 0
+    last_eval: EvalReport | None = None
+    simulator_errors: int = 0
+    actor_restarts: int = 0
+
+    def __post_init__(self) -> None:
+        self.tb_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(str(self.tb_dir), flush_secs=10)
+        self.started = time.time()
+
+    def _scalar(self, tag: str, value: float, step: int | None = None) -> None:
+        self.writer.add_scalar(tag, value, self.env_steps if step is None else step)
+
+    def rollout(self, r: RolloutReport) -> None:
+        self.env_steps += r.env_steps
+        self.simulator_errors += len(r.simulator_errors)
+        for ep in r.episodes:
+            self.rates.setdefault(ep.task, TaskRates(deque(maxlen=self.rolling_window))).add(ep.success)
+            self.episodes_by_outcome["success" if ep.success else "failure"] += 1
+        for task, rate in self.rates.items():
+            rolling = float(np.mean(rate.window)) if rate.window else 0.0
+            self._scalar(f"rollout/success_rate_rolling/{task}", rolling)
+            self._scalar(f"rollout/failure_rate_rolling/{task}", 1.0 - rolling)
+            self._scalar(f"rollout/success_rate_cumulative/{task}", rate.successes / rate.episodes)
+            self._scalar(f"rollout/failure_rate_cumulative/{task}", 1.0 - rate.successes / rate.episodes)
+        if r.seconds > 0:
+            self._scalar(f"rollout/env_steps_per_s/worker{r.worker}", r.env_steps / r.seconds)
+            self._scalar(f"rollout/episodes_per_s/worker{r.worker}", len(r.episodes) / r.seconds)
+        for outcome, n in self.episodes_by_outcome.items():
+            self._scalar(f"replay/episodes/{outcome}", n)
+        stale = r.latest_version - r.version
+        self.staleness.append(stale)
+        self._scalar(f"sync/staleness/worker{r.worker}", stale)
+        self._scalar(f"sync/applied_version/worker{r.worker}", r.version)
+        for version, seconds in r.applied:
+            self.latency.append(seconds)
+            self.versions_applied[r.worker].add(version)
+            self._scalar("sync/publish_to_applied_s", seconds)
+        if r.w_mean is not None:
+            self._scalar("sampler/w_mean", r.w_mean)
+        if r.cos_mean is not None:
+            self._scalar("sampler/cos_mean", r.cos_mean)
+
+    def learner(self, r: LearnerReport) -> None:
+        self.learner_step = r.step
+        if r.waiting_for:
+            self._scalar("learner/waiting_for_failures", r.waiting_for, r.step)
+            return
+        for key, value in r.metrics.items():
+            tag = key.replace("losses/", "learner/loss_").replace("train/", "learner/").replace("time/", "learner/")
+            self._scalar(tag, value, r.step)
+        self._scalar("learner/failure_episodes", r.failure_episodes, r.step)
+        for version, seconds, nbytes in r.published:
+            self.newest_version = max(self.newest_version, version)
+            self.push_seconds.append(seconds)
+            self.push_bytes.append(nbytes)
+            self._scalar("sync/version", version, r.step)
+            self._scalar("sync/push_seconds", seconds, r.step)
+            self._scalar("sync/bytes_per_push", nbytes, r.step)
+
+    def evaluation(self, r: EvalReport) -> None:
+        self.last_eval = r
+        for sampler, rate in r.success_rate.items():
+            self._scalar(f"eval/success_rate/{sampler}", rate, r.version)
+
+    def summary(self) -> dict:
+        return {
+            "wall_s": round(time.time() - self.started, 1),
+            "env_steps": self.env_steps,
+            "episodes": dict(self.episodes_by_outcome),
+            "success_rate_cumulative": {t: round(r.successes / r.episodes, 3) for t, r in self.rates.items()},
+            "learner_step": self.learner_step,
+            "versions_published": self.newest_version,
+            "versions_applied_per_worker": {w: len(v) for w, v in sorted(self.versions_applied.items())},
+            "publish_to_applied_s_median": float(np.median(self.latency)) if self.latency else None,
+            "bytes_per_version": int(np.median(self.push_bytes)) if self.push_bytes else None,
+            "staleness_histogram": {int(k): int(v) for k, v in zip(*np.unique(self.staleness, return_counts=True),
+                                                                    strict=True)} if self.staleness else {},
+            "eval": None if self.last_eval is None else {"version": self.last_eval.version,
+                                                         **self.last_eval.success_rate},
+            "simulator_errors": self.simulator_errors,
+            "actor_restarts": self.actor_restarts,
+        }
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()

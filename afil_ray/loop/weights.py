@@ -1,0 +1,50 @@
+"""Weight versions as the loop ships them: only the components that changed, as numpy arrays.
+
+Numpy arrays go through Ray's object store zero-copy (readers on the same node map the same memory), and a
+packet is ``ray.put`` once per version however many actors read it. Applying a packet checks every key and
+shape (``checkpoint.load_component_state``), so an actor never runs half-loaded weights.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from afil_ray.policy.checkpoint import load_component_state
+from afil_ray.policy.model import COMPONENTS, DAGPolicy
+
+
+@dataclass
+class WeightPacket:
+    """One published weight version: ``components`` maps a component name to its state dict (numpy)."""
+
+    version: int
+    components: dict[str, dict[str, np.ndarray]]
+    learner_step: int = 0
+    published_at: float = field(default_factory=time.time)  # wall clock, for publish-to-applied latency
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for state in self.components.values() for a in state.values())
+
+
+def pack(policy: DAGPolicy, components: Sequence[str], version: int, learner_step: int = 0) -> WeightPacket:
+    """Copy ``components`` of ``policy`` to CPU numpy (detached from the learner's live tensors)."""
+    unknown = [c for c in components if c not in COMPONENTS]
+    if unknown:
+        raise ValueError(f"unknown component {unknown[0]!r}; components are {COMPONENTS}")
+    state = {name: {k: v.detach().to("cpu", copy=True).numpy() for k, v in policy.component(name).state_dict().items()}
+             for name in components}
+    return WeightPacket(version=version, components=state, learner_step=learner_step)
+
+
+def apply(policy: DAGPolicy, packet: WeightPacket) -> None:
+    """Load every component of ``packet`` into ``policy`` (checked keys and shapes)."""
+    device = policy.device
+    for name, state in packet.components.items():
+        tensors = {k: torch.from_numpy(np.array(v, copy=True)).to(device) for k, v in state.items()}
+        load_component_state(policy, name, tensors, source=f"weight version {packet.version}")

@@ -1,0 +1,31 @@
+"""Ray shell of :class:`afil_ray.loop.learner.OnlineLearner`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ray
+
+from afil_ray.config import Config
+from afil_ray.loop.learner import LearnerReport, OnlineLearner
+from afil_ray.loop.ray_weights import ray_publisher
+
+
+@ray.remote
+class LearnerActor:
+    def __init__(self, cfg: Config, board: Any) -> None:
+        if cfg.loop.torch_threads:
+            import torch
+
+            torch.set_num_threads(cfg.loop.torch_threads)
+        self.learner = OnlineLearner(cfg, ray_publisher(board), lambda: ray.get(board.latest_version.remote()))
+
+    def train(self, seconds: float) -> LearnerReport:
+        return self.learner.train(seconds)
+
+    def stop(self) -> str | None:
+        return self.learner.stop()
+
+    def pid(self) -> int:
+        return os.getpid()

@@ -1,0 +1,94 @@
+"""The harvest-learn loop's plain classes in one process: harvest, learn, publish, apply, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from afil_ray.loop.board import LocalWeightSource, StaleVersionError, WeightBoard
+from afil_ray.loop.evaluator import LoopEvaluator
+from afil_ray.loop.harvest import RolloutWorker
+from afil_ray.loop.learner import OnlineLearner
+from afil_ray.replay.store import ReplayStore
+
+from loop_fixtures import loop_config, make_start_checkpoint
+
+
+def board_publisher(board: WeightBoard):
+    return lambda p: board.publish(p.version, p, p.learner_step, p.nbytes, tuple(p.components))
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    cfg = loop_config(tmp_path_factory.mktemp("loop"))
+    make_start_checkpoint(cfg)
+    return cfg
+
+
+def test_harvest_learn_publish_apply(cfg):
+    board = WeightBoard()
+    worker = RolloutWorker(cfg, 0, LocalWeightSource(board), seed_start=5_000_000)
+    # the start checkpoint is success-only: its failure head starts as the success head, so guidance is a no-op
+    assert all(torch.equal(a, b) for a, b in zip(worker.policy.success_head.parameters(),
+                                                  worker.policy.failure_head.parameters(), strict=True))
+    report = worker.run(4.0)
+    assert report.episodes and report.env_steps >= 12 * len(report.episodes)
+    assert report.w_mean == pytest.approx(0.0, abs=1e-6) and report.cos_mean == pytest.approx(1.0, abs=1e-5)
+    store = ReplayStore(cfg.replay.root)
+    stored = sorted(store.read_episodes(), key=lambda e: e.seed)
+    assert [e.seed for e in stored] == sorted(e.seed for e in report.episodes)  # every finished episode is durable
+    for ep in stored:
+        assert ep.source == "rollout" and ep.policy_version == 0 and ep.chunks is not None
+        assert bool(ep.snapshots) == (ep.outcome == "failure")  # failures keep snapshots for correction
+
+    learner = OnlineLearner(cfg, board_publisher(board), board.latest_version)
+    lr = learner.train(6.0)
+    assert lr.waiting_for == 0 and lr.steps >= 3 and lr.published
+    versions = [v for v, _, _ in lr.published]
+    assert versions == list(range(1, len(versions) + 1))
+    version, packet = board.latest()
+    assert set(packet.components) == {"failure_head"}  # only what the learner changes is shipped
+    assert packet.nbytes == sum(p.numel() * 4 for p in learner.trainer.policy.failure_head.parameters())
+
+    after = worker.run(1.0)
+    assert after.version == version and [v for v, _ in after.applied] == [version]
+    for name, value in worker.policy.failure_head.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), packet.components["failure_head"][name])
+    # an episode carries the version it started with: the two in flight at the switch keep 0, later ones are new
+    by_seed = [e.policy_version for e in sorted(after.episodes, key=lambda e: e.seed)]
+    assert by_seed == sorted(by_seed) and by_seed[-1] == version and by_seed.count(0) <= cfg.env.num_envs
+
+    # a restarted learner resumes from its checkpoint and numbers its versions after the board's
+    step = int(learner.stop().rsplit("_", 1)[1])
+    assert board.version == version + (1 if step % cfg.loop.publish_every else 0)
+    again = OnlineLearner(cfg, board_publisher(board), board.latest_version)
+    resumed = again.train(2.0)
+    assert resumed.step > step and all(v > board.history[0].version for v, _, _ in resumed.published)
+    with pytest.raises(StaleVersionError):
+        board.publish(1, None, 0, 0, ("failure_head",))
+    worker.close()
+    assert store.verify() == []
+
+
+def test_learner_waits_for_failures(tmp_path):
+    cfg = loop_config(tmp_path, min_failures=1)
+    make_start_checkpoint(cfg)
+    learner = OnlineLearner(cfg, lambda p: None, lambda: 0)
+    report = learner.train(0.1)
+    assert report.waiting_for == 1 and report.steps == 0 and learner.trainer is None
+
+
+def test_evaluator_reuses_success_only_while_only_the_failure_head_changes(cfg):
+    board = WeightBoard()
+    evaluator = LoopEvaluator(cfg, LocalWeightSource(board))
+    first = evaluator.evaluate_latest()
+    # version 0: the failure head equals the success head, so adaptive sampling reproduces success-only exactly
+    assert first.version == 0 and first.success_rate["adaptive"] == first.success_rate["success_only"]
+    assert evaluator.evaluate_latest() is None  # nothing new
+    learner = OnlineLearner(cfg, board_publisher(board), board.latest_version)
+    learner.trainer = None
+    learner.train(0.1)
+    learner.train(2.0)
+    second = evaluator.evaluate_latest()
+    assert second.version == board.version >= 1 and second.reused == ["success_only"]

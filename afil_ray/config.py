@@ -99,6 +99,7 @@ class TrainConfig:
     log_every: int = 100
     checkpoint_every: int = 2000
     balance: bool = False  # sample partitions (task, outcome) equally
+    ema_decay: float = 0.999  # moving average of the weights for checkpoints and acting (0: off)
     failure_targets: str = "sampled"  # failure head learns from: sampled (whole chunks) | executed (actions)
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int = 0  # torch CPU threads (0: torch's default)

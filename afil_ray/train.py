@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 MODES = ("success_only", "failure_head", "joint")
 __all__ = ["MODES", "CheckpointError", "Trainer", "latest_checkpoint", "load_start_policy"]
 LATEST = "latest"
+RAW_WEIGHTS = "training_weights.pt"  # the optimizer's (non-averaged) weights, for resuming
 
 
 def resolve_device(name: str) -> torch.device:
@@ -132,6 +134,7 @@ class Trainer:
         else:
             self.policy = self._new_policy()
         self.policy.to(self.device)
+        self.ema = self._make_ema() if tc.ema_decay > 0 else None
         self.params = self.policy.set_trainable(tc.mode)  # frozen parts build no autograd graph
         self.optimizer = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
         if resume is not None:
@@ -160,8 +163,31 @@ class Trainer:
     def _load_policy(self, path: Path) -> DAGPolicy:
         return ckpt.load_policy(path, device=self.device)
 
+    def _make_ema(self) -> AveragedModel:
+        """An exponential moving average of the weights (``train.ema_decay``, warmed up as (1+n)/(10+n)), the
+        usual stabiliser of diffusion and flow policies; checkpoints and published weights are the average."""
+        decay = self.cfg.train.ema_decay
+
+        @torch.no_grad()
+        def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
+            k = int(n)
+            torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + k) / (10.0 + k)))
+
+        ema = AveragedModel(self.policy, multi_avg_fn=update)
+        ema.requires_grad_(False)
+        return ema
+
+    @property
+    def inference_policy(self) -> DAGPolicy:
+        """The weights to act with: the moving average when there is one."""
+        return self.ema.module if self.ema is not None else self.policy
+
     def _load_trainer_state(self, path: Path) -> None:
         state = json.loads((path / "trainer.json").read_text())
+        if self.ema is not None and (path / RAW_WEIGHTS).is_file():
+            # the checkpoint's policy files hold the average; the raw weights continue training
+            self.policy.load_state_dict(torch.load(path / RAW_WEIGHTS, map_location=self.device))
+            self.ema.n_averaged.fill_(int(state.get("ema_updates", 0)))
         if state["mode"] != self.cfg.train.mode:
             raise CheckpointError(f"{path} was written in train.mode={state['mode']}, this run uses "
                                   f"{self.cfg.train.mode}; use a new run_dir (train.init_from={path})")
@@ -203,6 +229,8 @@ class Trainer:
         total.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.policy)
         self.step += 1
         metrics["train/grad_norm"] = float(grad_norm)
         metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
@@ -249,10 +277,14 @@ class Trainer:
         tmp = self.ckpt_dir / f".tmp-{name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        ckpt.save_policy(self.policy, tmp)
+        ckpt.save_policy(self.inference_policy, tmp)
+        state = {"step": self.step, "mode": self.cfg.train.mode}
+        if self.ema is not None:
+            torch.save(self.policy.state_dict(), tmp / RAW_WEIGHTS)
+            state["ema_updates"] = int(self.ema.n_averaged)
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(torch.get_rng_state(), tmp / "torch_rng.pt")
-        (tmp / "trainer.json").write_text(json.dumps({"step": self.step, "mode": self.cfg.train.mode}))
+        (tmp / "trainer.json").write_text(json.dumps(state))
         os.replace(tmp, final)
         pointer_tmp = self.ckpt_dir / f".{LATEST}.tmp"
         pointer_tmp.write_text(name)

@@ -61,6 +61,13 @@ def test_success_training_logs_checkpoints_and_resumes(store, tmp_path):
     for a, b in zip(trainer.policy.state_dict().values(), resumed.policy.state_dict().values(), strict=True):
         assert torch.equal(a.cpu(), b.cpu())
     assert resumed.optimizer.state_dict()["state"].keys() == trainer.optimizer.state_dict()["state"].keys()
+    # checkpoints hold the moving average (what eval and the loop act with); resuming restores both
+    saved = load_policy(latest_checkpoint(cfg.run_dir)).state_dict()
+    for key, value in resumed.inference_policy.state_dict().items():
+        assert torch.equal(value.cpu(), saved[key]), key
+    assert not torch.equal(saved["success_head.action_out.weight"],
+                           resumed.policy.state_dict()["success_head.action_out.weight"])
+    assert int(resumed.ema.n_averaged) == 6
     assert resumed.run().name == "step_00000008"
 
 

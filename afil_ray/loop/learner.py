@@ -90,7 +90,7 @@ class OnlineLearner:
     def publish(self) -> tuple[int, float, int]:
         t0 = time.perf_counter()
         version = self.latest_version() + 1
-        packet = pack(self.trainer.policy, self.components, version, self.trainer.step)
+        packet = pack(self.trainer.inference_policy, self.components, version, self.trainer.step)
         self.publish_fn(packet)
         self._steps_since_publish = 0
         return version, time.perf_counter() - t0, packet.nbytes

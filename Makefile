@@ -7,10 +7,13 @@ PY := $(VENV)/bin/python
 setup:
 	@bash scripts/setup.sh
 
-# The main job on its embedded default: local, CPU, configs/quickstart.yaml.
+# The main job on its embedded default: local Ray, CPU, configs/quickstart.yaml. Each stage is cached: demos
+# already in the store and a finished pre-training are not redone. ARGS are overrides for every stage.
+QUICKSTART := configs/quickstart.yaml
 run: setup
-	$(VENV)/bin/afil-ray demos --config configs/quickstart.yaml $(ARGS)
-	$(VENV)/bin/afil-ray replay stats runs/replay
+	$(VENV)/bin/afil-ray demos --config $(QUICKSTART) $(ARGS)
+	$(VENV)/bin/afil-ray train --config $(QUICKSTART) $(ARGS)
+	$(VENV)/bin/afil-ray run --config $(QUICKSTART) $(ARGS)
 
 # The test suite (slow checks excluded; `make test-all` includes them).
 test: setup
@@ -22,6 +25,8 @@ test-all: setup
 bench: setup
 	$(PY) benchmarks/bench_env.py
 	$(PY) benchmarks/bench_replay.py
+	$(PY) benchmarks/bench_sampling.py
+	$(PY) benchmarks/bench_train.py
 
 lint: setup
 	$(VENV)/bin/ruff check afil_ray actors learners tests benchmarks

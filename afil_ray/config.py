@@ -125,7 +125,8 @@ class LoopConfig:
     """``afil-ray run``: the harvest-learn loop on Ray (rollout actors, learner, evaluator)."""
 
     address: str | None = None  # Ray cluster to join; None: RAY_ADDRESS when set (ray job submit), else local Ray
-    init_from: str | None = None  # the success-only checkpoint the loop starts from (required)
+    init_from: str | None = None  # the success-only checkpoint (or a run directory: its newest) to start from
+    learner_mode: str = "failure_head"  # what the learner trains (train.mode values); failure_head ships only it
     duration_s: float = 300.0  # wall-clock budget of the loop
     max_learner_steps: int | None = None  # optional step budget (whichever comes first)
     num_rollout_actors: int = 2

@@ -58,6 +58,17 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory standing for its newest checkpoint."""
+    path = Path(path)
+    if (path / "spec.json").is_file():
+        return path
+    if (path / "checkpoints" / LATEST).is_file():
+        return latest_checkpoint(path)
+    raise CheckpointError(f"no checkpoint at {path} (neither a checkpoint directory nor a run directory with "
+                          f"checkpoints/{LATEST})")
+
+
 def load_start_policy(path: str | Path, device: str | torch.device = "cpu") -> DAGPolicy:
     """A checkpoint as the starting point of further training or of the online loop.
 
@@ -65,7 +76,7 @@ def load_start_policy(path: str | Path, device: str | torch.device = "cpu") -> D
     ``policy.failure_head_init=success`` it is replaced by the trained success head, so the failure head starts
     from a generator that models the task (and guidance is a no-op, v_f = v_s, until it learns failures).
     """
-    path = Path(path)
+    path = resolve_checkpoint(path)
     policy = ckpt.load_policy(path, device=device)
     trainer_file = path / "trainer.json"
     mode = json.loads(trainer_file.read_text()).get("mode") if trainer_file.is_file() else None

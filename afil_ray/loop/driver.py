@@ -23,6 +23,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from afil_ray.config import Config, save_resolved
 from afil_ray.loop.metrics import LoopMetrics
+from afil_ray.train import CheckpointError, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,10 @@ def check_loop_config(cfg: Config) -> None:
     if not cfg.loop.init_from:
         raise ValueError("loop.init_from must name the success-only checkpoint the loop starts from "
                          "(train one with `afil-ray train`)")
-    if not (Path(cfg.loop.init_from) / "spec.json").is_file() and "://" not in cfg.loop.init_from:
-        raise FileNotFoundError(f"loop.init_from: no checkpoint at {cfg.loop.init_from}")
+    try:
+        resolve_checkpoint(cfg.loop.init_from)
+    except CheckpointError as e:
+        raise CheckpointError(f"loop.init_from: {e}") from None
     if cfg.data.store != cfg.replay.root:
         raise ValueError(f"data.store ({cfg.data.store}) and replay.root ({cfg.replay.root}) differ: the learner "
                          "must read the store the rollout actors write")
@@ -60,6 +63,7 @@ class LoopDriver:
         self.inflight: dict[Any, tuple[str, int]] = {}
         self.failures: dict[tuple[str, int], int] = {}
         self.retry_at: dict[tuple[str, int], float] = {}  # failed actors' next round, once Ray restarted them
+        self.restarting: set[tuple[str, int]] = set()
         self.metrics: LoopMetrics | None = None
 
     # ------------------------------------------------------------------ set-up
@@ -137,29 +141,35 @@ class LoopDriver:
         return {"rollout": lambda: self.rollouts[index], "learner": lambda: self.learner,
                 "eval": lambda: self.evaluator}[kind]()
 
+    def _count_failure(self, key: tuple[str, int], error: BaseException) -> None:
+        self.failures[key] = self.failures.get(key, 0) + 1
+        self.metrics.actor_restarts += 1
+        if self.failures[key] > self.cfg.loop.max_restarts:
+            raise RuntimeError(f"{key[0]} actor {key[1]} failed more than loop.max_restarts="
+                               f"{self.cfg.loop.max_restarts} times; last error: {error}") from None
+
     def _handle(self, ref: Any, kind: str, index: int) -> bool:
-        """Log one finished round; False when the actor failed (the caller resubmits after a pause)."""
+        """Log one finished round; False when the actor failed (the caller resubmits after a pause).
+
+        An actor that died is restarted by Ray: the first failed call counts one restart, the calls that find
+        it still restarting do not. A call that raised inside a live actor is logged with its remote traceback
+        and the actor is restarted, so it rebuilds its state (simulator, policy) from scratch.
+        """
+        key = (kind, index)
         try:
             result = ray.get(ref)
-        except ActorUnavailableError:  # restarting: not a new failure; try again shortly
-            return False
         except (RayActorError, RayTaskError) as e:
-            key = (kind, index)
-            self.failures[key] = self.failures.get(key, 0) + 1
-            self.metrics.actor_restarts += 1
             if isinstance(e, RayTaskError) and not isinstance(e, RayActorError):
-                # the actor is alive but its call raised: log the remote traceback, restart it to rebuild state
-                log.error("%s %d raised (restart %d of %d):\n%s", kind, index, self.failures[key],
-                          self.cfg.loop.max_restarts, e)
-                if self.failures[key] <= self.cfg.loop.max_restarts:
-                    ray.kill(self._actor(kind, index), no_restart=False)
-            else:
-                log.error("%s %d died (restart %d of %d): %s", kind, index, self.failures[key],
-                          self.cfg.loop.max_restarts, str(e).strip().splitlines()[0])
-            if self.failures[key] > self.cfg.loop.max_restarts:
-                raise RuntimeError(f"{kind} actor {index} failed more than loop.max_restarts="
-                                   f"{self.cfg.loop.max_restarts} times; last error: {e}") from None
+                log.error("%s %d raised; restarting it:\n%s", kind, index, e)
+                self._count_failure(key, e)
+                ray.kill(self._actor(kind, index), no_restart=False)
+                self.restarting.add(key)
+            elif key not in self.restarting:
+                log.error("%s %d died; Ray restarts it: %s", kind, index, str(e).strip().splitlines()[0])
+                self._count_failure(key, e)
+                self.restarting.add(key)
             return False
+        self.restarting.discard(key)
         if kind == "rollout":
             self.metrics.rollout(result)
         elif kind == "learner":
@@ -169,6 +179,17 @@ class LoopDriver:
             log.info("eval of version %d: %s", result.version, result.success_rate)
         return True
 
+    def _call_when_up(self, actor: Any, method: str, timeout_s: float) -> Any:
+        """Call ``method`` once the actor answers (it may be mid-restart); raises after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return ray.get(getattr(actor, method).remote(), timeout=max(1.0, deadline - time.monotonic()))
+            except ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+
     def _install_signals(self) -> None:
         def stop(signum: int, _frame: Any) -> None:
             if self.stopping:  # a second signal: stop waiting for rounds
@@ -176,8 +197,7 @@ class LoopDriver:
             log.warning("%s: finishing the rounds in flight, then stopping", signal.Signals(signum).name)
             self.stopping = True
 
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGTERM, stop)
+        self._previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def run(self) -> dict[str, Any]:
         """Run until ``loop.duration_s`` (or ``loop.max_learner_steps``) or a stop signal; returns the summary."""
@@ -213,6 +233,8 @@ class LoopDriver:
                         self._submit(kind, index)
         finally:
             summary = self.shutdown()
+            for sig, handler in self._previous_handlers.items():
+                signal.signal(sig, handler)
         return summary
 
     # ------------------------------------------------------------------ stop
@@ -229,13 +251,13 @@ class LoopDriver:
                     self._handle(ref, kind, index)
                 except RuntimeError as e:
                     log.error("%s", e)
-        closing = [a.close.remote() for a in self.rollouts]
-        final = self.learner.stop.remote()
         summary = self.metrics.summary()
-        for ref, what in [*((r, "rollout writer flush") for r in closing), (final, "learner checkpoint")]:
+        steps = [(a, "close", f"rollout {i} writer flush") for i, a in enumerate(self.rollouts)]
+        steps.append((self.learner, "stop", "learner checkpoint"))
+        for actor, method, what in steps:
             try:
-                result = ray.get(ref, timeout=120)
-                if what == "learner checkpoint":
+                result = self._call_when_up(actor, method, timeout_s=300)
+                if method == "stop":
                     summary["final_checkpoint"] = result
             except Exception as e:  # report and go on: the other actors still need to stop cleanly
                 log.error("%s failed: %s", what, e)

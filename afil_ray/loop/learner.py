@@ -1,7 +1,7 @@
 """The online learner: retrains the failure head on harvested failures and publishes weight versions.
 
-It is the offline :class:`~afil_ray.train.Trainer` in ``train.mode`` (``failure_head`` by default: the rest
-is frozen, so only the failure head is shipped), fed by a replay store that rollout workers keep growing: it
+It is the offline :class:`~afil_ray.train.Trainer` in ``loop.learner_mode`` (``failure_head`` by default: the
+rest is frozen, so only the failure head is shipped), fed by a replay store that rollout workers keep growing: it
 re-reads the store every ``loop.refresh_every`` steps, publishes a version every ``loop.publish_every`` steps
 and checkpoints every ``loop.checkpoint_every``. A restarted learner resumes from its newest checkpoint and
 numbers its next version after the board's newest, so versions stay monotonic across restarts.
@@ -48,8 +48,9 @@ class LearnerReport:
 def learner_config(cfg: Config) -> Config:
     """The trainer's view of a loop config: its own run directory, starting from ``loop.init_from``."""
     out = copy.deepcopy(cfg)
-    if out.train.mode not in SHIPPED:
-        raise ValueError(f"train.mode must be one of {tuple(SHIPPED)}, got {out.train.mode!r}")
+    if cfg.loop.learner_mode not in SHIPPED:
+        raise ValueError(f"loop.learner_mode must be one of {tuple(SHIPPED)}, got {cfg.loop.learner_mode!r}")
+    out.train.mode = cfg.loop.learner_mode
     out.run_dir = str(Path(cfg.run_dir) / "learner")
     out.train.init_from = cfg.loop.init_from
     out.train.checkpoint_every = cfg.loop.checkpoint_every

@@ -10,6 +10,7 @@ scalars by learner step.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class LoopMetrics:
     latency: list[float] = field(default_factory=list)  # publish-to-applied seconds, every application
     push_bytes: list[int] = field(default_factory=list)
     push_seconds: list[float] = field(default_factory=list)
+    published_versions: list[int] = field(default_factory=list)  # in the order the learner reported them
     versions_applied: dict[int, set[int]] = field(default_factory=lambda: defaultdict(set))  # worker -> versions
     learner_step: int = 0
     newest_version: int = 0
@@ -104,6 +106,7 @@ class LoopMetrics:
         self._scalar("learner/failure_episodes", r.failure_episodes, r.step)
         for version, seconds, nbytes in r.published:
             self.newest_version = max(self.newest_version, version)
+            self.published_versions.append(version)
             self.push_seconds.append(seconds)
             self.push_bytes.append(nbytes)
             self._scalar("sync/version", version, r.step)
@@ -123,6 +126,7 @@ class LoopMetrics:
             "success_rate_cumulative": {t: round(r.successes / r.episodes, 3) for t, r in self.rates.items()},
             "learner_step": self.learner_step,
             "versions_published": self.newest_version,
+            "versions_monotonic": all(a < b for a, b in itertools.pairwise(self.published_versions)),
             "versions_applied_per_worker": {w: len(v) for w, v in sorted(self.versions_applied.items())},
             "publish_to_applied_s_median": float(np.median(self.latency)) if self.latency else None,
             "bytes_per_version": int(np.median(self.push_bytes)) if self.push_bytes else None,

@@ -1,0 +1,71 @@
+"""``ray job submit`` against a real local head: the way users launch the loop on a cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from afil_ray.config import to_yaml
+
+from loop_fixtures import loop_config, make_start_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray(*args: str, env: dict[str, str], timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=timeout,
+                          check=check)
+
+
+@pytest.fixture
+def head(tmp_path):
+    """A Ray head on 127.0.0.1 with its dashboard (the job server), stopped afterwards."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
+    dashboard = _free_port()
+    _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}", "--num-cpus=3",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats", env=env)
+    try:
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        _ray("stop", "--force", env=env, check=False)
+
+
+def test_ray_job_submit_runs_the_loop(tmp_path, head):
+    address, env = head
+    cfg = loop_config(tmp_path, duration_s=20, rollout_cpus=1, learner_cpus=1, eval_every_s=0,
+                      num_rollout_actors=1)
+    make_start_checkpoint(cfg)
+    config = tmp_path / "job.yaml"
+    config.write_text(to_yaml(cfg))
+    job = f"afil-test-{uuid.uuid4().hex[:8]}"
+    _ray("job", "submit", "--address", address, "--submission-id", job, "--working-dir", str(REPO), "--no-wait",
+         "--", "afil-ray", "run", "--config", str(config), env=env)
+    deadline, status = time.monotonic() + 900, ""
+    while time.monotonic() < deadline:
+        status = _ray("job", "status", "--address", address, job, env=env).stdout
+        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+            break
+        time.sleep(5)
+    logs = _ray("job", "logs", "--address", address, job, env=env).stdout
+    assert "SUCCEEDED" in status, f"{status}\n{logs[-3000:]}"
+    summary = json.loads(logs[logs.index("{\n"):logs.index("\n}\n") + 2])  # the summary the driver prints
+    assert summary["env_steps"] > 0 and summary["episodes"]
+    assert summary["final_checkpoint"] and Path(summary["final_checkpoint"]).is_dir()
+    assert (Path(cfg.run_dir) / "tb").is_dir() and (Path(cfg.run_dir) / "summary.json").is_file()

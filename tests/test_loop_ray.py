@@ -37,6 +37,7 @@ def _kill_then_stop(driver: LoopDriver, log: list[str]) -> None:
     driver.stopping = True
 
 
+@pytest.mark.timeout(1200)  # actor start-up and restarts are slow on a loaded 2-core machine
 def test_loop_survives_killed_rollout_actor_and_learner(tmp_path):
     cfg = loop_config(tmp_path, duration_s=900, local_num_cpus=3, rollout_cpus=1, learner_cpus=1,
                       eval_every_s=0, round_s=2.0)

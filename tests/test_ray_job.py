@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -28,8 +30,11 @@ def _free_port() -> int:
 
 
 def _ray(*args: str, env: dict[str, str], timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=timeout,
-                          check=check)
+    done = subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode:
+        raise AssertionError(f"ray {' '.join(args)} failed ({done.returncode}):\n{done.stdout[-2000:]}\n"
+                             f"{done.stderr[-3000:]}")
+    return done
 
 
 @pytest.fixture
@@ -37,16 +42,21 @@ def head(tmp_path):
     """A Ray head on 127.0.0.1 with its dashboard (the job server), stopped afterwards."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
+    # Ray 2.60 heads require a token for the job API; head and clients share this one
+    env["RAY_AUTH_MODE"], env["RAY_AUTH_TOKEN"] = "token", uuid.uuid4().hex + uuid.uuid4().hex
     dashboard = _free_port()
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under ~107 characters
     _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}", "--num-cpus=3",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats", env=env)
+         f"--temp-dir={temp}", "--disable-usage-stats", env=env)
     try:
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
         _ray("stop", "--force", env=env, check=False)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.timeout(1200)  # actor start-up and restarts are slow on a loaded 2-core machine
 def test_ray_job_submit_runs_the_loop(tmp_path, head):
     address, env = head
     cfg = loop_config(tmp_path, duration_s=20, rollout_cpus=1, learner_cpus=1, eval_every_s=0,
@@ -59,12 +69,13 @@ def test_ray_job_submit_runs_the_loop(tmp_path, head):
          "--", "afil-ray", "run", "--config", str(config), env=env)
     deadline, status = time.monotonic() + 900, ""
     while time.monotonic() < deadline:
-        status = _ray("job", "status", "--address", address, job, env=env).stdout
-        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+        done = _ray("job", "status", "--address", address, job, env=env)
+        status = (done.stdout + done.stderr).lower()  # the CLI logs "Job '<id>' succeeded" to stderr
+        if any(f"' {s}" in status for s in ("succeeded", "failed", "was stopped")):
             break
         time.sleep(5)
     logs = _ray("job", "logs", "--address", address, job, env=env).stdout
-    assert "SUCCEEDED" in status, f"{status}\n{logs[-3000:]}"
+    assert f"job '{job}' succeeded" in status, f"{status}\n{logs[-3000:]}"
     summary = json.loads(logs[logs.index("{\n"):logs.index("\n}\n") + 2])  # the summary the driver prints
     assert summary["env_steps"] > 0 and summary["episodes"]
     assert summary["final_checkpoint"] and Path(summary["final_checkpoint"]).is_dir()

@@ -92,3 +92,37 @@ def test_evaluator_reuses_success_only_while_only_the_failure_head_changes(cfg):
     learner.train(2.0)
     second = evaluator.evaluate_latest()
     assert second.version == board.version >= 1 and second.reused == ["success_only"]
+
+
+class CrashingEnv:
+    """The real env adapter, except that step number ``crash_at`` of each instance raises SimulatorError."""
+
+    made = 0
+
+    def __init__(self, cfg, crash_at: int = 5):
+        from afil_ray.envs.maniskill import ManiSkillVecEnv
+
+        CrashingEnv.made += 1
+        self._env, self._steps, self._crash_at = ManiSkillVecEnv(cfg), 0, crash_at if CrashingEnv.made == 1 else -1
+
+    def __getattr__(self, name):
+        return getattr(self._env, name)
+
+    def step(self, actions):
+        self._steps += 1
+        if self._steps == self._crash_at:
+            from afil_ray.envs.base import SimulatorError
+
+            raise SimulatorError("PullCube-v1 cpu env 0: injected crash")
+        return self._env.step(actions)
+
+
+def test_rollout_worker_survives_a_simulator_crash(cfg):
+    worker = RolloutWorker(cfg, 3, LocalWeightSource(WeightBoard()), seed_start=7_000_000, make_env=CrashingEnv)
+    report = worker.run(3.0)
+    assert report.simulator_errors == ["PullCube-v1 cpu env 0: injected crash"]
+    assert CrashingEnv.made == 2 and report.episodes  # rebuilt and kept harvesting
+    stored = [e for e in ReplayStore(cfg.replay.root).read_episodes() if e.seed >= 7_000_000]
+    assert sorted(e.seed for e in stored) == sorted(e.seed for e in report.episodes)
+    assert all(e.length == cfg.env.max_episode_steps or e.success for e in stored)  # none cut by the crash
+    worker.close()

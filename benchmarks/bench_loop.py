@@ -74,7 +74,7 @@ def main() -> None:
     first = in_process_steps_per_s(cfg, args.seconds / 2)
     one = loop_run(cfg, 1, args.seconds, f"{base}/actors1")
     second = in_process_steps_per_s(cfg, args.seconds / 2)
-    loop_rate = one["env_steps"] / one["measured_s"]
+    loop_rate = one["env_steps_per_s"]  # first to last rollout round: start-up and shutdown excluded
     print(f"## Loop throughput ({args.config}, env.num_envs={cfg.env.num_envs}, {cfg.loop.torch_threads} torch "
           "thread(s) per actor)\n")
     print("| in-process (before) | loop, 1 actor + learner | in-process (after) | loop / in-process |")

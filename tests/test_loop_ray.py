@@ -67,3 +67,38 @@ def _no_ray_left():
     yield
     if ray.is_initialized():
         ray.shutdown()
+
+
+@pytest.mark.timeout(1200)
+def test_sigterm_stops_the_loop_cleanly(tmp_path):
+    """`afil-ray run` as users start it; SIGTERM (what `ray job stop` and schedulers send) ends it cleanly."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from afil_ray.config import to_yaml
+
+    cfg = loop_config(tmp_path, duration_s=900, local_num_cpus=3, rollout_cpus=1, learner_cpus=1,
+                      num_rollout_actors=1, eval_every_s=0)
+    make_start_checkpoint(cfg)
+    config = tmp_path / "loop.yaml"
+    config.write_text(to_yaml(cfg))
+    run = subprocess.Popen([str(Path(sys.executable).parent / "afil-ray"), "run", "--config", str(config)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    checkpoints = Path(cfg.run_dir) / "learner" / "checkpoints"
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and not (checkpoints / "latest").is_file() and run.poll() is None:
+        time.sleep(1)  # the learner has trained and checkpointed: every part of the loop is running
+    run.send_signal(signal.SIGTERM)
+    out, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, out[-3000:]
+    summary = json.loads((Path(cfg.run_dir) / "summary.json").read_text())
+    assert summary["stopped_by_signal"] and summary["final_checkpoint"]
+    final = Path(summary["final_checkpoint"])
+    assert final.is_dir() and (checkpoints / "latest").read_text().strip() == final.name
+    store = ReplayStore(cfg.replay.root)
+    assert store.verify() == [] and len(store.read_episodes()) >= sum(summary["episodes"].values())

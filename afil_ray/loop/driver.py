@@ -111,7 +111,7 @@ class LoopDriver:
             actors["eval 0"] = self.evaluator
         refs = {a.pid.remote(): name for name, a in actors.items()}
         t0 = time.monotonic()
-        while refs:
+        while refs and not self.stopping:
             ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=10.0)
             for ref in ready:
                 name = refs.pop(ref)
@@ -201,41 +201,46 @@ class LoopDriver:
 
     def run(self) -> dict[str, Any]:
         """Run until ``loop.duration_s`` (or ``loop.max_learner_steps``) or a stop signal; returns the summary."""
+        self._install_signals()  # before start-up, so a stop during actor construction is clean too
+        try:
+            if self.metrics is None:
+                self.start()
+            try:
+                self._rounds()
+            finally:
+                summary = self.shutdown()
+        finally:
+            for sig, handler in self._previous_handlers.items():
+                signal.signal(sig, handler)
+        return summary
+
+    def _rounds(self) -> None:
         lc = self.cfg.loop
-        if self.metrics is None:
-            self.start()
-        self._install_signals()
         deadline = time.monotonic() + lc.duration_s
         for i in range(len(self.rollouts)):
             self._submit("rollout", i)
         self._submit("learner")
         next_eval = time.monotonic()
-        try:
-            while not self.stopping and time.monotonic() < deadline:
-                if lc.max_learner_steps is not None and self.metrics.learner_step >= lc.max_learner_steps:
-                    break
-                if self.evaluator is not None and time.monotonic() >= next_eval \
-                        and "eval" not in {k for k, _ in self.inflight.values()}:
-                    self._submit("eval")
-                now = time.monotonic()
-                for key in [k for k, at in self.retry_at.items() if at <= now]:
-                    del self.retry_at[key]
-                    self._submit(*key)
-                ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=1.0) if self.inflight else ([], [])
-                for ref in ready:
-                    kind, index = self.inflight.pop(ref)
-                    ok = self._handle(ref, kind, index)
-                    if kind == "eval":
-                        next_eval = time.monotonic() + (lc.eval_every_s if ok else 1.0)
-                    elif not ok:
-                        self.retry_at[(kind, index)] = time.monotonic() + 1.0  # let Ray restart it first
-                    elif not self.stopping:
-                        self._submit(kind, index)
-        finally:
-            summary = self.shutdown()
-            for sig, handler in self._previous_handlers.items():
-                signal.signal(sig, handler)
-        return summary
+        while not self.stopping and time.monotonic() < deadline:
+            if lc.max_learner_steps is not None and self.metrics.learner_step >= lc.max_learner_steps:
+                break
+            if self.evaluator is not None and time.monotonic() >= next_eval \
+                    and "eval" not in {k for k, _ in self.inflight.values()}:
+                self._submit("eval")
+            now = time.monotonic()
+            for key in [k for k, at in self.retry_at.items() if at <= now]:
+                del self.retry_at[key]
+                self._submit(*key)
+            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=1.0) if self.inflight else ([], [])
+            for ref in ready:
+                kind, index = self.inflight.pop(ref)
+                ok = self._handle(ref, kind, index)
+                if kind == "eval":
+                    next_eval = time.monotonic() + (lc.eval_every_s if ok else 1.0)
+                elif not ok:
+                    self.retry_at[(kind, index)] = time.monotonic() + 1.0  # let Ray restart it first
+                elif not self.stopping:
+                    self._submit(kind, index)
 
     # ------------------------------------------------------------------ stop
 

@@ -61,11 +61,24 @@ class LoopMetrics:
         self.tb_dir.mkdir(parents=True, exist_ok=True)
         self.writer = SummaryWriter(str(self.tb_dir), flush_secs=10)
         self.started = time.time()
+        self.first_report: tuple[float, int] | None = None  # (monotonic time, env steps) of the first round
+        self.last_report: tuple[float, int] | None = None
+
+    def steady_env_steps_per_s(self) -> float | None:
+        """Env steps per second between the first and the last rollout round: start-up and shutdown excluded,
+        the gaps between rounds included."""
+        if self.first_report is None or self.last_report[0] <= self.first_report[0]:
+            return None
+        return (self.last_report[1] - self.first_report[1]) / (self.last_report[0] - self.first_report[0])
 
     def _scalar(self, tag: str, value: float, step: int | None = None) -> None:
         self.writer.add_scalar(tag, value, self.env_steps if step is None else step)
 
     def rollout(self, r: RolloutReport) -> None:
+        now = time.monotonic()
+        if self.first_report is None:
+            self.first_report = (now, self.env_steps + r.env_steps)
+        self.last_report = (now, self.env_steps + r.env_steps)
         self.env_steps += r.env_steps
         self.simulator_errors += len(r.simulator_errors)
         for ep in r.episodes:
@@ -122,6 +135,7 @@ class LoopMetrics:
         return {
             "wall_s": round(time.time() - self.started, 1),
             "env_steps": self.env_steps,
+            "env_steps_per_s": self.steady_env_steps_per_s(),
             "episodes": dict(self.episodes_by_outcome),
             "success_rate_cumulative": {t: round(r.successes / r.episodes, 3) for t, r in self.rates.items()},
             "learner_step": self.learner_step,

@@ -65,6 +65,7 @@ class LoopDriver:
         self.retry_at: dict[tuple[str, int], float] = {}  # failed actors' next round, once Ray restarted them
         self.restarting: set[tuple[str, int]] = set()
         self.metrics: LoopMetrics | None = None
+        self._previous_handlers: dict[int, Any] = {}
 
     # ------------------------------------------------------------------ set-up
 
@@ -89,6 +90,9 @@ class LoopDriver:
         from learners.learner import LearnerActor
 
         self._init_ray()
+        # after ray.init (whose core worker installs its own SIGTERM handler, which aborts the process) and
+        # before the actors are built, so a stop during their construction is clean too
+        self._install_signals()
         cfg, lc = self.cfg, self.cfg.loop
         run_dir = Path(cfg.run_dir)
         save_resolved(cfg, run_dir)
@@ -201,7 +205,6 @@ class LoopDriver:
 
     def run(self) -> dict[str, Any]:
         """Run until ``loop.duration_s`` (or ``loop.max_learner_steps``) or a stop signal; returns the summary."""
-        self._install_signals()  # before start-up, so a stop during actor construction is clean too
         try:
             if self.metrics is None:
                 self.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import ray
@@ -20,6 +21,4 @@ class EvalActor:
         return self.evaluator.evaluate_latest()
 
     def pid(self) -> int:
-        import os
-
         return os.getpid()

@@ -126,3 +126,16 @@ def test_rollout_worker_survives_a_simulator_crash(cfg):
     assert sorted(e.seed for e in stored) == sorted(e.seed for e in report.episodes)
     assert all(e.length == cfg.env.max_episode_steps or e.success for e in stored)  # none cut by the crash
     worker.close()
+
+
+def test_bad_loop_config_fails_before_ray_starts(cfg):
+    import copy
+
+    from afil_ray.loop.driver import check_loop_config
+
+    for key, value, match in (("learner_mode", "both", "learner_mode"), ("eval_samplers", ["guided"], "guided"),
+                              ("init_from", "/nonexistent", "loop.init_from")):
+        bad = copy.deepcopy(cfg)
+        setattr(bad.loop, key, value)
+        with pytest.raises(Exception, match=match):
+            check_loop_config(bad)

@@ -22,7 +22,9 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from afil_ray.config import Config, save_resolved
+from afil_ray.loop.learner import SHIPPED
 from afil_ray.loop.metrics import LoopMetrics
+from afil_ray.policy.sampler import SAMPLER_KINDS
 from afil_ray.train import CheckpointError, resolve_checkpoint
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,11 @@ def check_loop_config(cfg: Config) -> None:
     if cfg.data.store != cfg.replay.root:
         raise ValueError(f"data.store ({cfg.data.store}) and replay.root ({cfg.replay.root}) differ: the learner "
                          "must read the store the rollout actors write")
+    if cfg.loop.learner_mode not in SHIPPED:
+        raise ValueError(f"loop.learner_mode must be one of {tuple(SHIPPED)}, got {cfg.loop.learner_mode!r}")
+    unknown = [s for s in cfg.loop.eval_samplers if s not in SAMPLER_KINDS]
+    if unknown:
+        raise ValueError(f"loop.eval_samplers: unknown sampler {unknown[0]!r}; samplers are {SAMPLER_KINDS}")
     if cfg.loop.num_rollout_actors < 1:
         raise ValueError(f"loop.num_rollout_actors must be >= 1, got {cfg.loop.num_rollout_actors}")
 

@@ -80,13 +80,17 @@ class OnlineLearner:
         rows = self.store.stats()
         return sum(r.episodes for r in rows if r.task in self.tasks and r.outcome in self.cfg.data.failure_outcomes)
 
-    def _start(self) -> bool:
-        """Build the trainer once enough failures are stored (it needs data to sample from)."""
-        if self.trainer is None and self.failure_episodes() >= self.cfg.loop.min_failures:
-            self.trainer = Trainer(self.cfg, progress=False, tensorboard=False)
-            log.info("learner starts at step %d with %d failure episodes", self.trainer.step,
-                     self.failure_episodes())
-        return self.trainer is not None
+    def _start(self) -> int:
+        """Build the trainer once enough failures are stored (it needs data to sample from); returns how many
+        failure episodes are still missing (0 once training)."""
+        if self.trainer is not None:
+            return 0
+        have = self.failure_episodes()
+        if have < self.cfg.loop.min_failures:
+            return self.cfg.loop.min_failures - have
+        self.trainer = Trainer(self.cfg, progress=False, tensorboard=False)
+        log.info("learner starts at step %d with %d failure episodes", self.trainer.step, have)
+        return 0
 
     def publish(self) -> tuple[int, float, int]:
         t0 = time.perf_counter()
@@ -99,8 +103,8 @@ class OnlineLearner:
     def train(self, seconds: float) -> LearnerReport:
         """Train for ``seconds`` (or wait for failures); publishes and checkpoints on its step schedule."""
         t0 = time.perf_counter()
-        if not self._start():
-            missing = self.cfg.loop.min_failures - self.failure_episodes()
+        missing = self._start()
+        if missing:
             time.sleep(min(seconds, 1.0))
             return LearnerReport(seconds=time.perf_counter() - t0, step=0, steps=0, waiting_for=missing,
                                  failure_episodes=self.cfg.loop.min_failures - missing)

@@ -66,6 +66,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from omegaconf import OmegaConf
+
     from afil_ray.evaluate import evaluate
     from afil_ray.policy.checkpoint import load_policy
     from afil_ray.train import CheckpointError, latest_checkpoint
@@ -82,8 +84,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     record = {"task": result.task, "sampler": result.sampler, "checkpoint": str(path),
               "success_rate": result.success_rate, "episodes": len(result.episodes),
+              "sampler_config": OmegaConf.to_container(OmegaConf.structured(cfg.sampler)),
               "successes": [bool(e.success) for e in result.episodes], "seeds": [e.seed for e in result.episodes]}
-    (out / f"{result.task}-{result.sampler}-{path.name}.json").write_text(json.dumps(record, indent=1))
+    # Seeds and chunk execution are in the name: evaluations on a tuning range never overwrite the reported one.
+    name = (f"{result.task}-{result.sampler}-{path.name}-seeds{cfg.eval.seed_start}x{len(result.episodes)}"
+            f"-exec{cfg.sampler.execute_steps}.json")
+    (out / name).write_text(json.dumps(record, indent=1))
     return 0
 
 

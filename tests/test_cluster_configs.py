@@ -22,7 +22,10 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
+from afil_ray.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
 LAUNCHER_CONFIGS = ["aws.yaml", "gcp.yaml"]
 RAYJOB = "kuberay-rayjob.yaml"
 SHARED_PATH_KEYS = ("run_dir", "replay.root", "data.store", "loop.init_from")
@@ -230,7 +233,23 @@ def rayjob_problems(docs: list[Config]) -> list[str]:
             problems.append(f"{key}={value} is not on the shared volume")
     if overrides.get("replay.root") != overrides.get("data.store"):
         problems.append("replay.root and data.store differ: the learner would not read what the actors write")
+    problems += entrypoint_config_problems(tokens)
     return problems
+
+
+def entrypoint_config_problems(tokens: list[str]) -> list[str]:
+    """The entrypoint's ``--config`` must be a file of this repo that loads with the entrypoint's overrides."""
+    if "--config" not in tokens[:-1]:
+        return ["entrypoint has no --config"]
+    path = REPO / tokens[tokens.index("--config") + 1]
+    if not path.is_file():
+        return [f"entrypoint config {path.relative_to(REPO)} does not exist"]
+    overrides = [t for t in tokens[2:] if "=" in t and not t.startswith("-")]
+    try:
+        cfg = load_config(path, overrides)
+    except ConfigError as e:
+        return [f"entrypoint config does not load: {e}"]
+    return [] if cfg.loop.num_rollout_actors >= 1 else ["entrypoint config runs no rollout actor"]
 
 
 def test_every_cluster_yaml_parses_and_is_checked() -> None:
@@ -291,6 +310,10 @@ def _alpha_api(docs: list[Config]) -> None:
     (_other_claim_on_workers, "share no PVC mount"),
     (_rwo_claim, "must be ReadWriteMany"),
     (_alpha_api, "expected ray.io/v1"),
+    (_set_entrypoint("afil-ray run --config configs/no_such.yaml run_dir=/mnt/afil/x replay.root=/mnt/afil/r "
+                     "data.store=/mnt/afil/r loop.init_from=/mnt/afil/c"), "configs/no_such.yaml does not exist"),
+    (_set_entrypoint("afil-ray run --config configs/cluster_gpu.yaml run_dir=/mnt/afil/x replay.root=/mnt/afil/r "
+                     "data.store=/mnt/afil/r loop.init_from=/mnt/afil/c loop.num_actors=8"), "does not load"),
 ])
 def test_rayjob_checks_catch_broken_manifests(mutate: Callable[[list[Config]], None], expect: str) -> None:
     docs = _load_all(RAYJOB)
@@ -313,3 +336,12 @@ def test_one_ray_version_everywhere() -> None:
     assert image, "cluster/Dockerfile does not start FROM a rayproject/ray image"
     versions["Dockerfile"] = image.group(1)
     assert len(set(versions.values())) == 1, versions
+
+
+def test_every_config_the_cluster_docs_name_exists() -> None:
+    """cluster/README.md and the manifests tell users to run ``--config configs/X.yaml``: X must be in the repo."""
+    texts = [p.read_text() for p in [*CLUSTER.glob("*.yaml"), CLUSTER / "README.md"]]
+    named = {m for text in texts for m in re.findall(r"--config\s+(\S+\.yaml)", text)}
+    assert named, "the cluster docs name no config"
+    for rel in sorted(named):
+        load_config(REPO / rel)  # exists and has only known keys

@@ -66,30 +66,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from omegaconf import OmegaConf
-
-    from afil_ray.evaluate import evaluate
+    from afil_ray.evaluate import evaluate_arms, resolve_arms, write_evaluation
     from afil_ray.policy.checkpoint import load_policy
     from afil_ray.train import CheckpointError, latest_checkpoint
 
     extra = [f"eval.episodes={args.episodes}"] if args.episodes is not None else []
+    extra += [f"eval.runs={args.runs}"] if args.runs is not None else []
     cfg = _config(args, extra)
+    arms = resolve_arms(cfg)  # bad arm specs fail before anything is loaded
     path = Path(cfg.eval.checkpoint) if cfg.eval.checkpoint else latest_checkpoint(cfg.run_dir)
     if path is None:
         raise CheckpointError(f"no checkpoint in {cfg.run_dir}/checkpoints; train first or set eval.checkpoint")
     policy = load_policy(path)
-    result = evaluate(cfg, policy, progress=not args.quiet)
-    print(f"{result.summary()}  (checkpoint {path}, seeds {cfg.eval.seed_start}..)")
-    out = Path(cfg.run_dir) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    record = {"task": result.task, "sampler": result.sampler, "checkpoint": str(path),
-              "success_rate": result.success_rate, "episodes": len(result.episodes),
-              "sampler_config": OmegaConf.to_container(OmegaConf.structured(cfg.sampler)),
-              "successes": [bool(e.success) for e in result.episodes], "seeds": [e.seed for e in result.episodes]}
-    # Seeds and chunk execution are in the name: evaluations on a tuning range never overwrite the reported one.
-    name = (f"{result.task}-{result.sampler}-{path.name}-seeds{cfg.eval.seed_start}x{len(result.episodes)}"
-            f"-exec{cfg.sampler.execute_steps}.json")
-    (out / name).write_text(json.dumps(record, indent=1))
+    results = evaluate_arms(cfg, policy, progress=not args.quiet, arms=arms)
+    s0, n, runs = cfg.eval.seed_start, cfg.eval.episodes, cfg.eval.runs
+    for result in results:
+        print(f"{result.summary()}  (checkpoint {path}, seeds {s0}..{s0 + n - 1} x {runs} runs, "
+              f"metric {cfg.eval.metric})")
+    _, paths = write_evaluation(cfg, results, arms, path)
+    print()
+    print(paths["md"].read_text(), end="")
+    print(f"report: {paths['md'].parent}")
     return 0
 
 
@@ -126,9 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="closed-loop success rate of a checkpoint on fresh seeds")
+    e = sub.add_parser("eval", help="paired evaluation of sampler arms (eval.arms) on fresh seeds x runs")
     with_config(e)
-    e.add_argument("--episodes", type=int, help="episodes (eval.episodes)")
+    e.add_argument("--episodes", type=int, help="initial states, seeds eval.seed_start.. (eval.episodes)")
+    e.add_argument("--runs", type=int, help="noise draws per initial state (eval.runs)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)
 

@@ -115,9 +115,19 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    episodes: int = 50
+    """``afil-ray eval``: every arm on the same episodes x runs, paired (afil_ray/evaluate.py)."""
+
+    episodes: int = 50  # initial states: seeds seed_start .. seed_start + episodes - 1
     seed_start: int = 100000  # evaluation seeds are disjoint from demo seeds (which start at 0)
     checkpoint: str | None = None  # checkpoint directory; None: the newest in run_dir
+    runs: int = 3  # noise draws per initial state (run r re-draws only the sampling noise); total episodes x runs
+    # Sampler arms, e.g. [success_only, "static:w=0.05", "adaptive:lam=1"]; overrides of `sampler` per arm
+    # (keys: w for static, lam for adaptive, and steps, execute_steps, fused_heads). Empty: `sampler` alone.
+    arms: list[str] = field(default_factory=list)
+    metric: str = "success_once"  # success_once | success_at_end (equal unless env.ignore_terminations)
+    # Guided arms run the two heads as two calls (sampler.fused_heads ignored), so that w = 0 (or lam = 0)
+    # reproduces success_only bit for bit; false: honour fused_heads (faster, equal only to float32 rounding).
+    exact_pairing: bool = True
 
 
 @dataclass

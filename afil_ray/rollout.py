@@ -5,16 +5,23 @@ started, or ``execute_steps`` actions were executed) the policy samples fresh ch
 one batch. Every re-planning point keeps the whole sampled chunk and the sampler's diagnostics besides the
 executed actions, because a failure head trained only on executed actions stitched from different samples
 fits far worse than one trained on whole sampled chunks.
+
+Sampling noise comes either from one shared ``generator`` (the default: an episode's noise then depends on its env
+slot and on what the other envs sampled before) or, with ``noise_seed``, from one generator per episode: when an
+env starts an episode, ``noise_seed(episode seed)`` seeds that env's own ``torch.Generator`` and every chunk of the
+episode draws its initial noise from it, so the noise is a function of the episode alone (evaluation pairs arms
+this way). Episodes for which ``noise_seed`` returns None draw from the shared generator.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 from afil_ray.config import SamplerConfig
 from afil_ray.envs.base import Obs, VecEnv
@@ -25,7 +32,11 @@ from afil_ray.replay.episode import Episode
 class ChunkPolicy(Protocol):
     def sample(self, obs: Obs, instructions: list[str], sampler: SamplerConfig, generator: Any = None
                ) -> tuple[np.ndarray, dict[str, Any]]:
-        """Action chunks [B, H, A] in env units, and diagnostics (``w``, ``cos``: [B, K] when guided)."""
+        """Action chunks [B, H, A] in env units, and diagnostics (``w``, ``cos``: [B, K] when guided).
+
+        Per-episode noise (``ChunkedRollout(noise_seed=...)``) also needs a ``noise_shape`` attribute (H, A) and a
+        ``noise`` keyword ([B, H, A] initial noise used instead of ``generator``), as ``DAGPolicy`` has.
+        """
         ...
 
 
@@ -47,9 +58,15 @@ class ChunkedRollout:
     """Drives ``env`` with ``policy``: samples chunks, executes ``execute_steps`` of each, returns episodes."""
 
     def __init__(self, env: VecEnv, policy: ChunkPolicy, sampler: SamplerConfig, seeds: Iterator[int], *,
-                 source: str = "policy", policy_version: int = -1, generator: Any = None) -> None:
+                 source: str = "policy", policy_version: int = -1, generator: Any = None,
+                 noise_seed: Callable[[int], int | None] | None = None) -> None:
         self.env, self.policy, self.sampler = env, policy, sampler
         self.generator = generator
+        self.noise_seed = noise_seed
+        if noise_seed is not None and getattr(policy, "noise_shape", None) is None:
+            raise TypeError("per-episode noise (noise_seed) needs a policy with noise_shape and sample(noise=...)")
+        self._episode_generators: list[torch.Generator | None] = [None] * env.num_envs
+        self._fallback_generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.collector = EpisodeCollector(
             env, seeds, source=source, policy_version=policy_version, sampler=sampler.kind,
             sampler_params={"w": sampler.w, "lam": sampler.lam, "steps": sampler.steps,
@@ -57,16 +74,32 @@ class ChunkedRollout:
         self.queues: list[deque[np.ndarray]] = [deque() for _ in range(env.num_envs)]
         self.stats = RolloutStats()
         self.obs = self.collector.reset()
+        for i in range(env.num_envs):
+            self._start_noise(i)
 
     def set_policy(self, policy: ChunkPolicy, version: int) -> None:
         """Swap weights between chunks (on-policy refresh); episodes record the version they started with."""
         self.policy = policy
         self.collector.policy_version = version
 
+    def _start_noise(self, i: int) -> None:
+        """Seed env ``i``'s noise generator for the episode it just started (per-episode noise only)."""
+        if self.noise_seed is None:
+            return
+        seed = self.noise_seed(self.collector.episode_seed(i))
+        self._episode_generators[i] = None if seed is None else torch.Generator().manual_seed(int(seed))
+
     def _replan(self, idx: np.ndarray) -> None:
         obs = {k: v[idx] for k, v in self.obs.items()}
-        actions, diag = self.policy.sample(obs, [self.env.task.instruction] * len(idx), self.sampler,
-                                           self.generator)
+        instructions = [self.env.task.instruction] * len(idx)
+        if self.noise_seed is None:
+            actions, diag = self.policy.sample(obs, instructions, self.sampler, self.generator)
+        else:
+            shape = tuple(self.policy.noise_shape)  # type: ignore[attr-defined]
+            noise = torch.stack([
+                torch.randn(shape, generator=self._episode_generators[i] or self._fallback_generator)
+                for i in idx])
+            actions, diag = self.policy.sample(obs, instructions, self.sampler, noise=noise)  # type: ignore[call-arg]
         w, cos = diag.get("w"), diag.get("cos")
         self.stats.chunks += len(idx)
         if w is not None:
@@ -86,6 +119,7 @@ class ChunkedRollout:
         self.obs, finished = self.collector.step(actions)
         for i in np.flatnonzero(self.collector.last_done):
             self.queues[i].clear()  # a new episode re-plans from its first observation
+            self._start_noise(int(i))
         self.stats.env_steps += self.env.num_envs
         self.stats.episodes += len(finished)
         self.stats.successes += sum(ep.success for ep in finished)

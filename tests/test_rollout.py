@@ -18,10 +18,12 @@ H, K = 6, 4
 class ScriptedPolicy:
     """Chunks whose every action encodes (call number, row, position), so the test can see what ran."""
 
+    noise_shape = (H, 8)  # evaluation draws per-episode noise; this policy ignores it
+
     def __init__(self) -> None:
         self.calls: list[int] = []
 
-    def sample(self, obs, instructions, sampler, generator=None):
+    def sample(self, obs, instructions, sampler, generator=None, noise=None):
         b = len(obs["state"])
         self.calls.append(b)
         call = len(self.calls)

@@ -70,6 +70,10 @@ class EpisodeCollector:
         self._meta[i] = {"policy_version": self.policy_version, "sampler": self.sampler,
                          "sampler_params": dict(self.sampler_params)}
 
+    def episode_seed(self, i: int) -> int:
+        """The seed of env ``i``'s current episode."""
+        return self._buffers[i].seed
+
     def add_chunk(self, i: int, chunk: np.ndarray, w: np.ndarray | None = None,
                   cos: np.ndarray | None = None) -> None:
         """Record the chunk sampled for env ``i`` at its current step (with the sampler's diagnostics)."""

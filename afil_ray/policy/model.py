@@ -163,16 +163,34 @@ class DAGPolicy(nn.Module):
 
     # ------------------------------------------------------------------ acting
 
+    @property
+    def noise_shape(self) -> tuple[int, int]:
+        """Shape (H, A) of one sample's initial noise, for callers that draw the noise themselves (``noise=``)."""
+        return self.horizon, self.action_dim
+
     @torch.no_grad()
     def sample(self, obs: Mapping[str, Any], instructions: Sequence[str] | str, sampler: SamplerConfig,
-               generator: torch.Generator | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+               generator: torch.Generator | None = None, noise: Any = None) -> tuple[np.ndarray, dict[str, Any]]:
         """An action chunk [B, H, A] in env units for env observations (``state``, ``rgb_<camera>``).
+
+        The initial noise is ``noise`` ([B, H, A], tensor or array, standard normal) when given, else drawn from
+        ``generator`` (or torch's global RNG). Both samplers are deterministic after that draw (Euler steps for
+        flow, DDIM with eta = 0 for ddpm), so the initial noise is all the sampling randomness: equal noise means
+        equal chunks for equal observations and weights. Pass one of ``generator`` and ``noise``, not both.
 
         Diagnostics (see ``sampler.sample_chunk``): ``w``/``cos`` [B, K], ``w_mean``/``cos_mean`` [K], ``fused``.
         """
         images = {cam: obs[IMAGE_PREFIX + cam] for cam in self.cameras if IMAGE_PREFIX + cam in obs}
         prefix = self.encode(obs["state"], images, instructions)
-        noise = _randn((prefix.hidden.shape[0], self.horizon, self.action_dim), generator, self.device)
+        shape = (prefix.hidden.shape[0], self.horizon, self.action_dim)
+        if noise is None:
+            noise = _randn(shape, generator, self.device)
+        else:
+            if generator is not None:
+                raise ValueError("pass either generator or noise to sample, not both")
+            noise = torch.as_tensor(noise, dtype=torch.float32).to(self.device)
+            if tuple(noise.shape) != shape:
+                raise ValueError(f"noise has shape {tuple(noise.shape)}, this batch needs {shape}")
         chunk, diagnostics = sample_chunk(self.heads, self.objective, prefix, noise, sampler,
                                           clip=self.config.action_clip)
         actions = self.normalizer.unnormalize_action(chunk)

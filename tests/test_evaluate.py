@@ -1,0 +1,176 @@
+"""The paired evaluation protocol: per-episode noise, arms on the same (seed, run) episodes, the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from afil_ray.cli import main
+from afil_ray.config import Config, ConfigError, EnvConfig, SamplerConfig, load_config
+from afil_ray.envs.maniskill import ManiSkillVecEnv
+from afil_ray.evaluate import episode_noise_seed, evaluate_arms, parse_arm, resolve_arms, write_evaluation
+from afil_ray.policy.checkpoint import load_policy
+from afil_ray.rollout import ChunkedRollout
+
+from loop_fixtures import loop_config, make_start_checkpoint
+
+H, A = 4, 8
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A small untrained policy whose failure head differs from its success head (so guidance changes chunks)."""
+    cfg = loop_config(tmp_path_factory.mktemp("eval"))
+    path = make_start_checkpoint(cfg)
+    policy = load_policy(path)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        for p in policy.failure_head.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    policy.eval()
+    cfg.env.max_episode_steps = 8
+    cfg.eval.seed_start, cfg.eval.episodes, cfg.eval.runs = 700, 3, 2
+    cfg.sampler = SamplerConfig(kind="success_only", steps=2, execute_steps=4)
+    return cfg, policy, path
+
+
+def by_key(result):
+    return {(e.seed, e.extra["eval_run"]): e for e in result.episodes}
+
+
+def assert_same_episodes(a, b):
+    ka, kb = by_key(a), by_key(b)
+    assert ka.keys() == kb.keys()
+    for key in ka:
+        x, y = ka[key], kb[key]
+        assert np.array_equal(x.chunks, y.chunks), key
+        assert np.array_equal(x.action, y.action), key
+        assert np.array_equal(x.step_success, y.step_success) and x.success == y.success, key
+
+
+def test_arms_are_paired_and_evaluation_is_deterministic(setup):
+    cfg, policy, _ = setup
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(
+        cfg.eval, arms=["success_only", "static:w=0", "adaptive:lam=0", "static:w=0.5"]))
+    first = evaluate_arms(cfg, policy, progress=False)
+    assert [r.arm for r in first] == ["success_only", "static:w=0", "adaptive:lam=0", "static:w=0.5"]
+    base, static0, adaptive0, static_half = first
+    keys = sorted(by_key(base))
+    assert keys == [(s, r) for s in (700, 701, 702) for r in (0, 1)]
+    # w = 0 and lam = 0 reproduce success_only bit for bit, episode by episode
+    assert_same_episodes(base, static0)
+    assert_same_episodes(base, adaptive0)
+    # ... while real guidance, with the same noise, changes the chunks (the comparison can see a difference)
+    assert not np.array_equal(by_key(base)[(700, 0)].chunks[0], by_key(static_half)[(700, 0)].chunks[0])
+    # run 1 re-draws the noise of the same initial state: the initial observation is equal, the chunk is not
+    run0, run1 = by_key(base)[(700, 0)], by_key(base)[(700, 1)]
+    assert np.array_equal(run0.state[0], run1.state[0])
+    assert not np.array_equal(run0.chunks[0], run1.chunks[0])
+    assert run0.extra["noise_seed"] != run1.extra["noise_seed"]
+    # a second evaluation (other arm order, one arm) gives the same episodes
+    again = evaluate_arms(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, arms=["static:w=0.5"])),
+                          policy, progress=False)
+    assert_same_episodes(static_half, again[0])
+
+
+class NoiseEcho:
+    """Returns its initial noise as the chunk, so the test sees exactly which noise each episode got."""
+
+    noise_shape = (H, A)
+
+    def sample(self, obs, instructions, sampler, generator=None, noise=None):
+        chunk = 0.01 * noise.numpy()
+        return chunk, {"w": None, "cos": None}
+
+
+def first_chunks(num_envs: int, seeds: list[int], run: int) -> dict[int, np.ndarray]:
+    env = ManiSkillVecEnv(EnvConfig(task="PullCube-v1", num_envs=num_envs, max_episode_steps=6, backend="cpu",
+                                    cpu_vectorization="loop"))
+    wanted = set(seeds)
+    stream = itertools.chain(seeds, itertools.count(10**6))  # then throw-away seeds
+    rollout = ChunkedRollout(env, NoiseEcho(), SamplerConfig(execute_steps=4), stream,
+                             noise_seed=lambda s: episode_noise_seed(s, run, 0) if s in wanted else None)
+    out = {}
+    while len(out) < len(seeds):
+        for ep in rollout.step():
+            if ep.seed in wanted:
+                out[ep.seed] = ep.chunks
+    env.close()
+    return out
+
+
+def test_noise_depends_on_the_episode_not_the_env_slot():
+    one = first_chunks(1, [5, 6, 7], run=0)
+    two = first_chunks(2, [7, 5, 6], run=0)  # other slots, other order, other batch compositions
+    for seed in (5, 6, 7):
+        assert one[seed].shape == (2, H, A)  # 6 steps, re-planned every 4
+        assert np.array_equal(one[seed], two[seed])
+    other_run = first_chunks(1, [5], run=1)
+    assert not np.array_equal(one[5], other_run[5])
+
+
+def test_bad_arm_specs_are_clear_errors():
+    base = SamplerConfig()
+    assert parse_arm("adaptive:lam=1", base).sampler.lam == 1.0
+    arm = parse_arm("static:w=0.05,steps=5", base)
+    assert arm.name == "static:w=0.05,steps=5" and arm.sampler.kind == "static" and arm.sampler.steps == 5
+    assert parse_arm("static", base).name == "static:w=0.05"
+    with pytest.raises(ConfigError, match="unknown sampler kind 'guided'"):
+        parse_arm("guided:w=1", base)
+    with pytest.raises(ConfigError, match="key 'lam' does not apply to sampler 'static'"):
+        parse_arm("static:lam=1", base)
+    with pytest.raises(ConfigError, match="not a valid float"):
+        parse_arm("static:w=big", base)
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_arm("adaptive:lam", base)
+    cfg = Config()
+    cfg.eval.arms = ["success_only", "static:w=0.05", "static:w=0.050"]
+    with pytest.raises(ConfigError, match="more than once"):
+        resolve_arms(cfg)
+    cfg.eval.arms, cfg.eval.metric = [], "success_sometimes"
+    with pytest.raises(ConfigError, match=r"eval\.metric"):
+        resolve_arms(cfg)
+    with pytest.raises(ConfigError, match=r"eval\.rnus"):
+        load_config(None, ["eval.rnus=2"])
+    loaded = load_config(None, ["eval.arms=[success_only,static:w=0.05,adaptive:lam=1]", "eval.runs=2"])
+    assert [a.name for a in resolve_arms(loaded)] == ["success_only", "static:w=0.05", "adaptive:lam=1"]
+    assert all(not a.sampler.fused_heads for a in resolve_arms(loaded))  # exact pairing
+
+
+def test_report_files(setup, tmp_path):
+    cfg, policy, _ = setup
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, runs=1, episodes=2,
+                                                            arms=["static:w=0.5", "success_only"]))
+    arms = resolve_arms(cfg)
+    results = evaluate_arms(cfg, policy, progress=False, arms=arms)
+    report, paths = write_evaluation(cfg, results, arms, "ckpt/step_0", tmp_path / "out")
+    assert report["reference_arm"] == "success_only" and report["metric"] == "success_once"
+    for key in ("json", "md", "png", "episodes"):
+        assert paths[key].is_file() and paths[key].stat().st_size > 0
+    md = paths["md"].read_text()
+    assert "success_once" in md and "coincide" in md
+    records = json.loads(paths["episodes"].read_text())["episodes"]
+    assert len(records) == 4 and {(r["arm"], r["seed"], r["run"]) for r in records} == set(
+        itertools.product(["static:w=0.5", "success_only"], [700, 701], [0]))
+
+
+def test_cli_eval(setup, capsys):
+    cfg, _, path = setup
+    args = ["eval", f"run_dir={cfg.run_dir}", f"eval.checkpoint={path}", "env.task=PullCube-v1", "env.num_envs=2",
+            "env.max_episode_steps=6", "env.backend=cpu", "env.cpu_vectorization=loop", "sampler.steps=2",
+            "sampler.execute_steps=4", "eval.seed_start=700", "eval.arms=[success_only,adaptive:lam=1]",
+            "eval.metric=success_at_end", "--episodes", "2", "--runs", "1", "--quiet"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "PullCube-v1 sampler=success_only: success " in out and "/2 = " in out
+    assert "sampler=adaptive:lam=1: success" in out and "Metric: `success_at_end`" in out
+    report_dir = next((Path(cfg.run_dir) / "eval").iterdir())
+    assert report_dir.name == f"PullCube-v1-{path.name}-seeds700x2-runs1"
+    assert {p.name for p in report_dir.iterdir()} >= {"report.json", "report.md", "report.png", "episodes.json"}
+    assert main(["eval", "eval.arms=[static:lam=1]"]) == 2  # a bad arm fails before any checkpoint is read

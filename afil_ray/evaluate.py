@@ -75,7 +75,7 @@ class EvalResult:
     metric: str = "success_once"
 
     def outcome(self, ep: Episode) -> bool:
-        return bool(ep.success) if self.metric == "success_once" else bool(ep.extra.get("success_at_end", False))
+        return bool(ep.success) if self.metric == "success_once" else _success_at_end(ep)
 
     @property
     def successes(self) -> int:
@@ -91,7 +91,12 @@ class EvalResult:
 
     def outcomes(self) -> list[EpisodeOutcome]:
         return [EpisodeOutcome(seed=e.seed, run=int(e.extra["eval_run"]), success_once=bool(e.success),
-                               success_at_end=bool(e.extra.get("success_at_end", False))) for e in self.episodes]
+                               success_at_end=_success_at_end(e)) for e in self.episodes]
+
+
+def _success_at_end(ep: Episode) -> bool:
+    """Successful at the last step (the collector records it in ``extra``)."""
+    return bool(ep.extra.get("success_at_end", False))
 
 
 def episode_noise_seed(seed: int, run: int, base_seed: int) -> int:
@@ -137,8 +142,8 @@ def parse_arm(spec: str, base: SamplerConfig) -> Arm:
         if key in overrides:
             raise ConfigError(f"eval.arms: key {key!r} given twice in arm {text!r}")
         overrides[key] = _coerce(value, types[key], key, text)
-    return Arm(arm_label(dataclasses.replace(base, kind=kind, **overrides), tuple(overrides)),
-               dataclasses.replace(base, kind=kind, **overrides))
+    sampler = dataclasses.replace(base, kind=kind, **overrides)
+    return Arm(arm_label(sampler, tuple(overrides)), sampler)
 
 
 def _coerce(value: str, kind: type, key: str, spec: str) -> Any:
@@ -257,7 +262,7 @@ def write_evaluation(cfg: Config, results: list[EvalResult], arms: list[Arm], ch
     paths["md"].write_text(markdown)
     records = [{"arm": r.arm, "task": r.task, "seed": e.seed, "run": int(e.extra["eval_run"]),
                 "noise_seed": int(e.extra["noise_seed"]), "success_once": bool(e.success),
-                "success_at_end": bool(e.extra.get("success_at_end", False)), "length": e.length,
+                "success_at_end": _success_at_end(e), "length": e.length,
                 "w_mean": None if e.chunk_w is None else float(np.mean(e.chunk_w))}
                for r in results for e in r.episodes]
     paths["episodes"] = directory / "episodes.json"

@@ -42,6 +42,23 @@ def cmd_demos(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_correct(args: argparse.Namespace) -> int:
+    from afil_ray.correction import correct_failures
+    from afil_ray.replay.store import ReplayStore, format_stats
+
+    extra = [f"correct.max_failures={args.max}"] if args.max is not None else []
+    extra += [f"correct.workers={args.workers}"] if args.workers is not None else []
+    base = _config(args, extra)
+    store = ReplayStore.from_config(base.replay)
+    for task in args.task.split(",") if args.task else [base.env.task]:
+        cfg = _config(args, [*extra, f"env.task={task}"])
+        report = correct_failures(cfg, store, progress=not args.quiet)
+        print(report.summary())
+    print()
+    print(format_stats(store))
+    return 0
+
+
 def cmd_replay_stats(args: argparse.Namespace) -> int:
     from afil_ray.replay.store import ReplayStore, format_stats
 
@@ -117,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, help="planner processes (demos.workers)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demos)
+
+    c = sub.add_parser("correct", help="finish failed rollouts with the motion planner; store them as corrected")
+    with_config(c)
+    c.add_argument("--task", help="task id, or several separated by commas (default: env.task)")
+    c.add_argument("--max", type=int, help="failures to try per task (correct.max_failures)")
+    c.add_argument("--workers", type=int, help="planner processes (correct.workers)")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_correct)
 
     t = sub.add_parser("train", help="train the policy from the replay store (train.mode, data.store)")
     with_config(t)

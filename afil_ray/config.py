@@ -48,6 +48,21 @@ class DemoConfig:
 
 
 @dataclass
+class CorrectConfig:
+    """``afil-ray correct``: finish failed rollouts with the task's motion planner (afil_ray/correction.py)."""
+
+    # Where the search for a restore point starts: backtrack (the failure's last snapshot) | fraction (the
+    # snapshot at or before fraction * length). From there it steps back through earlier snapshots (doubling
+    # gaps, then bisecting towards the end) for the latest one from which a plan reaches success in time.
+    strategy: str = "backtrack"
+    fraction: float = 0.5
+    stride: int = 1  # consider every stride-th snapshot
+    max_attempts: int = 8  # planner runs per failure before it is dropped
+    max_failures: int | None = None  # failures tried per call (None: every one not tried before)
+    workers: int = 2  # planner processes
+
+
+@dataclass
 class PolicyConfig:
     """The DAG-VLA: one backbone, a success head and a failure head (afil_ray/policy/)."""
 
@@ -169,6 +184,7 @@ class Config:
     env: EnvConfig = field(default_factory=EnvConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     demos: DemoConfig = field(default_factory=DemoConfig)
+    correct: CorrectConfig = field(default_factory=CorrectConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

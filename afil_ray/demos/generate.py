@@ -8,12 +8,9 @@ killed part-way loses at most the demos not yet flushed (their seeds are simply 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import multiprocessing as mp
-import os
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -25,11 +22,12 @@ from tqdm import tqdm
 
 from afil_ray.config import Config
 from afil_ray.demos.planner import DemoMaker, DemoResult
+from afil_ray.replay.ledger import AttemptLedger
 from afil_ray.replay.store import ReplayStore
 
 log = logging.getLogger(__name__)
 SOURCE = "motion_planner"
-_FAILURES_DIR = "_meta/demo_failures"
+_FAILURES_KIND = "demo_failures"  # seeds without a demo, under <store>/_meta/
 
 
 @dataclass
@@ -62,46 +60,6 @@ class SimulatorCrash(RuntimeError):
     """A worker process died (segfault or abort inside the simulator or planner)."""
 
 
-class _FailureLog:
-    """Seeds that produced no demo, one JSON line each, in a file per run (no two runs share a file)."""
-
-    def __init__(self, store: ReplayStore, task: str) -> None:
-        self.store, self.task = store, task
-        self.dir = f"{store.root}/{_FAILURES_DIR}/task={task}"
-        self.path = f"{self.dir}/{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
-        self.lines: list[str] = []
-
-    def known(self) -> dict[int, str]:
-        from pyarrow import fs as pafs
-
-        out: dict[int, str] = {}
-        infos = self.store.fs.get_file_info(pafs.FileSelector(self.dir, allow_not_found=True))
-        for info in infos:
-            if info.type != pafs.FileType.File or not info.path.endswith(".jsonl"):
-                continue
-            with self.store.fs.open_input_stream(info.path) as f:
-                for line in f.read().decode().splitlines():
-                    try:
-                        rec = json.loads(line)
-                        out[int(rec["seed"])] = rec["reason"]
-                    except (ValueError, KeyError):
-                        continue  # a torn last line from a killed run: the seed is just tried again
-        return out
-
-    def add(self, result: DemoResult) -> None:
-        self.lines.append(json.dumps({"seed": result.seed, "reason": result.reason,
-                                      "planner_steps": result.planner_steps}))
-
-    def save(self) -> None:
-        if not self.lines:
-            return
-        self.store.fs.create_dir(self.dir, recursive=True)
-        tmp = f"{self.dir}/.{uuid.uuid4().hex}.tmp"
-        with self.store.fs.open_output_stream(tmp) as f:
-            f.write(("\n".join(self.lines) + "\n").encode())
-        self.store.fs.move(tmp, self.path)
-
-
 def existing_demo_seeds(store: ReplayStore, task: str) -> set[int]:
     if not store.list_shards(task=task, outcome="demo"):
         return set()
@@ -128,7 +86,7 @@ def generate_demos(cfg: Config, store: ReplayStore | None = None, progress: bool
     store = store or ReplayStore.from_config(cfg.replay)
     task, want = cfg.env.task, cfg.demos.num
     have = existing_demo_seeds(store, task)
-    failures = _FailureLog(store, task)
+    failures = AttemptLedger(store, _FAILURES_KIND, task, key="seed")
     done = have | set(failures.known())
     report = DemoReport(task=task, wanted=want, existing=len(have))
     need = want - len(have)
@@ -148,7 +106,8 @@ def generate_demos(cfg: Config, store: ReplayStore | None = None, progress: bool
                 report.lengths.append(result.episode.length)
                 bar.update(1)
             else:
-                failures.add(result)
+                failures.add({"seed": result.seed, "reason": result.reason,
+                              "planner_steps": result.planner_steps})
                 report.failures[result.reason.split(":")[0]] += 1
             if (report.added + sum(report.failures.values())) % cfg.demos.flush_every == 0:
                 writer.flush()

@@ -20,7 +20,7 @@ import numpy as np
 
 from afil_ray.config import DemoConfig, EnvConfig
 from afil_ray.envs.collector import EpisodeCollector
-from afil_ray.envs.maniskill import ManiSkillVecEnv, _import_maniskill, check_assets
+from afil_ray.envs.maniskill import ManiSkillVecEnv, _import_maniskill, check_assets, restore_state
 from afil_ray.envs.tasks import get_task
 from afil_ray.replay.episode import Episode
 
@@ -41,12 +41,21 @@ def planner_solutions() -> dict[str, object]:
 
 
 class _TargetRecorder(gym.Wrapper):
-    """Records the joint-position targets the planner sends and whether the task reported success."""
+    """Records the joint-position targets the planner sends and whether the task reported success.
+
+    With ``start_state`` set, every reset (the planners begin with one) lands in that snapshot instead of the
+    seed's initial state, so the planner plans from wherever a failed rollout left the scene.
+    """
+
+    start_state: bytes | None = None
 
     def reset(self, **kwargs):
         self.targets: list[np.ndarray] = []
         self.success: list[bool] = []
-        return super().reset(**kwargs)
+        out = super().reset(**kwargs)
+        if self.start_state is not None:
+            restore_state(self.env.unwrapped, self.start_state)
+        return out
 
     def step(self, action):
         self.targets.append(np.asarray(action, np.float32).reshape(-1).copy())
@@ -56,11 +65,64 @@ class _TargetRecorder(gym.Wrapper):
 
 
 @dataclass
+class Plan:
+    """A planner run: its ``pd_joint_pos`` targets, and the first step (1-based) that reached success (0: none)."""
+
+    targets: list[np.ndarray]
+    first_success: int
+    reason: str  # "ok" or why there is no usable plan
+
+
+class TaskPlanner:
+    """A task's ManiSkill motion planner in a ``pd_joint_pos`` twin of the policy's scene (no observations).
+
+    ``plan(seed)`` plans from the seed's initial state, ``plan(seed, start_state=snapshot)`` from a stored state
+    (the planner's own reset is redirected there).
+    """
+
+    def __init__(self, task: str, planner_max_steps: int) -> None:
+        self.spec = get_task(task)
+        solutions = planner_solutions()
+        if self.spec.planner not in solutions:
+            raise ValueError(f"task {self.spec.env_id} has no motion planner; tasks with one: {sorted(solutions)}")
+        self.solve = solutions[self.spec.planner]
+        _import_maniskill()
+        check_assets(self.spec.env_id)
+        self.env = _TargetRecorder(gym.make(
+            self.spec.env_id, num_envs=1, sim_backend="physx_cpu", obs_mode="none", control_mode="pd_joint_pos",
+            max_episode_steps=planner_max_steps, **dict(self.spec.env_kwargs)))
+
+    def plan(self, seed: int, start_state: bytes | None = None) -> Plan:
+        self.env.start_state = start_state
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # the planners print every failed screw plan
+                res = self.solve(self.env, seed=seed, debug=False, vis=False)
+        except Exception as e:  # planners raise on unreachable poses; count and move on
+            return Plan([], 0, f"planner_error: {type(e).__name__}: {e}"[:200])
+        finally:
+            self.env.start_state = None
+        targets, success = self.env.targets, self.env.success
+        if isinstance(res, int) and res == -1:
+            return Plan(targets, 0, "planner_failed")
+        if not any(success):
+            return Plan(targets, 0, "planner_no_success")
+        return Plan(targets, success.index(True) + 1, "ok")
+
+    def close(self) -> None:
+        self.env.close()
+
+
+@dataclass
 class DemoResult:
     seed: int
     episode: Episode | None
     reason: str  # "ok" or why the seed produced no demo
     planner_steps: int = 0
+
+
+def single_cpu_env(env_cfg: EnvConfig, limit: int) -> EnvConfig:
+    """One in-process CPU scene in the policy's control and observation modes (for replaying plans)."""
+    return replace(env_cfg, backend="cpu", cpu_vectorization="loop", num_envs=1, max_episode_steps=limit)
 
 
 def retarget(control_mode: str, base_env, target: np.ndarray) -> np.ndarray:
@@ -80,50 +142,31 @@ def retarget(control_mode: str, base_env, target: np.ndarray) -> np.ndarray:
 
 
 class DemoMaker:
-    """Owns a planner env and a replay env for one task; ``make(seed)`` returns one demonstration or a reason."""
+    """Owns a planner and a replay env for one task; ``make(seed)`` returns one demonstration or a reason."""
 
     def __init__(self, env_cfg: EnvConfig, demo_cfg: DemoConfig) -> None:
         if env_cfg.control_mode not in SUPPORTED_CONTROL_MODES:
             raise ValueError(f"demonstrations can be retargeted to {SUPPORTED_CONTROL_MODES}, not "
                              f"env.control_mode={env_cfg.control_mode!r}")
-        self.spec = get_task(env_cfg.task)
-        solutions = planner_solutions()
-        if self.spec.planner not in solutions:
-            raise ValueError(f"task {self.spec.env_id} has no motion planner; tasks with one: "
-                             f"{sorted(solutions)}")
-        self.solve = solutions[self.spec.planner]
-        _import_maniskill()
-        check_assets(self.spec.env_id)
+        self.planner = TaskPlanner(env_cfg.task, demo_cfg.planner_max_steps)
+        self.spec = self.planner.spec
         self.demo_cfg = demo_cfg
         self.limit = env_cfg.max_episode_steps or self.spec.max_episode_steps
         self.max_length = demo_cfg.max_length or self.limit
-        self.planner_env = _TargetRecorder(gym.make(
-            self.spec.env_id, num_envs=1, sim_backend="physx_cpu", obs_mode="none", control_mode="pd_joint_pos",
-            max_episode_steps=demo_cfg.planner_max_steps, **dict(self.spec.env_kwargs)))
-        replay_cfg = replace(env_cfg, backend="cpu", cpu_vectorization="loop", num_envs=1,
-                             max_episode_steps=self.limit)
-        self.replay_env = ManiSkillVecEnv(replay_cfg)
+        self.replay_env = ManiSkillVecEnv(single_cpu_env(env_cfg, self.limit))
         self.control_mode = env_cfg.control_mode
 
     def make(self, seed: int) -> DemoResult:
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # the planners print every failed screw plan
-                res = self.solve(self.planner_env, seed=seed, debug=False, vis=False)
-        except Exception as e:  # planners raise on unreachable poses; count and move on
-            return DemoResult(seed, None, f"planner_error: {type(e).__name__}: {e}"[:200])
-        targets, success = self.planner_env.targets, self.planner_env.success
-        if isinstance(res, int) and res == -1:
-            return DemoResult(seed, None, "planner_failed", len(targets))
-        if not any(success):
-            return DemoResult(seed, None, "planner_no_success", len(targets))
-        first = success.index(True) + 1
-        if first > self.max_length:
-            return DemoResult(seed, None, "too_long", len(targets))
-        episode = self._replay(seed, targets)
+        plan = self.planner.plan(seed)
+        if plan.reason != "ok":
+            return DemoResult(seed, None, plan.reason, len(plan.targets))
+        if plan.first_success > self.max_length:
+            return DemoResult(seed, None, "too_long", len(plan.targets))
+        episode = self._replay(seed, plan.targets)
         if episode is None or not episode.success:
-            return DemoResult(seed, None, "replay_failed", len(targets))
-        episode.extra.update(planner_steps=len(targets), planner_success_step=first)
-        return DemoResult(seed, episode, "ok", len(targets))
+            return DemoResult(seed, None, "replay_failed", len(plan.targets))
+        episode.extra.update(planner_steps=len(plan.targets), planner_success_step=plan.first_success)
+        return DemoResult(seed, episode, "ok", len(plan.targets))
 
     def _replay(self, seed: int, targets: list[np.ndarray]) -> Episode | None:
         collector = EpisodeCollector(self.replay_env, itertools.repeat(seed), source="motion_planner",
@@ -141,5 +184,5 @@ class DemoMaker:
         return None
 
     def close(self) -> None:
-        self.planner_env.close()
+        self.planner.close()
         self.replay_env.close()

@@ -97,6 +97,26 @@ def _make_maniskill(spec: TaskSpec, cfg: EnvConfig, num_envs: int, sim_backend: 
                              f"control_mode={cfg.control_mode}): {e}") from e
 
 
+def refresh_contacts(base: Any) -> None:
+    """Make contact-derived features (``is_grasped``) current for the scene's present state.
+
+    After a reset or ``set_state_dict`` PhysX still reports the contacts of the last simulated step, so a
+    reset right after a grasp observes ``is_grasped=1``. One physics step computes the contacts of the new
+    configuration, and restoring the state undoes the step's motion.
+    """
+    state = base.get_state_dict()
+    base.scene.px.step()
+    base.set_state_dict(state)
+
+
+def restore_state(base: Any, blob: bytes) -> None:
+    """Put an unwrapped CPU ManiSkill env into a stored snapshot (see afil_ray.envs.snapshot)."""
+    from mani_skill.utils import common
+
+    base.set_state_dict(common.to_tensor(snap.loads(blob)))
+    refresh_contacts(base)
+
+
 def _limit(spec: TaskSpec, cfg: EnvConfig) -> int:
     return cfg.max_episode_steps or spec.max_episode_steps
 
@@ -145,15 +165,7 @@ class ManiSkillCpuEnv(gym.Env):
         return snap.dumps(self._base.get_state_dict()) if every and self._t % every == 0 else None
 
     def _refresh_contacts(self) -> Any:
-        """Observation of the current state with contact-derived features (``is_grasped``) made current.
-
-        After a reset or ``set_state_dict`` PhysX still reports the contacts of the last simulated step, so a
-        reset right after a grasp observes ``is_grasped=1``. One physics step computes the contacts of the new
-        configuration, and restoring the state undoes the step's motion.
-        """
-        state = self._base.get_state_dict()
-        self._base.scene.px.step()
-        self._base.set_state_dict(state)
+        refresh_contacts(self._base)
         return self._base.get_obs()
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[Obs, dict]:
@@ -185,11 +197,9 @@ class ManiSkillCpuEnv(gym.Env):
         if self.index not in requests:
             return None
         blob, step = requests[self.index]
-        from mani_skill.utils import common
-
-        self._base.set_state_dict(common.to_tensor(snap.loads(blob)))
+        restore_state(self._base, blob)
         self._t = step
-        return self._obs(self._refresh_contacts())
+        return self._obs(self._base.get_obs())
 
     def close(self) -> None:
         self._env.close()

@@ -1,0 +1,318 @@
+"""``afil-ray correct``: turn failed rollouts into successes by letting the motion planner finish them.
+
+For a failure with simulator snapshots, the scene is restored at a snapshot and the task's planner plans from
+there; its joint targets are replayed closed-loop in the policy's control mode (as demos are, see
+afil_ray/demos/planner.py). The stored trajectory is the failure's own prefix up to the restore point followed
+by the planner's suffix, outcome ``corrected``, linked to the failure by ``parent_episode_id``.
+
+Which snapshot: the search starts at the last snapshot (``backtrack``) or at ``fraction`` of the episode and
+steps back, with doubling gaps, until a plan reaches success within the task's episode limit; it then bisects
+back towards the failure's end, so the correction keeps as much of the failed behaviour as the planner allows.
+(From late in a failure the planners often cannot finish: a cube pushed against the gripper, a peg half
+turned.) A plan that succeeds but does not fit in the steps left also tells how far back to go: restore points
+leaving fewer steps are skipped. Failures that no attempt corrects are counted by reason and recorded, so a
+re-run skips them.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow.dataset as ds
+from tqdm import tqdm
+
+from afil_ray.config import Config, CorrectConfig, DemoConfig, EnvConfig
+from afil_ray.demos.generate import SimulatorCrash
+from afil_ray.demos.planner import HOLD_STEPS, SUPPORTED_CONTROL_MODES, TaskPlanner, retarget, single_cpu_env
+from afil_ray.envs.maniskill import ManiSkillVecEnv
+from afil_ray.replay.episode import Episode
+from afil_ray.replay.ledger import AttemptLedger
+from afil_ray.replay.store import ReplayStore
+
+log = logging.getLogger(__name__)
+SOURCE = "correction"
+STRATEGIES = ("backtrack", "fraction")
+_LEDGER_KIND = "corrections"  # failures the planner could not finish, under <store>/_meta/
+
+
+@dataclass
+class CorrectionResult:
+    parent_id: str
+    episode: Episode | None
+    reason: str  # "ok" or why the failure was dropped
+    restore_step: int | None = None
+    attempts: int = 0
+    seconds: float = 0.0
+
+
+def restore_candidates(failure: Episode, cfg: CorrectConfig) -> list[tuple[int, bytes]]:
+    """Snapshots to try, latest first, from the strategy's starting point back to the episode start."""
+    if cfg.strategy not in STRATEGIES:
+        raise ValueError(f"correct.strategy must be one of {STRATEGIES}, got {cfg.strategy!r}")
+    if cfg.stride < 1:
+        raise ValueError(f"correct.stride must be >= 1, got {cfg.stride}")
+    pairs = sorted(zip(failure.snapshot_steps, failure.snapshots, strict=True), key=lambda p: -p[0])
+    if cfg.strategy == "fraction":
+        if not 0.0 <= cfg.fraction <= 1.0:
+            raise ValueError(f"correct.fraction must be in [0, 1], got {cfg.fraction}")
+        start = cfg.fraction * failure.length
+        pairs = [p for p in pairs if p[0] <= start] or pairs[-1:]
+    return pairs[::cfg.stride]
+
+
+class Corrector:
+    """A planner and a replay scene for one task; ``correct(failure)`` returns a corrected episode or a reason."""
+
+    def __init__(self, env_cfg: EnvConfig, correct_cfg: CorrectConfig, demo_cfg: DemoConfig) -> None:
+        if env_cfg.control_mode not in SUPPORTED_CONTROL_MODES:
+            raise ValueError(f"planner suffixes can be retargeted to {SUPPORTED_CONTROL_MODES}, not "
+                             f"env.control_mode={env_cfg.control_mode!r}")
+        self.cfg = correct_cfg
+        self.planner = TaskPlanner(env_cfg.task, demo_cfg.planner_max_steps)
+        self.limit = env_cfg.max_episode_steps or self.planner.spec.max_episode_steps
+        self.env = ManiSkillVecEnv(single_cpu_env(env_cfg, self.limit))
+        self.control_mode = env_cfg.control_mode
+
+    def correct(self, failure: Episode) -> CorrectionResult:
+        t0 = time.time()
+        if failure.task != self.planner.spec.env_id:
+            raise ValueError(f"episode {failure.episode_id} is a {failure.task} episode; this corrector is for "
+                             f"{self.planner.spec.env_id}")
+        if not failure.snapshots:
+            return CorrectionResult(failure.episode_id, None, "no_snapshots", seconds=time.time() - t0)
+        candidates = restore_candidates(failure, self.cfg)
+        reasons: Counter = Counter()
+        plans: dict[int, list[np.ndarray]] = {}  # candidate index -> a plan that succeeds and fits
+        shortest_fit = 0  # steps a successful plan needed: restore points leaving fewer are not tried
+
+        def works(i: int) -> bool:
+            nonlocal shortest_fit
+            step, blob = candidates[i]
+            plan = self.planner.plan(int(failure.seed or 0), start_state=blob)
+            if plan.reason != "ok":
+                reasons[plan.reason.split(":")[0]] += 1
+                return False
+            if step + plan.first_success > self.limit:
+                reasons["over_limit"] += 1
+                shortest_fit = max(shortest_fit, plan.first_success)
+                return False
+            plans[i] = plan.targets
+            return True
+
+        # Step back with doubling gaps (latest snapshot first) until a plan works, then bisect towards the
+        # failure's end: the later the restore point, the more of the failed behaviour the correction keeps.
+        n = len(candidates)
+        probes = sorted({min(2**k - 1, n - 1) for k in range(n.bit_length() + 1)})  # 0, 1, 3, 7, ..., n - 1
+        attempts, last_bad, good = 0, -1, None
+        for i in probes:
+            if attempts >= self.cfg.max_attempts:
+                break
+            if self.limit - candidates[i][0] < shortest_fit:
+                continue
+            attempts += 1
+            if works(i):
+                good = i
+                break
+            last_bad = i
+        while good is not None and good - last_bad > 1 and attempts < self.cfg.max_attempts:
+            mid = (good + last_bad) // 2
+            if self.limit - candidates[mid][0] < shortest_fit:
+                last_bad = mid
+                continue
+            attempts += 1
+            if works(mid):
+                good = mid
+            else:
+                last_bad = mid
+        if good is not None:
+            step, blob = candidates[good]
+            episode = self._splice(failure, step, blob, plans[good])
+            if episode is not None:
+                episode.extra.update(restore_step=step, attempts=attempts, planner_steps=len(plans[good]))
+                return CorrectionResult(failure.episode_id, episode, "ok", step, attempts, time.time() - t0)
+            reasons["replay_failed"] += 1
+        reason = reasons.most_common(1)[0][0] if reasons else "no_restore_point_fits"
+        return CorrectionResult(failure.episode_id, None, reason, None, attempts, time.time() - t0)
+
+    def _splice(self, failure: Episode, step: int, blob: bytes, targets: list[np.ndarray]) -> Episode | None:
+        """The failure's first ``step`` steps, then the plan replayed from the restored snapshot."""
+        obs = {k: v[None] for k, v in self.env.restore(0, blob, step).items()}  # batched like step's obs
+        base = self.env.local_env(0).base
+        every = self.env.snapshot_every
+        suffix: dict[str, list] = {k: [] for k in ("state", "action", "reward", "success", "fail", "terminated",
+                                                   "truncated")}
+        images: dict[str, list[np.ndarray]] = {cam: [] for cam in self.env.cameras}
+        snap_steps = [s for s in failure.snapshot_steps if s <= step]
+        snaps = [b for s, b in zip(failure.snapshot_steps, failure.snapshots, strict=True) if s <= step]
+        done = False
+        for target in targets + [targets[-1]] * HOLD_STEPS:
+            action = retarget(self.control_mode, base, target)
+            res = self.env.step(action[None])
+            suffix["state"].append(obs["state"][0].copy())
+            for cam in images:
+                images[cam].append(obs[f"rgb_{cam}"][0].copy())
+            suffix["action"].append(action)
+            for key in ("reward", "success", "fail", "terminated", "truncated"):
+                suffix[key].append(getattr(res, key)[0])
+            obs = res.obs
+            if res.done[0]:
+                done = True
+                break
+            if every and res.snapshots[0] is not None:
+                snap_steps.append(int(res.elapsed_steps[0]))
+                snaps.append(res.snapshots[0])
+        if not any(suffix["success"]):
+            return None
+        if not done:  # the plan ended before the env terminated (only with env.ignore_terminations)
+            suffix["truncated"][-1] = True
+        n = len(failure.chunk_steps) - sum(s >= step for s in failure.chunk_steps)
+
+        def head(arr: np.ndarray | None) -> np.ndarray | None:
+            return None if arr is None else arr[:n]
+
+        return Episode(
+            task=failure.task, outcome="corrected", instruction=failure.instruction, seed=failure.seed,
+            source=SOURCE, policy_version=failure.policy_version, sampler=failure.sampler,
+            sampler_params=dict(failure.sampler_params), control_mode=self.control_mode, obs_mode=failure.obs_mode,
+            state=np.concatenate([failure.state[:step], np.stack(suffix["state"])]),
+            action=np.concatenate([failure.action[:step], np.stack(suffix["action"])]).astype(np.float32),
+            reward=np.concatenate([failure.reward[:step], np.asarray(suffix["reward"], np.float32)]),
+            step_success=np.concatenate([failure.step_success[:step], np.asarray(suffix["success"], bool)]),
+            terminated=np.concatenate([failure.terminated[:step], np.asarray(suffix["terminated"], bool)]),
+            truncated=np.concatenate([failure.truncated[:step], np.asarray(suffix["truncated"], bool)]),
+            final_state=np.asarray(obs["state"][0], np.float32).copy(),
+            images={cam: np.concatenate([failure.images[cam][:step], np.stack(v)]) for cam, v in images.items()},
+            snapshot_steps=snap_steps, snapshots=snaps, chunk_steps=list(failure.chunk_steps[:n]),
+            chunks=head(failure.chunks), chunk_w=head(failure.chunk_w), chunk_cos=head(failure.chunk_cos),
+            parent_episode_id=failure.episode_id,
+            # a task's fail condition ends the episode, so the failure's prefix never contains one
+            extra={"fail_once": bool(any(suffix["fail"])), "success_at_end": bool(suffix["success"][-1])},
+        )
+
+    def close(self) -> None:
+        self.planner.close()
+        self.env.close()
+
+
+@dataclass
+class CorrectionReport:
+    task: str
+    tried: int = 0
+    corrected: int = 0
+    skipped_before: int = 0  # failures corrected or dropped by an earlier run
+    dropped: Counter = field(default_factory=Counter)
+    restore_fraction: list[float] = field(default_factory=list)  # restore step / failure length, per correction
+    attempts: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        lines = [f"{self.task}: corrected {self.corrected} of {self.tried} failures tried in {self.seconds:.0f} s "
+                 f"({self.skipped_before} handled by earlier runs)"]
+        if self.corrected:
+            fr, at = np.asarray(self.restore_fraction), np.asarray(self.attempts)
+            lines.append(f"  restore point: median {np.median(fr):.2f} of the failure's length "
+                         f"(min {fr.min():.2f}, max {fr.max():.2f}); planner runs per correction: mean {at.mean():.1f}")
+        for reason, k in self.dropped.most_common():
+            lines.append(f"  dropped {k}: {reason}")
+        return "\n".join(lines)
+
+
+def handled_failures(store: ReplayStore, task: str) -> set[str]:
+    """Failures already corrected (a ``corrected`` child in the store) or recorded as dropped."""
+    done = set(AttemptLedger(store, _LEDGER_KIND, task, key="parent").known())
+    if store.list_shards(task=task, outcome="corrected"):
+        flt = (ds.field("task") == task) & (ds.field("outcome") == "corrected")
+        done |= set(store.dataset().to_table(columns=["parent_episode_id"], filter=flt)
+                    ["parent_episode_id"].to_pylist())
+    return done
+
+
+def correct_failures(cfg: Config, store: ReplayStore | None = None, progress: bool = True) -> CorrectionReport:
+    """Correct every failure of ``cfg.env.task`` in the store not handled before (up to correct.max_failures)."""
+    store = store or ReplayStore.from_config(cfg.replay)
+    task = cfg.env.task
+    report = CorrectionReport(task=task)
+    handled = handled_failures(store, task)
+    failures = [ep for ep in (store.read_episodes(task=task, outcome="failure")
+                              if store.list_shards(task=task, outcome="failure") else [])]
+    todo = [ep for ep in failures if ep.episode_id not in handled]
+    report.skipped_before = len(failures) - len(todo)
+    if cfg.correct.max_failures is not None:
+        todo = todo[:cfg.correct.max_failures]
+    ledger = AttemptLedger(store, _LEDGER_KIND, task, key="parent")
+    lengths = {ep.episode_id: ep.length for ep in todo}
+    t0 = time.time()
+    bar = tqdm(total=len(todo), desc=f"correct {task}", unit="failure", disable=not progress, dynamic_ncols=True)
+    writer = store.writer()
+    try:
+        for result in _results(cfg, todo):
+            report.tried += 1
+            if result.episode is not None:
+                writer.add(result.episode)
+                report.corrected += 1
+                report.restore_fraction.append(result.restore_step / lengths[result.parent_id])
+                report.attempts.append(result.attempts)
+            else:
+                report.dropped[result.reason] += 1
+                ledger.add({"parent": result.parent_id, "reason": result.reason, "attempts": result.attempts})
+            if report.tried % 16 == 0:
+                writer.flush()
+                ledger.save()
+            bar.update(1)
+            bar.set_postfix(corrected=report.corrected)
+    finally:
+        writer.close()
+        ledger.save()
+        bar.close()
+        report.seconds = time.time() - t0
+    return report
+
+
+_worker: Corrector | None = None
+
+
+def _worker_init(cfg: Config) -> None:
+    global _worker
+    logging.getLogger("mani_skill").setLevel(logging.ERROR)
+    _worker = Corrector(cfg.env, cfg.correct, cfg.demos)
+
+
+def _worker_correct(failure: Episode) -> CorrectionResult:
+    assert _worker is not None
+    return _worker.correct(failure)
+
+
+def _results(cfg: Config, todo: list[Episode]) -> Iterator[CorrectionResult]:
+    if not todo:
+        return
+    workers = max(1, min(cfg.correct.workers, len(todo)))
+    if workers == 1:
+        corrector = Corrector(cfg.env, cfg.correct, cfg.demos)
+        try:
+            yield from (corrector.correct(ep) for ep in todo)
+        finally:
+            corrector.close()
+        return
+    ctx = mp.get_context("spawn")  # SAPIEN and torch state must not be forked
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(cfg,)) as pool:
+        futures = {pool.submit(_worker_correct, ep): ep.episode_id for ep in todo}
+        try:
+            for fut in as_completed(futures):
+                try:
+                    yield fut.result()
+                except BrokenProcessPool as e:
+                    raise SimulatorCrash(
+                        f"a correction worker for {cfg.env.task} died while correcting failure {futures[fut]} or "
+                        f"another in flight (a simulator or planner crash). Corrections written so far are kept; "
+                        f"re-run the same command to resume.") from e
+        finally:
+            for fut in futures:
+                fut.cancel()

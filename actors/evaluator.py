@@ -1,4 +1,5 @@
-"""Ray shell of :class:`afil_ray.loop.evaluator.LoopEvaluator`."""
+"""Ray shells of the evaluators: the loop's (:class:`afil_ray.loop.evaluator.LoopEvaluator`) and
+``afil-ray eval``'s workers (:class:`afil_ray.eval_workers.EvalWorker`)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import os
 from typing import Any
 
 import ray
+import torch
 
-from afil_ray.config import Config
+from afil_ray.config import Config, SamplerConfig
+from afil_ray.eval_workers import EvalWorker
 from afil_ray.loop.evaluator import EvalReport, LoopEvaluator
 from afil_ray.loop.ray_weights import BoardWeightSource
+from afil_ray.replay.episode import Episode
 
 
 @ray.remote
@@ -22,3 +26,14 @@ class EvalActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+@ray.remote
+class EvalUnitActor:
+    """Ray shell of :class:`afil_ray.eval_workers.EvalWorker` (``afil-ray eval`` on a cluster)."""
+
+    def __init__(self, cfg: Config, policy: torch.nn.Module, torch_threads: int) -> None:
+        self.worker = EvalWorker(cfg, policy, torch_threads)
+
+    def run(self, sampler: SamplerConfig, run: int) -> list[Episode]:
+        return self.worker.run(sampler, run)

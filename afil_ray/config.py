@@ -143,6 +143,13 @@ class EvalConfig:
     # Guided arms run the two heads as two calls (sampler.fused_heads ignored), so that w = 0 (or lam = 0)
     # reproduces success_only bit for bit; false: honour fused_heads (faster, equal only to float32 rounding).
     exact_pairing: bool = True
+    # Evaluation units (arm, run) are spread over this many workers, each with its own env and policy copy:
+    # Ray eval actors when a Ray cluster is attached (RAY_ADDRESS set or Ray initialised), processes otherwise.
+    # Results do not depend on the worker count or kind: a unit runs the same episodes wherever it runs.
+    workers: int = 1
+    backend: str = "auto"  # auto | processes | ray
+    worker_cpus: float = 1.0  # Ray resources per eval actor
+    worker_gpus: float = 0.0
 
 
 @dataclass

@@ -28,6 +28,7 @@ Each episode records ``success_once`` (successful at some step, ``Episode.succes
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 from dataclasses import dataclass
@@ -196,6 +197,7 @@ def run_episodes(env: VecEnv, cfg: Config, policy: ChunkPolicy, sampler: Sampler
         for ep in rollout.step():
             if ep.seed in wanted:
                 ep.extra.update(eval_run=run, noise_seed=episode_noise_seed(ep.seed, run, cfg.seed))
+                ep.snapshot_steps, ep.snapshots = [], []  # not needed for a report; keeps worker replies small
                 kept.append(ep)
                 if bar is not None:
                     bar.update(1)
@@ -205,18 +207,21 @@ def run_episodes(env: VecEnv, cfg: Config, policy: ChunkPolicy, sampler: Sampler
 
 def evaluate_arms(cfg: Config, policy: ChunkPolicy, progress: bool = True,
                   arms: list[Arm] | None = None) -> list[EvalResult]:
-    """Every arm on the same ``eval.episodes`` seeds x ``eval.runs`` noise draws, in one env."""
+    """Every arm on the same ``eval.episodes`` seeds x ``eval.runs`` noise draws; the units (arm, run) run on
+    ``eval.workers`` workers (afil_ray/eval_workers.py), with the same episodes whatever the worker count."""
+    from afil_ray.eval_workers import run_units
+
     arms = resolve_arms(cfg) if arms is None else arms
-    results = []
-    total = len(arms) * cfg.eval.runs * cfg.eval.episodes
-    with ManiSkillVecEnv(cfg.env) as env, tqdm(total=total, desc=f"eval {cfg.env.task}", unit="ep",
-                                               disable=not progress, dynamic_ncols=True) as bar:
-        for arm in arms:
-            bar.set_postfix(arm=arm.name)
-            episodes = [ep for run in range(cfg.eval.runs) for ep in run_episodes(env, cfg, policy, arm.sampler,
-                                                                                  run, bar)]
-            results.append(EvalResult(cfg.env.task, arm.sampler.kind, episodes, arm.name, cfg.eval.metric))
-    return results
+    units = [(a, r) for a in range(len(arms)) for r in range(cfg.eval.runs)]
+    episodes: dict[tuple[int, int], list[Episode]] = {}
+    with tqdm(total=len(units) * cfg.eval.episodes, desc=f"eval {cfg.env.task}", unit="ep", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for unit, eps in run_units(cfg, policy, [a.sampler for a in arms], units):
+            episodes[unit] = eps
+            bar.update(len(eps))
+            bar.set_postfix(done=f"{arms[unit[0]].name} run {unit[1]}")
+    return [EvalResult(cfg.env.task, arm.sampler.kind, [ep for r in range(cfg.eval.runs) for ep in episodes[(a, r)]],
+                       arm.name, cfg.eval.metric) for a, arm in enumerate(arms)]
 
 
 def evaluate(cfg: Config, policy: ChunkPolicy, progress: bool = True) -> EvalResult:
@@ -228,11 +233,13 @@ def evaluate(cfg: Config, policy: ChunkPolicy, progress: bool = True) -> EvalRes
     return EvalResult(cfg.env.task, cfg.sampler.kind, episodes, arm.name)
 
 
-def output_dir(cfg: Config, checkpoint: str | Path) -> Path:
-    """``run_dir/eval/<task>-<checkpoint>-seeds<start>x<episodes>-runs<runs>``: a tuning range never overwrites
-    the reported one."""
+def output_dir(cfg: Config, checkpoint: str | Path, arms: list[Arm] | None = None) -> Path:
+    """``run_dir/eval/<task>-<checkpoint>-seeds<start>x<episodes>-runs<runs>-arms<hash>``: neither a tuning range
+    nor another arm set overwrites a reported evaluation (report.json lists the arms behind the hash)."""
+    names = ",".join(a.name for a in (arms if arms is not None else resolve_arms(cfg)))
+    digest = hashlib.sha1(names.encode()).hexdigest()[:8]
     name = (f"{cfg.env.task}-{Path(checkpoint).name}-seeds{cfg.eval.seed_start}x{cfg.eval.episodes}"
-            f"-runs{cfg.eval.runs}")
+            f"-runs{cfg.eval.runs}-arms{digest}")
     return Path(cfg.run_dir) / "eval" / name
 
 
@@ -247,7 +254,7 @@ def metric_note(cfg: Config) -> str:
 def write_evaluation(cfg: Config, results: list[EvalResult], arms: list[Arm], checkpoint: str | Path,
                      directory: str | Path | None = None) -> tuple[dict[str, Any], dict[str, Path]]:
     """report.json / report.md / report.png (eval_report) and episodes.json (one record per arm and episode)."""
-    directory = Path(directory) if directory is not None else output_dir(cfg, checkpoint)
+    directory = Path(directory) if directory is not None else output_dir(cfg, checkpoint, arms)
     report = build_report([ArmResult(r.arm, r.task, r.outcomes()) for r in results], metric=cfg.eval.metric,
                           reference_arm=reference_arm(arms), seed=cfg.seed)
     report["protocol"] = {

@@ -143,6 +143,45 @@ def test_bad_arm_specs_are_clear_errors():
     assert all(not a.sampler.fused_heads for a in resolve_arms(loaded))  # exact pairing
 
 
+def test_results_do_not_depend_on_the_worker_count(setup):
+    """Units (arm, run) spread over two spawned processes give the same episodes as one in-process worker."""
+    cfg, policy, _ = setup
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, arms=["success_only", "static:w=0.5"]))
+    alone = evaluate_arms(cfg, policy, progress=False)
+    spread = evaluate_arms(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, workers=2,
+                                                                             backend="processes")),
+                           policy, progress=False)
+    assert [r.arm for r in spread] == [r.arm for r in alone]
+    for a, b in zip(alone, spread, strict=True):
+        assert [(e.seed, e.extra["eval_run"]) for e in a.episodes] == [(e.seed, e.extra["eval_run"])
+                                                                       for e in b.episodes]
+        assert_same_episodes(a, b)
+    with pytest.raises(ConfigError, match=r"eval\.backend"):
+        evaluate_arms(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, workers=2, backend="mpi")),
+                      policy, progress=False)
+
+
+@pytest.mark.timeout(1200)  # actor start-up is slow on a loaded 2-core machine
+def test_ray_eval_actors_give_the_same_episodes(setup):
+    import ray
+
+    from afil_ray.eval_workers import resolve_backend
+
+    cfg, policy, _ = setup
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, arms=["success_only", "static:w=0.5"], runs=1))
+    alone = evaluate_arms(cfg, policy, progress=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert resolve_backend(cfg) == "ray"
+        on_ray = evaluate_arms(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, workers=2)), policy,
+                               progress=False)  # backend auto: Ray is initialised, so eval actors
+        assert [r.arm for r in on_ray] == [r.arm for r in alone]
+        for a, b in zip(alone, on_ray, strict=True):
+            assert_same_episodes(a, b)
+    finally:
+        ray.shutdown()
+
+
 def test_report_files(setup, tmp_path):
     cfg, policy, _ = setup
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, runs=1, episodes=2,
@@ -171,6 +210,6 @@ def test_cli_eval(setup, capsys):
     assert "PullCube-v1 sampler=success_only: success " in out and "/2 = " in out
     assert "sampler=adaptive:lam=1: success" in out and "Metric: `success_at_end`" in out
     report_dir = next((Path(cfg.run_dir) / "eval").iterdir())
-    assert report_dir.name == f"PullCube-v1-{path.name}-seeds700x2-runs1"
+    assert report_dir.name.startswith(f"PullCube-v1-{path.name}-seeds700x2-runs1-arms")
     assert {p.name for p in report_dir.iterdir()} >= {"report.json", "report.md", "report.png", "episodes.json"}
     assert main(["eval", "eval.arms=[static:lam=1]"]) == 2  # a bad arm fails before any checkpoint is read

@@ -42,7 +42,24 @@ def _batch(encode: Callable[[str], tuple[int, ...]], texts: list[str],
     return torch.from_numpy(ids[index]), torch.from_numpy(mask[index])
 
 
-class ByteTokenizer:
+class _EncodeCache:
+    """A per-instance memo of ``_encode_one``; rebuilt after unpickling (a policy travels to eval workers)."""
+
+    def _encode_one(self, text: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _build_cache(self) -> None:
+        self._encode = lru_cache(maxsize=1024)(self._encode_one)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_encode"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._build_cache()
+
+
+class ByteTokenizer(_EncodeCache):
     """BOS + UTF-8 bytes, truncated to ``max_length``: no vocabulary file, so a tiny model needs no download."""
 
     vocab_size = BYTE_VOCAB_SIZE
@@ -52,7 +69,7 @@ class ByteTokenizer:
         if max_length < 1:
             raise ValueError(f"max_text_tokens must be >= 1, got {max_length}")
         self.max_length = max_length
-        self._encode = lru_cache(maxsize=1024)(self._encode_one)
+        self._build_cache()
 
     def _encode_one(self, text: str) -> tuple[int, ...]:
         return (BOS_ID, *(b + BYTE_OFFSET for b in text.encode("utf-8")))[: self.max_length]
@@ -61,7 +78,7 @@ class ByteTokenizer:
         return _batch(self._encode, texts, self.max_length)
 
 
-class PretrainedTokenizer:
+class PretrainedTokenizer(_EncodeCache):
     """A Hugging Face tokenizer behind the same call, padded/truncated to ``max_length``."""
 
     def __init__(self, path: str | Path, max_length: int) -> None:
@@ -75,7 +92,7 @@ class PretrainedTokenizer:
             raise FileNotFoundError(f"policy.pretrained_path: no usable tokenizer in {path}: {e}") from None
         self.max_length = max_length
         self.vocab_size = len(self.hf)
-        self._encode = lru_cache(maxsize=1024)(self._encode_one)
+        self._build_cache()
 
     def _encode_one(self, text: str) -> tuple[int, ...]:
         return tuple(self.hf(text, truncation=True, max_length=self.max_length)["input_ids"])

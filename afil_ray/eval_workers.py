@@ -1,0 +1,147 @@
+"""Where evaluation units run: in this process, in spawned processes, or in Ray eval actors.
+
+A unit is one arm on one run (all ``eval.episodes`` seeds with that run's noise). A unit is the same
+computation wherever it runs (its own env, the same seeds in the same slots, per-episode noise), so results do
+not depend on how many workers there are or what kind: the paired protocol stays exact when it is spread out.
+Workers get the policy object itself (pickled once per worker), so they need no shared file system.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+
+import torch
+
+from afil_ray.config import Config, ConfigError, SamplerConfig
+from afil_ray.envs.maniskill import ManiSkillVecEnv
+from afil_ray.replay.episode import Episode
+
+BACKENDS = ("auto", "processes", "ray")
+Unit = tuple[int, int]  # (arm index, run)
+
+
+class EvalWorker:
+    """An env and a policy copy that run evaluation units. Plain class: a process or a Ray actor hosts it."""
+
+    def __init__(self, cfg: Config, policy: torch.nn.Module, torch_threads: int = 0) -> None:
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.cfg = cfg
+        self.policy = policy.eval()
+        self.env = ManiSkillVecEnv(cfg.env)
+
+    def run(self, sampler: SamplerConfig, run: int) -> list[Episode]:
+        from afil_ray.evaluate import run_episodes
+
+        return run_episodes(self.env, self.cfg, self.policy, sampler, run)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def resolve_backend(cfg: Config) -> str:
+    """``ray`` when asked, or (auto) when a Ray cluster is attached; ``processes`` otherwise."""
+    backend = cfg.eval.backend
+    if backend not in BACKENDS:
+        raise ConfigError(f"eval.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    import ray
+
+    return "ray" if ray.is_initialized() or os.environ.get("RAY_ADDRESS") else "processes"
+
+
+def run_units(cfg: Config, policy: torch.nn.Module, samplers: list[SamplerConfig],
+              units: list[Unit]) -> Iterator[tuple[Unit, list[Episode]]]:
+    """``(unit, episodes)`` in completion order, on ``eval.workers`` workers of the resolved backend."""
+    workers = max(1, min(cfg.eval.workers, len(units)))
+    if workers == 1:
+        worker = EvalWorker(cfg, policy)
+        try:
+            for unit in units:
+                yield unit, worker.run(samplers[unit[0]], unit[1])
+        finally:
+            worker.close()
+        return
+    policy = policy.to("cpu")
+    if resolve_backend(cfg) == "ray":
+        yield from _ray_units(cfg, policy, samplers, units, workers)
+    else:
+        yield from _process_units(cfg, policy, samplers, units, workers)
+
+
+_worker: EvalWorker | None = None
+
+
+def _init_process(cfg: Config, policy: torch.nn.Module, torch_threads: int) -> None:
+    global _worker
+    logging.getLogger("mani_skill").setLevel(logging.ERROR)
+    _worker = EvalWorker(cfg, policy, torch_threads)
+
+
+def _run_in_process(sampler: SamplerConfig, run: int) -> list[Episode]:
+    assert _worker is not None
+    return _worker.run(sampler, run)
+
+
+def _threads_per_worker(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def _process_units(cfg: Config, policy: torch.nn.Module, samplers: list[SamplerConfig], units: list[Unit],
+                   workers: int) -> Iterator[tuple[Unit, list[Episode]]]:
+    ctx = mp.get_context("spawn")  # SAPIEN and torch state must not be forked
+    init = (cfg, policy, _threads_per_worker(workers))
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_process, initargs=init) as pool:
+        futures = {pool.submit(_run_in_process, samplers[a], r): (a, r) for a, r in units}
+        try:
+            for fut in as_completed(futures):
+                try:
+                    yield futures[fut], fut.result()
+                except BrokenProcessPool as e:
+                    from afil_ray.demos.generate import SimulatorCrash
+
+                    raise SimulatorCrash(f"an eval worker for {cfg.env.task} died (a simulator crash) while running "
+                                         f"unit (arm {futures[fut][0]}, run {futures[fut][1]}); re-run the "
+                                         f"evaluation") from e
+        finally:
+            for fut in futures:
+                fut.cancel()
+
+
+def _ray_units(cfg: Config, policy: torch.nn.Module, samplers: list[SamplerConfig], units: list[Unit],
+               workers: int) -> Iterator[tuple[Unit, list[Episode]]]:
+    import ray
+
+    from actors.evaluator import EvalUnitActor
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
+    threads = max(1, int(cfg.eval.worker_cpus))
+    policy_ref = ray.put(policy)
+    actors = [EvalUnitActor.options(num_cpus=cfg.eval.worker_cpus, num_gpus=cfg.eval.worker_gpus)
+              .remote(cfg, policy_ref, threads) for _ in range(workers)]
+    pending = list(units)
+    in_flight: dict[ray.ObjectRef, tuple[Unit, object]] = {}
+
+    def submit(actor: object) -> None:
+        if pending:
+            unit = pending.pop(0)
+            in_flight[actor.run.remote(samplers[unit[0]], unit[1])] = (unit, actor)  # type: ignore[attr-defined]
+
+    try:
+        for actor in actors:
+            submit(actor)
+        while in_flight:
+            [done], _ = ray.wait(list(in_flight), num_returns=1)
+            unit, actor = in_flight.pop(done)
+            submit(actor)
+            yield unit, ray.get(done)
+    finally:
+        for actor in actors:
+            ray.kill(actor)

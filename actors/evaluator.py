@@ -35,5 +35,5 @@ class EvalUnitActor:
     def __init__(self, cfg: Config, policy: torch.nn.Module, torch_threads: int) -> None:
         self.worker = EvalWorker(cfg, policy, torch_threads)
 
-    def run(self, sampler: SamplerConfig, run: int) -> list[Episode]:
-        return self.worker.run(sampler, run)
+    def run(self, sampler: SamplerConfig, run: int, keep_snapshots: bool = False) -> list[Episode]:
+        return self.worker.run(sampler, run, keep_snapshots)

@@ -107,6 +107,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from afil_ray.reproduce import Pipeline
+
+    cfg = _config(args, [])
+    outputs = Pipeline(cfg, progress=not args.quiet).run()
+    print()
+    print(Path(outputs["report"]).read_text(), end="")
+    print(f"results: {outputs['report']}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from afil_ray.loop.driver import LoopDriver
 
@@ -154,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--runs", type=int, help="noise draws per initial state (eval.runs)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)
+
+    rp = sub.add_parser("reproduce", help="the paper's pipeline for env.task as cached stages (reproduce.*)")
+    with_config(rp)
+    rp.add_argument("--quiet", action="store_true", help="no progress bars")
+    rp.set_defaults(func=cmd_reproduce)
 
     u = sub.add_parser("run", help="the harvest-learn loop on Ray (local Ray unless RAY_ADDRESS/loop.address)")
     with_config(u)

@@ -185,6 +185,25 @@ class LoopConfig:
 
 
 @dataclass
+class ReproduceConfig:
+    """``afil-ray reproduce``: the paper's pipeline as cached stages under ``run_dir`` (afil_ray/reproduce.py).
+
+    The store is ``replay.root``; give each reproduction its own (harvested failures and corrections go there).
+    Success-only training uses ``train.*`` with ``train.steps``; the later stages override only the keys below.
+    """
+
+    harvest_seed_start: int = 50000  # rollout seeds for failures: disjoint from demos (0..) and eval (100000..)
+    harvest_seeds: int = 100  # initial states rolled out by the success-only policy ...
+    harvest_runs: int = 3  # ... each this many times (fresh sampling noise)
+    correction_steps: int = 3000  # "success + failure correction": fine-tune steps on demos + corrected
+    failure_head_steps: int = 3000  # DAG-VLA: failure-head steps on raw failures
+    failure_outcomes: list[str] = field(default_factory=lambda: ["failure"])  # what the failure head learns from
+    online_s: float = 0.0  # fifth arm: the online loop run this long from the corrected policy (0: no such arm)
+    static_w: list[float] = field(default_factory=lambda: [0.05, 0.02, 0.1, 0.2])  # first: the paper's static arm
+    lams: list[float] = field(default_factory=lambda: [1.0, 0.5, 2.0, 5.0])  # first: the paper's adaptive arm
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     seed: int = 0
@@ -198,6 +217,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    reproduce: ReproduceConfig = field(default_factory=ReproduceConfig)
 
 
 class ConfigError(ValueError):

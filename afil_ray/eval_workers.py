@@ -35,10 +35,10 @@ class EvalWorker:
         self.policy = policy.eval()
         self.env = ManiSkillVecEnv(cfg.env)
 
-    def run(self, sampler: SamplerConfig, run: int) -> list[Episode]:
+    def run(self, sampler: SamplerConfig, run: int, keep_snapshots: bool = False) -> list[Episode]:
         from afil_ray.evaluate import run_episodes
 
-        return run_episodes(self.env, self.cfg, self.policy, sampler, run)
+        return run_episodes(self.env, self.cfg, self.policy, sampler, run, keep_snapshots=keep_snapshots)
 
     def close(self) -> None:
         self.env.close()
@@ -56,23 +56,23 @@ def resolve_backend(cfg: Config) -> str:
     return "ray" if ray.is_initialized() or os.environ.get("RAY_ADDRESS") else "processes"
 
 
-def run_units(cfg: Config, policy: torch.nn.Module, samplers: list[SamplerConfig],
-              units: list[Unit]) -> Iterator[tuple[Unit, list[Episode]]]:
+def run_units(cfg: Config, policy: torch.nn.Module, samplers: list[SamplerConfig], units: list[Unit],
+              keep_snapshots: bool = False) -> Iterator[tuple[Unit, list[Episode]]]:
     """``(unit, episodes)`` in completion order, on ``eval.workers`` workers of the resolved backend."""
     workers = max(1, min(cfg.eval.workers, len(units)))
     if workers == 1:
         worker = EvalWorker(cfg, policy)
         try:
             for unit in units:
-                yield unit, worker.run(samplers[unit[0]], unit[1])
+                yield unit, worker.run(samplers[unit[0]], unit[1], keep_snapshots)
         finally:
             worker.close()
         return
     policy = policy.to("cpu")
     if resolve_backend(cfg) == "ray":
-        yield from _ray_units(cfg, policy, samplers, units, workers)
+        yield from _ray_units(cfg, policy, samplers, units, workers, keep_snapshots)
     else:
-        yield from _process_units(cfg, policy, samplers, units, workers)
+        yield from _process_units(cfg, policy, samplers, units, workers, keep_snapshots)
 
 
 _worker: EvalWorker | None = None
@@ -84,9 +84,9 @@ def _init_process(cfg: Config, policy: torch.nn.Module, torch_threads: int) -> N
     _worker = EvalWorker(cfg, policy, torch_threads)
 
 
-def _run_in_process(sampler: SamplerConfig, run: int) -> list[Episode]:
+def _run_in_process(sampler: SamplerConfig, run: int, keep_snapshots: bool) -> list[Episode]:
     assert _worker is not None
-    return _worker.run(sampler, run)
+    return _worker.run(sampler, run, keep_snapshots)
 
 
 def _threads_per_worker(workers: int) -> int:
@@ -94,11 +94,11 @@ def _threads_per_worker(workers: int) -> int:
 
 
 def _process_units(cfg: Config, policy: torch.nn.Module, samplers: list[SamplerConfig], units: list[Unit],
-                   workers: int) -> Iterator[tuple[Unit, list[Episode]]]:
+                   workers: int, keep_snapshots: bool) -> Iterator[tuple[Unit, list[Episode]]]:
     ctx = mp.get_context("spawn")  # SAPIEN and torch state must not be forked
     init = (cfg, policy, _threads_per_worker(workers))
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_process, initargs=init) as pool:
-        futures = {pool.submit(_run_in_process, samplers[a], r): (a, r) for a, r in units}
+        futures = {pool.submit(_run_in_process, samplers[a], r, keep_snapshots): (a, r) for a, r in units}
         try:
             for fut in as_completed(futures):
                 try:
@@ -115,7 +115,7 @@ def _process_units(cfg: Config, policy: torch.nn.Module, samplers: list[SamplerC
 
 
 def _ray_units(cfg: Config, policy: torch.nn.Module, samplers: list[SamplerConfig], units: list[Unit],
-               workers: int) -> Iterator[tuple[Unit, list[Episode]]]:
+               workers: int, keep_snapshots: bool) -> Iterator[tuple[Unit, list[Episode]]]:
     import ray
 
     from actors.evaluator import EvalUnitActor
@@ -132,7 +132,7 @@ def _ray_units(cfg: Config, policy: torch.nn.Module, samplers: list[SamplerConfi
     def submit(actor: object) -> None:
         if pending:
             unit = pending.pop(0)
-            in_flight[actor.run.remote(samplers[unit[0]], unit[1])] = (unit, actor)  # type: ignore[attr-defined]
+            in_flight[actor.run.remote(samplers[unit[0]], unit[1], keep_snapshots)] = (unit, actor)  # type: ignore[attr-defined]
 
     try:
         for actor in actors:

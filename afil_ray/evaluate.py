@@ -182,8 +182,9 @@ def reference_arm(arms: list[Arm]) -> str:
 
 
 def run_episodes(env: VecEnv, cfg: Config, policy: ChunkPolicy, sampler: SamplerConfig, run: int,
-                 bar: tqdm | None = None) -> list[Episode]:
-    """Episodes ``(seed, run)`` for the seeds of ``cfg.eval`` with ``sampler``, ordered by seed."""
+                 bar: tqdm | None = None, keep_snapshots: bool = False) -> list[Episode]:
+    """Episodes ``(seed, run)`` for the seeds of ``cfg.eval`` with ``sampler``, ordered by seed (simulator
+    snapshots kept only when asked: harvesting failures to correct needs them, a report does not)."""
     n, s0 = cfg.eval.episodes, cfg.eval.seed_start
     wanted = range(s0, s0 + n)
 
@@ -197,7 +198,8 @@ def run_episodes(env: VecEnv, cfg: Config, policy: ChunkPolicy, sampler: Sampler
         for ep in rollout.step():
             if ep.seed in wanted:
                 ep.extra.update(eval_run=run, noise_seed=episode_noise_seed(ep.seed, run, cfg.seed))
-                ep.snapshot_steps, ep.snapshots = [], []  # not needed for a report; keeps worker replies small
+                if not keep_snapshots:
+                    ep.snapshot_steps, ep.snapshots = [], []  # keeps worker replies small
                 kept.append(ep)
                 if bar is not None:
                     bar.update(1)

@@ -1,0 +1,310 @@
+"""``afil-ray reproduce``: the paper's ManiSkill pipeline for one task as resumable, cached stages.
+
+    demos -> success_only -> harvest -> correct -> corrected -> dag -> [online] -> eval
+
+- ``demos``: motion-planner demonstrations into the store (``demos.num``).
+- ``success_only``: backbone + success head on the demos alone (``train.*``).
+- ``harvest``: the success-only policy rolled out on ``reproduce.harvest_seeds`` fresh initial states x
+  ``harvest_runs`` noise draws; every episode goes to the store (failures with their simulator snapshots).
+- ``correct``: the motion planner finishes the harvested failures (``afil-ray correct``).
+- ``corrected``: "success + failure correction", the success-only policy fine-tuned on demos + corrections.
+- ``dag``: DAG-VLA, a failure head trained on the raw failures next to the corrected policy's success head.
+- ``online`` (``reproduce.online_s`` > 0): the distributed loop run for that long from the corrected policy.
+- ``eval``: the paired protocol (``eval.*``) on every arm: success only, + failure correction, static FIL for
+  each ``reproduce.static_w``, adaptive FIL for each ``reproduce.lams`` (the paper's λ ablation), the online arm.
+
+Each stage writes ``run_dir/stages/<stage>.json`` when it completes (its wall time and outputs) and is skipped
+on the next call. A stage that was completed under different settings is an error naming the keys, since its
+outputs no longer match the config; training stages resume from their last checkpoint after a kill, harvest and
+correction from what is already in the store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from afil_ray.config import Config, ConfigError, save_resolved
+from afil_ray.eval_report import ArmResult, EpisodeOutcome, build_report, markdown_table, write_report
+
+log = logging.getLogger(__name__)
+
+STAGES = ("demos", "success_only", "harvest", "correct", "corrected", "dag", "online", "eval")
+HARVEST_SOURCE = "harvest"
+
+# The paper's success rates (%) on the same protocol (../shared/afil-method.md), for the table beside ours.
+PAPER: dict[str, dict[str, float]] = {
+    "StackCube-v1": {"success only": 71.3, "+ failure correction": 76.7, "static FIL w=0.05": 80.0,
+                     "adaptive FIL λ=1": 84.7, "adaptive FIL λ=0.5": 84.0, "adaptive FIL λ=2": 79.3,
+                     "adaptive FIL λ=5": 76.0},
+    "LiftPegUpright-v1": {"success only": 70.7, "+ failure correction": 80.0, "static FIL w=0.05": 86.7,
+                          "adaptive FIL λ=1": 90.7},
+    "PullCube-v1": {"success only": 60.0, "+ failure correction": 92.0, "static FIL w=0.05": 94.7,
+                    "adaptive FIL λ=1": 98.0},
+}
+
+# The config sections each stage's outputs depend on (a change there after the stage completed is an error).
+_DEPENDS: dict[str, tuple[str, ...]] = {
+    "demos": ("env", "demos"),
+    "success_only": ("env", "demos", "policy", "train", "seed"),
+    "harvest": ("env", "demos", "policy", "train", "seed", "sampler", "reproduce.harvest_seed_start",
+                "reproduce.harvest_seeds", "reproduce.harvest_runs"),
+}
+_DEPENDS["correct"] = (*_DEPENDS["harvest"], "correct")
+_DEPENDS["corrected"] = (*_DEPENDS["correct"], "reproduce.correction_steps")
+_DEPENDS["dag"] = (*_DEPENDS["corrected"], "reproduce.failure_head_steps", "reproduce.failure_outcomes")
+_DEPENDS["online"] = (*_DEPENDS["dag"], "loop", "reproduce.online_s")
+_DEPENDS["eval"] = (*_DEPENDS["online"], "eval", "reproduce.static_w", "reproduce.lams")
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def _select(cfg: Config, keys: tuple[str, ...]) -> dict[str, Any]:
+    tree = OmegaConf.to_container(OmegaConf.structured(cfg))
+    out = {}
+    for key in keys:
+        node: Any = tree
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node
+    return out
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in _diff(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def with_updates(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """A copy of ``cfg`` with keys of some sections replaced (``train={"steps": 10}``); ``run_dir=...`` too."""
+    out = cfg
+    for name, value in sections.items():
+        if isinstance(value, dict):
+            out = dataclasses.replace(out, **{name: dataclasses.replace(getattr(out, name), **value)})
+        else:
+            out = dataclasses.replace(out, **{name: value})
+    return out
+
+
+class Pipeline:
+    """The stages of one reproduction; ``run()`` runs every stage not completed yet and writes the results."""
+
+    def __init__(self, cfg: Config, progress: bool = True) -> None:
+        from afil_ray.replay.store import ReplayStore
+
+        self.cfg, self.progress = cfg, progress
+        self.root = Path(cfg.run_dir)
+        self.store = ReplayStore.from_config(cfg.replay)
+        self.records: dict[str, dict[str, Any]] = {}
+
+    # ---------------------------------------------------------------- stage bookkeeping
+
+    def _marker(self, stage: str) -> Path:
+        return self.root / "stages" / f"{stage}.json"
+
+    def _stage(self, stage: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        settings = _select(self.cfg, _DEPENDS[stage])
+        marker = self._marker(stage)
+        if marker.is_file():
+            record = json.loads(marker.read_text())
+            changed = _diff(record["settings"], json.loads(json.dumps(settings)))
+            if changed:
+                raise ConfigError(
+                    f"stage {stage!r} of {self.root} was completed with other settings ({', '.join(changed[:8])}); "
+                    f"its outputs do not match this config. Use another run_dir, or delete {marker} (and the "
+                    f"stage's outputs) to redo it.")
+            print(f"[{stage}] cached ({record['seconds']:.0f} s when it ran): {_brief(record['outputs'])}")
+            self.records[stage] = record
+            return record["outputs"]
+        print(f"[{stage}] running")
+        t0 = time.time()
+        outputs = fn()
+        record = {"stage": stage, "seconds": time.time() - t0, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                  "settings": settings, "outputs": outputs}
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
+        tmp.replace(marker)
+        print(f"[{stage}] done in {record['seconds']:.0f} s: {_brief(outputs)}")
+        self.records[stage] = record
+        return outputs
+
+    # ---------------------------------------------------------------- stages
+
+    def run(self) -> dict[str, Any]:
+        save_resolved(self.cfg, self.root)
+        self._stage("demos", self.demos)
+        success_ckpt = self._stage("success_only", self.success_only)["checkpoint"]
+        self._stage("harvest", lambda: self.harvest(success_ckpt))
+        self._stage("correct", self.correct)
+        corrected_ckpt = self._stage("corrected", lambda: self.corrected(success_ckpt))["checkpoint"]
+        dag_ckpt = self._stage("dag", lambda: self.dag(corrected_ckpt))["checkpoint"]
+        online_ckpt = None
+        if self.cfg.reproduce.online_s > 0:
+            online_ckpt = self._stage("online", lambda: self.online(corrected_ckpt))["checkpoint"]
+        return self._stage("eval", lambda: self.evaluate(success_ckpt, dag_ckpt, online_ckpt))
+
+    def demos(self) -> dict[str, Any]:
+        from afil_ray.demos.generate import generate_demos
+
+        report = generate_demos(self.cfg, self.store, progress=self.progress)
+        print(report.summary())
+        return {"demos": report.total, "added": report.added, "dropped": dict(report.failures)}
+
+    def _train(self, stage_cfg: Config) -> dict[str, Any]:
+        from afil_ray.train import Trainer
+
+        trainer = Trainer(stage_cfg, progress=self.progress)
+        final = trainer.run()
+        return {"checkpoint": str(final), "steps": trainer.step, "run_dir": stage_cfg.run_dir}
+
+    def success_only(self) -> dict[str, Any]:
+        cfg = with_updates(self.cfg, run_dir=str(self.root / "success_only"),
+                           train={"mode": "success_only", "init_from": None},
+                           data={"store": self.cfg.replay.root, "success_outcomes": ["demo"]})
+        return self._train(cfg)
+
+    def harvest(self, checkpoint: str) -> dict[str, Any]:
+        """Roll the success-only policy out; each (run) unit is written as soon as it finishes, so a killed
+        harvest resumes at the first unit not recorded in ``harvest/units.json``."""
+        from afil_ray.eval_workers import run_units
+        from afil_ray.train import load_start_policy
+
+        rc = self.cfg.reproduce
+        cfg = with_updates(self.cfg, eval={"seed_start": rc.harvest_seed_start, "episodes": rc.harvest_seeds,
+                                           "runs": rc.harvest_runs},
+                           sampler={"kind": "success_only"})
+        ledger = self.root / "harvest" / "units.json"
+        done: dict[str, dict[str, int]] = json.loads(ledger.read_text()) if ledger.is_file() else {}
+        units = [(0, r) for r in range(rc.harvest_runs) if str(r) not in done]
+        policy = load_start_policy(checkpoint)
+        for (_, run), episodes in run_units(cfg, policy, [cfg.sampler], units, keep_snapshots=True):
+            for ep in episodes:
+                ep.source = HARVEST_SOURCE
+                if ep.outcome != "failure":
+                    ep.snapshot_steps, ep.snapshots = [], []  # only failures are corrected
+            self.store.write_episodes(episodes)
+            done[str(run)] = {"episodes": len(episodes), "failures": sum(e.outcome == "failure" for e in episodes)}
+            ledger.parent.mkdir(parents=True, exist_ok=True)
+            ledger.write_text(json.dumps(done, indent=1) + "\n")
+            print(f"  harvest run {run}: {done[str(run)]['failures']} failures of {len(episodes)}")
+        total = sum(d["episodes"] for d in done.values())
+        failures = sum(d["failures"] for d in done.values())
+        return {"episodes": total, "failures": failures, "success_rate": 1 - failures / total if total else None,
+                "seeds": f"{rc.harvest_seed_start}..{rc.harvest_seed_start + rc.harvest_seeds - 1} x "
+                         f"{rc.harvest_runs} runs"}
+
+    def correct(self) -> dict[str, Any]:
+        from afil_ray.correction import correct_failures
+
+        report = correct_failures(self.cfg, self.store, progress=self.progress)
+        print(report.summary())
+        stats = self.store.stats()
+        corrected = sum(s.episodes for s in stats if s.task == self.cfg.env.task and s.outcome == "corrected")
+        return {"tried": report.tried, "corrected_now": report.corrected, "dropped": dict(report.dropped),
+                "corrected_in_store": corrected}
+
+    def corrected(self, success_ckpt: str) -> dict[str, Any]:
+        cfg = with_updates(self.cfg, run_dir=str(self.root / "corrected"),
+                           train={"mode": "success_only", "init_from": success_ckpt,
+                                  "steps": self.cfg.reproduce.correction_steps},
+                           data={"store": self.cfg.replay.root, "success_outcomes": ["demo", "corrected"]})
+        return self._train(cfg)
+
+    def dag(self, corrected_ckpt: str) -> dict[str, Any]:
+        cfg = with_updates(self.cfg, run_dir=str(self.root / "dag"),
+                           train={"mode": "failure_head", "init_from": corrected_ckpt,
+                                  "steps": self.cfg.reproduce.failure_head_steps},
+                           data={"store": self.cfg.replay.root,
+                                 "failure_outcomes": list(self.cfg.reproduce.failure_outcomes)})
+        return self._train(cfg)
+
+    def online(self, corrected_ckpt: str) -> dict[str, Any]:
+        from afil_ray.loop.driver import LoopDriver
+
+        cfg = with_updates(self.cfg, run_dir=str(self.root / "online"),
+                           loop={"init_from": corrected_ckpt, "duration_s": self.cfg.reproduce.online_s},
+                           data={"store": self.cfg.replay.root,
+                                 "failure_outcomes": list(self.cfg.reproduce.failure_outcomes)})
+        summary = LoopDriver(cfg).run()
+        if not summary.get("final_checkpoint"):
+            raise RuntimeError(f"the online loop in {cfg.run_dir} ended without a checkpoint: {summary}")
+        return {"checkpoint": str(summary["final_checkpoint"]), "summary": summary}
+
+    # ---------------------------------------------------------------- evaluation
+
+    def arm_plan(self, success_ckpt: str, dag_ckpt: str, online_ckpt: str | None) -> list[tuple[str, str, str]]:
+        """(label, checkpoint, sampler arm spec) for every arm, the reference first."""
+        rc = self.cfg.reproduce
+        plan = [("success only", success_ckpt, "success_only"),
+                ("+ failure correction", dag_ckpt, "success_only")]  # the DAG's success head is the corrected one
+        plan += [(f"static FIL w={_fmt(w)}", dag_ckpt, f"static:w={w}") for w in rc.static_w]
+        plan += [(f"adaptive FIL λ={_fmt(lam)}", dag_ckpt, f"adaptive:lam={lam}") for lam in rc.lams]
+        if online_ckpt is not None:
+            lam = rc.lams[0] if rc.lams else 1.0
+            plan.append((f"online loop, adaptive λ={_fmt(lam)}", online_ckpt, f"adaptive:lam={lam}"))
+        return plan
+
+    def evaluate(self, success_ckpt: str, dag_ckpt: str, online_ckpt: str | None) -> dict[str, Any]:
+        from afil_ray.evaluate import evaluate_arms, output_dir, resolve_arms, write_evaluation
+        from afil_ray.train import load_start_policy
+
+        plan = self.arm_plan(success_ckpt, dag_ckpt, online_ckpt)
+        results: list[ArmResult] = []
+        for ckpt in dict.fromkeys(p[1] for p in plan):  # one evaluation per checkpoint, in plan order
+            mine = [p for p in plan if p[1] == ckpt]
+            # the evaluation lands in the checkpoint's own run directory (run_dir/<stage>/eval/...)
+            cfg = with_updates(self.cfg, run_dir=str(Path(ckpt).parent.parent), eval={"arms": [p[2] for p in mine]})
+            arms = resolve_arms(cfg)
+            done = output_dir(cfg, ckpt, arms) / "episodes.json"
+            if done.is_file():  # evaluated before this stage was killed: reuse, episode for episode
+                outcomes = load_outcomes(done)
+                print(f"  reusing {done}")
+            else:
+                evals = evaluate_arms(cfg, load_start_policy(ckpt), progress=self.progress, arms=arms)
+                write_evaluation(cfg, evals, arms, ckpt)
+                outcomes = {ev.arm: ev.outcomes() for ev in evals}
+            for (label, _, _), arm in zip(mine, arms, strict=True):
+                results.append(ArmResult(label, self.cfg.env.task, outcomes[arm.name]))
+        return self.write_results(results)
+
+    def write_results(self, results: list[ArmResult]) -> dict[str, Any]:
+        report = build_report(results, metric=self.cfg.eval.metric, reference_arm="success only",
+                              seed=self.cfg.seed)
+        out = self.root / "results"
+        paths = write_report(report, out)
+        task = self.cfg.env.task
+        paper = PAPER.get(task, {})
+        lines = [markdown_table(report), "", f"The paper's numbers for {task} (%, 1500 demos, 1500 failures and 1000 "
+                 "corrections per task; ../shared/afil-method.md):", "", "| arm | ours (%) | paper (%) |",
+                 "|---|---|---|"]
+        for entry in report["tasks"][task]["arms"]:
+            ref = paper.get(entry["arm"])
+            lines.append(f"| {entry['arm']} | {100 * entry['rate']:.1f} | {'—' if ref is None else ref} |")
+        lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v['seconds']:.0f}" for k, v in self.records.items())]
+        paths["md"].write_text("\n".join(lines) + "\n")
+        rates = {e["arm"]: e["rate"] for e in report["tasks"][task]["arms"]}
+        return {"report": str(paths["md"]), "rates": rates}
+
+
+def _brief(outputs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in outputs.items() if not isinstance(v, dict) or k == "dropped")[:300]
+
+
+def load_outcomes(path: str | Path) -> dict[str, list[EpisodeOutcome]]:
+    """Per-arm outcomes from an evaluation's ``episodes.json`` (tables are rebuilt without re-running episodes)."""
+    out: dict[str, list[EpisodeOutcome]] = {}
+    for r in json.loads(Path(path).read_text())["episodes"]:
+        out.setdefault(r["arm"], []).append(EpisodeOutcome(r["seed"], r["run"], r["success_once"],
+                                                           r["success_at_end"]))
+    return out

@@ -52,8 +52,8 @@ class CorrectConfig:
     """``afil-ray correct``: finish failed rollouts with the task's motion planner (afil_ray/correction.py)."""
 
     # Where the search for a restore point starts: backtrack (the failure's last snapshot) | fraction (the
-    # snapshot at or before fraction * length). From there it steps back through earlier snapshots (doubling
-    # gaps, then bisecting towards the end) for the latest one from which a plan reaches success in time.
+    # snapshot at or before fraction * length). If no plan from there reaches success in time, it tries the
+    # earliest snapshot and bisects between the two for the latest one that works.
     strategy: str = "backtrack"
     fraction: float = 0.5
     stride: int = 1  # consider every stride-th snapshot

@@ -5,9 +5,10 @@ there; its joint targets are replayed closed-loop in the policy's control mode (
 afil_ray/demos/planner.py). The stored trajectory is the failure's own prefix up to the restore point followed
 by the planner's suffix, outcome ``corrected``, linked to the failure by ``parent_episode_id``.
 
-Which snapshot: the search starts at the last snapshot (``backtrack``) or at ``fraction`` of the episode and
-steps back, with doubling gaps, until a plan reaches success within the task's episode limit; it then bisects
-back towards the failure's end, so the correction keeps as much of the failed behaviour as the planner allows.
+Which snapshot: the search starts at the last snapshot (``backtrack``) or at ``fraction`` of the episode; if the
+plan from there does not reach success within the task's episode limit it tries the earliest snapshot, then
+bisects between the two for the latest restore point that works, so the correction keeps as much of the failed
+behaviour as the planner allows.
 (From late in a failure the planners often cannot finish: a cube pushed against the gripper, a peg half
 turned.) A plan that succeeds but does not fit in the steps left also tells how far back to go: restore points
 leaving fewer steps are skipped. Failures that no attempt corrects are counted by reason and recorded, so a
@@ -107,15 +108,14 @@ class Corrector:
             plans[i] = plan.targets
             return True
 
-        # Step back with doubling gaps (latest snapshot first) until a plan works, then bisect towards the
-        # failure's end: the later the restore point, the more of the failed behaviour the correction keeps.
-        n = len(candidates)
-        probes = sorted({min(2**k - 1, n - 1) for k in range(n.bit_length() + 1)})  # 0, 1, 3, 7, ..., n - 1
+        # The latest snapshot first (a failure the planner can finish from its end keeps all of it), then the
+        # earliest (if even that fails, the planner cannot solve this scene), then bisection between them for
+        # the latest restore point that works: the later it is, the more of the failed behaviour the correction
+        # keeps. (Bisection assumes earlier states are easier; where they are not it still returns a working
+        # point whose next later snapshot failed.)
         attempts, last_bad, good = 0, -1, None
-        for i in probes:
-            if attempts >= self.cfg.max_attempts:
-                break
-            if self.limit - candidates[i][0] < shortest_fit:
+        for i in dict.fromkeys((0, len(candidates) - 1)):
+            if attempts >= self.cfg.max_attempts or self.limit - candidates[i][0] < shortest_fit:
                 continue
             attempts += 1
             if works(i):

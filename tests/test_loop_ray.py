@@ -102,3 +102,14 @@ def test_sigterm_stops_the_loop_cleanly(tmp_path):
     assert final.is_dir() and (checkpoints / "latest").read_text().strip() == final.name
     store = ReplayStore(cfg.replay.root)
     assert store.verify() == [] and len(store.read_episodes()) >= sum(summary["episodes"].values())
+
+
+@pytest.mark.timeout(600)
+def test_more_cpus_than_the_local_ray_has_is_an_error_at_once(tmp_path):
+    cfg = loop_config(tmp_path, local_num_cpus=2, rollout_cpus=1, learner_cpus=1, num_rollout_actors=2,
+                      eval_every_s=0)
+    make_start_checkpoint(cfg)
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=r"ask for 3 CPU .* local Ray has 2"):
+        LoopDriver(cfg).run()
+    assert time.monotonic() - t0 < 120  # not the 10-minute wait for actors that can never be placed

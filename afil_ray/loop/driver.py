@@ -97,6 +97,8 @@ class LoopDriver:
         from learners.learner import LearnerActor
 
         self._init_ray()
+        if self.started_ray:
+            self._check_local_resources()
         # after ray.init (whose core worker installs its own SIGTERM handler, which aborts the process) and
         # before the actors are built, so a stop during their construction is clean too
         self._install_signals()
@@ -113,6 +115,23 @@ class LoopDriver:
         self.evaluator = (EvalActor.options(**self._options(lc.eval_cpus, lc.eval_gpus, lc.max_restarts)
                                             ).remote(cfg, self.board) if lc.eval_every_s > 0 else None)
         self._wait_ready()
+
+    def _check_local_resources(self) -> None:
+        """On a local Ray nothing will ever add CPUs or GPUs: asking for more than it has is a config error now,
+        not a 10-minute wait for actors that cannot be placed (a cluster's autoscaler may add nodes, so there
+        the wait stands)."""
+        lc = self.cfg.loop
+        evaluator = lc.eval_every_s > 0
+        wanted = {"CPU": lc.learner_cpus + lc.num_rollout_actors * lc.rollout_cpus + evaluator * lc.eval_cpus,
+                  "GPU": lc.learner_gpus + lc.num_rollout_actors * lc.rollout_gpus + evaluator * lc.eval_gpus}
+        have = ray.cluster_resources()
+        for kind, amount in wanted.items():
+            if amount > have.get(kind, 0.0) + 1e-9:
+                raise ValueError(
+                    f"the loop's actors ask for {amount:g} {kind} (loop.learner_{kind.lower()}s + "
+                    f"loop.num_rollout_actors x loop.rollout_{kind.lower()}s + loop.eval_{kind.lower()}s when the "
+                    f"evaluator runs) but the local Ray has {have.get(kind, 0.0):g}; lower them (fractions are "
+                    f"allowed) or raise loop.local_num_cpus")
 
     def _wait_ready(self, timeout_s: float = 600.0) -> None:
         """Block until every actor is constructed (simulators built, policy loaded): the budget starts after.
@@ -214,7 +233,12 @@ class LoopDriver:
         """Run until ``loop.duration_s`` (or ``loop.max_learner_steps``) or a stop signal; returns the summary."""
         try:
             if self.metrics is None:
-                self.start()
+                try:
+                    self.start()
+                except BaseException:
+                    if self.started_ray:  # a local Ray we started must not outlive a failed start
+                        ray.shutdown()
+                    raise
             try:
                 self._rounds()
             finally:

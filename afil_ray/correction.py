@@ -176,7 +176,7 @@ class Corrector:
         n = len(failure.chunk_steps) - sum(s >= step for s in failure.chunk_steps)
 
         def head(arr: np.ndarray | None) -> np.ndarray | None:
-            return None if arr is None else arr[:n]
+            return None if arr is None or n == 0 else arr[:n]  # restored at step 0: no sampled chunk kept
 
         return Episode(
             task=failure.task, outcome="corrected", instruction=failure.instruction, seed=failure.seed,
@@ -269,8 +269,8 @@ def correct_failures(cfg: Config, store: ReplayStore | None = None, progress: bo
             bar.update(1)
             bar.set_postfix(corrected=report.corrected)
     finally:
+        ledger.save()  # first: a failing store write must not lose the record of what was dropped
         writer.close()
-        ledger.save()
         bar.close()
         report.seconds = time.time() - t0
     return report

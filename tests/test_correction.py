@@ -119,3 +119,26 @@ def test_failure_without_snapshots_is_dropped_with_its_reason(failure):
         assert corrector.correct(bare).reason == "no_snapshots"
     finally:
         corrector.close()
+
+
+def test_a_correction_from_the_first_step_keeps_no_chunks_and_stores(failure, tmp_path):
+    """Restored at step 0, the correction keeps none of the policy's sampled chunks (it used to crash the
+    store writer with an empty [0, H, A] array)."""
+    steps = list(range(0, failure.length, 8))
+    rng = np.random.default_rng(0)
+    with_chunks = Episode(**{**failure.__dict__, "episode_id": "chunked", "chunk_steps": steps,
+                             "chunks": rng.uniform(-1, 1, (len(steps), 16, failure.action.shape[1])).astype(np.float32),
+                             "chunk_w": np.zeros((len(steps), 10), np.float32),
+                             "chunk_cos": np.ones((len(steps), 10), np.float32)})
+    corrector = Corrector(EnvConfig(task=TASK), CorrectConfig(strategy="fraction", fraction=0.0), DemoConfig())
+    try:
+        result = corrector.correct(with_chunks)
+    finally:
+        corrector.close()
+    assert result.reason == "ok" and result.restore_step == 0
+    ep = result.episode
+    assert ep.chunk_steps == [] and ep.chunks is None and ep.chunk_w is None
+    store = ReplayStore(str(tmp_path / "store"))
+    store.write_episodes([ep])
+    [back] = store.read_episodes(outcome="corrected")
+    assert back.parent_episode_id == "chunked" and back.chunks is None and back.success

@@ -169,7 +169,7 @@ def _nested_u8(arrays: list[np.ndarray]) -> pa.Array:
 
 def _rows(arr: np.ndarray | None) -> np.ndarray:
     """[C, ...] -> [C, prod(...)] float32; None -> [0, 0]."""
-    if arr is None:
+    if arr is None or len(arr) == 0:
         return np.zeros((0, 0), np.float32)
     arr = np.asarray(arr, np.float32)
     return arr.reshape(len(arr), -1)

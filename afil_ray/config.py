@@ -126,6 +126,9 @@ class DataConfig:
     tasks: list[str] = field(default_factory=list)  # empty: env.task
     success_outcomes: list[str] = field(default_factory=lambda: ["demo", "success", "corrected"])
     failure_outcomes: list[str] = field(default_factory=lambda: ["failure"])
+    # Failure head on sampled chunks: 0 learns from whole failed episodes; N > 0 only from the N steps after the
+    # latest point its correction restored from, where the failure became irreversible (afil_ray/replay/chunks.py)
+    failure_window: int = 0
 
 
 @dataclass
@@ -201,6 +204,12 @@ class ReproduceConfig:
     online_s: float = 0.0  # fifth arm: the online loop run this long from the corrected policy (0: no such arm)
     static_w: list[float] = field(default_factory=lambda: [0.05, 0.02, 0.1, 0.2])  # first: the paper's static arm
     lams: list[float] = field(default_factory=lambda: [1.0, 0.5, 2.0, 5.0])  # first: the paper's adaptive arm
+    # The failure-head study: name -> dotlist overrides of the failure-head stage (keys under policy, train, data
+    # and reproduce.failure_head_steps/failure_outcomes), e.g. {random_init: [policy.failure_head_init=random]}.
+    # Each is trained from the corrected policy after the online stage (so on every failure in the store) and
+    # evaluated with `variant_arms`, paired against "+ failure correction" (results/variants.md).
+    variants: dict[str, list[str]] = field(default_factory=dict)
+    variant_arms: list[str] = field(default_factory=lambda: ["static:w=0.05", "adaptive:lam=1"])
 
 
 @dataclass
@@ -245,15 +254,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except Exception as e:  # YAML syntax errors
             raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
         cfg = _merge(cfg, raw, str(path))
-    for item in overrides or []:
+    return OmegaConf.to_object(_apply(cfg, overrides or [], "command line"))  # type: ignore[return-value]
+
+
+def _apply(cfg: DictConfig, overrides: list[str], source: str) -> DictConfig:
+    for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"command line: override '{item}' is not of the form key=value")
+            raise ConfigError(f"{source}: override '{item}' is not of the form key=value")
         try:
             dot = OmegaConf.from_dotlist([item])
         except OmegaConfBaseException as e:
-            raise ConfigError(f"command line: cannot parse override '{item}': {e}") from None
-        cfg = _merge(cfg, dot, f"command line override '{item}'")
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+            raise ConfigError(f"{source}: cannot parse override '{item}': {e}") from None
+        cfg = _merge(cfg, dot, f"{source} override '{item}'")
+    return cfg
+
+
+def with_overrides(cfg: Config, overrides: list[str], source: str) -> Config:
+    """A copy of ``cfg`` with dotlist overrides applied and validated (``source`` names them in errors)."""
+    return OmegaConf.to_object(_apply(OmegaConf.structured(cfg), overrides, source))  # type: ignore[return-value]
 
 
 def to_yaml(cfg: Config) -> str:

@@ -12,6 +12,9 @@
 - ``online`` (``reproduce.online_s`` > 0): the distributed loop run for that long from the corrected policy.
 - ``eval``: the paired protocol (``eval.*``) on every arm: success only, + failure correction, static FIL for
   each ``reproduce.static_w``, adaptive FIL for each ``reproduce.lams`` (the paper's λ ablation), the online arm.
+- ``variant_<name>`` (the failure-head study, ``reproduce.variants``): a failure head trained like ``dag`` with
+  some keys overridden (init, targets, windows, steps), after the online stage so on every failure in the
+  store, and evaluated with ``reproduce.variant_arms`` against "+ failure correction" (``results/variants/``).
 
 Each stage writes ``run_dir/stages/<stage>.json`` when it completes (its wall time and outputs) and is skipped
 on the next call. A stage that was completed under different settings is an error naming the keys, since its
@@ -31,7 +34,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from afil_ray.config import Config, ConfigError, save_resolved
+from afil_ray.config import Config, ConfigError, save_resolved, with_overrides
 from afil_ray.eval_report import ArmResult, EpisodeOutcome, build_report, markdown_table, write_report
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,17 @@ _DEPENDS["corrected"] = (*_DEPENDS["correct"], "reproduce.correction_steps")
 _DEPENDS["dag"] = (*_DEPENDS["corrected"], "reproduce.failure_head_steps", "reproduce.failure_outcomes")
 _DEPENDS["online"] = (*_DEPENDS["dag"], "loop", "reproduce.online_s")
 _DEPENDS["eval"] = (*_DEPENDS["online"], "eval", "reproduce.static_w", "reproduce.lams")
+# what a failure-head variant may override (anything else would change the arms it is compared with)
+VARIANT_KEYS = ("policy.failure_head_init", "train.", "data.", "reproduce.failure_head_steps",
+                "reproduce.failure_outcomes")
+
+
+def arm_title(spec: str) -> str:
+    """``static:w=0.05`` -> ``static FIL w=0.05``, ``adaptive:lam=1`` -> ``adaptive FIL λ=1`` (the tables' names)."""
+    kind, _, params = spec.partition(":")
+    if kind == "success_only" and not params:
+        return "success only"
+    return f"{kind} FIL {params.replace('lam=', 'λ=').replace(',', ' ')}".strip()
 
 
 def _fmt(x: float) -> str:
@@ -107,14 +121,17 @@ class Pipeline:
         self.root = Path(cfg.run_dir)
         self.store = ReplayStore.from_config(cfg.replay)
         self.records: dict[str, dict[str, Any]] = {}
+        self.results: list[ArmResult] = []
+        self.mean_w: dict[str, float | None] = {}  # arm label -> mean guidance weight applied
 
     # ---------------------------------------------------------------- stage bookkeeping
 
     def _marker(self, stage: str) -> Path:
         return self.root / "stages" / f"{stage}.json"
 
-    def _stage(self, stage: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        settings = _select(self.cfg, _DEPENDS[stage])
+    def _stage(self, stage: str, fn: Callable[[], dict[str, Any]],
+               settings: dict[str, Any] | None = None) -> dict[str, Any]:
+        settings = _select(self.cfg, _DEPENDS[stage]) if settings is None else settings
         marker = self._marker(stage)
         if marker.is_file():
             record = json.loads(marker.read_text())
@@ -154,9 +171,29 @@ class Pipeline:
         if self.cfg.reproduce.online_s > 0:
             online_ckpt = self._stage("online", lambda: self.online(corrected_ckpt))["checkpoint"]
         self._stage("eval", lambda: self.evaluate(success_ckpt, dag_ckpt, online_ckpt))
+        variant_ckpts = {}
+        for name in self.cfg.reproduce.variants:
+            vcfg = self.variant_config(name)
+            settings = {**_select(vcfg, _DEPENDS["dag"]), "overrides": list(self.cfg.reproduce.variants[name])}
+            variant_ckpts[name] = self._stage(
+                f"variant_{name}", lambda vcfg=vcfg, name=name: self.dag(corrected_ckpt, vcfg, f"variants/{name}"),
+                settings)["checkpoint"]
         # the tables are rebuilt on every call from the stored evaluation episodes (nothing is re-run), so they
         # carry every stage's wall time and follow the current report format
-        return self.evaluate(success_ckpt, dag_ckpt, online_ckpt)
+        summary = self.evaluate(success_ckpt, dag_ckpt, online_ckpt)
+        if variant_ckpts:
+            summary["variants"] = self.evaluate_variants(variant_ckpts)
+        return summary
+
+    def variant_config(self, name: str) -> Config:
+        """The config of one failure-head variant: ``reproduce.variants[name]`` applied over this config."""
+        overrides = list(self.cfg.reproduce.variants[name])
+        for item in overrides:
+            key = item.split("=", 1)[0].strip()
+            if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in VARIANT_KEYS):
+                raise ConfigError(f"reproduce.variants.{name}: '{key}' cannot vary in the failure-head study "
+                                  f"(allowed: {', '.join(k + '*' if k.endswith('.') else k for k in VARIANT_KEYS)})")
+        return with_overrides(self.cfg, overrides, f"reproduce.variants.{name}")
 
     def demos(self) -> dict[str, Any]:
         from afil_ray.demos.generate import generate_demos
@@ -170,7 +207,8 @@ class Pipeline:
 
         trainer = Trainer(stage_cfg, progress=self.progress)
         final = trainer.run()
-        return {"checkpoint": str(final), "steps": trainer.step, "run_dir": stage_cfg.run_dir}
+        windows = {f"{name}_windows": s.num_steps for name, s in trainer.samplers.items()}
+        return {"checkpoint": str(final), "steps": trainer.step, "run_dir": stage_cfg.run_dir, **windows}
 
     def success_only(self) -> dict[str, Any]:
         cfg = with_updates(self.cfg, run_dir=str(self.root / "success_only"),
@@ -225,12 +263,14 @@ class Pipeline:
                            data={"store": self.cfg.replay.root, "success_outcomes": ["demo", "corrected"]})
         return self._train(cfg)
 
-    def dag(self, corrected_ckpt: str) -> dict[str, Any]:
-        cfg = with_updates(self.cfg, run_dir=str(self.root / "dag"),
+    def dag(self, corrected_ckpt: str, cfg: Config | None = None, sub: str = "dag") -> dict[str, Any]:
+        """The failure head on raw failures next to the corrected success head (``cfg``: a study variant's)."""
+        cfg = cfg or self.cfg
+        cfg = with_updates(cfg, run_dir=str(self.root / sub),
                            train={"mode": "failure_head", "init_from": corrected_ckpt,
-                                  "steps": self.cfg.reproduce.failure_head_steps},
+                                  "steps": cfg.reproduce.failure_head_steps},
                            data={"store": self.cfg.replay.root,
-                                 "failure_outcomes": list(self.cfg.reproduce.failure_outcomes)})
+                                 "failure_outcomes": list(cfg.reproduce.failure_outcomes)})
         return self._train(cfg)
 
     def online(self, corrected_ckpt: str) -> dict[str, Any]:
@@ -260,10 +300,45 @@ class Pipeline:
         return plan
 
     def evaluate(self, success_ckpt: str, dag_ckpt: str, online_ckpt: str | None) -> dict[str, Any]:
+        self.results = self._evaluate_plan(self.arm_plan(success_ckpt, dag_ckpt, online_ckpt))
+        return self.write_results(self.results)
+
+    def evaluate_variants(self, ckpts: dict[str, str]) -> dict[str, Any]:
+        """``results/variants/``: each variant's arms and the paper-rule failure head's (``dag``, trained before
+        the online stage) paired against "+ failure correction", whose success head they all share."""
+        specs = list(self.cfg.reproduce.variant_arms)
+        results = [r for r in self.results if r.arm == CORRECTED_ARM]
+        main = {r.arm: r for r in self.results}
+        for spec in specs:
+            if (r := main.get(arm_title(spec))) is not None:
+                results.append(ArmResult(f"dag: {r.arm}", r.task, r.episodes))
+                self.mean_w[f"dag: {r.arm}"] = self.mean_w.get(r.arm)
+        results += self._evaluate_plan([(f"{name}: {arm_title(s)}", ckpt, s)
+                                        for name, ckpt in ckpts.items() for s in specs])
+        task, metric = self.cfg.env.task, self.cfg.eval.metric
+        report = build_report(results, metric=metric, reference_arm=CORRECTED_ARM, seed=self.cfg.seed)
+        paths = write_report(report, self.root / "results" / "variants")
+        lines = [markdown_table(report), "", "Mean guidance weight applied per arm: " + ", ".join(
+            f"{r.arm} {self.mean_w[r.arm]:.4f}" for r in results if self.mean_w.get(r.arm) is not None) + ".",
+            "", "The variants (overrides of the failure-head stage) and what each trained on:", "",
+            "| variant | overrides | failure windows | steps | train s |", "|---|---|---|---|---|"]
+        for name in ["dag", *ckpts]:
+            rec = self.records.get(name if name == "dag" else f"variant_{name}", {})
+            out = rec.get("outputs", {})
+            overrides = "(the paper's rule, before the online stage)" if name == "dag" else \
+                " ".join(f"`{o}`" for o in self.cfg.reproduce.variants[name]) or "(none)"
+            lines.append(f"| {name} | {overrides} | {out.get('failure_windows', '?')} | {out.get('steps', '?')} | "
+                         f"{rec.get('seconds', float('nan')):.0f} |")
+        paths["md"].write_text("\n".join(lines) + "\n")
+        return {"report": str(paths["md"]),
+                "rates": {e["arm"]: e["rate"] for e in report["tasks"][task]["arms"]}}
+
+    def _evaluate_plan(self, plan: list[tuple[str, str, str]]) -> list[ArmResult]:
+        """Evaluate (label, checkpoint, arm spec) triples, one evaluation per checkpoint; stored episodes are
+        reused, episode for episode."""
         from afil_ray.evaluate import evaluate_arms, output_dir, resolve_arms, write_evaluation
         from afil_ray.train import load_start_policy
 
-        plan = self.arm_plan(success_ckpt, dag_ckpt, online_ckpt)
         results: list[ArmResult] = []
         for ckpt in dict.fromkeys(p[1] for p in plan):  # one evaluation per checkpoint, in plan order
             mine = [p for p in plan if p[1] == ckpt]
@@ -278,9 +353,11 @@ class Pipeline:
                 evals = evaluate_arms(cfg, load_start_policy(ckpt), progress=self.progress, arms=arms)
                 write_evaluation(cfg, evals, arms, ckpt)
                 outcomes = {ev.arm: ev.outcomes() for ev in evals}
+            w = _mean_w(done)
             for (label, _, _), arm in zip(mine, arms, strict=True):
                 results.append(ArmResult(label, self.cfg.env.task, outcomes[arm.name]))
-        return self.write_results(results)
+                self.mean_w[label] = w.get(arm.name)
+        return results
 
     def write_results(self, results: list[ArmResult]) -> dict[str, Any]:
         """``results/report.{json,md,png}``: every arm against success only; the FIL arms and the online arm
@@ -311,6 +388,17 @@ class Pipeline:
 
 def _brief(outputs: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in outputs.items() if not isinstance(v, dict) or k == "dropped")[:300]
+
+
+def _mean_w(path: Path) -> dict[str, float | None]:
+    """Per-arm mean guidance weight actually applied (None for unguided arms) from ``episodes.json``."""
+    if not path.is_file():
+        return {}
+    per_arm: dict[str, list[float]] = {}
+    for r in json.loads(path.read_text())["episodes"]:
+        if r.get("w_mean") is not None:
+            per_arm.setdefault(r["arm"], []).append(r["w_mean"])
+    return {arm: sum(ws) / len(ws) for arm, ws in per_arm.items()}
 
 
 def load_outcomes(path: str | Path) -> dict[str, list[EpisodeOutcome]]:

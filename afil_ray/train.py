@@ -69,20 +69,28 @@ def resolve_checkpoint(path: str | Path) -> Path:
                           f"checkpoints/{LATEST})")
 
 
-def load_start_policy(path: str | Path, device: str | torch.device = "cpu") -> DAGPolicy:
+def load_start_policy(path: str | Path, device: str | torch.device = "cpu", *,
+                      failure_head_init: str | None = None, seed: int = 0) -> DAGPolicy:
     """A checkpoint as the starting point of further training or of the online loop.
 
     A success-only checkpoint's failure head is still the untrained copy made when the policy was built; with
     ``policy.failure_head_init=success`` it is replaced by the trained success head, so the failure head starts
-    from a generator that models the task (and guidance is a no-op, v_f = v_s, until it learns failures).
+    from a generator that models the task (and guidance is a no-op, v_f = v_s, until it learns failures); with
+    ``random`` it is freshly initialised (seeded), so it models failures alone. ``failure_head_init`` overrides
+    the checkpoint's own setting (the config that starts the next stage decides).
     """
     path = resolve_checkpoint(path)
     policy = ckpt.load_policy(path, device=device)
     trainer_file = path / "trainer.json"
     mode = json.loads(trainer_file.read_text()).get("mode") if trainer_file.is_file() else None
-    if mode == "success_only" and policy.config.failure_head_init == "success" \
-            and same_shape(policy.success_head, policy.failure_head):
-        policy.init_failure_head_from_success()
+    init = failure_head_init or policy.config.failure_head_init
+    if init not in ("success", "random"):
+        raise ValueError(f"policy.failure_head_init must be success | random, got {init!r}")
+    if mode == "success_only":
+        if init == "success" and same_shape(policy.success_head, policy.failure_head):
+            policy.init_failure_head_from_success()
+        elif init == "random":
+            policy.reset_failure_head(seed)
     return policy
 
 
@@ -125,8 +133,11 @@ class Trainer:
         if self.heads.failure:
             if tc.failure_targets == "sampled":
                 self.samplers["failure"] = ChunkSampler(store, h, tasks=self.tasks, outcomes=cfg.data.failure_outcomes,
-                                                        seed=cfg.seed + 1)
+                                                        seed=cfg.seed + 1, window=cfg.data.failure_window)
             elif tc.failure_targets == "executed":
+                if cfg.data.failure_window:
+                    raise ValueError("data.failure_window needs train.failure_targets=sampled (executed windows are "
+                                     "not restricted)")
                 self.samplers["failure"] = WindowSampler(store, h, tasks=self.tasks,
                                                          outcomes=cfg.data.failure_outcomes, balance=tc.balance,
                                                          cameras=cameras, seed=cfg.seed + 1)
@@ -141,7 +152,8 @@ class Trainer:
         if resume is not None:
             self.policy = self._load_policy(resume)
         elif tc.init_from:
-            self.policy = load_start_policy(tc.init_from, self.device)
+            self.policy = load_start_policy(tc.init_from, self.device,
+                                            failure_head_init=cfg.policy.failure_head_init, seed=cfg.seed)
         else:
             self.policy = self._new_policy()
         self.policy.to(self.device)

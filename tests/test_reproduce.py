@@ -60,6 +60,27 @@ def test_reproduce_runs_every_stage_then_reuses_them(tmp_path, capsys):
     again = capsys.readouterr().out
     assert all(f"[{s}] cached" in again for s in stages) and "running" not in again
 
+    # the failure-head study: variants train after the cached stages and are paired against + correction
+    study = [*args, "reproduce.variants={rand: [policy.failure_head_init=random], "
+                    "win: [data.failure_window=1000, reproduce.failure_head_steps=5]}",
+             "reproduce.variant_arms=[static:w=0.05]"]
+    assert main(["reproduce", "--quiet", *study]) == 0
+    out = capsys.readouterr().out
+    assert all(f"[{s}] cached" in out for s in stages)
+    assert "[variant_rand] done" in out and "[variant_win] done" in out
+    win = json.loads((root / "stages" / "variant_win.json").read_text())
+    assert win["outputs"]["steps"] == 5 and win["settings"]["overrides"][0] == "data.failure_window=1000"
+    # only corrected failures' chunks: fewer than the paper-rule head saw
+    assert 0 < win["outputs"]["failure_windows"] <= dag["failure_windows"]
+    study_report = json.loads((root / "results" / "variants" / "report.json").read_text())
+    arms = {a["arm"]: a for a in study_report["tasks"][TASK]["arms"]}
+    assert list(arms) == ["+ failure correction", "dag: static FIL w=0.05", "rand: static FIL w=0.05",
+                          "win: static FIL w=0.05"]
+    assert all(a["episodes"] == 2 for a in arms.values())
+    assert "failure windows" in (root / "results" / "variants" / "report.md").read_text()
+    with pytest.raises(ConfigError, match=r"reproduce\.variants\.bad: 'eval\.runs' cannot vary"):
+        Pipeline(load_config(None, [*args, "reproduce.variants={bad: [eval.runs=5]}"]), progress=False).run()
+
     # changing a setting a completed stage depends on is an error that names the key
     cfg = load_config(None, [*args, "reproduce.harvest_runs=2"])
     with pytest.raises(ConfigError, match=r"reproduce\.harvest_runs"):

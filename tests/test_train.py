@@ -96,3 +96,44 @@ def test_bad_inputs(store, tmp_path):
         cfg = _cfg(store, tmp_path / "c")
         cfg.env.task = "StackCube-v1"
         Trainer(cfg, progress=False)
+
+
+def test_random_failure_head_init_is_fresh_and_seeded(store, tmp_path):
+    base = Trainer(_cfg(store, tmp_path / "base", steps=2), progress=False).run()
+    trained = load_policy(base)
+    heads = []
+    for name in ("r1", "r2"):
+        cfg = _cfg(store, tmp_path / name, steps=1, mode="failure_head", init_from=str(base))
+        cfg.policy.failure_head_init = "random"
+        heads.append(Trainer(cfg, progress=False).policy.failure_head.action_out.weight.detach().clone())
+    assert torch.equal(heads[0], heads[1])  # seeded by cfg.seed
+    assert not torch.equal(heads[0], trained.success_head.action_out.weight)
+    assert not torch.equal(heads[0], trained.failure_head.action_out.weight)
+
+
+def test_failure_window_keeps_the_chunks_after_the_correction_restore_point(tmp_path):
+    from afil_ray.replay.chunks import ChunkSampler
+
+    root = tmp_path / "store"
+    failures = []
+    for i in range(3):
+        ep = build_episode(task=TASK, outcome="failure", length=40, seed=200 + i)
+        ep.chunk_steps = [0, 8, 16, 24, 32]
+        ep.chunks = np.stack([ep.action[[min(t + k, 39) for k in range(4)]] for t in ep.chunk_steps])
+        failures.append(ep)
+    fix = build_episode(task=TASK, outcome="corrected", length=30, seed=200)
+    fix.parent_episode_id, fix.extra = failures[0].episode_id, {"restore_step": 16}
+    ReplayStore(root).write_episodes([*failures, fix])
+    store = ReplayStore(root)
+    whole = ChunkSampler(store, 4, tasks=[TASK], outcomes=["failure"])
+    assert whole.num_steps == 15
+    near = ChunkSampler(store, 4, tasks=[TASK], outcomes=["failure"], window=16)
+    # only the corrected failure, only its chunks at steps 16 and 24 (restore step .. restore step + 16)
+    assert near.num_steps == 2
+    np.testing.assert_array_equal(near.state, failures[0].state[[16, 24]])
+    with pytest.raises(ValueError, match="failure_window"):
+        ChunkSampler(store, 4, tasks=[TASK], outcomes=["failure"], window=-1)
+    cfg = _cfg(root, tmp_path / "x", mode="failure_head", failure_targets="executed")
+    cfg.data.failure_window = 8
+    with pytest.raises(ValueError, match="failure_window needs"):
+        Trainer(cfg, progress=False)

@@ -98,6 +98,14 @@ class DAGPolicy(nn.Module):
             raise ValueError("failure head differs in shape from the success head; it cannot be copied")
         self.failure_head.load_state_dict(self.success_head.state_dict())
 
+    def reset_failure_head(self, seed: int = 0) -> None:
+        """Fresh random weights for the failure head (seeded), e.g. to learn failures without the success prior."""
+        head = self.failure_head
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fresh = ActionHead(head.action_dim, head.horizon, head.prefix_dim, head.width, head.depth, head.num_heads)
+        head.load_state_dict(fresh.state_dict())
+
     def fit_normalizer(self, state: np.ndarray, action: np.ndarray) -> Normalizer:
         """Statistics from data (state [N, D], real actions [N, A]); call before training."""
         return self.normalizer.fit(state, action)

@@ -210,6 +210,9 @@ class ReproduceConfig:
     # evaluated with `variant_arms`, paired against "+ failure correction" (results/variants.md).
     variants: dict[str, list[str]] = field(default_factory=dict)
     variant_arms: list[str] = field(default_factory=lambda: ["static:w=0.05", "adaptive:lam=1"])
+    # Out-of-domain evaluation: tasks (e.g. LiftThickPegUpright-v1, afil_ray/envs/variants.py) on which success
+    # only, + correction, the first static and adaptive arms and the online arm are evaluated (results/ood/)
+    ood_tasks: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -183,6 +183,8 @@ class Pipeline:
         summary = self.evaluate(success_ckpt, dag_ckpt, online_ckpt)
         if variant_ckpts:
             summary["variants"] = self.evaluate_variants(variant_ckpts)
+        if self.cfg.reproduce.ood_tasks:
+            summary["ood"] = self.evaluate_ood(success_ckpt, dag_ckpt, online_ckpt)
         return summary
 
     def variant_config(self, name: str) -> Config:
@@ -333,9 +335,34 @@ class Pipeline:
         return {"report": str(paths["md"]),
                 "rates": {e["arm"]: e["rate"] for e in report["tasks"][task]["arms"]}}
 
-    def _evaluate_plan(self, plan: list[tuple[str, str, str]]) -> list[ArmResult]:
-        """Evaluate (label, checkpoint, arm spec) triples, one evaluation per checkpoint; stored episodes are
-        reused, episode for episode."""
+    def evaluate_ood(self, success_ckpt: str, dag_ckpt: str, online_ckpt: str | None) -> dict[str, Any]:
+        """``results/ood/<task>/``: the trained arms on each ``reproduce.ood_tasks`` task (same seeds and noise
+        draws as in domain), every arm against success only and the FIL arms against + failure correction."""
+        from afil_ray.envs.tasks import get_task
+
+        rc, metric = self.cfg.reproduce, self.cfg.eval.metric
+        keep = {"success only", CORRECTED_ARM}
+        keep |= {f"static FIL w={_fmt(rc.static_w[0])}"} if rc.static_w else set()
+        keep |= {f"adaptive FIL λ={_fmt(rc.lams[0])}"} if rc.lams else set()
+        plan = [p for p in self.arm_plan(success_ckpt, dag_ckpt, online_ckpt)
+                if p[0] in keep or p[0].startswith("online loop")]
+        out: dict[str, Any] = {}
+        for task in rc.ood_tasks:
+            get_task(task)  # an unknown task fails here, naming the registered ones
+            results = self._evaluate_plan(plan, task=task)
+            report = build_report(results, metric=metric, reference_arm="success only", seed=self.cfg.seed)
+            fil = build_report(results[1:], metric=metric, reference_arm=CORRECTED_ARM, seed=self.cfg.seed)
+            paths = write_report(report, self.root / "results" / "ood" / task)
+            paths["md"].write_text("\n".join([
+                markdown_table(report), "", f"Against `{CORRECTED_ARM}` (the failure head's own effect):", "",
+                markdown_table(fil).split("\n", 1)[1].lstrip("\n")]) + "\n")
+            out[task] = {"report": str(paths["md"]),
+                         "rates": {e["arm"]: e["rate"] for e in report["tasks"][task]["arms"]}}
+        return out
+
+    def _evaluate_plan(self, plan: list[tuple[str, str, str]], task: str | None = None) -> list[ArmResult]:
+        """Evaluate (label, checkpoint, arm spec) triples, one evaluation per checkpoint, on ``task`` (default:
+        the reproduction's own); stored episodes are reused, episode for episode."""
         from afil_ray.evaluate import evaluate_arms, output_dir, resolve_arms, write_evaluation
         from afil_ray.train import load_start_policy
 
@@ -343,7 +370,8 @@ class Pipeline:
         for ckpt in dict.fromkeys(p[1] for p in plan):  # one evaluation per checkpoint, in plan order
             mine = [p for p in plan if p[1] == ckpt]
             # the evaluation lands in the checkpoint's own run directory (run_dir/<stage>/eval/...)
-            cfg = with_updates(self.cfg, run_dir=str(Path(ckpt).parent.parent), eval={"arms": [p[2] for p in mine]})
+            cfg = with_updates(self.cfg, run_dir=str(Path(ckpt).parent.parent), eval={"arms": [p[2] for p in mine]},
+                               env={"task": task or self.cfg.env.task})
             arms = resolve_arms(cfg)
             done = output_dir(cfg, ckpt, arms) / "episodes.json"
             if done.is_file():  # evaluated before this stage was killed: reuse, episode for episode
@@ -355,8 +383,9 @@ class Pipeline:
                 outcomes = {ev.arm: ev.outcomes() for ev in evals}
             w = _mean_w(done)
             for (label, _, _), arm in zip(mine, arms, strict=True):
-                results.append(ArmResult(label, self.cfg.env.task, outcomes[arm.name]))
-                self.mean_w[label] = w.get(arm.name)
+                results.append(ArmResult(label, cfg.env.task, outcomes[arm.name]))
+                if task is None:
+                    self.mean_w[label] = w.get(arm.name)
         return results
 
     def write_results(self, results: list[ArmResult]) -> dict[str, Any]:

@@ -63,7 +63,7 @@ def test_reproduce_runs_every_stage_then_reuses_them(tmp_path, capsys):
     # the failure-head study: variants train after the cached stages and are paired against + correction
     study = [*args, "reproduce.variants={rand: [policy.failure_head_init=random], "
                     "win: [data.failure_window=1000, reproduce.failure_head_steps=5]}",
-             "reproduce.variant_arms=[static:w=0.05]"]
+             "reproduce.variant_arms=[static:w=0.05]", "reproduce.ood_tasks=[PullCubeDistractors-v1]"]
     assert main(["reproduce", "--quiet", *study]) == 0
     out = capsys.readouterr().out
     assert all(f"[{s}] cached" in out for s in stages)
@@ -78,6 +78,13 @@ def test_reproduce_runs_every_stage_then_reuses_them(tmp_path, capsys):
                           "win: static FIL w=0.05"]
     assert all(a["episodes"] == 2 for a in arms.values())
     assert "failure windows" in (root / "results" / "variants" / "report.md").read_text()
+    # out of domain: the same arms on the distractor variant, on the same seeds
+    ood = json.loads((root / "results" / "ood" / "PullCubeDistractors-v1" / "report.json").read_text())
+    ood_arms = ood["tasks"]["PullCubeDistractors-v1"]["arms"]
+    assert [a["arm"] for a in ood_arms] == ["success only", "+ failure correction", "static FIL w=0.05",
+                                            "adaptive FIL λ=1"]
+    assert all(a["episodes"] == 2 for a in ood_arms)
+    assert list((root / "dag" / "eval").glob("PullCubeDistractors-v1-*/episodes.json"))
     with pytest.raises(ConfigError, match=r"reproduce\.variants\.bad: 'eval\.runs' cannot vary"):
         Pipeline(load_config(None, [*args, "reproduce.variants={bad: [eval.runs=5]}"]), progress=False).run()
 

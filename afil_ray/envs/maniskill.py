@@ -39,6 +39,8 @@ def _import_maniskill() -> None:
     os.environ.setdefault("MS_SKIP_ASSET_DOWNLOAD_PROMPT", "0")
     import mani_skill.envs  # noqa: F401  (registers the tasks)
 
+    import afil_ray.envs.variants  # noqa: F401  (registers the project's out-of-domain variants)
+
 
 def check_assets(env_id: str) -> None:
     """Fail fast with a clear message instead of ManiSkill's interactive download prompt (which would hang)."""

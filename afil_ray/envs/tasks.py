@@ -50,5 +50,9 @@ for _spec in (
              planner="StackPyramid-v1"),
     TaskSpec("PegInsertionSide-v1", "insert the peg into the side hole of the box", 400,
              planner="PegInsertionSide-v1"),
+    # out-of-domain variants (afil_ray/envs/variants.py), for evaluation; no planners of their own
+    TaskSpec("LiftThickPegUpright-v1", "lift the peg upright", 350),
+    TaskSpec("StackCubeDistractors-v1", "stack the red cube on top of the green cube", 250),
+    TaskSpec("PullCubeDistractors-v1", "pull the cube to the goal region", 150),
 ):
     register_task(_spec)

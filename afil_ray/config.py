@@ -268,8 +268,27 @@ def _apply(cfg: DictConfig, overrides: list[str], source: str) -> DictConfig:
             dot = OmegaConf.from_dotlist([item])
         except OmegaConfBaseException as e:
             raise ConfigError(f"{source}: cannot parse override '{item}': {e}") from None
+        key = item.split("=", 1)[0].strip()
+        if _is_plain_dict(cfg, key):
+            # key={...} on a mapping option (e.g. reproduce.variants) replaces it: a merge could never remove entries
+            cfg = cfg.copy()
+            try:
+                OmegaConf.update(cfg, key, OmegaConf.select(dot, key), merge=False)
+            except OmegaConfBaseException as e:
+                first = str(e).splitlines()[0]
+                raise ConfigError(f"{source} override '{item}': bad value for '{key}': {first}") from None
+            continue
         cfg = _merge(cfg, dot, f"{source} override '{item}'")
     return cfg
+
+
+def _is_plain_dict(cfg: DictConfig, key: str) -> bool:
+    """Whether ``key`` names a free-form mapping option (not a schema section)."""
+    try:
+        node = OmegaConf.select(cfg, key, throw_on_missing=False)
+    except OmegaConfBaseException:
+        return False
+    return isinstance(node, DictConfig) and OmegaConf.get_type(node) is dict
 
 
 def with_overrides(cfg: Config, overrides: list[str], source: str) -> Config:

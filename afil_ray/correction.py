@@ -18,12 +18,9 @@ re-run skips them.
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,9 +28,9 @@ import pyarrow.dataset as ds
 from tqdm import tqdm
 
 from afil_ray.config import Config, CorrectConfig, DemoConfig, EnvConfig
-from afil_ray.demos.generate import SimulatorCrash
 from afil_ray.demos.planner import HOLD_STEPS, SUPPORTED_CONTROL_MODES, TaskPlanner, retarget, single_cpu_env
 from afil_ray.envs.maniskill import ManiSkillVecEnv
+from afil_ray.process_pool import spawn_map
 from afil_ray.replay.episode import Episode
 from afil_ray.replay.ledger import AttemptLedger
 from afil_ray.replay.store import ReplayStore
@@ -301,18 +298,11 @@ def _results(cfg: Config, todo: list[Episode]) -> Iterator[CorrectionResult]:
         finally:
             corrector.close()
         return
-    ctx = mp.get_context("spawn")  # SAPIEN and torch state must not be forked
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(cfg,)) as pool:
-        futures = {pool.submit(_worker_correct, ep): ep.episode_id for ep in todo}
-        try:
-            for fut in as_completed(futures):
-                try:
-                    yield fut.result()
-                except BrokenProcessPool as e:
-                    raise SimulatorCrash(
-                        f"a correction worker for {cfg.env.task} died while correcting failure {futures[fut]} or "
-                        f"another in flight (a simulator or planner crash). Corrections written so far are kept; "
-                        f"re-run the same command to resume.") from e
-        finally:
-            for fut in futures:
-                fut.cancel()
+    def crash(failure: Episode) -> str:
+        return (f"a correction worker for {cfg.env.task} died while correcting failure {failure.episode_id} or "
+                f"another in flight (a simulator or planner crash). Corrections written so far are kept; re-run "
+                f"the same command to resume.")
+
+    for _, result in spawn_map(_worker_correct, todo, workers=workers, initializer=_worker_init, initargs=(cfg,),
+                               crash_message=crash):
+        yield result

@@ -9,16 +9,14 @@ Workers get the policy object itself (pickled once per worker), so they need no 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 
 import torch
 
 from afil_ray.config import Config, ConfigError, SamplerConfig
 from afil_ray.envs.maniskill import ManiSkillVecEnv
+from afil_ray.process_pool import spawn_map
 from afil_ray.replay.episode import Episode
 
 BACKENDS = ("auto", "processes", "ray")
@@ -76,17 +74,21 @@ def run_units(cfg: Config, policy: torch.nn.Module, samplers: list[SamplerConfig
 
 
 _worker: EvalWorker | None = None
+_samplers: list[SamplerConfig] = []
+_keep_snapshots = False
 
 
-def _init_process(cfg: Config, policy: torch.nn.Module, torch_threads: int) -> None:
-    global _worker
+def _init_process(cfg: Config, policy: torch.nn.Module, torch_threads: int, samplers: list[SamplerConfig],
+                  keep_snapshots: bool) -> None:
+    global _worker, _samplers, _keep_snapshots
     logging.getLogger("mani_skill").setLevel(logging.ERROR)
     _worker = EvalWorker(cfg, policy, torch_threads)
+    _samplers, _keep_snapshots = samplers, keep_snapshots
 
 
-def _run_in_process(sampler: SamplerConfig, run: int, keep_snapshots: bool) -> list[Episode]:
+def _run_in_process(unit: Unit) -> list[Episode]:
     assert _worker is not None
-    return _worker.run(sampler, run, keep_snapshots)
+    return _worker.run(_samplers[unit[0]], unit[1], _keep_snapshots)
 
 
 def _threads_per_worker(workers: int) -> int:
@@ -95,23 +97,13 @@ def _threads_per_worker(workers: int) -> int:
 
 def _process_units(cfg: Config, policy: torch.nn.Module, samplers: list[SamplerConfig], units: list[Unit],
                    workers: int, keep_snapshots: bool) -> Iterator[tuple[Unit, list[Episode]]]:
-    ctx = mp.get_context("spawn")  # SAPIEN and torch state must not be forked
-    init = (cfg, policy, _threads_per_worker(workers))
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_process, initargs=init) as pool:
-        futures = {pool.submit(_run_in_process, samplers[a], r, keep_snapshots): (a, r) for a, r in units}
-        try:
-            for fut in as_completed(futures):
-                try:
-                    yield futures[fut], fut.result()
-                except BrokenProcessPool as e:
-                    from afil_ray.demos.generate import SimulatorCrash
+    def crash(unit: Unit) -> str:
+        return (f"an eval worker for {cfg.env.task} died (a simulator crash) while running unit (arm {unit[0]}, run "
+                f"{unit[1]}) or another in flight; re-run the evaluation")
 
-                    raise SimulatorCrash(f"an eval worker for {cfg.env.task} died (a simulator crash) while running "
-                                         f"unit (arm {futures[fut][0]}, run {futures[fut][1]}); re-run the "
-                                         f"evaluation") from e
-        finally:
-            for fut in futures:
-                fut.cancel()
+    init = (cfg, policy, _threads_per_worker(workers), samplers, keep_snapshots)
+    yield from spawn_map(_run_in_process, units, workers=workers, initializer=_init_process, initargs=init,
+                         crash_message=crash)
 
 
 def _ray_units(cfg: Config, policy: torch.nn.Module, samplers: list[SamplerConfig], units: list[Unit],

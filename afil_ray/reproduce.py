@@ -319,6 +319,7 @@ class Pipeline:
                                         for name, ckpt in ckpts.items() for s in specs])
         task, metric = self.cfg.env.task, self.cfg.eval.metric
         report = build_report(results, metric=metric, reference_arm=CORRECTED_ARM, seed=self.cfg.seed)
+        report["mean_w"] = {r.arm: self.mean_w.get(r.arm) for r in results}
         paths = write_report(report, self.root / "results" / "variants")
         lines = [markdown_table(report), "", "Mean guidance weight applied per arm: " + ", ".join(
             f"{r.arm} {self.mean_w[r.arm]:.4f}" for r in results if self.mean_w.get(r.arm) is not None) + ".",

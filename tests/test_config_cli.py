@@ -33,6 +33,19 @@ def test_wrong_type_and_bad_overrides_are_errors():
         load_config("no/such/file.yaml")
 
 
+def test_a_mapping_override_replaces_the_mapping():
+    shipped = load_config("configs/reproduce.yaml")
+    assert shipped.reproduce.variants  # the study is on by default
+    assert load_config("configs/reproduce.yaml", ["reproduce.variants={}"]).reproduce.variants == {}
+    one = load_config("configs/reproduce.yaml", ["reproduce.variants={w: [data.failure_window=8]}"])
+    assert one.reproduce.variants == {"w": ["data.failure_window=8"]}
+    # schema sections still merge key by key, and bad values name the key
+    assert load_config("configs/reproduce.yaml", ["env={task: PullCube-v1}"]).env.control_mode == \
+        shipped.env.control_mode
+    with pytest.raises(ConfigError, match=r"bad value for 'reproduce\.variants'"):
+        load_config(None, ["reproduce.variants={w: 3}"])
+
+
 def test_overrides_win_and_resolved_config_round_trips(tmp_path):
     cfg = load_config(REPO / "configs" / "quickstart.yaml", ["env.task=StackCube-v1", "demos.max_length=99"])
     assert cfg.env.task == "StackCube-v1" and cfg.demos.max_length == 99

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-import multiprocessing as mp
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 import pyarrow.dataset as ds
@@ -22,6 +19,7 @@ from tqdm import tqdm
 
 from afil_ray.config import Config
 from afil_ray.demos.planner import DemoMaker, DemoResult
+from afil_ray.process_pool import spawn_map
 from afil_ray.replay.ledger import AttemptLedger
 from afil_ray.replay.store import ReplayStore
 
@@ -54,10 +52,6 @@ class DemoReport:
         for reason, n in self.failures.most_common():
             lines.append(f"  dropped {n}: {reason}")
         return "\n".join(lines)
-
-
-class SimulatorCrash(RuntimeError):
-    """A worker process died (segfault or abort inside the simulator or planner)."""
 
 
 def existing_demo_seeds(store: ReplayStore, task: str) -> set[int]:
@@ -134,27 +128,14 @@ def _results(cfg: Config, seeds: Iterator[int], need: int) -> Iterator[DemoResul
         finally:
             maker.close()
         return
-    ctx = mp.get_context("spawn")  # SAPIEN and torch state must not be forked
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(cfg,)) as pool:
-        in_flight: dict[Future, int] = {}
-        produced = 0
-        try:
-            while True:
-                while len(in_flight) < 2 * workers and produced + len(in_flight) < need + workers:
-                    seed = next(seeds)
-                    in_flight[pool.submit(_worker_make, seed)] = seed
-                finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    seed = in_flight.pop(fut)
-                    try:
-                        result = fut.result()
-                    except BrokenProcessPool as e:
-                        raise SimulatorCrash(
-                            f"a demo worker for {cfg.env.task} died while planning seed {seed} or another seed "
-                            f"in flight (a simulator or planner crash). Demos written so far are kept; re-run "
-                            f"the same command to resume.") from e
-                    produced += result.episode is not None
-                    yield result
-        finally:
-            for fut in in_flight:
-                fut.cancel()
+    produced = [0]  # demos stored so far (read by submit_more as results arrive)
+
+    def crash(seed: int) -> str:
+        return (f"a demo worker for {cfg.env.task} died while planning seed {seed} or another seed in flight (a "
+                f"simulator or planner crash). Demos written so far are kept; re-run the same command to resume.")
+
+    for _, result in spawn_map(_worker_make, seeds, workers=workers, initializer=_worker_init, initargs=(cfg,),
+                               crash_message=crash, max_in_flight=2 * workers,
+                               submit_more=lambda in_flight: produced[0] + in_flight < need + workers):
+        produced[0] += result.episode is not None
+        yield result

@@ -91,14 +91,19 @@ def test_uncorrectable_failures_are_counted_dropped_and_not_retried(failure, tmp
 
 
 def test_corrections_are_stored_linked_and_resumable(failure, tmp_path):
-    cfg = Config(env=EnvConfig(task=TASK), correct=CorrectConfig(workers=1))
+    """Two failures through two spawned correction workers (the process pool's path)."""
+    cfg = Config(env=EnvConfig(task=TASK), correct=CorrectConfig(workers=2))
     cfg.replay.root = str(tmp_path / "store")
     store = ReplayStore.from_config(cfg.replay)
-    store.write_episodes([failure])
+    twin = Episode(**{**failure.__dict__, "episode_id": failure.episode_id + "-twin"})
+    store.write_episodes([failure, twin])
     report = correct_failures(cfg, store, progress=False)
-    assert (report.tried, report.corrected) == (1, 1), report.summary()
-    [stored] = store.read_episodes(task=TASK, outcome="corrected")
-    assert stored.parent_episode_id == failure.episode_id and stored.success
+    assert (report.tried, report.corrected) == (2, 2), report.summary()
+    stored = store.read_episodes(task=TASK, outcome="corrected")
+    assert sorted(e.parent_episode_id for e in stored) == sorted([failure.episode_id, twin.episode_id])
+    assert all(e.success for e in stored)
+    # both workers ran the same deterministic search on the same failure
+    assert stored[0].extra["restore_step"] == stored[1].extra["restore_step"]
     assert correct_failures(cfg, store, progress=False).tried == 0  # nothing left to correct
 
 

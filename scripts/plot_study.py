@@ -27,10 +27,11 @@ def main(run_dir: str, out: str) -> None:
         if cmp is None or not w:
             continue
         variant = arm["arm"].split(":")[0]
-        marker = markers.setdefault(variant, "osD^vP*X"[len(markers) % 8])
+        first = variant not in markers
+        index = markers.setdefault(variant, len(markers))
         ax.errorbar(w, cmp["difference"], yerr=[[cmp["difference"] - cmp["diff_low"]],
                                                 [cmp["diff_high"] - cmp["difference"]]],
-                    fmt=marker, capsize=3, label=variant if variant not in ax.get_legend_handles_labels()[1] else None)
+                    fmt="osD^vP*X"[index % 8], color=f"C{index}", capsize=3, label=variant if first else None)
     ax.axhline(0, color="grey", lw=1)
     ax.set_xscale("log")
     ax.set_xlabel("mean guidance weight applied (w; static arms: w itself)")

@@ -24,6 +24,7 @@ correction from what is already in the store.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -76,7 +77,13 @@ def arm_title(spec: str) -> str:
     kind, _, params = spec.partition(":")
     if kind == "success_only" and not params:
         return "success only"
-    return f"{kind} FIL {params.replace('lam=', 'λ=').replace(',', ' ')}".strip()
+    parts = []
+    for item in filter(None, params.split(",")):
+        key, _, value = item.partition("=")
+        with contextlib.suppress(ValueError):
+            value = _fmt(float(value))  # lam=1.0 and lam=1 name the same arm
+        parts.append(f"{'λ' if key == 'lam' else key}={value}")
+    return " ".join([f"{kind} FIL", *parts])
 
 
 def _fmt(x: float) -> str:
@@ -294,8 +301,8 @@ class Pipeline:
         rc = self.cfg.reproduce
         plan = [("success only", success_ckpt, "success_only"),
                 (CORRECTED_ARM, dag_ckpt, "success_only")]  # the DAG's success head is the corrected one
-        plan += [(f"static FIL w={_fmt(w)}", dag_ckpt, f"static:w={w}") for w in rc.static_w]
-        plan += [(f"adaptive FIL λ={_fmt(lam)}", dag_ckpt, f"adaptive:lam={lam}") for lam in rc.lams]
+        plan += [(arm_title(spec), dag_ckpt, spec) for spec in [f"static:w={w}" for w in rc.static_w]]
+        plan += [(arm_title(spec), dag_ckpt, spec) for spec in [f"adaptive:lam={lam}" for lam in rc.lams]]
         if online_ckpt is not None:
             lam = rc.lams[0] if rc.lams else 1.0
             plan.append((f"online loop, adaptive λ={_fmt(lam)}", online_ckpt, f"adaptive:lam={lam}"))
@@ -347,8 +354,8 @@ class Pipeline:
 
         rc, metric = self.cfg.reproduce, self.cfg.eval.metric
         keep = {"success only", CORRECTED_ARM}
-        keep |= {f"static FIL w={_fmt(rc.static_w[0])}"} if rc.static_w else set()
-        keep |= {f"adaptive FIL λ={_fmt(rc.lams[0])}"} if rc.lams else set()
+        keep |= {arm_title(f"static:w={rc.static_w[0]}")} if rc.static_w else set()
+        keep |= {arm_title(f"adaptive:lam={rc.lams[0]}")} if rc.lams else set()
         plan = [p for p in self.arm_plan(success_ckpt, dag_ckpt, online_ckpt)
                 if p[0] in keep or p[0].startswith("online loop")]
         out: dict[str, Any] = {}

@@ -98,21 +98,22 @@ def build_report(
     }
 
 
-def markdown_table(report: dict[str, Any]) -> str:
-    """One Markdown table per task, preceded by a line naming the metric and the reference arm."""
+def markdown_table(report: dict[str, Any], legend: bool = True) -> str:
+    """One Markdown table per task, preceded (``legend``) by a line naming the metric and the reference arm;
+    a second table of the same episodes under the first leaves the legend out."""
     pct = _percent(report["confidence"])
     reference = report["reference_arm"]
     lines = [
         f"Metric: `{report['metric']}`: {report['metric_definition']}. Reference arm: `{_cell(reference)}`. "
         f"Δ is the arm's rate minus the reference's on the same (seed, run) episodes; McNemar p is the exact "
         f"two-sided test on the discordant episodes.",
-    ]
+    ] if legend else []
     header = (
         f"| arm | success (k/n) | rate [{pct}% Wilson] | Δ vs reference [{pct}% paired bootstrap] "
         f"| discordant (ref only / arm only) | McNemar p |"
     )
     for task, body in report["tasks"].items():
-        lines += ["", f"### {_cell(task)}", "", header, "|---|---|---|---|---|---|"]
+        lines += ["", f"### {_cell(task)}", "", header, "|---|---|---|---|---|---|"][0 if lines else 1:]
         for entry in body["arms"]:
             rate = f"{entry['rate']:.3f} [{entry['wilson_low']:.3f}, {entry['wilson_high']:.3f}]"
             comparison = entry["comparison"]

@@ -367,7 +367,7 @@ class Pipeline:
             paths = write_report(report, self.root / "results" / "ood" / task)
             paths["md"].write_text("\n".join([
                 markdown_table(report), "", f"Against `{CORRECTED_ARM}` (the failure head's own effect):", "",
-                markdown_table(fil).split("\n", 1)[1].lstrip("\n")]) + "\n")
+                markdown_table(fil, legend=False)]) + "\n")
             out[task] = {"report": str(paths["md"]),
                          "rates": {e["arm"]: e["rate"] for e in report["tasks"][task]["arms"]}}
         return out
@@ -414,7 +414,7 @@ class Pipeline:
             (out / "report_vs_correction.json").write_text(json.dumps(fil, indent=1) + "\n")
             lines += ["", f"The failure head's own effect: the same arms against `{CORRECTED_ARM}` (same success "
                       "head and backbone; with w = 0 the guided sampler reproduces it episode by episode).", "",
-                      markdown_table(fil).split("\n", 1)[1].lstrip("\n")]
+                      markdown_table(fil, legend=False)]
         paper = PAPER.get(task, {})
         lines += ["", f"The paper's numbers for {task} (%, 1500 demos, 1500 failures and 1000 corrections per task; "
                   "../shared/afil-method.md):", "", "| arm | ours (%) | paper (%) |", "|---|---|---|"]

@@ -148,6 +148,14 @@ def test_markdown_names_the_metric_and_has_one_row_per_arm() -> None:
     assert "Metric: `success_at_end`" in markdown_table(build_report(example_results(), metric="success_at_end"))
 
 
+def test_markdown_without_legend_starts_at_the_first_task() -> None:
+    """The second table under a first one (same episodes, another reference) repeats only the tables."""
+    report = build_report(example_results())
+    full, bare = markdown_table(report), markdown_table(report, legend=False)
+    assert bare.startswith("### ") and "Metric:" not in bare
+    assert full.endswith(bare) and full.count("### ") == bare.count("### ") == 2
+
+
 def test_write_report_writes_three_files_and_json_round_trips(tmp_path: Path) -> None:
     report = build_report(example_results())
     paths = write_report(report, tmp_path / "eval")

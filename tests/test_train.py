@@ -137,3 +137,45 @@ def test_failure_window_keeps_the_chunks_after_the_correction_restore_point(tmp_
     cfg.data.failure_window = 8
     with pytest.raises(ValueError, match="failure_window needs"):
         Trainer(cfg, progress=False)
+
+
+def _failure_with_chunks(seed: int, length: int = 40):
+    ep = build_episode(task=TASK, outcome="failure", length=length, seed=seed)
+    ep.chunk_steps = list(range(0, length, 8))
+    ep.chunks = np.stack([ep.action[[min(t + k, length - 1) for k in range(4)]] for t in ep.chunk_steps])
+    return ep
+
+
+def test_chunk_sampler_refresh_reads_new_shards_only_and_quarantines_damaged_ones(tmp_path):
+    """The learner refreshes while rollout actors write: only new shards are read, a correction written later
+    opens its failure's window, a retired shard's pairs go, and a damaged shard is set aside, not fatal."""
+    from afil_ray.replay.chunks import ChunkSampler
+
+    store = ReplayStore(tmp_path / "store", episodes_per_shard=1)
+    first = _failure_with_chunks(300)
+    [first_shard] = store.write_episodes([first])
+    whole = ChunkSampler(store, 4, tasks=[TASK], outcomes=["failure"])
+    near = ChunkSampler(store, 4, tasks=[TASK], outcomes=["failure"], window=16)
+    assert (whole.num_steps, near.num_steps) == (5, 0)  # no correction yet: no window
+
+    second = _failure_with_chunks(301)
+    fix = build_episode(task=TASK, outcome="corrected", length=30, seed=300)
+    fix.parent_episode_id, fix.extra = first.episode_id, {"restore_step": 8}
+    store.write_episodes([second, fix])
+    reads = []
+    original = store.read_checked
+    store.read_checked = lambda rel, *a, **k: reads.append(rel) or original(rel, *a, **k)
+    assert whole.refresh() == 1 and whole.num_steps == 10
+    assert [r for r in reads if "failure" in r] == [s.path for s in store.list_shards(outcome="failure")][1:]
+    near.refresh()
+    np.testing.assert_array_equal(near.state, first.state[[8, 16]])  # the late correction's window
+
+    (tmp_path / "store" / first_shard.path).unlink()  # retired by another process
+    assert whole.refresh() == 0 and whole.num_steps == 5
+    np.testing.assert_array_equal(whole.state, second.state[second.chunk_steps])
+
+    [damaged] = store.write_episodes([_failure_with_chunks(302)])
+    path = tmp_path / "store" / damaged.path
+    path.write_bytes(path.read_bytes()[:-100])
+    assert whole.refresh() == 0 and whole.num_steps == 5
+    assert [c.path for c in store.quarantined] == [damaged.path] and not path.exists()

@@ -3,7 +3,7 @@
 The failure head can learn from what the policy *sampled* rather than from executed actions, which are
 stitched from the first few actions of different samples; in a probe a failure head fine-tuned on executed
 actions kept a loss about 30 times the success head's. Failure data is small (thousands of chunks), so the
-pairs are gathered into memory once and re-read on ``refresh``.
+pairs are gathered into memory, shard by shard as ``refresh`` finds new ones.
 
 ``window > 0`` keeps only the chunks sampled where the failure became irreversible: the ``window`` steps from
 the latest restore point its correction found (``extra.restore_step`` of the ``corrected`` episode whose parent it
@@ -14,17 +14,48 @@ a correction have no such point and are skipped.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
-import pyarrow.dataset as ds
 
-from afil_ray.replay.store import ReplayStore
+from afil_ray.replay.store import ReplayStore, ShardFile
+
+T = TypeVar("T")
+
+
+def _sync(cache: dict[str, T], listing: list[ShardFile], load: Callable[[ShardFile], T | None]) -> int:
+    """Bring ``cache`` (shard path -> what ``load`` made of it) in line with ``listing``; returns how many were
+    added. A shard ``load`` returns None for (gone, or damaged and quarantined) is looked at again next time."""
+    present = {s.path for s in listing}
+    for gone in [p for p in cache if p not in present]:
+        del cache[gone]
+    added = 0
+    for shard in listing:
+        if shard.path not in cache and (value := load(shard)) is not None:
+            cache[shard.path] = value
+            added += 1
+    return added
+
+
+@dataclass
+class _Pairs:
+    """The (state, chunk) pairs of one shard's episodes, with the step each chunk was sampled at."""
+
+    episode_id: np.ndarray  # [N] object: the episode each pair comes from
+    step: np.ndarray  # [N] int64
+    state: np.ndarray  # [N, state_dim]
+    chunk: np.ndarray  # [N, horizon, action_dim]
+    partition: int
 
 
 class ChunkSampler:
-    """Uniform (state, sampled chunk) pairs from the episodes of the selected tasks and outcomes."""
+    """Uniform (state, sampled chunk) pairs from the episodes of the selected tasks and outcomes.
+
+    Like :class:`~afil_ray.replay.sampler.WindowSampler`, :meth:`refresh` reads only the shards written since the
+    last call (and forgets retired ones), and a damaged shard is quarantined rather than stopping training.
+    """
 
     def __init__(self, store: ReplayStore, horizon: int, *, tasks: Sequence[str], outcomes: Sequence[str],
                  seed: int = 0, window: int = 0) -> None:
@@ -34,46 +65,69 @@ class ChunkSampler:
         self.tasks, self.outcomes = list(tasks), list(outcomes)
         self.rng = np.random.default_rng(seed)
         self.partitions = [(t, o) for t in self.tasks for o in self.outcomes]
+        self._pairs: dict[str, _Pairs] = {}  # shard path -> its pairs
+        self._restore: dict[str, dict[str, int]] = {}  # corrected shard path -> {failure id: restore step}
         self.refresh()
 
     def refresh(self) -> int:
-        """Re-read the store; returns the number of (state, chunk) pairs."""
-        states, chunks, parts = [], [], []
-        if self.store.list_shards(task=self.tasks, outcome=self.outcomes):
-            flt = ds.field("task").isin(self.tasks) & ds.field("outcome").isin(self.outcomes)
-            table = self.store.dataset().to_table(columns=["episode_id", "task", "outcome", "state", "action",
-                                                           "chunk_steps", "chunks"], filter=flt)
-            restore = self._restore_steps() if self.window else {}
-            for row in table.to_pylist():
-                if not row["chunk_steps"]:
-                    continue
-                if self.window and row["episode_id"] not in restore:
-                    continue
-                first = restore.get(row["episode_id"], 0)
-                last = first + self.window if self.window else len(row["action"])
-                action_dim = len(row["action"][0])
-                for step, chunk in zip(row["chunk_steps"], row["chunks"], strict=True):
-                    if not first <= step < last:
-                        continue
-                    c = np.asarray(chunk, np.float32).reshape(-1, action_dim)
-                    if len(c) != self.horizon:
-                        raise ValueError(f"stored chunks have horizon {len(c)}, the policy uses {self.horizon}")
-                    states.append(np.asarray(row["state"][step], np.float32))
-                    chunks.append(c)
-                    parts.append(self.partitions.index((row["task"], row["outcome"])))
-        self.state = np.stack(states) if states else np.zeros((0, 0), np.float32)
-        self.chunk = np.stack(chunks) if chunks else np.zeros((0, self.horizon, 0), np.float32)
-        self.partition = np.asarray(parts, np.int32)
-        return len(self.state)
+        """Read the shards written since the last refresh, forget retired ones; returns how many were added."""
+        added = _sync(self._pairs, self.store.list_shards(task=self.tasks, outcome=self.outcomes), self._load)
+        if self.window:
+            _sync(self._restore, self.store.list_shards(task=self.tasks, outcome=["corrected"]), self._load_restore)
+        self._index()
+        return added
 
-    def _restore_steps(self) -> dict[str, int]:
-        """episode id of a corrected failure -> the step its correction restored from."""
-        flt = ds.field("task").isin(self.tasks) & (ds.field("outcome") == "corrected")
-        if not self.store.list_shards(task=self.tasks, outcome=["corrected"]):
-            return {}
-        rows = self.store.dataset().to_table(columns=["parent_episode_id", "extra"], filter=flt).to_pylist()
+    def _index(self) -> None:
+        """Concatenate the loaded pairs, keeping only the window after each restore point when ``window`` > 0."""
+        restore = {k: v for steps in self._restore.values() for k, v in steps.items()}
+        keep = []
+        for pairs in self._pairs.values():
+            if self.window:
+                first = np.array([restore.get(e, -1) for e in pairs.episode_id], np.int64)
+                mask = (first >= 0) & (pairs.step >= first) & (pairs.step < first + self.window)
+            else:
+                mask = np.ones(len(pairs.step), bool)
+            if mask.any():
+                keep.append((pairs.state[mask], pairs.chunk[mask], np.full(int(mask.sum()), pairs.partition)))
+        state_dim = next((p.state.shape[1] for p in self._pairs.values() if len(p.step)), 0)
+        action_dim = next((p.chunk.shape[2] for p in self._pairs.values() if len(p.step)), 0)
+        self.state = np.concatenate([k[0] for k in keep]) if keep else np.zeros((0, state_dim), np.float32)
+        self.chunk = (np.concatenate([k[1] for k in keep]) if keep
+                      else np.zeros((0, self.horizon, action_dim), np.float32))
+        self.partition = np.concatenate([k[2] for k in keep]).astype(np.int32) if keep else np.zeros(0, np.int32)
+
+    def _load(self, shard: ShardFile) -> _Pairs | None:
+        table = self.store.read_checked(shard.path, ["episode_id", "state", "action", "chunk_steps", "chunks"])
+        if table is None:  # gone, or damaged and now quarantined
+            return None
+        ids, steps, states, chunks = [], [], [], []
+        for row in table.to_pylist():
+            if not row["chunk_steps"]:
+                continue
+            action_dim = len(row["action"][0])
+            for step, chunk in zip(row["chunk_steps"], row["chunks"], strict=True):
+                c = np.asarray(chunk, np.float32).reshape(-1, action_dim)
+                if len(c) != self.horizon:
+                    raise ValueError(f"replay shard {self.store.abspath(shard.path)}: stored chunks have horizon "
+                                     f"{len(c)}, the policy uses {self.horizon}")
+                ids.append(row["episode_id"])
+                steps.append(step)
+                states.append(np.asarray(row["state"][step], np.float32))
+                chunks.append(c)
+        partition = self.partitions.index((shard.task, shard.outcome))
+        if not ids:  # e.g. planner episodes: nothing to learn from, and nothing to re-read on the next refresh
+            return _Pairs(np.zeros(0, object), np.zeros(0, np.int64), np.zeros((0, 0), np.float32),
+                          np.zeros((0, self.horizon, 0), np.float32), partition)
+        return _Pairs(np.asarray(ids, object), np.asarray(steps, np.int64), np.stack(states), np.stack(chunks),
+                      partition)
+
+    def _load_restore(self, shard: ShardFile) -> dict[str, int] | None:
+        """failure episode id -> the step its correction (in this shard) restored from."""
+        table = self.store.read_checked(shard.path, ["parent_episode_id", "extra"])
+        if table is None:
+            return None
         out = {}
-        for r in rows:
+        for r in table.to_pylist():
             step = json.loads(r["extra"] or "{}").get("restore_step")
             if r["parent_episode_id"] and step is not None:
                 out[r["parent_episode_id"]] = int(step)

@@ -31,7 +31,7 @@ from afil_ray.config import Config, CorrectConfig, DemoConfig, EnvConfig
 from afil_ray.demos.planner import HOLD_STEPS, SUPPORTED_CONTROL_MODES, TaskPlanner, retarget, single_cpu_env
 from afil_ray.envs.maniskill import ManiSkillVecEnv
 from afil_ray.process_pool import spawn_map
-from afil_ray.replay.episode import Episode
+from afil_ray.replay.episode import Episode, table_to_episodes
 from afil_ray.replay.ledger import AttemptLedger
 from afil_ray.replay.store import ReplayStore
 
@@ -232,25 +232,50 @@ def handled_failures(store: ReplayStore, task: str) -> set[str]:
     return done
 
 
+def pending_failures(store: ReplayStore, task: str, handled: set[str],
+                     limit: int | None = None) -> tuple[int, dict[str, int], Iterator[Episode]]:
+    """Failures of ``task`` not in ``handled``: (how many were skipped, {id: length} of those to do, the episodes).
+
+    The ids come from a narrow column read; the episodes (snapshots and all, the bulk of the store) are read
+    one shard at a time as the iterator is consumed, so memory follows the work in flight, not the store."""
+    shards = store.list_shards(task=task, outcome="failure")
+    todo: dict[str, int] = {}
+    skipped, wanted = 0, []  # wanted: the shards holding failures to do
+    for shard in shards:
+        table = store.read_checked(shard.path, ["episode_id", "length"], verify=False)
+        if table is None:  # gone, or damaged and now quarantined
+            continue
+        for eid, length in zip(table["episode_id"].to_pylist(), table["length"].to_pylist(), strict=True):
+            if eid in handled:
+                skipped += 1
+            elif limit is None or len(todo) < limit:
+                todo[eid] = length
+                if not wanted or wanted[-1] is not shard:
+                    wanted.append(shard)
+
+    def episodes() -> Iterator[Episode]:
+        for shard in wanted:
+            table = store.read_checked(shard.path)
+            for ep in table_to_episodes(table) if table is not None else ():
+                if ep.episode_id in todo:
+                    yield ep
+
+    return skipped, todo, episodes()
+
+
 def correct_failures(cfg: Config, store: ReplayStore | None = None, progress: bool = True) -> CorrectionReport:
     """Correct every failure of ``cfg.env.task`` in the store not handled before (up to correct.max_failures)."""
     store = store or ReplayStore.from_config(cfg.replay)
     task = cfg.env.task
     report = CorrectionReport(task=task)
-    handled = handled_failures(store, task)
-    failures = [ep for ep in (store.read_episodes(task=task, outcome="failure")
-                              if store.list_shards(task=task, outcome="failure") else [])]
-    todo = [ep for ep in failures if ep.episode_id not in handled]
-    report.skipped_before = len(failures) - len(todo)
-    if cfg.correct.max_failures is not None:
-        todo = todo[:cfg.correct.max_failures]
+    report.skipped_before, lengths, todo = pending_failures(store, task, handled_failures(store, task),
+                                                            cfg.correct.max_failures)
     ledger = AttemptLedger(store, _LEDGER_KIND, task, key="parent")
-    lengths = {ep.episode_id: ep.length for ep in todo}
     t0 = time.time()
-    bar = tqdm(total=len(todo), desc=f"correct {task}", unit="failure", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(lengths), desc=f"correct {task}", unit="failure", disable=not progress, dynamic_ncols=True)
     writer = store.writer()
     try:
-        for result in _results(cfg, todo):
+        for result in _results(cfg, todo, len(lengths)):
             report.tried += 1
             if result.episode is not None:
                 writer.add(result.episode)
@@ -287,10 +312,10 @@ def _worker_correct(failure: Episode) -> CorrectionResult:
     return _worker.correct(failure)
 
 
-def _results(cfg: Config, todo: list[Episode]) -> Iterator[CorrectionResult]:
-    if not todo:
+def _results(cfg: Config, todo: Iterator[Episode], count: int) -> Iterator[CorrectionResult]:
+    if not count:
         return
-    workers = max(1, min(cfg.correct.workers, len(todo)))
+    workers = max(1, min(cfg.correct.workers, count))
     if workers == 1:
         corrector = Corrector(cfg.env, cfg.correct, cfg.demos)
         try:
@@ -304,5 +329,5 @@ def _results(cfg: Config, todo: list[Episode]) -> Iterator[CorrectionResult]:
                 f"the same command to resume.")
 
     for _, result in spawn_map(_worker_correct, todo, workers=workers, initializer=_worker_init, initargs=(cfg,),
-                               crash_message=crash):
+                               crash_message=crash, max_in_flight=2 * workers):
         yield result

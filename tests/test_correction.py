@@ -147,3 +147,24 @@ def test_a_correction_from_the_first_step_keeps_no_chunks_and_stores(failure, tm
     store.write_episodes([ep])
     [back] = store.read_episodes(outcome="corrected")
     assert back.parent_episode_id == "chunked" and back.chunks is None and back.success
+
+
+def test_pending_failures_index_narrowly_and_read_one_shard_at_a_time(tmp_path):
+    """Correction holds the failures in flight, not the store: ids first, then shard by shard on demand."""
+    from afil_ray.correction import pending_failures
+
+    from conftest import build_episode
+
+    store = ReplayStore(tmp_path / "store", episodes_per_shard=2)
+    eps = [build_episode(task=TASK, outcome="failure", length=10 + i, seed=i) for i in range(6)]
+    store.write_episodes(eps)
+    reads = []
+    original = store.read_checked
+    store.read_checked = lambda rel, columns=None, **k: reads.append(columns) or original(rel, columns, **k)
+    skipped, todo, episodes = pending_failures(store, TASK, handled={eps[0].episode_id}, limit=3)
+    assert skipped == 1 and todo == {e.episode_id: e.length for e in eps[1:4]}
+    assert reads == [["episode_id", "length"]] * 3  # the index reads two narrow columns, no snapshots
+    first = next(episodes)
+    assert first.episode_id == eps[1].episode_id and len(reads) == 4  # one whole shard read so far
+    # the rest of the second shard; the third holds nothing to do and is never read
+    assert [e.episode_id for e in episodes] == [e.episode_id for e in eps[2:4]] and len(reads) == 5

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+from tqdm import tqdm
 
 from afil_ray.config import Config, ConfigError, save_resolved, with_overrides
 from afil_ray.eval_report import ArmResult, EpisodeOutcome, build_report, markdown_table, write_report
@@ -239,6 +240,8 @@ class Pipeline:
         done: dict[str, dict[str, int]] = json.loads(ledger.read_text()) if ledger.is_file() else {}
         units = [(0, r) for r in range(rc.harvest_runs) if str(r) not in done]
         policy = load_start_policy(checkpoint)
+        bar = tqdm(total=len(units) * rc.harvest_seeds, desc=f"harvest {cfg.env.task}", unit="ep",
+                   disable=not self.progress, dynamic_ncols=True)  # advances a run (unit) at a time, as eval's
         for (_, run), episodes in run_units(cfg, policy, [cfg.sampler], units, keep_snapshots=True):
             for ep in episodes:
                 ep.source = HARVEST_SOURCE
@@ -248,7 +251,10 @@ class Pipeline:
             done[str(run)] = {"episodes": len(episodes), "failures": sum(e.outcome == "failure" for e in episodes)}
             ledger.parent.mkdir(parents=True, exist_ok=True)
             ledger.write_text(json.dumps(done, indent=1) + "\n")
+            bar.update(len(episodes))
+            bar.set_postfix(failures=sum(d["failures"] for d in done.values()))
             print(f"  harvest run {run}: {done[str(run)]['failures']} failures of {len(episodes)}")
+        bar.close()
         total = sum(d["episodes"] for d in done.values())
         failures = sum(d["failures"] for d in done.values())
         return {"episodes": total, "failures": failures, "success_rate": 1 - failures / total if total else None,

@@ -129,6 +129,9 @@ class DataConfig:
     # Failure head on sampled chunks: 0 learns from whole failed episodes; N > 0 only from the N steps after the
     # latest point its correction restored from, where the failure became irreversible (afil_ray/replay/chunks.py)
     failure_window: int = 0
+    # Success head on corrected episodes: true trains only on windows from the step the correction restored from
+    # (the planner's suffix), not on the failed prefix the corrected trajectory keeps (docs/results.md)
+    corrected_from_restore: bool = False
 
 
 @dataclass

@@ -129,7 +129,8 @@ class Trainer:
         self.samplers: dict[str, WindowSampler | ChunkSampler] = {}
         if self.heads.success:
             self.samplers["success"] = WindowSampler(store, h, tasks=self.tasks, outcomes=cfg.data.success_outcomes,
-                                                     balance=tc.balance, cameras=cameras, seed=cfg.seed)
+                                                     balance=tc.balance, cameras=cameras, seed=cfg.seed,
+                                                     corrected_from_restore=cfg.data.corrected_from_restore)
         if self.heads.failure:
             if tc.failure_targets == "sampled":
                 self.samplers["failure"] = ChunkSampler(store, h, tasks=self.tasks, outcomes=cfg.data.failure_outcomes,

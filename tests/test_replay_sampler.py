@@ -156,3 +156,32 @@ def test_sampler_maps_shards_instead_of_loading_them(tmp_path, make_episode):
     assert pa.total_allocated_bytes() - before < data_bytes / 20  # views over the memory maps, no copies
     for segment in sampler._segments:
         assert not segment.state.flags.owndata and not segment.action.flags.owndata
+
+
+def test_corrected_from_restore_starts_windows_at_the_restore_step(tmp_path, make_episode):
+    """The success head can skip the failed prefix a corrected trajectory keeps: windows of corrected episodes
+    start at their restore step (their actions still run into the planner's suffix), other outcomes unchanged."""
+    store = ReplayStore(tmp_path, episodes_per_shard=2)
+    fixes = []
+    for i, restore in enumerate([7, 0, 30]):  # 30 > length: nothing sampleable, not an error
+        ep = make_episode(outcome="corrected", length=12, seed=10 + i)
+        ep.extra = {"restore_step": restore}
+        fixes.append(ep)
+    store.write_episodes([*fixes, make_episode(outcome="demo", length=5, seed=20)])
+    everything = WindowSampler(store, horizon=3, seed=0)
+    suffix = WindowSampler(store, horizon=3, seed=0, corrected_from_restore=True)
+    assert everything.num_steps == 3 * 12 + 5
+    assert suffix.num_steps == 5 + 12 + 0 + 5
+    assert suffix.partition_steps() == {("PullCube-v1", "corrected"): 17, ("PullCube-v1", "demo"): 5}
+    sources = source_episodes(store)
+    batch = suffix.sample(2000)
+    seen = set()
+    for i in range(len(batch["state"])):
+        ep = sources[(suffix.shard_paths[batch["shard"][i]], int(batch["row"][i]))]
+        t = int(batch["timestep"][i])
+        seen.add((ep.seed, t))
+        if ep.outcome == "corrected":
+            assert t >= ep.extra["restore_step"]
+        np.testing.assert_array_equal(batch["state"][i], ep.state[t])
+        np.testing.assert_array_equal(batch["action"][i], ep.action[[min(t + k, ep.length - 1) for k in range(3)]])
+    assert seen == {(10, t) for t in range(7, 12)} | {(11, t) for t in range(12)} | {(20, t) for t in range(5)}

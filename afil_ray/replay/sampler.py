@@ -41,10 +41,12 @@ class _Segment:
     action: np.ndarray  # [S, A]
     episode_starts: np.ndarray  # [E + 1] int64: episode e is steps episode_starts[e]:episode_starts[e + 1]
     images: dict[str, np.ndarray] = field(default_factory=dict)  # camera -> [S, H, W, C] uint8
+    starts_at: np.ndarray | None = None  # the steps windows may start at (None: every step)
 
     @property
     def steps(self) -> int:
-        return int(self.episode_starts[-1])
+        """Window starts in this segment (every step, or those in ``starts_at``)."""
+        return int(self.episode_starts[-1]) if self.starts_at is None else len(self.starts_at)
 
 
 def _step_views(
@@ -75,6 +77,10 @@ class WindowSampler:
     ``images[t]``) and the action chunk ``action[t:t+horizon]``; steps past the end repeat the last action
     and are flagged in ``action_is_pad`` (LeRobot's convention), so every step is a valid start.
 
+    ``corrected_from_restore=True`` starts windows of ``corrected`` episodes only from the step their
+    correction restored from (``extra.restore_step``): the planner's suffix, not the failed prefix it kept.
+    Windows there still see the whole suffix, and earlier steps are never an observation.
+
     ``balance=True`` picks a (task, outcome) partition with equal probability, or by ``weights``, then a
     step uniformly within it; otherwise steps are uniform over the whole selection. ``cameras=None`` takes
     the cameras of the first shard and requires them of every later one (``()`` for state only). Call
@@ -92,6 +98,7 @@ class WindowSampler:
         weights: Mapping[Partition, float] | None = None,
         cameras: Sequence[str] | None = None,
         seed: int | None = 0,
+        corrected_from_restore: bool = False,
     ) -> None:
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {horizon}")
@@ -101,6 +108,7 @@ class WindowSampler:
         self.balance = balance or weights is not None
         self.weights = dict(weights) if weights is not None else None
         self.cameras: tuple[str, ...] | None = tuple(cameras) if cameras is not None else None
+        self.corrected_from_restore = corrected_from_restore
         self.rng = np.random.default_rng(seed)
         self.state_dim: int | None = None
         self.action_dim: int | None = None
@@ -156,7 +164,8 @@ class WindowSampler:
             raise ValueError(f"replay shard {self.store.abspath(shard.path)} has no images for camera(s) "
                              f"{missing}; this sampler uses cameras {list(self.cameras)}")
         columns = ["state", "action"] + [IMAGE_PREFIX + c for c in self.cameras]
-        table = self.store.read_checked(shard.path, columns, verify=False)
+        from_restore = self.corrected_from_restore and shard.outcome == "corrected"
+        table = self.store.read_checked(shard.path, columns + ["extra"] * from_restore, verify=False)
         if table is None:
             return None
         index = len(self.shard_paths)
@@ -190,7 +199,13 @@ class WindowSampler:
                 images[cam] = pixels.reshape(-1, *shape)
             if len(state):  # dims become known from the first non-empty batch
                 self.state_dim, self.action_dim = state.shape[1], action.shape[1]
-            segments.append(_Segment(index, first_row, partition, state, action, starts, images))
+            starts_at = None
+            if "extra" in batch.schema.names:  # corrected episodes, windows from their restore step on
+                restore = [json.loads(e or "{}").get("restore_step", 0) for e in batch.column("extra").to_pylist()]
+                starts_at = np.concatenate([np.arange(min(int(r), int(b - a)), b - a) + a
+                                            for r, a, b in zip(restore, starts[:-1], starts[1:], strict=True)]
+                                           + [np.zeros(0, np.int64)]).astype(np.int64)
+            segments.append(_Segment(index, first_row, partition, state, action, starts, images, starts_at))
             first_row += batch.num_rows
         return segments
 
@@ -264,7 +279,7 @@ class WindowSampler:
         boundaries = np.flatnonzero(np.diff(segment_ids[order])) + 1
         for rows in np.split(order, boundaries):  # one group per shard segment touched
             seg = self._segments[segment_ids[rows[0]]]
-            t = local_steps[rows]
+            t = local_steps[rows] if seg.starts_at is None else seg.starts_at[local_steps[rows]]
             episode = np.searchsorted(seg.episode_starts, t, side="right") - 1
             start, end = seg.episode_starts[episode], seg.episode_starts[episode + 1]
             window = t[:, None] + self._offsets_h

@@ -165,3 +165,27 @@ def test_write_report_writes_three_files_and_json_round_trips(tmp_path: Path) ->
     assert paths["md"].read_text() == markdown_table(report)
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert paths["png"].stat().st_size > 1000
+
+
+def test_compare_evals_pairs_arms_of_different_evaluations(tmp_path: Path) -> None:
+    """scripts/compare_evals.py: arms from two evaluations' episodes.json, paired by (seed, run)."""
+    import subprocess
+    import sys
+
+    def write(name: str, arm: str, flags: list[bool]) -> Path:
+        rows = [{"arm": arm, "task": "PullCube-v1", "seed": 100 + i // 2, "run": i % 2, "success_once": f,
+                 "success_at_end": f} for i, f in enumerate(flags)]
+        path = tmp_path / name / "episodes.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({"episodes": rows}))
+        return path
+
+    a = write("a", "success_only", [True, False, False, True, False, False])
+    b = write("b", "success_only", [True, True, True, True, False, True])
+    script = Path(__file__).parent.parent / "scripts" / "compare_evals.py"
+    out = subprocess.run([sys.executable, str(script), "--arm", "ref", str(a), "success_only", "--arm", "new w=1",
+                          str(b), "success_only"], capture_output=True, text=True, check=True).stdout
+    assert "| ref (reference) | 2/6 |" in out and "| new w=1 | 5/6 |" in out and "| 0 / 3 |" in out
+    bad = subprocess.run([sys.executable, str(script), "--arm", "ref", str(a), "success_only",
+                          "--arm", "new", str(b), "static:w=0.05"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "has no arm 'static:w=0.05'" in bad.stderr

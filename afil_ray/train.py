@@ -118,6 +118,9 @@ class Trainer:
         self.heads = _heads(tc.mode)
         if tc.num_threads:
             torch.set_num_threads(tc.num_threads)
+        # the flow/diffusion noise and times come from torch's global generator: seeded, a run is repeatable
+        # (a resumed run restores the generator's state from the checkpoint instead)
+        torch.manual_seed(cfg.seed)
         self.device = resolve_device(tc.device)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"

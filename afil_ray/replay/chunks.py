@@ -14,29 +14,14 @@ a correction have no such point and are skipped.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
+from afil_ray.replay.sampler import sync_shards
 from afil_ray.replay.store import ReplayStore, ShardFile
-
-T = TypeVar("T")
-
-
-def _sync(cache: dict[str, T], listing: list[ShardFile], load: Callable[[ShardFile], T | None]) -> int:
-    """Bring ``cache`` (shard path -> what ``load`` made of it) in line with ``listing``; returns how many were
-    added. A shard ``load`` returns None for (gone, or damaged and quarantined) is looked at again next time."""
-    present = {s.path for s in listing}
-    for gone in [p for p in cache if p not in present]:
-        del cache[gone]
-    added = 0
-    for shard in listing:
-        if shard.path not in cache and (value := load(shard)) is not None:
-            cache[shard.path] = value
-            added += 1
-    return added
 
 
 @dataclass
@@ -71,9 +56,10 @@ class ChunkSampler:
 
     def refresh(self) -> int:
         """Read the shards written since the last refresh, forget retired ones; returns how many were added."""
-        added = _sync(self._pairs, self.store.list_shards(task=self.tasks, outcome=self.outcomes), self._load)
+        added = sync_shards(self._pairs, self.store.list_shards(task=self.tasks, outcome=self.outcomes), self._load)
         if self.window:
-            _sync(self._restore, self.store.list_shards(task=self.tasks, outcome=["corrected"]), self._load_restore)
+            corrected = self.store.list_shards(task=self.tasks, outcome=["corrected"])
+            sync_shards(self._restore, corrected, self._load_restore)
         self._index()
         return added
 

@@ -10,9 +10,9 @@ cache, not memory; only the sampled rows are gathered, one fancy index per shard
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +28,21 @@ from afil_ray.replay.store import (
 )
 
 Partition = tuple[str, str]  # (task, outcome)
+T = TypeVar("T")
+
+
+def sync_shards(cache: dict[str, T], listing: list[ShardFile], load: Callable[[ShardFile], T | None]) -> int:
+    """Bring ``cache`` (shard path -> what ``load`` made of it) in line with ``listing``; returns how many were
+    added. A shard ``load`` returns None for (gone, or damaged and quarantined) is looked at again next time."""
+    present = {s.path for s in listing}
+    for gone in [p for p in cache if p not in present]:
+        del cache[gone]
+    added = 0
+    for shard in listing:
+        if shard.path not in cache and (value := load(shard)) is not None:
+            cache[shard.path] = value
+            added += 1
+    return added
 
 
 @dataclass
@@ -128,16 +143,7 @@ class WindowSampler:
     def refresh(self) -> int:
         """Map shards written since the last refresh and forget retired ones; returns how many were added."""
         listing = self.store.list_shards(self.tasks, self.outcomes)
-        present = {s.path for s in listing}
-        for gone in [p for p in self._loaded if p not in present]:
-            del self._loaded[gone]
-        added = 0
-        for shard in listing:
-            if shard.path not in self._loaded:
-                segments = self._load(shard)
-                if segments is not None:
-                    self._loaded[shard.path] = segments
-                    added += 1
+        added = sync_shards(self._loaded, listing, self._load)
         self._index([s.path for s in listing if s.path in self._loaded])
         return added
 

@@ -185,3 +185,14 @@ def test_corrected_from_restore_starts_windows_at_the_restore_step(tmp_path, mak
         np.testing.assert_array_equal(batch["state"][i], ep.state[t])
         np.testing.assert_array_equal(batch["action"][i], ep.action[[min(t + k, ep.length - 1) for k in range(3)]])
     assert seen == {(10, t) for t in range(7, 12)} | {(11, t) for t in range(12)} | {(20, t) for t in range(5)}
+
+
+def test_an_unreadable_restore_step_quarantines_its_shard_not_the_run(tmp_path, make_episode):
+    store = ReplayStore(tmp_path, episodes_per_shard=1)
+    good, bad = make_episode(outcome="corrected", length=6, seed=1), make_episode(outcome="corrected", length=6, seed=2)
+    good.extra, bad.extra = {"restore_step": 2}, {"restore_step": "late"}
+    _, bad_shard = store.write_episodes([good, bad])
+    sampler = WindowSampler(store, horizon=2, corrected_from_restore=True)
+    assert sampler.num_steps == 4
+    [quarantined] = store.quarantined
+    assert quarantined.path == bad_shard.path and "restore_step" in quarantined.reason

@@ -207,8 +207,12 @@ class WindowSampler:
                 self.state_dim, self.action_dim = state.shape[1], action.shape[1]
             starts_at = None
             if "extra" in batch.schema.names:  # corrected episodes, windows from their restore step on
-                restore = [json.loads(e or "{}").get("restore_step", 0) for e in batch.column("extra").to_pylist()]
-                starts_at = np.concatenate([np.arange(min(int(r), int(b - a)), b - a) + a
+                try:
+                    restore = [int(json.loads(e or "{}").get("restore_step", 0))
+                               for e in batch.column("extra").to_pylist()]
+                except (ValueError, TypeError, AttributeError) as e:
+                    raise ShardCorruptError(f"a corrected episode's extra.restore_step is unreadable ({e})") from e
+                starts_at = np.concatenate([np.arange(min(r, int(b - a)), b - a) + a
                                             for r, a, b in zip(restore, starts[:-1], starts[1:], strict=True)]
                                            + [np.zeros(0, np.int64)]).astype(np.int64)
             segments.append(_Segment(index, first_row, partition, state, action, starts, images, starts_at))

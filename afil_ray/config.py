@@ -216,6 +216,10 @@ class ReproduceConfig:
     # Out-of-domain evaluation: tasks (e.g. LiftThickPegUpright-v1, afil_ray/envs/variants.py) on which success
     # only, + correction, the first static and adaptive arms and the online arm are evaluated (results/ood/)
     ood_tasks: list[str] = field(default_factory=list)
+    # Training-seed spread: the "+ failure correction" fine-tune and the failure head re-trained with each of
+    # these seeds (besides ``seed``, which the main stages use) from the same success-only policy and store, and
+    # evaluated paired (results/seeds/). Two checkpoints' difference is only worth what re-training moves it.
+    train_seeds: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -124,7 +124,7 @@ def markdown_table(report: dict[str, Any], legend: bool = True) -> str:
                 low, high = comparison["diff_low"], comparison["diff_high"]
                 delta = f"{comparison['difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
                 discordant = f"{comparison['only_reference']} / {comparison['only_arm']}"
-                p_value = _format_p(comparison["mcnemar_p"])
+                p_value = format_p(comparison["mcnemar_p"])
             lines.append(
                 f"| {name} | {entry['successes']}/{entry['episodes']} | {rate} | {delta} | {discordant} | {p_value} |"
             )
@@ -231,7 +231,8 @@ def _preview(keys: list[tuple[int, int]], limit: int = 10) -> str:
     return f"[{shown}{f', ... ({len(keys)} in all)' if len(keys) > limit else ''}]"
 
 
-def _format_p(p: float) -> str:
+def format_p(p: float) -> str:
+    """A p-value as the tables print it."""
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 

@@ -15,6 +15,10 @@
 - ``variant_<name>`` (the failure-head study, ``reproduce.variants``): a failure head trained like ``dag`` with
   some keys overridden (init, targets, windows, steps), after the online stage so on every failure in the
   store, and evaluated with ``reproduce.variant_arms`` against "+ failure correction" (``results/variants/``).
+- ``seed<s>_corrected``, ``seed<s>_dag`` (``reproduce.train_seeds``): the same two stages re-trained with
+  training seed ``s`` from the same success-only policy and store; success only is compared with each seed's
+  "+ failure correction", and the first static and adaptive arms with it (``results/seeds/``), so the
+  checkpoint-vs-checkpoint gains come with the spread that re-training alone gives.
 
 Each stage writes ``run_dir/stages/<stage>.json`` when it completes (its wall time and outputs) and is skipped
 on the next call. A stage that was completed under different settings is an error naming the keys, since its
@@ -37,7 +41,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from afil_ray.config import Config, ConfigError, save_resolved, with_overrides
-from afil_ray.eval_report import ArmResult, EpisodeOutcome, build_report, markdown_table, write_report
+from afil_ray.eval_report import ArmResult, EpisodeOutcome, build_report, format_p, markdown_table, write_report
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +172,10 @@ class Pipeline:
     # ---------------------------------------------------------------- stages
 
     def run(self) -> dict[str, Any]:
+        seeds = list(self.cfg.reproduce.train_seeds)
+        if self.cfg.seed in seeds or len(set(seeds)) != len(seeds):
+            raise ConfigError(f"reproduce.train_seeds={seeds}: the extra training seeds must differ from each "
+                              f"other and from seed={self.cfg.seed}, which the main stages train with")
         save_resolved(self.cfg, self.root)
         self._stage("demos", self.demos)
         success_ckpt = self._stage("success_only", self.success_only)["checkpoint"]
@@ -186,6 +194,7 @@ class Pipeline:
             variant_ckpts[name] = self._stage(
                 f"variant_{name}", lambda vcfg=vcfg, name=name: self.dag(corrected_ckpt, vcfg, f"variants/{name}"),
                 settings)["checkpoint"]
+        seed_ckpts = {seed: self.seed_stages(seed, success_ckpt) for seed in seeds}
         # the tables are rebuilt on every call from the stored evaluation episodes (nothing is re-run), so they
         # carry every stage's wall time and follow the current report format
         summary = self.evaluate(success_ckpt, dag_ckpt, online_ckpt)
@@ -193,7 +202,19 @@ class Pipeline:
             summary["variants"] = self.evaluate_variants(variant_ckpts)
         if self.cfg.reproduce.ood_tasks:
             summary["ood"] = self.evaluate_ood(success_ckpt, dag_ckpt, online_ckpt)
+        if seed_ckpts:
+            summary["seeds"] = self.evaluate_seeds(seed_ckpts)
         return summary
+
+    def seed_stages(self, seed: int, success_ckpt: str) -> str:
+        """``corrected`` and ``dag`` re-trained with training seed ``seed``; returns the DAG checkpoint."""
+        scfg = with_updates(self.cfg, seed=seed)
+        sub = f"seeds/{seed}"
+        corrected = self._stage(f"seed{seed}_corrected",
+                                lambda: self.corrected(success_ckpt, scfg, f"{sub}/corrected"),
+                                _select(scfg, _DEPENDS["corrected"]))["checkpoint"]
+        return self._stage(f"seed{seed}_dag", lambda: self.dag(corrected, scfg, f"{sub}/dag"),
+                           _select(scfg, _DEPENDS["dag"]))["checkpoint"]
 
     def variant_config(self, name: str) -> Config:
         """The config of one failure-head variant: ``reproduce.variants[name]`` applied over this config."""
@@ -271,10 +292,13 @@ class Pipeline:
         return {"tried": report.tried, "corrected_now": report.corrected, "dropped": dict(report.dropped),
                 "corrected_in_store": corrected}
 
-    def corrected(self, success_ckpt: str) -> dict[str, Any]:
-        cfg = with_updates(self.cfg, run_dir=str(self.root / "corrected"),
+    def corrected(self, success_ckpt: str, cfg: Config | None = None, sub: str = "corrected") -> dict[str, Any]:
+        """"Success + failure correction": the success-only policy fine-tuned on demos + corrections (``cfg``:
+        a training seed's)."""
+        cfg = cfg or self.cfg
+        cfg = with_updates(cfg, run_dir=str(self.root / sub),
                            train={"mode": "success_only", "init_from": success_ckpt,
-                                  "steps": self.cfg.reproduce.correction_steps},
+                                  "steps": cfg.reproduce.correction_steps},
                            data={"store": self.cfg.replay.root, "success_outcomes": ["demo", "corrected"]})
         return self._train(cfg)
 
@@ -378,6 +402,61 @@ class Pipeline:
                          "rates": {e["arm"]: e["rate"] for e in report["tasks"][task]["arms"]}}
         return out
 
+    def evaluate_seeds(self, ckpts: dict[int, str]) -> dict[str, Any]:
+        """``results/seeds/``: per training seed (the main stages' first), "+ failure correction" against success
+        only, and the first static and adaptive arms against that seed's "+ failure correction"; then the mean
+        and spread over seeds of each rate and paired difference."""
+        rc, metric = self.cfg.reproduce, self.cfg.eval.metric
+        fil = ([f"static:w={rc.static_w[0]}"] if rc.static_w else []) + \
+            ([f"adaptive:lam={rc.lams[0]}"] if rc.lams else [])
+        arms = [CORRECTED_ARM, *map(arm_title, fil)]
+        main = {r.arm: r for r in self.results}
+        by_seed = {self.cfg.seed: {a: main[a] for a in arms}}
+        plan = [(f"seed {seed}: {title}", ckpt, spec) for seed, ckpt in ckpts.items()
+                for title, spec in zip(arms, ["success_only", *fil], strict=True)]
+        for result in self._evaluate_plan(plan):
+            seed, _, arm = result.arm.partition(": ")
+            by_seed.setdefault(int(seed.removeprefix("seed ")), {})[arm] = result
+        reference = main["success only"]
+        flat = [reference] + [ArmResult(f"seed {s}: {a}", r.task, r.episodes)
+                              for s, group in by_seed.items() for a, r in group.items()]
+        report = build_report(flat, metric=metric, reference_arm="success only", seed=self.cfg.seed)
+        out = self.root / "results" / "seeds"
+        paths = write_report(report, out)
+
+        def paired(ref: ArmResult, arm: ArmResult) -> dict[str, Any]:
+            two = [ArmResult("ref", ref.task, ref.episodes), ArmResult("arm", arm.task, arm.episodes)]
+            return build_report(two, metric=metric, reference_arm="ref", seed=self.cfg.seed)[
+                "tasks"][ref.task]["arms"][1]
+
+        rows = {seed: {a: paired(reference if a == CORRECTED_ARM else group[CORRECTED_ARM], group[a])
+                       for a in arms} for seed, group in by_seed.items()}
+        head = ["training seed"] + [h for a in arms
+                                    for h in (a, f"Δ vs {'success only' if a == CORRECTED_ARM else CORRECTED_ARM}")]
+        lines = [f"Training-seed spread on {self.cfg.env.task} (`{metric}`, {len(reference.episodes)} paired "
+                 f"episodes per arm): `{CORRECTED_ARM}` and its failure head re-trained with each seed from the same "
+                 "success-only policy and store. Δ: paired on the same episodes, [95% bootstrap], exact McNemar p.",
+                 "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for seed, row in rows.items():
+            cells = [f"{seed}{' (main stages)' if seed == self.cfg.seed else ''}"]
+            for a in arms:
+                c = row[a]["comparison"]
+                cells += [f"{row[a]['rate']:.3f}", f"{c['difference']:+.3f} [{c['diff_low']:+.3f}, "
+                          f"{c['diff_high']:+.3f}] p={format_p(c['mcnemar_p'])}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        spread = {a: {"rate": _mean_sd([r[a]["rate"] for r in rows.values()]),
+                      "difference": _mean_sd([r[a]["comparison"]["difference"] for r in rows.values()])}
+                  for a in arms}
+        lines.append("| mean ± sd | " + " | ".join(
+            f"{spread[a]['rate'][0]:.3f} ± {spread[a]['rate'][1]:.3f} | "
+            f"{spread[a]['difference'][0]:+.3f} ± {spread[a]['difference'][1]:.3f}" for a in arms) + " |")
+        lines += ["", "Every arm against success only:", "", markdown_table(report, legend=False)]
+        paths["md"].write_text("\n".join(lines) + "\n")
+        summary = {"report": str(paths["md"]), "spread": spread,
+                   "per_seed": {s: {a: r[a]["rate"] for a in arms} for s, r in rows.items()}}
+        (out / "spread.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return summary
+
     def _evaluate_plan(self, plan: list[tuple[str, str, str]], task: str | None = None) -> list[ArmResult]:
         """Evaluate (label, checkpoint, arm spec) triples, one evaluation per checkpoint, on ``task`` (default:
         the reproduction's own); stored episodes are reused, episode for episode."""
@@ -431,6 +510,13 @@ class Pipeline:
         paths["md"].write_text("\n".join(lines) + "\n")
         rates = {e["arm"]: e["rate"] for e in report["tasks"][task]["arms"]}
         return {"report": str(paths["md"]), "rates": rates}
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, var ** 0.5
 
 
 def _brief(outputs: dict[str, Any]) -> str:

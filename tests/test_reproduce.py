@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from afil_ray.cli import main
 from afil_ray.config import ConfigError, load_config
 from afil_ray.replay.store import ReplayStore
 from afil_ray.reproduce import Pipeline
+from afil_ray.train import load_start_policy
 
 TASK = "PullCube-v1"
 
@@ -85,6 +87,27 @@ def test_reproduce_runs_every_stage_then_reuses_them(tmp_path, capsys):
                                             "adaptive FIL λ=1"]
     assert all(a["episodes"] == 2 for a in ood_arms)
     assert list((root / "dag" / "eval").glob("PullCubeDistractors-v1-*/episodes.json"))
+    # the training-seed spread: corrected + failure head re-trained with seed 1, evaluated paired
+    assert main(["reproduce", "--quiet", *args, "reproduce.train_seeds=[1]"]) == 0
+    out = capsys.readouterr().out
+    assert "[seed1_corrected] done" in out and "[seed1_dag] done" in out
+    seed1 = json.loads((root / "stages" / "seed1_corrected.json").read_text())
+    assert seed1["settings"]["seed"] == 1 and seed1["outputs"]["run_dir"].endswith("seeds/1/corrected")
+    spread = json.loads((root / "results" / "seeds" / "spread.json").read_text())
+    assert list(spread["per_seed"]) == ["0", "1"]
+    assert list(spread["per_seed"]["1"]) == ["+ failure correction", "static FIL w=0.05", "adaptive FIL λ=1"]
+    seed_arms = json.loads((root / "results" / "seeds" / "report.json").read_text())["tasks"][TASK]["arms"]
+    assert [a["arm"] for a in seed_arms][:2] == ["success only", "seed 0: + failure correction"]
+    assert all(a["episodes"] == 2 for a in seed_arms) and len(seed_arms) == 7
+    assert "| mean ± sd |" in (root / "results" / "seeds" / "report.md").read_text()
+    # a different seed really trained something else
+    main_ckpt = json.loads((root / "stages" / "corrected.json").read_text())["outputs"]["checkpoint"]
+    main_weights = load_start_policy(main_ckpt).state_dict()
+    seed_weights = load_start_policy(seed1["outputs"]["checkpoint"]).state_dict()
+    assert any(not torch.equal(main_weights[k], seed_weights[k]) for k in main_weights)
+    with pytest.raises(ConfigError, match=r"train_seeds=\[0\]"):
+        Pipeline(load_config(None, [*args, "reproduce.train_seeds=[0]"]), progress=False).run()
+
     with pytest.raises(ConfigError, match=r"reproduce\.variants\.bad: 'eval\.runs' cannot vary"):
         Pipeline(load_config(None, [*args, "reproduce.variants={bad: [eval.runs=5]}"]), progress=False).run()
 

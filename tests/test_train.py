@@ -139,6 +139,21 @@ def test_failure_window_keeps_the_chunks_after_the_correction_restore_point(tmp_
         Trainer(cfg, progress=False)
 
 
+def test_failure_window_quarantines_a_correction_with_an_unreadable_restore_step(tmp_path):
+    from afil_ray.replay.chunks import ChunkSampler
+
+    store = ReplayStore(tmp_path / "store", episodes_per_shard=1)
+    good, bad = _failure_with_chunks(400), _failure_with_chunks(401)
+    fixes = [build_episode(task=TASK, outcome="corrected", length=30, seed=s) for s in (400, 401)]
+    fixes[0].parent_episode_id, fixes[0].extra = good.episode_id, {"restore_step": 16}
+    fixes[1].parent_episode_id, fixes[1].extra = bad.episode_id, {"restore_step": "late"}
+    *_, bad_fix_shard = store.write_episodes([good, bad, *fixes])
+    near = ChunkSampler(store, 4, tasks=[TASK], outcomes=["failure"], window=16)
+    np.testing.assert_array_equal(near.state, good.state[[16, 24]])  # the readable correction's window only
+    [quarantined] = store.quarantined
+    assert quarantined.path == bad_fix_shard.path and "restore_step" in quarantined.reason
+
+
 def _failure_with_chunks(seed: int, length: int = 40):
     ep = build_episode(task=TASK, outcome="failure", length=length, seed=seed)
     ep.chunk_steps = list(range(0, length, 8))

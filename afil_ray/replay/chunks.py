@@ -113,10 +113,14 @@ class ChunkSampler:
         if table is None:
             return None
         out = {}
-        for r in table.to_pylist():
-            step = json.loads(r["extra"] or "{}").get("restore_step")
-            if r["parent_episode_id"] and step is not None:
-                out[r["parent_episode_id"]] = int(step)
+        try:
+            for r in table.to_pylist():
+                step = json.loads(r["extra"] or "{}").get("restore_step")
+                if r["parent_episode_id"] and step is not None:
+                    out[r["parent_episode_id"]] = int(step)
+        except (ValueError, TypeError, AttributeError) as e:  # as WindowSampler: set the shard aside, keep training
+            self.store.quarantine(shard.path, f"a corrected episode's extra.restore_step is unreadable ({e})")
+            return None
         return out
 
     @property

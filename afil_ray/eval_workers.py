@@ -56,7 +56,8 @@ def resolve_backend(cfg: Config) -> str:
 
 def run_units(cfg: Config, policy: torch.nn.Module, samplers: list[SamplerConfig], units: list[Unit],
               keep_snapshots: bool = False) -> Iterator[tuple[Unit, list[Episode]]]:
-    """``(unit, episodes)`` in completion order, on ``eval.workers`` workers of the resolved backend."""
+    """``(unit, episodes)`` in the order of ``units`` (so a harvest writes the same store whichever worker is
+    faster), on ``eval.workers`` workers of the resolved backend."""
     workers = max(1, min(cfg.eval.workers, len(units)))
     if workers == 1:
         worker = EvalWorker(cfg, policy)
@@ -126,6 +127,9 @@ def _ray_units(cfg: Config, policy: torch.nn.Module, samplers: list[SamplerConfi
             unit = pending.pop(0)
             in_flight[actor.run.remote(samplers[unit[0]], unit[1], keep_snapshots)] = (unit, actor)  # type: ignore[attr-defined]
 
+    held: dict[Unit, list[Episode]] = {}  # finished before an earlier unit
+    order = iter(units)
+    next_unit = next(order, None)
     try:
         for actor in actors:
             submit(actor)
@@ -133,7 +137,10 @@ def _ray_units(cfg: Config, policy: torch.nn.Module, samplers: list[SamplerConfi
             [done], _ = ray.wait(list(in_flight), num_returns=1)
             unit, actor = in_flight.pop(done)
             submit(actor)
-            yield unit, ray.get(done)
+            held[unit] = ray.get(done)
+            while next_unit is not None and next_unit in held:
+                yield next_unit, held.pop(next_unit)
+                next_unit = next(order, None)
     finally:
         for actor in actors:
             ray.kill(actor)

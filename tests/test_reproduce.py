@@ -115,3 +115,23 @@ def test_reproduce_runs_every_stage_then_reuses_them(tmp_path, capsys):
     cfg = load_config(None, [*args, "reproduce.harvest_runs=2"])
     with pytest.raises(ConfigError, match=r"reproduce\.harvest_runs"):
         Pipeline(cfg, progress=False).run()
+
+
+@pytest.mark.slow  # 8 pools of 2 spawned simulator workers: about 8 min on 2 cores
+@pytest.mark.timeout(1800)
+def test_reproduce_from_scratch_twice_trains_identical_policies(tmp_path):
+    """One command reproduces its numbers: two runs from scratch, with 2 workers per pool (so completion order
+    varies), write the same store order and train bit-identical checkpoints, hence the same tables."""
+    runs = []
+    for name in ("a", "b"):
+        args = [*tiny_args(tmp_path / name), "demos.num=4", "demos.workers=2", "demos.flush_every=1",
+                "correct.workers=2", "reproduce.harvest_seeds=2", "reproduce.harvest_runs=2", "eval.workers=2",
+                "reproduce.lams=[1.0]"]
+        assert main(["reproduce", "--quiet", *args]) == 0
+        runs.append(tmp_path / name / "run")
+    for stage in ("success_only", "corrected", "dag"):
+        ckpts = [json.loads((r / "stages" / f"{stage}.json").read_text())["outputs"]["checkpoint"] for r in runs]
+        a, b = (load_start_policy(c).state_dict() for c in ckpts)
+        assert all(torch.equal(a[k], b[k]) for k in a), stage
+    reports = [json.loads((r / "results" / "report.json").read_text()) for r in runs]
+    assert reports[0] == reports[1]

@@ -118,7 +118,7 @@ def generate_demos(cfg: Config, store: ReplayStore | None = None, progress: bool
 
 
 def _results(cfg: Config, seeds: Iterator[int], need: int) -> Iterator[DemoResult]:
-    """Demo results in completion order; keeps about as many seeds in flight as still needed."""
+    """Demo results in seed order; keeps about as many seeds in flight as still needed."""
     workers = max(1, cfg.demos.workers)
     if workers == 1:
         maker = DemoMaker(cfg.env, cfg.demos)

@@ -16,7 +16,8 @@
   some keys overridden (init, targets, windows, steps), after the online stage so on every failure in the
   store, and evaluated with ``reproduce.variant_arms`` against "+ failure correction" (``results/variants/``).
 - ``seed<s>_corrected``, ``seed<s>_dag`` (``reproduce.train_seeds``): the same two stages re-trained with
-  training seed ``s`` from the same success-only policy and store; success only is compared with each seed's
+  training seed ``s`` from the same success-only policy and store (before the online stage, so on the same
+  failures as ``dag``); success only is compared with each seed's
   "+ failure correction", and the first static and adaptive arms with it (``results/seeds/``), so the
   checkpoint-vs-checkpoint gains come with the spread that re-training alone gives.
 
@@ -183,6 +184,8 @@ class Pipeline:
         self._stage("correct", self.correct)
         corrected_ckpt = self._stage("corrected", lambda: self.corrected(success_ckpt))["checkpoint"]
         dag_ckpt = self._stage("dag", lambda: self.dag(corrected_ckpt))["checkpoint"]
+        # before the online loop adds failures, so every seed's failure head sees what the main one saw
+        seed_ckpts = {seed: self.seed_stages(seed, success_ckpt) for seed in seeds}
         online_ckpt = None
         if self.cfg.reproduce.online_s > 0:
             online_ckpt = self._stage("online", lambda: self.online(corrected_ckpt))["checkpoint"]
@@ -194,7 +197,6 @@ class Pipeline:
             variant_ckpts[name] = self._stage(
                 f"variant_{name}", lambda vcfg=vcfg, name=name: self.dag(corrected_ckpt, vcfg, f"variants/{name}"),
                 settings)["checkpoint"]
-        seed_ckpts = {seed: self.seed_stages(seed, success_ckpt) for seed in seeds}
         # the tables are rebuilt on every call from the stored evaluation episodes (nothing is re-run), so they
         # carry every stage's wall time and follow the current report format
         summary = self.evaluate(success_ckpt, dag_ckpt, online_ckpt)

@@ -457,6 +457,7 @@ class Pipeline:
         summary = {"report": str(paths["md"]), "spread": spread,
                    "per_seed": {s: {a: r[a]["rate"] for a in arms} for s, r in rows.items()}}
         (out / "spread.json").write_text(json.dumps(summary, indent=1) + "\n")
+        plot_seed_spread(report, out / "spread.png", main_seed=self.cfg.seed)
         return summary
 
     def _evaluate_plan(self, plan: list[tuple[str, str, str]], task: str | None = None) -> list[ArmResult]:
@@ -512,6 +513,40 @@ class Pipeline:
         paths["md"].write_text("\n".join(lines) + "\n")
         rates = {e["arm"]: e["rate"] for e in report["tasks"][task]["arms"]}
         return {"report": str(paths["md"]), "rates": rates}
+
+
+def plot_seed_spread(report: dict[str, Any], path: str | Path, main_seed: int = 0) -> Path:
+    """``results/seeds/spread.png``: per arm, one point per training seed (Wilson interval) beside the success-only
+    rate, so the spread across re-trainings reads against the distance between arms at a glance."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    [(task, body)] = report["tasks"].items()
+    entries = body["arms"]
+    reference = entries[0]
+    by_arm: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for entry in entries[1:]:
+        seed, _, arm = entry["arm"].partition(": ")
+        by_arm.setdefault(arm, []).append((int(seed.removeprefix("seed ")), entry))
+    figure = Figure(figsize=(2.0 + 1.6 * len(by_arm), 3.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.axhspan(reference["wilson_low"], reference["wilson_high"], color="0.9")
+    axes.axhline(reference["rate"], color="0.4", linestyle="--", label=f"{reference['arm']} (one checkpoint)")
+    seeds = sorted({s for points in by_arm.values() for s, _ in points})
+    for a, points in enumerate(by_arm.values()):
+        for s, entry in points:
+            x = a + 0.5 * (seeds.index(s) - (len(seeds) - 1) / 2) / max(len(seeds), 1)
+            axes.errorbar([x], [entry["rate"]], yerr=[[entry["rate"] - entry["wilson_low"]],
+                                                      [entry["wilson_high"] - entry["rate"]]],
+                          fmt="o" if s != main_seed else "s", color=f"C{seeds.index(s) % 10}", capsize=2,
+                          label=f"seed {s}{' (main stages)' if s == main_seed else ''}" if a == 0 else None)
+    axes.set_xticks(range(len(by_arm)), list(by_arm), fontsize="small")
+    axes.set_ylabel(f"success rate ({report['metric']})")
+    axes.set_title(f"{task}: training-seed spread, 95% Wilson intervals", fontsize="medium")
+    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    figure.savefig(path, format="png", dpi=120)
+    return Path(path)
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:

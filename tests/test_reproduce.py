@@ -100,6 +100,7 @@ def test_reproduce_runs_every_stage_then_reuses_them(tmp_path, capsys):
     assert [a["arm"] for a in seed_arms][:2] == ["success only", "seed 0: + failure correction"]
     assert all(a["episodes"] == 2 for a in seed_arms) and len(seed_arms) == 7
     assert "| mean ± sd |" in (root / "results" / "seeds" / "report.md").read_text()
+    assert (root / "results" / "seeds" / "spread.png").stat().st_size > 0
     # a different seed really trained something else
     main_ckpt = json.loads((root / "stages" / "corrected.json").read_text())["outputs"]["checkpoint"]
     main_weights = load_start_policy(main_ckpt).state_dict()

@@ -17,9 +17,9 @@
   store, and evaluated with ``reproduce.variant_arms`` against "+ failure correction" (``results/variants/``).
 - ``seed<s>_corrected``, ``seed<s>_dag`` (``reproduce.train_seeds``): the same two stages re-trained with
   training seed ``s`` from the same success-only policy and store (before the online stage, so on the same
-  failures as ``dag``); success only is compared with each seed's
-  "+ failure correction", and the first static and adaptive arms with it (``results/seeds/``), so the
-  checkpoint-vs-checkpoint gains come with the spread that re-training alone gives.
+  failures as ``dag``). Success only is compared with each seed's "+ failure correction", and the first static
+  and adaptive arms with it (``results/seeds/``), so checkpoint-vs-checkpoint gains come with the spread that
+  re-training alone gives.
 
 Each stage writes ``run_dir/stages/<stage>.json`` when it completes (its wall time and outputs) and is skipped
 on the next call. A stage that was completed under different settings is an error naming the keys, since its

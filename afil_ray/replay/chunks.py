@@ -13,15 +13,14 @@ a correction have no such point and are skipped.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from afil_ray.replay.sampler import sync_shards
-from afil_ray.replay.store import ReplayStore, ShardFile
+from afil_ray.replay.sampler import restore_step, sync_shards
+from afil_ray.replay.store import ReplayStore, ShardCorruptError, ShardFile
 
 
 @dataclass
@@ -115,11 +114,11 @@ class ChunkSampler:
         out = {}
         try:
             for r in table.to_pylist():
-                step = json.loads(r["extra"] or "{}").get("restore_step")
+                step = restore_step(r["extra"])
                 if r["parent_episode_id"] and step is not None:
-                    out[r["parent_episode_id"]] = int(step)
-        except (ValueError, TypeError, AttributeError) as e:  # as WindowSampler: set the shard aside, keep training
-            self.store.quarantine(shard.path, f"a corrected episode's extra.restore_step is unreadable ({e})")
+                    out[r["parent_episode_id"]] = step
+        except ShardCorruptError as e:  # as WindowSampler: set the shard aside, keep training
+            self.store.quarantine(shard.path, str(e))
             return None
         return out
 

@@ -45,6 +45,16 @@ def sync_shards(cache: dict[str, T], listing: list[ShardFile], load: Callable[[S
     return added
 
 
+def restore_step(extra: str | None) -> int | None:
+    """The step a corrected episode's correction restored from (``extra.restore_step``), None if not recorded;
+    an unreadable value is a :class:`ShardCorruptError`, so the samplers set its shard aside."""
+    try:
+        step = json.loads(extra or "{}").get("restore_step")
+        return None if step is None else int(step)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ShardCorruptError(f"a corrected episode's extra.restore_step is unreadable ({e})") from e
+
+
 @dataclass
 class _Segment:
     """One record batch of one shard, as views."""
@@ -207,11 +217,7 @@ class WindowSampler:
                 self.state_dim, self.action_dim = state.shape[1], action.shape[1]
             starts_at = None
             if "extra" in batch.schema.names:  # corrected episodes, windows from their restore step on
-                try:
-                    restore = [int(json.loads(e or "{}").get("restore_step", 0))
-                               for e in batch.column("extra").to_pylist()]
-                except (ValueError, TypeError, AttributeError) as e:
-                    raise ShardCorruptError(f"a corrected episode's extra.restore_step is unreadable ({e})") from e
+                restore = [restore_step(e) or 0 for e in batch.column("extra").to_pylist()]
                 starts_at = np.concatenate([np.arange(min(r, int(b - a)), b - a) + a
                                             for r, a, b in zip(restore, starts[:-1], starts[1:], strict=True)]
                                            + [np.zeros(0, np.int64)]).astype(np.int64)

@@ -220,6 +220,9 @@ class ReproduceConfig:
     # these seeds (besides ``seed``, which the main stages use) from the same success-only policy and store, and
     # evaluated paired (results/seeds/). Two checkpoints' difference is only worth what re-training moves it.
     train_seeds: list[int] = field(default_factory=list)
+    # Study variants (names in ``variants``) given the same treatment: re-trained with each of ``train_seeds``
+    # next to that seed's "+ failure correction" and evaluated with ``variant_arms`` (results/seed_variants/).
+    seed_variants: list[str] = field(default_factory=list)
 
 
 @dataclass

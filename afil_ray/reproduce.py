@@ -20,6 +20,9 @@
   failures as ``dag``). Success only is compared with each seed's "+ failure correction", and the first static
   and adaptive arms with it (``results/seeds/``), so checkpoint-vs-checkpoint gains come with the spread that
   re-training alone gives.
+- ``seed<s>_variant_<name>`` (``reproduce.seed_variants``): a study variant re-trained with each training seed
+  from that seed's "+ failure correction", after the online stage like the variants, and evaluated with
+  ``reproduce.variant_arms`` against that seed's "+ failure correction" (``results/seed_variants/``).
 
 Each stage writes ``run_dir/stages/<stage>.json`` when it completes (its wall time and outputs) and is skipped
 on the next call. A stage that was completed under different settings is an error naming the keys, since its
@@ -136,6 +139,8 @@ class Pipeline:
         self.records: dict[str, dict[str, Any]] = {}
         self.results: list[ArmResult] = []
         self.mean_w: dict[str, float | None] = {}  # arm label -> mean guidance weight applied
+        self.variant_results: dict[str, ArmResult] = {}  # "<variant>: <arm>" -> episodes (main seed)
+        self.seed_results: dict[int, dict[str, ArmResult]] = {}  # training seed -> arm -> episodes
 
     # ---------------------------------------------------------------- stage bookkeeping
 
@@ -173,10 +178,16 @@ class Pipeline:
     # ---------------------------------------------------------------- stages
 
     def run(self) -> dict[str, Any]:
-        seeds = list(self.cfg.reproduce.train_seeds)
+        rc = self.cfg.reproduce
+        seeds = list(rc.train_seeds)
         if self.cfg.seed in seeds or len(set(seeds)) != len(seeds):
             raise ConfigError(f"reproduce.train_seeds={seeds}: the extra training seeds must differ from each "
                               f"other and from seed={self.cfg.seed}, which the main stages train with")
+        unknown = [name for name in rc.seed_variants if name not in rc.variants]
+        if unknown or (rc.seed_variants and not seeds):
+            raise ConfigError(f"reproduce.seed_variants={list(rc.seed_variants)}: each must name one of "
+                              f"reproduce.variants ({', '.join(rc.variants) or 'none'}; unknown: "
+                              f"{', '.join(unknown) or 'none'}), and reproduce.train_seeds must not be empty")
         save_resolved(self.cfg, self.root)
         self._stage("demos", self.demos)
         success_ckpt = self._stage("success_only", self.success_only)["checkpoint"]
@@ -190,13 +201,9 @@ class Pipeline:
         if self.cfg.reproduce.online_s > 0:
             online_ckpt = self._stage("online", lambda: self.online(corrected_ckpt))["checkpoint"]
         self._stage("eval", lambda: self.evaluate(success_ckpt, dag_ckpt, online_ckpt))
-        variant_ckpts = {}
-        for name in self.cfg.reproduce.variants:
-            vcfg = self.variant_config(name)
-            settings = {**_select(vcfg, _DEPENDS["dag"]), "overrides": list(self.cfg.reproduce.variants[name])}
-            variant_ckpts[name] = self._stage(
-                f"variant_{name}", lambda vcfg=vcfg, name=name: self.dag(corrected_ckpt, vcfg, f"variants/{name}"),
-                settings)["checkpoint"]
+        variant_ckpts = {name: self.variant_stage(name, corrected_ckpt) for name in rc.variants}
+        seed_variant_ckpts = {(seed, name): self.variant_stage(name, seed_ckpts[seed][0], seed)
+                              for seed in seeds for name in rc.seed_variants}
         # the tables are rebuilt on every call from the stored evaluation episodes (nothing is re-run), so they
         # carry every stage's wall time and follow the current report format
         summary = self.evaluate(success_ckpt, dag_ckpt, online_ckpt)
@@ -205,18 +212,31 @@ class Pipeline:
         if self.cfg.reproduce.ood_tasks:
             summary["ood"] = self.evaluate_ood(success_ckpt, dag_ckpt, online_ckpt)
         if seed_ckpts:
-            summary["seeds"] = self.evaluate_seeds(seed_ckpts)
+            summary["seeds"] = self.evaluate_seeds({seed: dag for seed, (_, dag) in seed_ckpts.items()})
+        if seed_variant_ckpts:
+            summary["seed_variants"] = self.evaluate_seed_variants(seed_variant_ckpts)
         return summary
 
-    def seed_stages(self, seed: int, success_ckpt: str) -> str:
-        """``corrected`` and ``dag`` re-trained with training seed ``seed``; returns the DAG checkpoint."""
+    def seed_stages(self, seed: int, success_ckpt: str) -> tuple[str, str]:
+        """``corrected`` and ``dag`` re-trained with training seed ``seed``; returns both checkpoints."""
         scfg = with_updates(self.cfg, seed=seed)
         sub = f"seeds/{seed}"
         corrected = self._stage(f"seed{seed}_corrected",
                                 lambda: self.corrected(success_ckpt, scfg, f"{sub}/corrected"),
                                 _select(scfg, _DEPENDS["corrected"]))["checkpoint"]
-        return self._stage(f"seed{seed}_dag", lambda: self.dag(corrected, scfg, f"{sub}/dag"),
-                           _select(scfg, _DEPENDS["dag"]))["checkpoint"]
+        return corrected, self._stage(f"seed{seed}_dag", lambda: self.dag(corrected, scfg, f"{sub}/dag"),
+                                      _select(scfg, _DEPENDS["dag"]))["checkpoint"]
+
+    def variant_stage(self, name: str, corrected_ckpt: str, seed: int | None = None) -> str:
+        """Study variant ``name``'s failure head next to ``corrected_ckpt``'s success head, trained with the main
+        seed or (``seed``) a training seed's; returns its checkpoint."""
+        vcfg = self.variant_config(name)
+        stage, sub = f"variant_{name}", f"variants/{name}"
+        if seed is not None:
+            vcfg = with_updates(vcfg, seed=seed)
+            stage, sub = f"seed{seed}_{stage}", f"seeds/{seed}/{sub}"
+        settings = {**_select(vcfg, _DEPENDS["dag"]), "overrides": list(self.cfg.reproduce.variants[name])}
+        return self._stage(stage, lambda: self.dag(corrected_ckpt, vcfg, sub), settings)["checkpoint"]
 
     def variant_config(self, name: str) -> Config:
         """The config of one failure-head variant: ``reproduce.variants[name]`` applied over this config."""
@@ -356,6 +376,7 @@ class Pipeline:
                 self.mean_w[f"dag: {r.arm}"] = self.mean_w.get(r.arm)
         results += self._evaluate_plan([(f"{name}: {arm_title(s)}", ckpt, s)
                                         for name, ckpt in ckpts.items() for s in specs])
+        self.variant_results = {r.arm: r for r in results}
         task, metric = self.cfg.env.task, self.cfg.eval.metric
         report = build_report(results, metric=metric, reference_arm=CORRECTED_ARM, seed=self.cfg.seed)
         report["mean_w"] = {r.arm: self.mean_w.get(r.arm) for r in results}
@@ -408,7 +429,7 @@ class Pipeline:
         """``results/seeds/``: per training seed (the main stages' first), "+ failure correction" against success
         only, and the first static and adaptive arms against that seed's "+ failure correction"; then the mean
         and spread over seeds of each rate and paired difference."""
-        rc, metric = self.cfg.reproduce, self.cfg.eval.metric
+        rc = self.cfg.reproduce
         fil = ([f"static:w={rc.static_w[0]}"] if rc.static_w else []) + \
             ([f"adaptive:lam={rc.lams[0]}"] if rc.lams else [])
         arms = [CORRECTED_ARM, *map(arm_title, fil)]
@@ -416,14 +437,43 @@ class Pipeline:
         by_seed = {self.cfg.seed: {a: main[a] for a in arms}}
         plan = [(f"seed {seed}: {title}", ckpt, spec) for seed, ckpt in ckpts.items()
                 for title, spec in zip(arms, ["success_only", *fil], strict=True)]
+        self._evaluate_by_seed(plan, by_seed)
+        self.seed_results = by_seed
+        return self._write_spread(by_seed, arms, self.root / "results" / "seeds",
+                                  f"`{CORRECTED_ARM}` and its failure head re-trained with each seed from the same "
+                                  "success-only policy and store.")
+
+    def evaluate_seed_variants(self, ckpts: dict[tuple[int, str], str]) -> dict[str, Any]:
+        """``results/seed_variants/``: the ``reproduce.seed_variants`` failure heads re-trained with each training
+        seed, every ``variant_arms`` arm against its own seed's "+ failure correction" (whose success head it
+        shares), so a variant's gain comes with the spread that re-training both heads gives."""
+        specs = list(self.cfg.reproduce.variant_arms)
+        names = list(dict.fromkeys(name for _, name in ckpts))
+        arms = [CORRECTED_ARM, *(f"{name}: {arm_title(spec)}" for name in names for spec in specs)]
+        by_seed = {seed: {CORRECTED_ARM: group[CORRECTED_ARM]} for seed, group in self.seed_results.items()}
+        by_seed[self.cfg.seed].update({a: self.variant_results[a] for a in arms[1:]})
+        self._evaluate_by_seed([(f"seed {seed}: {name}: {arm_title(spec)}", ckpt, spec)
+                                for (seed, name), ckpt in ckpts.items() for spec in specs], by_seed)
+        return self._write_spread(by_seed, arms, self.root / "results" / "seed_variants",
+                                  f"the failure-head variants {', '.join(names)} re-trained with each seed next to "
+                                  f"that seed's `{CORRECTED_ARM}` success head.")
+
+    def _evaluate_by_seed(self, plan: list[tuple[str, str, str]], by_seed: dict[int, dict[str, ArmResult]]) -> None:
+        """Evaluate a plan labelled ``seed <s>: <arm>`` into ``by_seed[s][arm]``."""
         for result in self._evaluate_plan(plan):
             seed, _, arm = result.arm.partition(": ")
             by_seed.setdefault(int(seed.removeprefix("seed ")), {})[arm] = result
-        reference = main["success only"]
+
+    def _write_spread(self, by_seed: dict[int, dict[str, ArmResult]], arms: list[str], out: Path,
+                      what: str) -> dict[str, Any]:
+        """Per training seed, "+ failure correction" paired against success only and every other arm against
+        that seed's "+ failure correction"; the mean ± sd over seeds; ``report.{md,json,png}``, ``spread.{json,png}``
+        under ``out``."""
+        metric = self.cfg.eval.metric
+        reference = next(r for r in self.results if r.arm == "success only")
         flat = [reference] + [ArmResult(f"seed {s}: {a}", r.task, r.episodes)
                               for s, group in by_seed.items() for a, r in group.items()]
         report = build_report(flat, metric=metric, reference_arm="success only", seed=self.cfg.seed)
-        out = self.root / "results" / "seeds"
         paths = write_report(report, out)
 
         def paired(ref: ArmResult, arm: ArmResult) -> dict[str, Any]:
@@ -436,8 +486,7 @@ class Pipeline:
         head = ["training seed"] + [h for a in arms
                                     for h in (a, f"Δ vs {'success only' if a == CORRECTED_ARM else CORRECTED_ARM}")]
         lines = [f"Training-seed spread on {self.cfg.env.task} (`{metric}`, {len(reference.episodes)} paired "
-                 f"episodes per arm): `{CORRECTED_ARM}` and its failure head re-trained with each seed from the same "
-                 "success-only policy and store. Δ: paired on the same episodes, [95% bootstrap], exact McNemar p.",
+                 f"episodes per arm): {what} Δ: paired on the same episodes, [95% bootstrap], exact McNemar p.",
                  "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for seed, row in rows.items():
             cells = [f"{seed}{' (main stages)' if seed == self.cfg.seed else ''}"]

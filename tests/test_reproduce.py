@@ -108,6 +108,29 @@ def test_reproduce_runs_every_stage_then_reuses_them(tmp_path, capsys):
     assert any(not torch.equal(main_weights[k], seed_weights[k]) for k in main_weights)
     with pytest.raises(ConfigError, match=r"train_seeds=\[0\]"):
         Pipeline(load_config(None, [*args, "reproduce.train_seeds=[0]"]), progress=False).run()
+    # a study variant given the seed treatment: re-trained with seed 1 next to seed 1's success head
+    seeded_study = [*study, "reproduce.train_seeds=[1]", "reproduce.seed_variants=[win]"]
+    assert main(["reproduce", "--quiet", *seeded_study]) == 0
+    out = capsys.readouterr().out
+    assert "[seed1_variant_win] done" in out and "[variant_win] cached" in out and "[seed1_dag] cached" in out
+    sv = json.loads((root / "stages" / "seed1_variant_win.json").read_text())
+    assert sv["settings"]["seed"] == 1 and sv["outputs"]["steps"] == 5
+    assert sv["outputs"]["run_dir"].endswith("seeds/1/variants/win")
+    win_weights = load_start_policy(win["outputs"]["checkpoint"]).state_dict()
+    sv_weights = load_start_policy(sv["outputs"]["checkpoint"]).state_dict()
+    seed1_success = load_start_policy(seed1["outputs"]["checkpoint"]).state_dict()
+    success_keys = [k for k in sv_weights if k.startswith("success_head.")]
+    assert success_keys and all(torch.equal(sv_weights[k], seed1_success[k]) for k in success_keys)
+    assert any(not torch.equal(win_weights[k], sv_weights[k]) for k in success_keys)
+    sv_spread = json.loads((root / "results" / "seed_variants" / "spread.json").read_text())
+    assert list(sv_spread["per_seed"]) == ["0", "1"]
+    assert list(sv_spread["per_seed"]["1"]) == ["+ failure correction", "win: static FIL w=0.05"]
+    # each seed's "+ correction" is the one results/seeds/ evaluated, episode for episode
+    assert sv_spread["per_seed"]["1"]["+ failure correction"] == spread["per_seed"]["1"]["+ failure correction"]
+    assert sv_spread["per_seed"]["0"]["win: static FIL w=0.05"] == arms["win: static FIL w=0.05"]["rate"]
+    assert (root / "results" / "seed_variants" / "spread.png").stat().st_size > 0
+    with pytest.raises(ConfigError, match=r"seed_variants=\['nope'\].*unknown: nope"):
+        Pipeline(load_config(None, [*seeded_study[:-1], "reproduce.seed_variants=[nope]"]), progress=False).run()
 
     with pytest.raises(ConfigError, match=r"reproduce\.variants\.bad: 'eval\.runs' cannot vary"):
         Pipeline(load_config(None, [*args, "reproduce.variants={bad: [eval.runs=5]}"]), progress=False).run()

@@ -493,7 +493,7 @@ class Pipeline:
             for a in arms:
                 c = row[a]["comparison"]
                 cells += [f"{row[a]['rate']:.3f}", f"{c['difference']:+.3f} [{c['diff_low']:+.3f}, "
-                          f"{c['diff_high']:+.3f}] p={format_p(c['mcnemar_p'])}"]
+                          f"{c['diff_high']:+.3f}] p{'' if c['mcnemar_p'] < 0.001 else '='}{format_p(c['mcnemar_p'])}"]
             lines.append("| " + " | ".join(cells) + " |")
         spread = {a: {"rate": _mean_sd([r[a]["rate"] for r in rows.values()]),
                       "difference": _mean_sd([r[a]["comparison"]["difference"] for r in rows.values()])}

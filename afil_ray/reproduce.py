@@ -590,7 +590,7 @@ def plot_seed_spread(report: dict[str, Any], path: str | Path, main_seed: int = 
                                                       [entry["wilson_high"] - entry["rate"]]],
                           fmt="o" if s != main_seed else "s", color=f"C{seeds.index(s) % 10}", capsize=2,
                           label=f"seed {s}{' (main stages)' if s == main_seed else ''}" if a == 0 else None)
-    axes.set_xticks(range(len(by_arm)), list(by_arm), fontsize="small")
+    axes.set_xticks(range(len(by_arm)), [a.replace(": ", ":\n") for a in by_arm], fontsize="small")
     axes.set_ylabel(f"success rate ({report['metric']})")
     axes.set_title(f"{task}: training-seed spread, 95% Wilson intervals", fontsize="medium")
     axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))

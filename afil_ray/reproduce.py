@@ -187,7 +187,8 @@ class Pipeline:
         if unknown or (rc.seed_variants and not seeds):
             raise ConfigError(f"reproduce.seed_variants={list(rc.seed_variants)}: each must name one of "
                               f"reproduce.variants ({', '.join(rc.variants) or 'none'}; unknown: "
-                              f"{', '.join(unknown) or 'none'}), and reproduce.train_seeds must not be empty")
+                              f"{', '.join(unknown) or 'none'}), and reproduce.train_seeds must not be empty "
+                              "(reproduce.seed_variants=[] skips the seed treatment)")
         save_resolved(self.cfg, self.root)
         self._stage("demos", self.demos)
         success_ckpt = self._stage("success_only", self.success_only)["checkpoint"]

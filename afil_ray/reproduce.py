@@ -345,7 +345,13 @@ class Pipeline:
         summary = LoopDriver(cfg).run()
         if not summary.get("final_checkpoint"):
             raise RuntimeError(f"the online loop in {cfg.run_dir} ended without a checkpoint: {summary}")
-        return {"checkpoint": str(summary["final_checkpoint"]), "summary": summary}
+        # the driver hands Ray absolute paths; record the checkpoint the way every other stage does (under
+        # run_dir as given), so a run directory copied to another machine or clone still finds it
+        ckpt = Path(summary["final_checkpoint"])
+        online_dir = Path(cfg.run_dir)
+        with contextlib.suppress(ValueError):  # outside the stage's directory: keep the loop's own path
+            ckpt = online_dir / ckpt.resolve().relative_to(online_dir.resolve())
+        return {"checkpoint": str(ckpt), "summary": summary}
 
     # ---------------------------------------------------------------- evaluation
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,35 @@ def test_reproduce_runs_every_stage_then_reuses_them(tmp_path, capsys):
     cfg = load_config(None, [*args, "reproduce.harvest_runs=2"])
     with pytest.raises(ConfigError, match=r"reproduce\.harvest_runs"):
         Pipeline(cfg, progress=False).run()
+
+
+@pytest.mark.timeout(900)
+def test_online_arm_is_found_again_in_a_copied_run_dir(tmp_path, monkeypatch, capsys):
+    """The online stage (a real local Ray loop) records its checkpoint under run_dir as given, like every other
+    stage, although the driver hands Ray absolute paths: a run directory copied to another clone or disk
+    re-reports every arm from its caches."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    monkeypatch.chdir(first)
+    args = [*tiny_args(Path(".")), "reproduce.lams=[1.0]", "reproduce.online_s=15", "loop.num_rollout_actors=1",
+            "loop.rollout_cpus=0.5", "loop.learner_cpus=0.5", "loop.min_failures=1", "loop.publish_every=5",
+            "loop.checkpoint_every=5", "loop.round_s=2", "loop.eval_every_s=0"]
+    assert main(["reproduce", "--quiet", *args]) == 0
+    assert "[online] done" in capsys.readouterr().out
+    online = json.loads(Path("run/stages/online.json").read_text())["outputs"]
+    assert online["checkpoint"].startswith("run/online/") and Path(online["checkpoint"]).is_dir()
+    assert online["summary"]["learner_step"] > 0
+    arms = json.loads(Path("run/results/report.json").read_text())["tasks"][TASK]["arms"]
+    assert arms[-1]["arm"] == "online loop, adaptive λ=1" and arms[-1]["episodes"] == 2
+
+    shutil.copytree(first, second)
+    shutil.rmtree(first)
+    monkeypatch.chdir(second)
+    assert main(["reproduce", "--quiet", *args]) == 0
+    out = capsys.readouterr().out
+    assert "[online] cached" in out and "running" not in out
+    again = json.loads(Path("run/results/report.json").read_text())["tasks"][TASK]["arms"]
+    assert [(a["arm"], a["rate"]) for a in again] == [(a["arm"], a["rate"]) for a in arms]
 
 
 @pytest.mark.slow  # 8 pools of 2 spawned simulator workers: about 8 min on 2 cores

@@ -549,9 +549,16 @@ class Pipeline:
         also against "+ failure correction", whose success head they share (the failure head's own effect)."""
         task, metric = self.cfg.env.task, self.cfg.eval.metric
         report = build_report(results, metric=metric, reference_arm="success only", seed=self.cfg.seed)
+        # how hard the adaptive rule actually steered: a FIL arm level with "+ correction" reads differently at
+        # w = 0.001 (the heads agree) than at w = 0.1
+        report["mean_w"] = {r.arm: self.mean_w[r.arm] for r in results if self.mean_w.get(r.arm) is not None}
         out = self.root / "results"
         paths = write_report(report, out)
         lines = [markdown_table(report)]
+        adaptive = {arm: w for arm, w in report["mean_w"].items() if "adaptive" in arm}
+        if adaptive:
+            lines += ["", "Mean guidance weight applied by the adaptive arms: " + ", ".join(
+                f"{arm} {w:.4f}" for arm, w in adaptive.items()) + "."]
         guided = [r for r in results if r.arm != "success only"]
         if len(guided) > 1:
             fil = build_report(guided, metric=metric, reference_arm=CORRECTED_ARM, seed=self.cfg.seed)

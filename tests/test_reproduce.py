@@ -54,6 +54,10 @@ def test_reproduce_runs_every_stage_then_reuses_them(tmp_path, capsys):
     assert all(a["episodes"] == 2 for a in results["tasks"][TASK]["arms"])
     md = (root / "results" / "report.md").read_text()
     assert "paper (%)" in md and "| + failure correction |" in md and "Stage wall times" in md
+    mean_w = results["mean_w"]  # from the evaluation's episodes: fixed for static arms, measured for adaptive
+    assert mean_w["static FIL w=0.05"] == pytest.approx(0.05, abs=1e-6) and mean_w["success only"] == 0
+    assert 0 <= mean_w["adaptive FIL λ=1"] <= mean_w["adaptive FIL λ=5"] <= 1
+    assert f"adaptive FIL λ=5 {mean_w['adaptive FIL λ=5']:.4f}" in md
     # the +correction arm really is the fine-tuned policy: its checkpoint is the DAG's, trained from `corrected`
     dag = json.loads((root / "stages" / "dag.json").read_text())["outputs"]
     assert Path(dag["checkpoint"]).is_dir()

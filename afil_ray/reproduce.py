@@ -388,10 +388,9 @@ class Pipeline:
         report = build_report(results, metric=metric, reference_arm=CORRECTED_ARM, seed=self.cfg.seed)
         report["mean_w"] = {r.arm: self.mean_w.get(r.arm) for r in results}
         paths = write_report(report, self.root / "results" / "variants")
-        lines = [markdown_table(report), "", "Mean guidance weight applied per arm: " + ", ".join(
-            f"{r.arm} {self.mean_w[r.arm]:.4f}" for r in results if self.mean_w.get(r.arm) is not None) + ".",
-            "", "The variants (overrides of the failure-head stage) and what each trained on:", "",
-            "| variant | overrides | failure windows | steps | train s |", "|---|---|---|---|---|"]
+        lines = [markdown_table(report), "", _mean_w_sentence("per arm", report["mean_w"]),
+                 "", "The variants (overrides of the failure-head stage) and what each trained on:", "",
+                 "| variant | overrides | failure windows | steps | train s |", "|---|---|---|---|---|"]
         for name in ["dag", *ckpts]:
             rec = self.records.get(name if name == "dag" else f"variant_{name}", {})
             out = rec.get("outputs", {})
@@ -557,8 +556,7 @@ class Pipeline:
         lines = [markdown_table(report)]
         adaptive = {arm: w for arm, w in report["mean_w"].items() if "adaptive" in arm}
         if adaptive:
-            lines += ["", "Mean guidance weight applied by the adaptive arms: " + ", ".join(
-                f"{arm} {w:.4f}" for arm, w in adaptive.items()) + "."]
+            lines += ["", _mean_w_sentence("by the adaptive arms", adaptive)]
         guided = [r for r in results if r.arm != "success only"]
         if len(guided) > 1:
             fil = build_report(guided, metric=metric, reference_arm=CORRECTED_ARM, seed=self.cfg.seed)
@@ -621,6 +619,12 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 def _brief(outputs: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in outputs.items() if not isinstance(v, dict) or k == "dropped")[:300]
+
+
+def _mean_w_sentence(which: str, mean_w: dict[str, float | None]) -> str:
+    """The reports' line of applied guidance weights (arms without one are left out)."""
+    return f"Mean guidance weight applied {which}: " + ", ".join(
+        f"{arm} {w:.4f}" for arm, w in mean_w.items() if w is not None) + "."
 
 
 def _mean_w(path: Path) -> dict[str, float | None]:

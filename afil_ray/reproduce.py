@@ -499,7 +499,7 @@ class Pipeline:
             for a in arms:
                 c = row[a]["comparison"]
                 cells += [f"{row[a]['rate']:.3f}", f"{c['difference']:+.3f} [{c['diff_low']:+.3f}, "
-                          f"{c['diff_high']:+.3f}] p{'' if c['mcnemar_p'] < 0.001 else '='}{format_p(c['mcnemar_p'])}"]
+                          f"{c['diff_high']:+.3f}] p{_p(c['mcnemar_p'])}"]
             lines.append("| " + " | ".join(cells) + " |")
         spread = {a: {"rate": _mean_sd([r[a]["rate"] for r in rows.values()]),
                       "difference": _mean_sd([r[a]["comparison"]["difference"] for r in rows.values()])}
@@ -557,7 +557,7 @@ class Pipeline:
         adaptive = {arm: w for arm, w in report["mean_w"].items() if "adaptive" in arm}
         if adaptive:
             lines += ["", _mean_w_sentence("by the adaptive arms", adaptive)]
-        guided = [r for r in results if r.arm != "success only"]
+        guided, fil = [r for r in results if r.arm != "success only"], None
         if len(guided) > 1:
             fil = build_report(guided, metric=metric, reference_arm=CORRECTED_ARM, seed=self.cfg.seed)
             (out / "report_vs_correction.json").write_text(json.dumps(fil, indent=1) + "\n")
@@ -565,6 +565,7 @@ class Pipeline:
                       "head and backbone; with w = 0 the guided sampler reproduces it episode by episode).", "",
                       markdown_table(fil, legend=False)]
         paper = PAPER.get(task, {})
+        (out / "summary.md").write_text(summary_table(report, fil, report["mean_w"], paper))
         lines += ["", f"The paper's numbers for {task} (%, 1500 demos, 1500 failures and 1000 corrections per task; "
                   "../shared/afil-method.md):", "", "| arm | ours (%) | paper (%) |", "|---|---|---|"]
         for entry in report["tasks"][task]["arms"]:
@@ -574,6 +575,43 @@ class Pipeline:
         paths["md"].write_text("\n".join(lines) + "\n")
         rates = {e["arm"]: e["rate"] for e in report["tasks"][task]["arms"]}
         return {"report": str(paths["md"]), "rates": rates}
+
+
+def summary_table(vs_success: dict[str, Any], vs_correction: dict[str, Any] | None,
+                  mean_w: dict[str, float | None], paper: dict[str, float]) -> str:
+    """One row per arm with both paired comparisons side by side (``results/summary.md``): the table a reader
+    wants, where the full report needs two tables and a third for the paper. Bold: the paired interval
+    excludes 0."""
+    [(task, body)] = vs_success["tasks"].items()
+    against = {} if vs_correction is None else {e["arm"]: e for e in vs_correction["tasks"][task]["arms"]}
+    pct = f"{100 * vs_success['confidence']:g}"
+    lines = [f"| arm | success (k/n) | rate [{pct}% Wilson] | Δ vs success only [{pct}% paired bootstrap] "
+             f"| Δ vs {CORRECTED_ARM} | mean w applied | paper's rate |", "|---|---|---|---|---|---|---|"]
+    for entry in body["arms"]:
+        w = mean_w.get(entry["arm"])
+        weight = "—" if not w else f"{w:g}" if entry["arm"].startswith("static") else f"{w:.4f}"
+        ref = paper.get(entry["arm"])
+        vs_corrected = against.get(entry["arm"], {}).get("comparison")
+        lines.append(f"| {entry['arm']} | {entry['successes']}/{entry['episodes']} "
+                     f"| {entry['rate']:.3f} [{entry['wilson_low']:.3f}, {entry['wilson_high']:.3f}] "
+                     f"| {_paired_cell(entry['comparison'])} | {_paired_cell(vs_corrected)} "
+                     f"| {weight} | {'—' if ref is None else f'{ref / 100:.3f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _paired_cell(comparison: dict[str, Any] | None) -> str:
+    """Δ [interval], p; bold when the interval excludes 0."""
+    if comparison is None:
+        return "—"
+    low, high = comparison["diff_low"], comparison["diff_high"]
+    text = f"{comparison['difference']:+.3f} [{low:+.3f}, {high:+.3f}], p{_p(comparison['mcnemar_p'])}"
+    return f"**{text}**" if low > 0 or high < 0 else text
+
+
+def _p(p: float) -> str:
+    """``=0.031`` or ``<0.001``: the p-value after a ``p``."""
+    shown = format_p(p)
+    return shown if shown.startswith("<") else f"={shown}"
 
 
 def plot_seed_spread(report: dict[str, Any], path: str | Path, main_seed: int = 0) -> Path:

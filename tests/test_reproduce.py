@@ -11,8 +11,9 @@ import torch
 
 from afil_ray.cli import main
 from afil_ray.config import ConfigError, load_config
+from afil_ray.eval_report import ArmResult, EpisodeOutcome, build_report
 from afil_ray.replay.store import ReplayStore
-from afil_ray.reproduce import Pipeline
+from afil_ray.reproduce import CORRECTED_ARM, Pipeline, summary_table
 from afil_ray.train import load_start_policy
 
 TASK = "PullCube-v1"
@@ -27,6 +28,28 @@ def tiny_args(tmp: Path) -> list[str]:
             "reproduce.harvest_seeds=3", "reproduce.harvest_runs=1", "reproduce.correction_steps=10",
             "reproduce.failure_head_steps=10", "reproduce.static_w=[0.05]", "reproduce.lams=[1.0,5.0]",
             "correct.workers=1", "eval.episodes=2", "eval.runs=1", "eval.seed_start=900"]
+
+
+def test_summary_table_puts_both_paired_comparisons_in_one_row():
+    def arm(name: str, wins: int) -> ArmResult:  # 20 episodes: the first `wins` succeed
+        return ArmResult(name, TASK, [EpisodeOutcome(i, 0, i < wins, i < wins) for i in range(20)])
+
+    results = [arm("success only", 10), arm(CORRECTED_ARM, 2), arm("static FIL w=0.05", 3),
+               arm("adaptive FIL λ=1", 2)]
+    vs_success = build_report(results, reference_arm="success only")
+    vs_corrected = build_report(results[1:], reference_arm=CORRECTED_ARM)
+    mean_w = {"success only": 0.0, "static FIL w=0.05": 0.05, "adaptive FIL λ=1": 0.00451}
+    rows = summary_table(vs_success, vs_corrected, mean_w, {"success only": 60.0}).splitlines()[2:]
+    cells = {row.split(" | ")[0].removeprefix("| "): row.strip("| ").split(" | ") for row in rows}
+    assert list(cells) == ["success only", CORRECTED_ARM, "static FIL w=0.05", "adaptive FIL λ=1"]
+    assert cells["success only"][1:] == ["10/20", "0.500 [0.299, 0.701]", "—", "—", "—", "0.600"]
+    # 8 episodes lost, none gained: the interval excludes 0 (bold); against itself there is no comparison
+    assert cells[CORRECTED_ARM][3:5] == ["**-0.400 [-0.600, -0.200], p=0.008**", "—"]
+    # one episode gained over "+ correction": within noise, not bold; static w as given, adaptive to 4 places
+    assert cells["static FIL w=0.05"][4:6] == ["+0.050 [+0.000, +0.150], p=1.000", "0.05"]
+    assert cells["adaptive FIL λ=1"][4:] == ["+0.000 [+0.000, +0.000], p=1.000", "0.0045", "—"]
+    alone = summary_table(vs_success, None, {}, {}).splitlines()[2:]  # no "+ correction" report: its column empty
+    assert [row.strip("| ").split(" | ")[4] for row in alone] == ["—"] * 4
 
 
 @pytest.mark.timeout(900)
@@ -58,6 +81,8 @@ def test_reproduce_runs_every_stage_then_reuses_them(tmp_path, capsys):
     assert mean_w["static FIL w=0.05"] == pytest.approx(0.05, abs=1e-6) and mean_w["success only"] == 0
     assert 0 <= mean_w["adaptive FIL λ=1"] <= mean_w["adaptive FIL λ=5"] <= 1
     assert f"adaptive FIL λ=5 {mean_w['adaptive FIL λ=5']:.4f}" in md
+    summary = (root / "results" / "summary.md").read_text().splitlines()
+    assert len(summary) == 2 + len(arms) and summary[3].startswith("| static FIL w=0.05 | ")
     # the +correction arm really is the fine-tuned policy: its checkpoint is the DAG's, trained from `corrected`
     dag = json.loads((root / "stages" / "dag.json").read_text())["outputs"]
     assert Path(dag["checkpoint"]).is_dir()

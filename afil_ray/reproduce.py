@@ -424,6 +424,7 @@ class Pipeline:
             report = build_report(results, metric=metric, reference_arm="success only", seed=self.cfg.seed)
             fil = build_report(results[1:], metric=metric, reference_arm=CORRECTED_ARM, seed=self.cfg.seed)
             paths = write_report(report, self.root / "results" / "ood" / task)
+            (paths["md"].parent / "summary.md").write_text(summary_table(report, fil))
             paths["md"].write_text("\n".join([
                 markdown_table(report), "", f"Against `{CORRECTED_ARM}` (the failure head's own effect):", "",
                 markdown_table(fil, legend=False)]) + "\n")
@@ -578,24 +579,28 @@ class Pipeline:
 
 
 def summary_table(vs_success: dict[str, Any], vs_correction: dict[str, Any] | None,
-                  mean_w: dict[str, float | None], paper: dict[str, float]) -> str:
-    """One row per arm with both paired comparisons side by side (``results/summary.md``): the table a reader
-    wants, where the full report needs two tables and a third for the paper. Bold: the paired interval
-    excludes 0."""
+                  mean_w: dict[str, float | None] | None = None, paper: dict[str, float] | None = None) -> str:
+    """One row per arm with both paired comparisons side by side (``summary.md``): the table a reader wants,
+    where the full report needs two tables and a third for the paper. Bold: the paired interval excludes 0.
+    The mean-w and paper columns appear when given (out of domain there is neither)."""
     [(task, body)] = vs_success["tasks"].items()
     against = {} if vs_correction is None else {e["arm"]: e for e in vs_correction["tasks"][task]["arms"]}
     pct = f"{100 * vs_success['confidence']:g}"
-    lines = [f"| arm | success (k/n) | rate [{pct}% Wilson] | Δ vs success only [{pct}% paired bootstrap] "
-             f"| Δ vs {CORRECTED_ARM} | mean w applied | paper's rate |", "|---|---|---|---|---|---|---|"]
+    head = ["arm", "success (k/n)", f"rate [{pct}% Wilson]", f"Δ vs success only [{pct}% paired bootstrap]",
+            f"Δ vs {CORRECTED_ARM}"] + (["mean w applied"] if mean_w is not None else []) + \
+        (["paper's rate"] if paper is not None else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for entry in body["arms"]:
-        w = mean_w.get(entry["arm"])
-        weight = "—" if not w else f"{w:g}" if entry["arm"].startswith("static") else f"{w:.4f}"
-        ref = paper.get(entry["arm"])
-        vs_corrected = against.get(entry["arm"], {}).get("comparison")
-        lines.append(f"| {entry['arm']} | {entry['successes']}/{entry['episodes']} "
-                     f"| {entry['rate']:.3f} [{entry['wilson_low']:.3f}, {entry['wilson_high']:.3f}] "
-                     f"| {_paired_cell(entry['comparison'])} | {_paired_cell(vs_corrected)} "
-                     f"| {weight} | {'—' if ref is None else f'{ref / 100:.3f}'} |")
+        cells = [entry["arm"], f"{entry['successes']}/{entry['episodes']}",
+                 f"{entry['rate']:.3f} [{entry['wilson_low']:.3f}, {entry['wilson_high']:.3f}]",
+                 _paired_cell(entry["comparison"]), _paired_cell(against.get(entry["arm"], {}).get("comparison"))]
+        if mean_w is not None:
+            w = mean_w.get(entry["arm"])
+            cells.append("—" if not w else f"{w:g}" if entry["arm"].startswith("static") else f"{w:.4f}")
+        if paper is not None:
+            ref = paper.get(entry["arm"])
+            cells.append("—" if ref is None else f"{ref / 100:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -48,8 +48,9 @@ def test_summary_table_puts_both_paired_comparisons_in_one_row():
     # one episode gained over "+ correction": within noise, not bold; static w as given, adaptive to 4 places
     assert cells["static FIL w=0.05"][4:6] == ["+0.050 [+0.000, +0.150], p=1.000", "0.05"]
     assert cells["adaptive FIL λ=1"][4:] == ["+0.000 [+0.000, +0.000], p=1.000", "0.0045", "—"]
-    alone = summary_table(vs_success, None, {}, {}).splitlines()[2:]  # no "+ correction" report: its column empty
-    assert [row.strip("| ").split(" | ")[4] for row in alone] == ["—"] * 4
+    alone = summary_table(vs_success, None).splitlines()  # no "+ correction" report, no mean w, no paper
+    assert alone[0].endswith(f"| Δ vs {CORRECTED_ARM} |") and alone[1] == "|---|---|---|---|---|"
+    assert [row.strip("| ").split(" | ")[4] for row in alone[2:]] == ["—"] * 4
 
 
 @pytest.mark.timeout(900)
@@ -82,7 +83,7 @@ def test_reproduce_runs_every_stage_then_reuses_them(tmp_path, capsys):
     assert 0 <= mean_w["adaptive FIL λ=1"] <= mean_w["adaptive FIL λ=5"] <= 1
     assert f"adaptive FIL λ=5 {mean_w['adaptive FIL λ=5']:.4f}" in md
     summary = (root / "results" / "summary.md").read_text().splitlines()
-    assert len(summary) == 2 + len(arms) and summary[3].startswith("| static FIL w=0.05 | ")
+    assert len(summary) == 2 + len(arms) and summary[4].startswith("| static FIL w=0.05 | ")
     # the +correction arm really is the fine-tuned policy: its checkpoint is the DAG's, trained from `corrected`
     dag = json.loads((root / "stages" / "dag.json").read_text())["outputs"]
     assert Path(dag["checkpoint"]).is_dir()
@@ -116,6 +117,8 @@ def test_reproduce_runs_every_stage_then_reuses_them(tmp_path, capsys):
     assert [a["arm"] for a in ood_arms] == ["success only", "+ failure correction", "static FIL w=0.05",
                                             "adaptive FIL λ=1"]
     assert all(a["episodes"] == 2 for a in ood_arms)
+    ood_summary = (root / "results" / "ood" / "PullCubeDistractors-v1" / "summary.md").read_text().splitlines()
+    assert len(ood_summary) == 2 + len(ood_arms) and "paper" not in ood_summary[0]
     assert list((root / "dag" / "eval").glob("PullCubeDistractors-v1-*/episodes.json"))
     # the training-seed spread: corrected + failure head re-trained with seed 1, evaluated paired
     assert main(["reproduce", "--quiet", *args, "reproduce.train_seeds=[1]"]) == 0

@@ -1,7 +1,7 @@
 """docs/figures/study_<task>.png: the failure-head study, each arm's paired Δ vs "+ failure correction" against the
 mean guidance weight it actually applied (from ``run_dir/results/variants/report.json``).
 
-    python scripts/plot_study.py runs/repro_liftpeg docs/figures/study_liftpeg.png
+    python scripts/plot_study.py runs/repro_liftpeg_v2 docs/figures/study_liftpeg_v2.png
 """
 
 from __future__ import annotations

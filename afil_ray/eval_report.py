@@ -171,13 +171,15 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def write_report(report: dict[str, Any], directory: str | Path) -> dict[str, Path]:
-    """Write ``report.json``, ``report.md`` and ``report.png`` into ``directory`` (created if missing)."""
+def write_report(report: dict[str, Any], directory: str | Path, markdown: str | None = None) -> dict[str, Path]:
+    """Write ``report.json``, ``report.md`` and ``report.png`` into ``directory`` (created if missing).
+    ``markdown`` replaces the plain table in ``report.md``: a caller that adds notes or a second table passes the
+    whole text, so the file is written once."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = {"json": directory / "report.json", "md": directory / "report.md", "png": directory / "report.png"}
     paths["json"].write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    paths["md"].write_text(markdown_table(report))
+    paths["md"].write_text(markdown_table(report) if markdown is None else markdown)
     plot_report(report, paths["png"])
     return paths
 

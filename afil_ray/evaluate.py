@@ -266,9 +266,7 @@ def write_evaluation(cfg: Config, results: list[EvalResult], arms: list[Arm], ch
         "metric_note": metric_note(cfg), "exact_pairing": cfg.eval.exact_pairing,
         "arms": {a.name: OmegaConf.to_container(OmegaConf.structured(a.sampler)) for a in arms},
     }
-    paths = write_report(report, directory)
-    markdown = markdown_table(report) + f"\n{metric_note(cfg)}\n"
-    paths["md"].write_text(markdown)
+    paths = write_report(report, directory, markdown_table(report) + f"\n{metric_note(cfg)}\n")
     records = [{"arm": r.arm, "task": r.task, "seed": e.seed, "run": int(e.extra["eval_run"]),
                 "noise_seed": int(e.extra["noise_seed"]), "success_once": bool(e.success),
                 "success_at_end": _success_at_end(e), "length": e.length,

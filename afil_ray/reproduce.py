@@ -139,6 +139,7 @@ class Pipeline:
         self.records: dict[str, dict[str, Any]] = {}
         self.results: list[ArmResult] = []
         self.mean_w: dict[str, float | None] = {}  # arm label -> mean guidance weight applied
+        self.arm_specs: dict[str, str] = {}  # arm label -> sampler arm spec ("adaptive:lam=1")
         self.variant_results: dict[str, ArmResult] = {}  # "<variant>: <arm>" -> episodes (main seed)
         self.seed_results: dict[int, dict[str, ArmResult]] = {}  # training seed -> arm -> episodes
 
@@ -387,7 +388,6 @@ class Pipeline:
         task, metric = self.cfg.env.task, self.cfg.eval.metric
         report = build_report(results, metric=metric, reference_arm=CORRECTED_ARM, seed=self.cfg.seed)
         report["mean_w"] = {r.arm: self.mean_w.get(r.arm) for r in results}
-        paths = write_report(report, self.root / "results" / "variants")
         lines = [markdown_table(report), "", _mean_w_sentence("per arm", report["mean_w"]),
                  "", "The variants (overrides of the failure-head stage) and what each trained on:", "",
                  "| variant | overrides | failure windows | steps | train s |", "|---|---|---|---|---|"]
@@ -402,7 +402,7 @@ class Pipeline:
                 windows = f"{failures} harvest failures' chunks"
             lines.append(f"| {name} | {overrides} | {windows} | {out.get('steps', '?')} | "
                          f"{rec.get('seconds', float('nan')):.0f} |")
-        paths["md"].write_text("\n".join(lines) + "\n")
+        paths = write_report(report, self.root / "results" / "variants", "\n".join(lines) + "\n")
         return {"report": str(paths["md"]),
                 "rates": {e["arm"]: e["rate"] for e in report["tasks"][task]["arms"]}}
 
@@ -423,11 +423,10 @@ class Pipeline:
             results = self._evaluate_plan(plan, task=task)
             report = build_report(results, metric=metric, reference_arm="success only", seed=self.cfg.seed)
             fil = build_report(results[1:], metric=metric, reference_arm=CORRECTED_ARM, seed=self.cfg.seed)
-            paths = write_report(report, self.root / "results" / "ood" / task)
-            (paths["md"].parent / "summary.md").write_text(summary_table(report, fil))
-            paths["md"].write_text("\n".join([
+            paths = write_report(report, self.root / "results" / "ood" / task, "\n".join([
                 markdown_table(report), "", f"Against `{CORRECTED_ARM}` (the failure head's own effect):", "",
                 markdown_table(fil, legend=False)]) + "\n")
+            (paths["md"].parent / "summary.md").write_text(summary_table(report, fil))
             out[task] = {"report": str(paths["md"]),
                          "rates": {e["arm"]: e["rate"] for e in report["tasks"][task]["arms"]}}
         return out
@@ -481,7 +480,6 @@ class Pipeline:
         flat = [reference] + [ArmResult(f"seed {s}: {a}", r.task, r.episodes)
                               for s, group in by_seed.items() for a, r in group.items()]
         report = build_report(flat, metric=metric, reference_arm="success only", seed=self.cfg.seed)
-        paths = write_report(report, out)
 
         def paired(ref: ArmResult, arm: ArmResult) -> dict[str, Any]:
             two = [ArmResult("ref", ref.task, ref.episodes), ArmResult("arm", arm.task, arm.episodes)]
@@ -509,7 +507,7 @@ class Pipeline:
             f"{spread[a]['rate'][0]:.3f} ± {spread[a]['rate'][1]:.3f} | "
             f"{spread[a]['difference'][0]:+.3f} ± {spread[a]['difference'][1]:.3f}" for a in arms) + " |")
         lines += ["", "Every arm against success only:", "", markdown_table(report, legend=False)]
-        paths["md"].write_text("\n".join(lines) + "\n")
+        paths = write_report(report, out, "\n".join(lines) + "\n")
         summary = {"report": str(paths["md"]), "spread": spread,
                    "per_seed": {s: {a: r[a]["rate"] for a in arms} for s, r in rows.items()}}
         (out / "spread.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -538,8 +536,9 @@ class Pipeline:
                 write_evaluation(cfg, evals, arms, ckpt)
                 outcomes = {ev.arm: ev.outcomes() for ev in evals}
             w = _mean_w(done)
-            for (label, _, _), arm in zip(mine, arms, strict=True):
+            for (label, _, spec), arm in zip(mine, arms, strict=True):
                 results.append(ArmResult(label, cfg.env.task, outcomes[arm.name]))
+                self.arm_specs[label] = spec
                 if task is None:
                     self.mean_w[label] = w.get(arm.name)
         return results
@@ -553,9 +552,10 @@ class Pipeline:
         # w = 0.001 (the heads agree) than at w = 0.1
         report["mean_w"] = {r.arm: self.mean_w[r.arm] for r in results if self.mean_w.get(r.arm) is not None}
         out = self.root / "results"
-        paths = write_report(report, out)
+        out.mkdir(parents=True, exist_ok=True)
         lines = [markdown_table(report)]
-        adaptive = {arm: w for arm, w in report["mean_w"].items() if "adaptive" in arm}
+        adaptive = {arm: w for arm, w in report["mean_w"].items()
+                    if self.arm_specs[arm].partition(":")[0] == "adaptive"}
         if adaptive:
             lines += ["", _mean_w_sentence("by the adaptive arms", adaptive)]
         guided, fil = [r for r in results if r.arm != "success only"], None
@@ -573,7 +573,7 @@ class Pipeline:
             ref = paper.get(entry["arm"])
             lines.append(f"| {entry['arm']} | {100 * entry['rate']:.1f} | {'—' if ref is None else ref} |")
         lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v['seconds']:.0f}" for k, v in self.records.items())]
-        paths["md"].write_text("\n".join(lines) + "\n")
+        paths = write_report(report, out, "\n".join(lines) + "\n")
         rates = {e["arm"]: e["rate"] for e in report["tasks"][task]["arms"]}
         return {"report": str(paths["md"]), "rates": rates}
 
@@ -596,7 +596,7 @@ def summary_table(vs_success: dict[str, Any], vs_correction: dict[str, Any] | No
                  _paired_cell(entry["comparison"]), _paired_cell(against.get(entry["arm"], {}).get("comparison"))]
         if mean_w is not None:
             w = mean_w.get(entry["arm"])
-            cells.append("—" if not w else f"{w:g}" if entry["arm"].startswith("static") else f"{w:.4f}")
+            cells.append("—" if not w else _w(w))
         if paper is not None:
             ref = paper.get(entry["arm"])
             cells.append("—" if ref is None else f"{ref / 100:.3f}")
@@ -667,7 +667,13 @@ def _brief(outputs: dict[str, Any]) -> str:
 def _mean_w_sentence(which: str, mean_w: dict[str, float | None]) -> str:
     """The reports' line of applied guidance weights (arms without one are left out)."""
     return f"Mean guidance weight applied {which}: " + ", ".join(
-        f"{arm} {w:.4f}" for arm, w in mean_w.items() if w is not None) + "."
+        f"{arm} {_w(w)}" for arm, w in mean_w.items() if w is not None) + "."
+
+
+def _w(w: float) -> str:
+    """A guidance weight to 4 places without trailing zeros: a static arm's ``0.05`` as given, an adaptive arm's
+    measured mean as ``0.0133``."""
+    return f"{w:.4f}".rstrip("0").rstrip(".") or "0"
 
 
 def _mean_w(path: Path) -> dict[str, float | None]:

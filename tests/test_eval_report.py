@@ -165,6 +165,9 @@ def test_write_report_writes_three_files_and_json_round_trips(tmp_path: Path) ->
     assert paths["md"].read_text() == markdown_table(report)
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert paths["png"].stat().st_size > 1000
+    # a caller with notes passes the whole text: report.md holds it, the json and plot are unchanged
+    again = write_report(report, tmp_path / "eval", "notes\n")
+    assert again["md"].read_text() == "notes\n" and json.loads(again["json"].read_text()) == report
 
 
 def test_compare_evals_pairs_arms_of_different_evaluations(tmp_path: Path) -> None:

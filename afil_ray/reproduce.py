@@ -673,7 +673,7 @@ def _mean_w_sentence(which: str, mean_w: dict[str, float | None]) -> str:
 def _w(w: float) -> str:
     """A guidance weight to 4 places without trailing zeros: a static arm's ``0.05`` as given, an adaptive arm's
     measured mean as ``0.0133``."""
-    return f"{w:.4f}".rstrip("0").rstrip(".") or "0"
+    return f"{w:.4f}".rstrip("0").rstrip(".")
 
 
 def _mean_w(path: Path) -> dict[str, float | None]:

@@ -22,7 +22,7 @@ def _config(args: argparse.Namespace, extra: list[str]) -> Config:
 
 def cmd_demos(args: argparse.Namespace) -> int:
     from afil_ray.demos.generate import generate_demos
-    from afil_ray.replay.store import ReplayStore, format_stats
+    from afil_ray.replay import ReplayStore, format_stats
 
     extra = [f"demos.num={args.num}"] if args.num is not None else []
     extra += [f"demos.workers={args.workers}"] if args.workers is not None else []
@@ -44,7 +44,7 @@ def cmd_demos(args: argparse.Namespace) -> int:
 
 def cmd_correct(args: argparse.Namespace) -> int:
     from afil_ray.correction import correct_failures
-    from afil_ray.replay.store import ReplayStore, format_stats
+    from afil_ray.replay import ReplayStore, format_stats
 
     extra = [f"correct.max_failures={args.max}"] if args.max is not None else []
     extra += [f"correct.workers={args.workers}"] if args.workers is not None else []
@@ -60,7 +60,7 @@ def cmd_correct(args: argparse.Namespace) -> int:
 
 
 def cmd_replay_stats(args: argparse.Namespace) -> int:
-    from afil_ray.replay.store import ReplayStore, format_stats
+    from afil_ray.replay import ReplayStore, format_stats
 
     store = ReplayStore(args.root)
     if args.verify:

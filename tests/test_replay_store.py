@@ -22,8 +22,8 @@ import pyarrow.ipc as ipc
 import pytest
 
 from afil_ray.config import ReplayConfig
-from afil_ray.replay import Episode, ReplayStore, WindowSampler, format_stats
-from afil_ray.replay.store import MANIFEST_NAME, QUARANTINE_DIR
+from afil_ray.replay import Episode, ReplayStore, WindowSampler, format_stats, maintenance
+from afil_ray.replay.maintenance import MANIFEST_NAME, QUARANTINE_DIR
 
 ARRAY_FIELDS = ("state", "action", "reward", "step_success", "terminated", "truncated", "final_state")
 SCALAR_FIELDS = ("episode_id", "task", "outcome", "instruction", "seed", "source", "policy_version",
@@ -200,7 +200,7 @@ def test_corrupt_shards_are_reported_quarantined_and_the_rest_stays_readable(tmp
     for mode, shard in bad.items():
         _corrupt(tmp_path / shard.path, mode, payload=episodes[2].snapshots[1])
 
-    with caplog.at_level(logging.WARNING, logger="afil_ray.replay.store"):
+    with caplog.at_level(logging.WARNING, logger="afil_ray.replay.maintenance"):
         survivors = store.read_episodes()
 
     assert [ep.episode_id for ep in survivors] == [episodes[1].episode_id, episodes[3].episode_id]
@@ -268,9 +268,9 @@ def test_manifest_rebuild_equals_reconciled_manifest(tmp_path, make_episode, mon
     later = store.write_episodes([make_episode("B", "failure", cameras=("base",), seed=9)])
     (tmp_path / first[1].path).unlink()  # retired by someone else
     footers_read = []
-    real_footer_row = ReplayStore._footer_row
-    monkeypatch.setattr(ReplayStore, "_footer_row",
-                        lambda self, s: footers_read.append(s.path) or real_footer_row(self, s))
+    real_footer_row = maintenance._footer_row
+    monkeypatch.setattr(maintenance, "_footer_row",
+                        lambda files, s: footers_read.append(s.path) or real_footer_row(files, s))
 
     reconciled = store.manifest(refresh=True)
 

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from afil_ray.replay.sampler import restore_step, sync_shards
-from afil_ray.replay.store import ReplayStore, ShardCorruptError, ShardFile
+from afil_ray.replay.shard_io import ShardCorruptError, ShardFile
+from afil_ray.replay.store import ReplayStore
 
 
 @dataclass

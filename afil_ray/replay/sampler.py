@@ -18,14 +18,8 @@ import numpy as np
 import pyarrow as pa
 
 from afil_ray.replay.episode import IMAGE_PREFIX
-from afil_ray.replay.store import (
-    CORRUPTION_ERRORS,
-    ReplayStore,
-    Selection,
-    ShardCorruptError,
-    ShardFile,
-    selection_set,
-)
+from afil_ray.replay.shard_io import CORRUPTION_ERRORS, Selection, ShardCorruptError, ShardFile, selection_set
+from afil_ray.replay.store import ReplayStore
 
 Partition = tuple[str, str]  # (task, outcome)
 T = TypeVar("T")

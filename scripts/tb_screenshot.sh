@@ -6,7 +6,8 @@
 # without a desktop browser. Starts TensorBoard on a free localhost port, screenshots its
 # Time Series page (scalar cards) with headless Chromium, stops TensorBoard again.
 #
-# - Installs the Debian package `chromium` if missing (apt; sudo when not root).
+# - Installs the Debian packages `chromium` and `chromium-driver` if missing (apt; sudo when not root),
+#   and Selenium (the `docs` extra of pyproject.toml) into .venv if missing.
 # - TensorBoard's page is a JavaScript app, so scripts/tb_screenshot.py drives Chromium over the
 #   DevTools protocol (standard library only) and waits until the charts are drawn.
 # - Width defaults to 1600 px; without --height the image is as tall as the dashboard (at most
@@ -48,11 +49,16 @@ case "$OUT" in *.png) ;; *) die "OUT must end in .png: $OUT" ;; esac
 mkdir -p "$(dirname "$OUT")"
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-if ! command -v chromium >/dev/null; then
-  echo "tb_screenshot: installing chromium (apt)" >&2
-  as_root apt-get install -y --no-install-recommends chromium >/dev/null ||
-    { as_root apt-get update >/dev/null && as_root apt-get install -y --no-install-recommends chromium >/dev/null; } ||
-    die "could not install the Debian package chromium"
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  echo "tb_screenshot: installing chromium and chromium-driver (apt)" >&2
+  apt_install() { as_root apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null; }
+  apt_install || { as_root apt-get update >/dev/null && apt_install; } ||
+    die "could not install the Debian packages chromium and chromium-driver"
+fi
+if ! "$PY" -c 'import selenium' 2>/dev/null; then
+  echo "tb_screenshot: installing selenium (pip install -e '.[docs]')" >&2
+  "$PY" -m pip install -q -e "$ROOT[docs]" 2> >(grep -v -e "is ignored: it is neither" -e "^\s*$" >&2) ||
+    die "could not install the docs extra (selenium) into $ROOT/.venv"
 fi
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tb_screenshot.XXXXXX")

@@ -8,8 +8,8 @@
 #
 # - Installs the Debian packages `chromium` and `chromium-driver` if missing (apt; sudo when not root),
 #   and Selenium (the `docs` extra of pyproject.toml) into .venv if missing.
-# - TensorBoard's page is a JavaScript app, so scripts/tb_screenshot.py drives Chromium over the
-#   DevTools protocol (standard library only) and waits until the charts are drawn.
+# - TensorBoard's page is a JavaScript app, so scripts/tb_screenshot.py drives Chromium with Selenium
+#   (through Debian's chromedriver; nothing is downloaded) and waits until the charts are drawn.
 # - Width defaults to 1600 px; without --height the image is as tall as the dashboard (at most
 #   6000 px), with every tag group expanded. --tag-filter (a regex on tag names, as in TensorBoard's
 #   filter box) shows only the matching charts, in one grid.

@@ -1,5 +1,5 @@
 """Ray shells of the evaluators: the loop's (:class:`afil_ray.loop.evaluator.LoopEvaluator`) and
-``afil-ray eval``'s workers (:class:`afil_ray.eval_workers.EvalWorker`)."""
+``afil-ray eval``'s workers (:class:`afil_ray.eval.workers.EvalWorker`)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Any
 import ray
 import torch
 
+from actors.weight_board import BoardWeightSource
 from afil_ray.config import Config, SamplerConfig
-from afil_ray.eval_workers import EvalWorker
+from afil_ray.eval.workers import EvalWorker
 from afil_ray.loop.evaluator import EvalReport, LoopEvaluator
-from afil_ray.loop.ray_weights import BoardWeightSource
 from afil_ray.replay.episode import Episode
 
 
@@ -30,7 +30,7 @@ class EvalActor:
 
 @ray.remote
 class EvalUnitActor:
-    """Ray shell of :class:`afil_ray.eval_workers.EvalWorker` (``afil-ray eval`` on a cluster)."""
+    """Ray shell of :class:`afil_ray.eval.workers.EvalWorker` (``afil-ray eval`` on a cluster)."""
 
     def __init__(self, cfg: Config, policy: torch.nn.Module, torch_threads: int) -> None:
         self.worker = EvalWorker(cfg, policy, torch_threads)

@@ -7,9 +7,9 @@ from typing import Any
 
 import ray
 
+from actors.weight_board import BoardWeightSource
 from afil_ray.config import Config
 from afil_ray.loop.harvest import RolloutReport, RolloutWorker
-from afil_ray.loop.ray_weights import BoardWeightSource
 
 
 @ray.remote

@@ -2,6 +2,9 @@
 
 Every command takes ``--config FILE`` plus dotlist overrides (``env.task=StackCube-v1``); a few frequent keys
 also have flags (``--task``, ``--num``). Unknown keys are errors that name the key and the file.
+
+The CLI composes: commands that may reach Ray take it from the composition root (``afil_ray.driver``) and hand it
+to the Ray-free library as callables (the loop, the evaluation runner).
 """
 
 from __future__ import annotations
@@ -18,6 +21,15 @@ from afil_ray.config import Config, ConfigError, load_config, save_resolved
 
 def _config(args: argparse.Namespace, extra: list[str]) -> Config:
     return load_config(args.config, list(args.overrides) + extra)
+
+
+def _eval_runner(cfg: Config):
+    """The composition root's evaluation runner when units are spread over workers (it imports Ray)."""
+    if cfg.eval.workers <= 1:
+        return None
+    from afil_ray.driver import eval_runner
+
+    return eval_runner
 
 
 def cmd_demos(args: argparse.Namespace) -> int:
@@ -83,9 +95,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from afil_ray.evaluate import evaluate_arms, resolve_arms, write_evaluation
-    from afil_ray.policy.checkpoint import load_policy
-    from afil_ray.train import CheckpointError, latest_checkpoint
+    from afil_ray.eval.protocol import evaluate_arms, resolve_arms, write_evaluation
+    from afil_ray.policy.checkpoint import CheckpointError, load_policy
+    from afil_ray.policy.loading import latest_checkpoint
 
     extra = [f"eval.episodes={args.episodes}"] if args.episodes is not None else []
     extra += [f"eval.runs={args.runs}"] if args.runs is not None else []
@@ -95,7 +107,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if path is None:
         raise CheckpointError(f"no checkpoint in {cfg.run_dir}/checkpoints; train first or set eval.checkpoint")
     policy = load_policy(path)
-    results = evaluate_arms(cfg, policy, progress=not args.quiet, arms=arms)
+    results = evaluate_arms(cfg, policy, progress=not args.quiet, arms=arms, runner=_eval_runner(cfg))
     s0, n, runs = cfg.eval.seed_start, cfg.eval.episodes, cfg.eval.runs
     for result in results:
         print(f"{result.summary()}  (checkpoint {path}, seeds {s0}..{s0 + n - 1} x {runs} runs, "
@@ -110,10 +122,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from afil_ray.reproduce import Pipeline
+    from afil_ray.pipeline.pipeline import Pipeline
 
     cfg = _config(args, [])
-    outputs = Pipeline(cfg, progress=not args.quiet).run()
+    run_loop = None
+    if cfg.reproduce.online_s > 0:
+        from afil_ray.driver import run_loop
+    outputs = Pipeline(cfg, progress=not args.quiet, runner=_eval_runner(cfg), run_loop=run_loop).run()
     print()
     print(Path(outputs["report"]).read_text(), end="")
     print(f"results: {outputs['report']}")
@@ -121,7 +136,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from afil_ray.loop.driver import LoopDriver
+    from afil_ray.driver import LoopDriver
 
     extra = [f"loop.duration_s={args.duration}"] if args.duration is not None else []
     cfg = _config(args, extra)
@@ -156,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_correct)
 
-    t = sub.add_parser("train", help="train the policy from the replay store (train.mode, data.store)")
+    t = sub.add_parser("train", help="train the policy from the replay store (train.mode, replay.root)")
     with_config(t)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)

@@ -13,6 +13,31 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+# The choices of the keys below, defined once beside their keys; every section checks its own values when it is
+# built (a YAML file, overrides, ``dataclasses.replace``), so a bad value fails before any worker or actor starts.
+SAMPLER_KINDS = ("success_only", "static", "adaptive")
+TRAIN_MODES = ("success_only", "failure_head", "joint")
+FAILURE_HEAD_INITS = ("success", "random")
+EVAL_METRICS = ("success_once", "success_at_end")
+EVAL_BACKENDS = ("auto", "processes", "ray")
+CORRECT_STRATEGIES = ("backtrack", "fraction")
+# Keys that were removed, and the one key that now holds their fact.
+MOVED_KEYS = {"data.store": "replay.root"}
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key and the source (file or command line) in the message."""
+
+
+def _one_of(key: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _at_least(key: str, value: int | float, low: int | float) -> None:
+    if value < low:
+        raise ConfigError(f"{key} must be >= {low}, got {value}")
+
 
 @dataclass
 class EnvConfig:
@@ -61,6 +86,10 @@ class CorrectConfig:
     max_failures: int | None = None  # failures tried per call (None: every one not tried before)
     workers: int = 2  # planner processes
 
+    def __post_init__(self) -> None:
+        _one_of("correct.strategy", self.strategy, CORRECT_STRATEGIES)
+        _at_least("correct.stride", self.stride, 1)
+
 
 @dataclass
 class PolicyConfig:
@@ -88,6 +117,9 @@ class PolicyConfig:
     action_norm: str = "minmax"  # minmax (each action dim to [-1, 1]) | meanstd
     action_clip: float | None = 1.0  # clip normalised DDIM x0 estimates and sampled chunks to +-this (None: off)
 
+    def __post_init__(self) -> None:
+        _one_of("policy.failure_head_init", self.failure_head_init, FAILURE_HEAD_INITS)
+
 
 @dataclass
 class SamplerConfig:
@@ -98,7 +130,13 @@ class SamplerConfig:
     lam: float = 1.0  # adaptive guidance scale: w = lam * (1 - cos(v_s, v_f)) / 2
     steps: int = 10  # K integration (flow) or denoising (ddpm, DDIM) steps
     execute_steps: int = 8  # actions executed from each chunk before re-planning
-    fused_heads: bool = True  # run same-shape success and failure heads as one stacked call (else two calls)
+    # Same-shape success and failure heads as one stacked call where that is the faster path (on CUDA, and on CPU
+    # up to a batch size measured in docs/benchmarks.md); false: always two calls.
+    fused_heads: bool = True
+
+    def __post_init__(self) -> None:
+        _one_of("sampler.kind", self.kind, SAMPLER_KINDS)
+        _at_least("sampler.steps", self.steps, 1)
 
 
 @dataclass
@@ -119,10 +157,14 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int = 0  # torch CPU threads (0: torch's default)
 
+    def __post_init__(self) -> None:
+        _one_of("train.mode", self.mode, TRAIN_MODES)
+
 
 @dataclass
 class DataConfig:
-    store: str = "runs/replay"  # replay store to train from
+    """What training reads from the replay store (``replay.root``)."""
+
     tasks: list[str] = field(default_factory=list)  # empty: env.task
     success_outcomes: list[str] = field(default_factory=lambda: ["demo", "success", "corrected"])
     failure_outcomes: list[str] = field(default_factory=lambda: ["failure"])
@@ -136,7 +178,7 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    """``afil-ray eval``: every arm on the same episodes x runs, paired (afil_ray/evaluate.py)."""
+    """``afil-ray eval``: every arm on the same episodes x runs, paired (afil_ray/eval/)."""
 
     episodes: int = 50  # initial states: seeds seed_start .. seed_start + episodes - 1
     seed_start: int = 100000  # evaluation seeds are disjoint from demo seeds (which start at 0)
@@ -156,6 +198,12 @@ class EvalConfig:
     backend: str = "auto"  # auto | processes | ray
     worker_cpus: float = 1.0  # Ray resources per eval actor
     worker_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        _one_of("eval.metric", self.metric, EVAL_METRICS)
+        _one_of("eval.backend", self.backend, EVAL_BACKENDS)
+        _at_least("eval.episodes", self.episodes, 1)
+        _at_least("eval.runs", self.runs, 1)
 
 
 @dataclass
@@ -189,10 +237,16 @@ class LoopConfig:
     max_restarts: int = 3  # Ray restarts per actor before the loop gives up on it
     keep_success_snapshots: bool = False  # simulator snapshots are for correcting failures; successes drop them
 
+    def __post_init__(self) -> None:
+        _one_of("loop.learner_mode", self.learner_mode, TRAIN_MODES)
+        for kind in self.eval_samplers:
+            _one_of("loop.eval_samplers", kind, SAMPLER_KINDS)
+        _at_least("loop.num_rollout_actors", self.num_rollout_actors, 1)
+
 
 @dataclass
 class ReproduceConfig:
-    """``afil-ray reproduce``: the paper's pipeline as cached stages under ``run_dir`` (afil_ray/reproduce.py).
+    """``afil-ray reproduce``: the paper's pipeline as cached stages under ``run_dir`` (afil_ray/pipeline/).
 
     The store is ``replay.root``; give each reproduction its own (harvested failures and corrections go there).
     Success-only training uses ``train.*`` with ``train.steps``; the later stages override only the keys below.
@@ -242,10 +296,6 @@ class Config:
     reproduce: ReproduceConfig = field(default_factory=ReproduceConfig)
 
 
-class ConfigError(ValueError):
-    """A configuration problem, with the key and the source (file or command line) in the message."""
-
-
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
@@ -266,6 +316,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raw = OmegaConf.load(path)
         except Exception as e:  # YAML syntax errors
             raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
+        for key in MOVED_KEYS:
+            if OmegaConf.select(raw, key, default=None) is not None:
+                _moved(key, str(path))
         cfg = _merge(cfg, raw, str(path))
     return OmegaConf.to_object(_apply(cfg, overrides or [], "command line"))  # type: ignore[return-value]
 
@@ -279,6 +332,8 @@ def _apply(cfg: DictConfig, overrides: list[str], source: str) -> DictConfig:
         except OmegaConfBaseException as e:
             raise ConfigError(f"{source}: cannot parse override '{item}': {e}") from None
         key = item.split("=", 1)[0].strip()
+        if key in MOVED_KEYS:
+            _moved(key, f"{source} override '{item}'")
         if _is_plain_dict(cfg, key):
             # key={...} on a mapping option (e.g. reproduce.variants) replaces it: a merge could never remove entries
             cfg = cfg.copy()
@@ -290,6 +345,10 @@ def _apply(cfg: DictConfig, overrides: list[str], source: str) -> DictConfig:
             continue
         cfg = _merge(cfg, dot, f"{source} override '{item}'")
     return cfg
+
+
+def _moved(key: str, source: str) -> None:
+    raise ConfigError(f"{source}: '{key}' is no longer a key: set '{MOVED_KEYS[key]}' instead (one key per fact)")
 
 
 def _is_plain_dict(cfg: DictConfig, key: str) -> bool:

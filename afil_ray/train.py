@@ -28,70 +28,14 @@ from afil_ray.config import Config, save_resolved
 from afil_ray.envs.tasks import get_task
 from afil_ray.policy import checkpoint as ckpt
 from afil_ray.policy.checkpoint import CheckpointError
-from afil_ray.policy.heads import same_shape
+from afil_ray.policy.loading import LATEST, latest_checkpoint, load_start_policy, resolve_device
 from afil_ray.policy.model import DAGPolicy
 from afil_ray.replay.chunks import ChunkSampler
 from afil_ray.replay.sampler import WindowSampler
 from afil_ray.replay.store import ReplayStore
 
 log = logging.getLogger(__name__)
-MODES = ("success_only", "failure_head", "joint")
-__all__ = ["MODES", "CheckpointError", "Trainer", "latest_checkpoint", "load_start_policy"]
-LATEST = "latest"
 RAW_WEIGHTS = "training_weights.pt"  # the optimizer's (non-averaged) weights, for resuming
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run (``checkpoints/latest`` names it), or None."""
-    pointer = Path(run_dir) / "checkpoints" / LATEST
-    if not pointer.is_file():
-        return None
-    path = pointer.parent / pointer.read_text().strip()
-    if not path.is_dir():
-        raise CheckpointError(f"{pointer} names {path.name}, which does not exist")
-    return path
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory standing for its newest checkpoint."""
-    path = Path(path)
-    if (path / "spec.json").is_file():
-        return path
-    if (path / "checkpoints" / LATEST).is_file():
-        return latest_checkpoint(path)
-    raise CheckpointError(f"no checkpoint at {path} (neither a checkpoint directory nor a run directory with "
-                          f"checkpoints/{LATEST})")
-
-
-def load_start_policy(path: str | Path, device: str | torch.device = "cpu", *,
-                      failure_head_init: str | None = None, seed: int = 0) -> DAGPolicy:
-    """A checkpoint as the starting point of further training or of the online loop.
-
-    A success-only checkpoint's failure head is still the untrained copy made when the policy was built; with
-    ``policy.failure_head_init=success`` it is replaced by the trained success head, so the failure head starts
-    from a generator that models the task (and guidance is a no-op, v_f = v_s, until it learns failures); with
-    ``random`` it is freshly initialised (seeded), so it models failures alone. ``failure_head_init`` overrides
-    the checkpoint's own setting (the config that starts the next stage decides).
-    """
-    path = resolve_checkpoint(path)
-    policy = ckpt.load_policy(path, device=device)
-    trainer_file = path / "trainer.json"
-    mode = json.loads(trainer_file.read_text()).get("mode") if trainer_file.is_file() else None
-    init = failure_head_init or policy.config.failure_head_init
-    if init not in ("success", "random"):
-        raise ValueError(f"policy.failure_head_init must be success | random, got {init!r}")
-    if mode == "success_only":
-        if init == "success" and same_shape(policy.success_head, policy.failure_head):
-            policy.init_failure_head_from_success()
-        elif init == "random":
-            policy.reset_failure_head(seed)
-    return policy
 
 
 @dataclass
@@ -103,8 +47,6 @@ class _Heads:
 
 
 def _heads(mode: str) -> _Heads:
-    if mode not in MODES:
-        raise ValueError(f"train.mode must be one of {MODES}, got {mode!r}")
     return _Heads(success=mode in ("success_only", "joint"), failure=mode in ("failure_head", "joint"))
 
 
@@ -126,7 +68,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.tasks = list(cfg.data.tasks) or [cfg.env.task]
         self.instructions = {t: get_task(t).instruction for t in self.tasks}
-        store = ReplayStore(cfg.data.store)
+        store = ReplayStore(cfg.replay.root)
         cameras = () if cfg.env.obs_mode == "state" else None
         h = cfg.policy.horizon
         self.samplers: dict[str, WindowSampler | ChunkSampler] = {}
@@ -149,7 +91,7 @@ class Trainer:
                 raise ValueError(f"train.failure_targets must be sampled or executed, got {tc.failure_targets!r}")
         for name, s in self.samplers.items():
             if s.num_steps == 0:
-                raise RuntimeError(f"no {name} windows in {cfg.data.store} for tasks {self.tasks} "
+                raise RuntimeError(f"no {name} windows in {cfg.replay.root} for tasks {self.tasks} "
                                    f"(outcomes {s.outcomes}); generate demos or rollouts first")
         self.step = 0
         resume = latest_checkpoint(self.run_dir)

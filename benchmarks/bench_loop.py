@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from afil_ray.config import Config, load_config
+from afil_ray.driver import LoopDriver
 from afil_ray.envs.maniskill import ManiSkillVecEnv
-from afil_ray.loop.driver import LoopDriver
+from afil_ray.policy.loading import load_start_policy
 from afil_ray.rollout import ChunkedRollout
-from afil_ray.train import load_start_policy
 
 
 def in_process_steps_per_s(cfg: Config, seconds: float) -> float:

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from afil_ray.config import TRAIN_MODES as MODES
 from afil_ray.config import load_config
 from afil_ray.replay.episode import Episode
 from afil_ray.replay.store import ReplayStore
-from afil_ray.train import MODES, Trainer
+from afil_ray.train import Trainer
 
 STATE_DIM, ACTION_DIM, LENGTH, H = 31, 8, 100, 16
 
@@ -55,13 +56,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         synthetic_store(tmp / "store")
-        base = Trainer(load_config(args.config, [f"data.store={tmp / 'store'}", f"run_dir={tmp / 'base'}",
+        base = Trainer(load_config(args.config, [f"replay.root={tmp / 'store'}", f"run_dir={tmp / 'base'}",
                                                  "train.steps=1", f"train.num_threads={args.threads}"]),
                        progress=False, tensorboard=False)
         start = base.save()
         trainers = {}
         for mode in MODES:
-            cfg = load_config(args.config, [f"data.store={tmp / 'store'}", f"run_dir={tmp / mode}",
+            cfg = load_config(args.config, [f"replay.root={tmp / 'store'}", f"run_dir={tmp / mode}",
                                             f"train.mode={mode}", f"train.init_from={start}",
                                             f"train.num_threads={args.threads}"])
             trainers[mode] = Trainer(cfg, progress=False, tensorboard=False)

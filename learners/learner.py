@@ -7,9 +7,9 @@ from typing import Any
 
 import ray
 
+from actors.weight_board import ray_publisher
 from afil_ray.config import Config
 from afil_ray.loop.learner import LearnerReport, OnlineLearner
-from afil_ray.loop.ray_weights import ray_publisher
 
 
 @ray.remote

@@ -14,8 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from afil_ray.eval_report import ArmResult, build_report, markdown_table
-from afil_ray.reproduce import load_outcomes
+from afil_ray.eval.protocol import load_outcomes
+from afil_ray.eval.report import ArmResult, build_report, markdown_table
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ def loop_config(tmp: Path, **loop) -> Config:
     cfg = Config(run_dir=str(tmp / "run"))
     cfg.env.task, cfg.env.num_envs, cfg.env.max_episode_steps = TASK, 2, 12
     cfg.env.backend, cfg.env.cpu_vectorization = "cpu", "loop"
-    cfg.replay.root = cfg.data.store = str(tmp / "replay")
+    cfg.replay.root = str(tmp / "replay")
     cfg.replay.episodes_per_shard = 4
     cfg.policy.hidden_size, cfg.policy.head_width, cfg.policy.horizon = 32, 32, 8
     cfg.policy.num_layers, cfg.policy.head_depth = 1, 1

@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 LAUNCHER_CONFIGS = ["aws.yaml", "gcp.yaml"]
 RAYJOB = "kuberay-rayjob.yaml"
-SHARED_PATH_KEYS = ("run_dir", "replay.root", "data.store", "loop.init_from")
-URI_OK_KEYS = ("replay.root", "data.store")  # the replay store may be s3:// or gs://; checkpoints may not
+SHARED_PATH_KEYS = ("run_dir", "replay.root", "loop.init_from")
+URI_OK_KEYS = ("replay.root",)  # the replay store may be s3:// or gs://; checkpoints may not
 
 Config = dict[str, Any]
 Mutation = Callable[[Config], None]
@@ -231,8 +231,6 @@ def rayjob_problems(docs: list[Config]) -> list[str]:
             problems.append(f"entrypoint does not set {key} (the config's default is node-local)")
         elif not (any(value.startswith(r.rstrip("/") + "/") for r in roots) or (key in URI_OK_KEYS and "://" in value)):
             problems.append(f"{key}={value} is not on the shared volume")
-    if overrides.get("replay.root") != overrides.get("data.store"):
-        problems.append("replay.root and data.store differ: the learner would not read what the actors write")
     problems += entrypoint_config_problems(tokens)
     return problems
 
@@ -303,7 +301,7 @@ def _alpha_api(docs: list[Config]) -> None:
 
 @pytest.mark.parametrize(("mutate", "expect"), [
     (_set_entrypoint("python -m afil_ray.cli run"), "must start with 'afil-ray run'"),
-    (_set_entrypoint("afil-ray run run_dir=runs/x replay.root=/mnt/afil/r data.store=/mnt/afil/r "
+    (_set_entrypoint("afil-ray run run_dir=runs/x replay.root=/mnt/afil/r "
                      "loop.init_from=/mnt/afil/c"), "run_dir=runs/x is not on the shared volume"),
     (_drop_worker_gpu, "no worker group requests nvidia.com/gpu"),
     (_gpu_on_head, "head requests nvidia.com/gpu"),
@@ -311,9 +309,9 @@ def _alpha_api(docs: list[Config]) -> None:
     (_rwo_claim, "must be ReadWriteMany"),
     (_alpha_api, "expected ray.io/v1"),
     (_set_entrypoint("afil-ray run --config configs/no_such.yaml run_dir=/mnt/afil/x replay.root=/mnt/afil/r "
-                     "data.store=/mnt/afil/r loop.init_from=/mnt/afil/c"), "configs/no_such.yaml does not exist"),
+                     "loop.init_from=/mnt/afil/c"), "configs/no_such.yaml does not exist"),
     (_set_entrypoint("afil-ray run --config configs/cluster_gpu.yaml run_dir=/mnt/afil/x replay.root=/mnt/afil/r "
-                     "data.store=/mnt/afil/r loop.init_from=/mnt/afil/c loop.num_actors=8"), "does not load"),
+                     "loop.init_from=/mnt/afil/c loop.num_actors=8"), "does not load"),
 ])
 def test_rayjob_checks_catch_broken_manifests(mutate: Callable[[list[Config]], None], expect: str) -> None:
     docs = _load_all(RAYJOB)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from afil_ray.eval_report import ArmResult, EpisodeOutcome, build_report, markdown_table, write_report
+from afil_ray.eval.report import ArmResult, EpisodeOutcome, build_report, markdown_table, write_report
 
 SEEDS, RUNS = range(10), range(3)
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from afil_ray.eval_stats import (
+from afil_ray.eval.stats import (
     PairedComparison,
     compare_paired,
     mcnemar_exact,

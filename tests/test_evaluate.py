@@ -14,7 +14,9 @@ import torch
 from afil_ray.cli import main
 from afil_ray.config import Config, ConfigError, EnvConfig, SamplerConfig, load_config
 from afil_ray.envs.maniskill import ManiSkillVecEnv
-from afil_ray.evaluate import episode_noise_seed, evaluate_arms, parse_arm, resolve_arms, write_evaluation
+from afil_ray.eval.arms import make_arm, parse_arm
+from afil_ray.eval.episodes import episode_noise_seed
+from afil_ray.eval.protocol import evaluate_arms, resolve_arms, write_evaluation
 from afil_ray.policy.checkpoint import load_policy
 from afil_ray.rollout import ChunkedRollout
 
@@ -59,7 +61,7 @@ def test_arms_are_paired_and_evaluation_is_deterministic(setup):
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(
         cfg.eval, arms=["success_only", "static:w=0", "adaptive:lam=0", "static:w=0.5"]))
     first = evaluate_arms(cfg, policy, progress=False)
-    assert [r.arm for r in first] == ["success_only", "static:w=0", "adaptive:lam=0", "static:w=0.5"]
+    assert [r.arm.name for r in first] == ["success_only", "static:w=0", "adaptive:lam=0", "static:w=0.5"]
     base, static0, adaptive0, static_half = first
     keys = sorted(by_key(base))
     assert keys == [(s, r) for s in (700, 701, 702) for r in (0, 1)]
@@ -121,6 +123,10 @@ def test_bad_arm_specs_are_clear_errors():
     arm = parse_arm("static:w=0.05,steps=5", base)
     assert arm.name == "static:w=0.05,steps=5" and arm.sampler.kind == "static" and arm.sampler.steps == 5
     assert parse_arm("static", base).name == "static:w=0.05"
+    # one arm, two names: the name keys files, the title the tables; built arms equal parsed ones
+    assert parse_arm("adaptive:lam=1.0", base).title == "adaptive FIL λ=1"
+    assert parse_arm("success_only", base).title == "success only"
+    assert make_arm(base, "static", w=0.05) == parse_arm("static:w=0.05", base)
     with pytest.raises(ConfigError, match="unknown sampler kind 'guided'"):
         parse_arm("guided:w=1", base)
     with pytest.raises(ConfigError, match="key 'lam' does not apply to sampler 'static'"):
@@ -133,9 +139,10 @@ def test_bad_arm_specs_are_clear_errors():
     cfg.eval.arms = ["success_only", "static:w=0.05", "static:w=0.050"]
     with pytest.raises(ConfigError, match="more than once"):
         resolve_arms(cfg)
-    cfg.eval.arms, cfg.eval.metric = [], "success_sometimes"
-    with pytest.raises(ConfigError, match=r"eval\.metric"):
-        resolve_arms(cfg)
+    with pytest.raises(ConfigError, match=r"eval\.metric must be one of success_once, success_at_end"):
+        load_config(None, ["eval.metric=success_sometimes"])
+    with pytest.raises(ConfigError, match=r"sampler\.kind must be one of"):
+        load_config(None, ["sampler.kind=guided"])
     with pytest.raises(ConfigError, match=r"eval\.rnus"):
         load_config(None, ["eval.rnus=2"])
     loaded = load_config(None, ["eval.arms=[success_only,static:w=0.05,adaptive:lam=1]", "eval.runs=2"])
@@ -157,7 +164,9 @@ def test_results_do_not_depend_on_the_worker_count(setup):
                                                                        for e in b.episodes]
         assert_same_episodes(a, b)
     with pytest.raises(ConfigError, match=r"eval\.backend"):
-        evaluate_arms(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, workers=2, backend="mpi")),
+        dataclasses.replace(cfg.eval, workers=2, backend="mpi")
+    with pytest.raises(ConfigError, match=r"eval\.backend=ray needs Ray eval actors"):  # no runner given
+        evaluate_arms(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, workers=2, backend="ray")),
                       policy, progress=False)
 
 
@@ -165,16 +174,15 @@ def test_results_do_not_depend_on_the_worker_count(setup):
 def test_ray_eval_actors_give_the_same_episodes(setup):
     import ray
 
-    from afil_ray.eval_workers import resolve_backend
+    from afil_ray.driver import eval_runner
 
     cfg, policy, _ = setup
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, arms=["success_only", "static:w=0.5"], runs=1))
     alone = evaluate_arms(cfg, policy, progress=False)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        assert resolve_backend(cfg) == "ray"
         on_ray = evaluate_arms(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, workers=2)), policy,
-                               progress=False)  # backend auto: Ray is initialised, so eval actors
+                               progress=False, runner=eval_runner)  # backend auto: Ray is initialised: actors
         assert [r.arm for r in on_ray] == [r.arm for r in alone]
         for a, b in zip(alone, on_ray, strict=True):
             assert_same_episodes(a, b)

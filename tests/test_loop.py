@@ -135,12 +135,18 @@ def test_rollout_worker_survives_a_simulator_crash(cfg):
 
 def test_bad_loop_config_fails_before_ray_starts(cfg):
     import copy
+    import dataclasses
 
-    from afil_ray.loop.driver import check_loop_config
+    from afil_ray.config import ConfigError
+    from afil_ray.driver import check_loop_config
 
-    for key, value, match in (("learner_mode", "both", "learner_mode"), ("eval_samplers", ["guided"], "guided"),
-                              ("init_from", "/nonexistent", "loop.init_from")):
-        bad = copy.deepcopy(cfg)
-        setattr(bad.loop, key, value)
-        with pytest.raises(Exception, match=match):
-            check_loop_config(bad)
+    # the loop section checks its own values when it is built, so no bad value reaches the driver
+    for key, value, match in (("learner_mode", "both", "loop.learner_mode must be one of"),
+                              ("eval_samplers", ["guided"], "loop.eval_samplers must be one of .* got 'guided'"),
+                              ("num_rollout_actors", 0, "loop.num_rollout_actors must be >= 1")):
+        with pytest.raises(ConfigError, match=match):
+            dataclasses.replace(cfg.loop, **{key: value})
+    bad = copy.deepcopy(cfg)
+    bad.loop.init_from = "/nonexistent"
+    with pytest.raises(Exception, match=r"loop\.init_from"):
+        check_loop_config(bad)

@@ -8,7 +8,7 @@ import time
 import pytest
 import ray
 
-from afil_ray.loop.driver import LoopDriver
+from afil_ray.driver import LoopDriver
 from afil_ray.replay.store import ReplayStore
 
 from loop_fixtures import loop_config, make_start_checkpoint

@@ -11,10 +11,12 @@ import torch
 
 from afil_ray.cli import main
 from afil_ray.config import ConfigError, load_config
-from afil_ray.eval_report import ArmResult, EpisodeOutcome, build_report
+from afil_ray.eval.report import ArmResult, EpisodeOutcome, build_report
+from afil_ray.pipeline.pipeline import Pipeline
+from afil_ray.pipeline.plan import CORRECTED_ARM
+from afil_ray.pipeline.reports import summary_table
+from afil_ray.policy.loading import load_start_policy
 from afil_ray.replay.store import ReplayStore
-from afil_ray.reproduce import CORRECTED_ARM, Pipeline, summary_table
-from afil_ray.train import load_start_policy
 
 TASK = "PullCube-v1"
 

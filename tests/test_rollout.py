@@ -8,7 +8,7 @@ import numpy as np
 
 from afil_ray.config import Config, EnvConfig, SamplerConfig
 from afil_ray.envs.maniskill import ManiSkillVecEnv
-from afil_ray.evaluate import evaluate
+from afil_ray.eval.protocol import evaluate
 from afil_ray.replay.episode import episodes_to_table, table_to_episodes
 from afil_ray.rollout import ChunkedRollout
 

@@ -7,10 +7,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from afil_ray.config import Config
-from afil_ray.policy.checkpoint import load_policy
+from afil_ray.config import Config, ConfigError, load_config
+from afil_ray.policy.checkpoint import CheckpointError, load_policy
+from afil_ray.policy.loading import latest_checkpoint
 from afil_ray.replay.store import ReplayStore
-from afil_ray.train import CheckpointError, Trainer, latest_checkpoint
+from afil_ray.train import Trainer
 
 from conftest import build_episode
 
@@ -33,7 +34,7 @@ def store(tmp_path_factory):
 def _cfg(store, run_dir, **train) -> Config:
     cfg = Config(run_dir=str(run_dir))
     cfg.env.task = TASK
-    cfg.data.store = str(store)
+    cfg.replay.root = str(store)
     cfg.policy.hidden_size, cfg.policy.head_width, cfg.policy.horizon = 32, 32, 4
     cfg.policy.num_layers, cfg.policy.head_depth = 1, 1
     cfg.train.batch_size, cfg.train.warmup_steps, cfg.train.log_every = 8, 2, 2
@@ -88,8 +89,8 @@ def test_failure_head_mode_trains_only_the_failure_head(store, tmp_path):
 
 
 def test_bad_inputs(store, tmp_path):
-    with pytest.raises(ValueError, match=r"train\.mode"):
-        Trainer(_cfg(store, tmp_path / "a", mode="both"), progress=False)
+    with pytest.raises(ConfigError, match=r"train\.mode must be one of success_only, failure_head, joint"):
+        load_config(None, ["train.mode=both"])  # the section checks its own values, before any trainer exists
     with pytest.raises(CheckpointError):
         Trainer(_cfg(store, tmp_path / "b", mode="failure_head", init_from=str(tmp_path / "nope")), progress=False)
     with pytest.raises(RuntimeError, match="no success windows"):

@@ -22,7 +22,7 @@ import numpy as np
 
 from afil_ray.config import EnvConfig
 from afil_ray.envs import snapshot as snap
-from afil_ray.envs.base import Obs, SimulatorError, StepResult
+from afil_ray.envs.base import IMAGE_PREFIX, Obs, SimulatorError, StepResult
 from afil_ray.envs.tasks import TaskSpec, get_task
 
 log = logging.getLogger(__name__)
@@ -381,7 +381,7 @@ class _AsyncBatch:
 
 def _describe(batch: Any, obs_space: gym.spaces.Dict, act_space: gym.spaces.Box) -> None:
     batch.state_dim = int(obs_space["state"].shape[0])
-    batch.cameras = tuple(k[len("rgb_"):] for k in obs_space if k.startswith("rgb_"))
+    batch.cameras = tuple(k[len(IMAGE_PREFIX):] for k in obs_space if k.startswith(IMAGE_PREFIX))
     batch.action_dim = int(act_space.shape[0])
     batch.action_low, batch.action_high = act_space.low.copy(), act_space.high.copy()
 
@@ -401,7 +401,7 @@ class _GpuBatch:
         raw, _ = self.env.reset(seed=list(range(num_envs)))
         first = convert_obs(raw, cfg.obs_mode)
         self.state_dim = first["state"].shape[1]
-        self.cameras = tuple(k[len("rgb_"):] for k in first if k.startswith("rgb_"))
+        self.cameras = tuple(k[len(IMAGE_PREFIX):] for k in first if k.startswith(IMAGE_PREFIX))
         space = self.base.single_action_space
         self.action_dim = int(np.prod(space.shape))
         self.action_low, self.action_high = space.low.reshape(-1), space.high.reshape(-1)

@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 import torch
 
 from afil_ray.config import Config
-from afil_ray.evaluate import evaluate
+from afil_ray.eval.protocol import evaluate
 from afil_ray.loop.board import WeightSource
 from afil_ray.loop.weights import apply
-from afil_ray.policy.sampler import SAMPLER_KINDS
-from afil_ray.train import load_start_policy, resolve_device
+from afil_ray.policy.loading import load_start_policy, resolve_device
 
 READS_FAILURE_HEAD = {"success_only": False, "static": True, "adaptive": True}
 
@@ -36,9 +35,6 @@ class LoopEvaluator:
     """Plain class; ``actors.evaluator.EvalActor`` is its Ray shell."""
 
     def __init__(self, cfg: Config, weights: WeightSource) -> None:
-        unknown = [s for s in cfg.loop.eval_samplers if s not in SAMPLER_KINDS]
-        if unknown:
-            raise ValueError(f"loop.eval_samplers: unknown sampler {unknown[0]!r}; samplers are {SAMPLER_KINDS}")
         if cfg.loop.torch_threads:
             torch.set_num_threads(cfg.loop.torch_threads)
         self.cfg, self.weights = cfg, weights

@@ -24,10 +24,10 @@ from afil_ray.envs.base import SimulatorError, VecEnv
 from afil_ray.envs.maniskill import ManiSkillVecEnv
 from afil_ray.loop.board import WeightSource
 from afil_ray.loop.weights import WeightPacket, apply
+from afil_ray.policy.loading import load_start_policy, resolve_device
 from afil_ray.replay.episode import Episode
 from afil_ray.replay.store import ReplayStore
 from afil_ray.rollout import ChunkedRollout, RolloutStats
-from afil_ray.train import load_start_policy, resolve_device
 
 log = logging.getLogger(__name__)
 ROLLOUT_SEED_BASE = 1_000_000  # demo seeds start at 0 and evaluation seeds at 100000

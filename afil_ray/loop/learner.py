@@ -48,8 +48,6 @@ class LearnerReport:
 def learner_config(cfg: Config) -> Config:
     """The trainer's view of a loop config: its own run directory, starting from ``loop.init_from``."""
     out = copy.deepcopy(cfg)
-    if cfg.loop.learner_mode not in SHIPPED:
-        raise ValueError(f"loop.learner_mode must be one of {tuple(SHIPPED)}, got {cfg.loop.learner_mode!r}")
     out.train.mode = cfg.loop.learner_mode
     out.run_dir = str(Path(cfg.run_dir) / "learner")
     out.train.init_from = cfg.loop.init_from
@@ -71,7 +69,7 @@ class OnlineLearner:
         self.cfg = learner_config(cfg)
         self.publish_fn, self.latest_version = publish, latest_version
         self.components = SHIPPED[self.cfg.train.mode]
-        self.store = ReplayStore(self.cfg.data.store)
+        self.store = ReplayStore(self.cfg.replay.root)
         self.tasks = list(self.cfg.data.tasks) or [self.cfg.env.task]
         self.trainer: Trainer | None = None
         self._steps_since_publish = 0

@@ -15,15 +15,13 @@ from afil_ray.policy.checkpoint import (
 )
 from afil_ray.policy.guidance import adaptive_weight, cosine, guide
 from afil_ray.policy.heads import ActionHead
-from afil_ray.policy.model import COMPONENTS, HEADS, TRAIN_MODES, DAGPolicy
+from afil_ray.policy.model import COMPONENTS, HEADS, DAGPolicy
 from afil_ray.policy.normalize import Normalizer
-from afil_ray.policy.sampler import SAMPLER_KINDS, HeadPair, sample_chunk
+from afil_ray.policy.sampler import HeadPair, sample_chunk
 
 __all__ = [
     "COMPONENTS",
     "HEADS",
-    "SAMPLER_KINDS",
-    "TRAIN_MODES",
     "ActionHead",
     "Backbone",
     "CheckpointError",

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from afil_ray.config import PolicyConfig, SamplerConfig
+from afil_ray.config import TRAIN_MODES, PolicyConfig, SamplerConfig
+from afil_ray.envs.base import IMAGE_PREFIX
 from afil_ray.policy.backbone import Backbone, Prefix, load_vlm
 from afil_ray.policy.heads import ActionHead, same_shape
 from afil_ray.policy.normalize import Normalizer
@@ -23,10 +24,8 @@ from afil_ray.policy.objectives import make_objective, masked_mse
 from afil_ray.policy.sampler import HeadPair, sample_chunk
 from afil_ray.policy.tokenizer import Tokenizer, make_tokenizer
 
-TRAIN_MODES = ("success_only", "failure_head", "joint")
 HEADS = ("success", "failure")
 COMPONENTS = ("backbone", "success_head", "failure_head")
-IMAGE_PREFIX = "rgb_"  # env observation key of a camera's images
 
 
 def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -54,8 +53,6 @@ class DAGPolicy(nn.Module):
         self.failure_head = ActionHead(action_dim, cfg.horizon, backbone.width,
                                        cfg.failure_head_width or cfg.head_width,
                                        cfg.failure_head_depth or cfg.head_depth, cfg.num_heads)
-        if cfg.failure_head_init not in ("success", "random"):
-            raise ValueError(f"policy.failure_head_init must be success | random, got {cfg.failure_head_init!r}")
         if cfg.failure_head_init == "success" and same_shape(self.success_head, self.failure_head):
             self.init_failure_head_from_success()
         self.normalizer = Normalizer(state_dim, action_dim, cfg.action_norm)

@@ -2,8 +2,10 @@
 
 The caller encodes the prefix once per chunk; each head projects its cross-attention keys/values once
 (``prefix_memory``), and the loop then runs only the heads. ``success_only`` never touches the failure head.
-The guided samplers evaluate both heads on the same noisy chunk in one stacked call when the heads have the
-same shape (see ``heads.py``), else in two calls, and the diagnostics record which.
+The guided samplers evaluate both heads on the same noisy chunk in one stacked call where that is the faster path
+(same-shape heads, and CUDA or a CPU batch of at most ``FUSE_CPU_MAX_BATCH``: on CPU the stacked call's batched
+matmuls lose to two plain calls at large batches, docs/benchmarks.md), else in two calls; the diagnostics record
+which.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from torch import nn
 
 from afil_ray.config import SamplerConfig
 from afil_ray.policy.backbone import Prefix
-from afil_ray.policy.guidance import adaptive_weight, cosine, static_weight
+from afil_ray.policy.guidance import adaptive_weight, cosine, guide, static_weight
 from afil_ray.policy.heads import ActionHead, empty_like, same_shape
 from afil_ray.policy.objectives import Objective
 
-SAMPLER_KINDS = ("success_only", "static", "adaptive")
+FUSE_CPU_MAX_BATCH = 8  # largest CPU batch at which the stacked call beats two calls (benchmarks/bench_sampling.py)
 
 
 class HeadPair:
@@ -66,6 +68,11 @@ class HeadPair:
         return self.success(x, t, memory[0], prefix_mask), self.failure(x, t, memory[1], prefix_mask)
 
 
+def fusing_pays(x: torch.Tensor) -> bool:
+    """Whether one stacked call of both heads is faster than two calls for a batch like ``x``."""
+    return x.is_cuda or x.shape[0] <= FUSE_CPU_MAX_BATCH
+
+
 @torch.no_grad()
 def sample_chunk(heads: HeadPair, objective: Objective, prefix: Prefix, noise: torch.Tensor,
                  cfg: SamplerConfig, clip: float | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -75,12 +82,8 @@ def sample_chunk(heads: HeadPair, objective: Objective, prefix: Prefix, noise: t
     means ``w_mean``/``cos_mean`` [K], ``fused`` and ``failure_head_evals``. ``success_only`` reports w = 0 and
     ``cos = None`` (the failure head is not evaluated, so there is no cosine).
     """
-    if cfg.kind not in SAMPLER_KINDS:
-        raise ValueError(f"sampler.kind must be one of {SAMPLER_KINDS}, got {cfg.kind!r}")
-    if cfg.steps < 1:
-        raise ValueError(f"sampler.steps must be >= 1, got {cfg.steps}")
     guided = cfg.kind != "success_only"
-    fused = guided and cfg.fused_heads and heads.can_fuse
+    fused = guided and cfg.fused_heads and heads.can_fuse and fusing_pays(noise)
     memory = heads.prefix_memory(prefix.hidden, fused) if guided else heads.success.prefix_memory(prefix.hidden)
     batch = noise.shape[0]
     w_steps, cos_steps = [], []  # [B] per step, kept on the device until the end (no sync per step)
@@ -93,7 +96,7 @@ def sample_chunk(heads: HeadPair, objective: Objective, prefix: Prefix, noise: t
         else:
             v_s, v_f = heads(x, t, memory, prefix.mask, fused)
             w = adaptive_weight(v_s, v_f, cfg.lam) if cfg.kind == "adaptive" else static_weight(v_s, cfg.w)
-            v = v_s + w[:, None, None] * (v_s - v_f)  # guidance.guide: v̂ = v_s + w·(v_s − v_f)
+            v = guide(v_s, v_f, w)
             w_steps.append(w)
             cos_steps.append(cosine(v_s, v_f))
         x = objective.update(x, v, step, clip)

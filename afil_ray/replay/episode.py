@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 import numpy as np
 import pyarrow as pa
 
+from afil_ray.envs.base import IMAGE_PREFIX
+
 OUTCOMES = ("demo", "success", "failure", "corrected")
 
 _VEC_F32 = pa.list_(pa.list_(pa.float32()))
@@ -60,8 +62,6 @@ BASE_SCHEMA = pa.schema(
         pa.field("chunk_cos", _VEC_F32),
     ]
 )
-
-IMAGE_PREFIX = "rgb_"
 
 
 def new_episode_id() -> str:

@@ -1,26 +1,32 @@
-"""Where evaluation units run: in this process, in spawned processes, or in Ray eval actors.
+"""Where evaluation units run: in this process, in spawned processes, or wherever a runner sends them.
 
 A unit is one arm on one run (all ``eval.episodes`` seeds with that run's noise). A unit is the same
 computation wherever it runs (its own env, the same seeds in the same slots, per-episode noise), so results do
 not depend on how many workers there are or what kind: the paired protocol stays exact when it is spread out.
 Workers get the policy object itself (pickled once per worker), so they need no shared file system.
+
+This module knows no Ray: the composition root (``afil_ray/driver.py``) hands evaluation a :data:`UnitRunner`
+that places :class:`EvalWorker` s as Ray actors; without one, units run in spawned processes.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
 from afil_ray.config import Config, ConfigError, SamplerConfig
 from afil_ray.envs.maniskill import ManiSkillVecEnv
+from afil_ray.eval.episodes import run_episodes
 from afil_ray.process_pool import spawn_map
 from afil_ray.replay.episode import Episode
 
-BACKENDS = ("auto", "processes", "ray")
 Unit = tuple[int, int]  # (arm index, run)
+# (cfg, policy, samplers, units, workers, keep_snapshots) -> (unit, episodes) in the order of ``units``
+UnitRunner = Callable[[Config, torch.nn.Module, list[SamplerConfig], list[Unit], int, bool],
+                      Iterator[tuple[Unit, list[Episode]]]]
 
 
 class EvalWorker:
@@ -34,30 +40,16 @@ class EvalWorker:
         self.env = ManiSkillVecEnv(cfg.env)
 
     def run(self, sampler: SamplerConfig, run: int, keep_snapshots: bool = False) -> list[Episode]:
-        from afil_ray.evaluate import run_episodes
-
         return run_episodes(self.env, self.cfg, self.policy, sampler, run, keep_snapshots=keep_snapshots)
 
     def close(self) -> None:
         self.env.close()
 
 
-def resolve_backend(cfg: Config) -> str:
-    """``ray`` when asked, or (auto) when a Ray cluster is attached; ``processes`` otherwise."""
-    backend = cfg.eval.backend
-    if backend not in BACKENDS:
-        raise ConfigError(f"eval.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend != "auto":
-        return backend
-    import ray
-
-    return "ray" if ray.is_initialized() or os.environ.get("RAY_ADDRESS") else "processes"
-
-
 def run_units(cfg: Config, policy: torch.nn.Module, samplers: list[SamplerConfig], units: list[Unit],
-              keep_snapshots: bool = False) -> Iterator[tuple[Unit, list[Episode]]]:
+              keep_snapshots: bool = False, runner: UnitRunner | None = None) -> Iterator[tuple[Unit, list[Episode]]]:
     """``(unit, episodes)`` in the order of ``units`` (so a harvest writes the same store whichever worker is
-    faster), on ``eval.workers`` workers of the resolved backend."""
+    faster), on ``eval.workers`` workers: here for one, else through ``runner`` (processes when None)."""
     workers = max(1, min(cfg.eval.workers, len(units)))
     if workers == 1:
         worker = EvalWorker(cfg, policy)
@@ -67,11 +59,12 @@ def run_units(cfg: Config, policy: torch.nn.Module, samplers: list[SamplerConfig
         finally:
             worker.close()
         return
-    policy = policy.to("cpu")
-    if resolve_backend(cfg) == "ray":
-        yield from _ray_units(cfg, policy, samplers, units, workers, keep_snapshots)
-    else:
-        yield from _process_units(cfg, policy, samplers, units, workers, keep_snapshots)
+    if runner is None:
+        if cfg.eval.backend == "ray":
+            raise ConfigError("eval.backend=ray needs Ray eval actors, which the afil-ray command places; "
+                              "called as a library, pass runner=afil_ray.driver.eval_runner")
+        runner = process_units
+    yield from runner(cfg, policy.to("cpu"), samplers, units, workers, keep_snapshots)
 
 
 _worker: EvalWorker | None = None
@@ -96,8 +89,9 @@ def _threads_per_worker(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
-def _process_units(cfg: Config, policy: torch.nn.Module, samplers: list[SamplerConfig], units: list[Unit],
-                   workers: int, keep_snapshots: bool) -> Iterator[tuple[Unit, list[Episode]]]:
+def process_units(cfg: Config, policy: torch.nn.Module, samplers: list[SamplerConfig], units: list[Unit],
+                  workers: int, keep_snapshots: bool) -> Iterator[tuple[Unit, list[Episode]]]:
+    """The units on ``workers`` spawned processes, each with its own env and policy copy."""
     def crash(unit: Unit) -> str:
         return (f"an eval worker for {cfg.env.task} died (a simulator crash) while running unit (arm {unit[0]}, run "
                 f"{unit[1]}) or another in flight; re-run the evaluation")
@@ -105,42 +99,3 @@ def _process_units(cfg: Config, policy: torch.nn.Module, samplers: list[SamplerC
     init = (cfg, policy, _threads_per_worker(workers), samplers, keep_snapshots)
     yield from spawn_map(_run_in_process, units, workers=workers, initializer=_init_process, initargs=init,
                          crash_message=crash)
-
-
-def _ray_units(cfg: Config, policy: torch.nn.Module, samplers: list[SamplerConfig], units: list[Unit],
-               workers: int, keep_snapshots: bool) -> Iterator[tuple[Unit, list[Episode]]]:
-    import ray
-
-    from actors.evaluator import EvalUnitActor
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
-    threads = max(1, int(cfg.eval.worker_cpus))
-    policy_ref = ray.put(policy)
-    actors = [EvalUnitActor.options(num_cpus=cfg.eval.worker_cpus, num_gpus=cfg.eval.worker_gpus)
-              .remote(cfg, policy_ref, threads) for _ in range(workers)]
-    pending = list(units)
-    in_flight: dict[ray.ObjectRef, tuple[Unit, object]] = {}
-
-    def submit(actor: object) -> None:
-        if pending:
-            unit = pending.pop(0)
-            in_flight[actor.run.remote(samplers[unit[0]], unit[1], keep_snapshots)] = (unit, actor)  # type: ignore[attr-defined]
-
-    held: dict[Unit, list[Episode]] = {}  # finished before an earlier unit
-    order = iter(units)
-    next_unit = next(order, None)
-    try:
-        for actor in actors:
-            submit(actor)
-        while in_flight:
-            [done], _ = ray.wait(list(in_flight), num_returns=1)
-            unit, actor = in_flight.pop(done)
-            submit(actor)
-            held[unit] = ray.get(done)
-            while next_unit is not None and next_unit in held:
-                yield next_unit, held.pop(next_unit)
-                next_unit = next(order, None)
-    finally:
-        for actor in actors:
-            ray.kill(actor)

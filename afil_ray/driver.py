@@ -1,4 +1,9 @@
-"""``afil-ray run``: places the board, the learner, N rollout actors and the evaluator on Ray and keeps them busy.
+"""The composition root: the one library module that starts Ray and places the actors of ``actors/`` and
+``learners/`` (the CLI is the only other one that knows them). Everything below it is Ray-free.
+
+``afil-ray run`` (:class:`LoopDriver`) places the board, the learner, N rollout actors and the evaluator on Ray
+and keeps them busy; :func:`eval_runner` places ``afil-ray eval``'s and the pipeline's evaluation units on Ray eval
+actors when a cluster is attached (``afil_ray.eval.workers`` runs them in processes otherwise).
 
 Every actor call is one bounded round (``loop.round_s``); the driver waits for whichever round ends first,
 logs its report and starts that actor's next round. So the driver is the only place that writes TensorBoard,
@@ -15,17 +20,24 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
-from afil_ray.config import Config, save_resolved
-from afil_ray.loop.learner import SHIPPED
+from actors.evaluator import EvalActor, EvalUnitActor
+from actors.rollout import RolloutActor
+from actors.weight_board import WeightBoardActor
+from afil_ray.config import Config, SamplerConfig, save_resolved
+from afil_ray.eval.workers import Unit, process_units
 from afil_ray.loop.metrics import LoopMetrics
-from afil_ray.policy.sampler import SAMPLER_KINDS
-from afil_ray.train import CheckpointError, resolve_checkpoint
+from afil_ray.policy.checkpoint import CheckpointError
+from afil_ray.policy.loading import resolve_checkpoint
+from afil_ray.replay.episode import Episode
+from learners.learner import LearnerActor
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +45,7 @@ log = logging.getLogger(__name__)
 def _absolute(cfg: Config) -> Config:
     """Local Ray: actors may not share the driver's working directory, so local paths become absolute."""
     cfg = copy.deepcopy(cfg)
-    for section, key in (("", "run_dir"), ("replay", "root"), ("data", "store"), ("loop", "init_from")):
+    for section, key in (("", "run_dir"), ("replay", "root"), ("loop", "init_from")):
         owner = getattr(cfg, section) if section else cfg
         value = getattr(owner, key)
         if value and "://" not in value:
@@ -49,16 +61,6 @@ def check_loop_config(cfg: Config) -> None:
         resolve_checkpoint(cfg.loop.init_from)
     except CheckpointError as e:
         raise CheckpointError(f"loop.init_from: {e}") from None
-    if cfg.data.store != cfg.replay.root:
-        raise ValueError(f"data.store ({cfg.data.store}) and replay.root ({cfg.replay.root}) differ: the learner "
-                         "must read the store the rollout actors write")
-    if cfg.loop.learner_mode not in SHIPPED:
-        raise ValueError(f"loop.learner_mode must be one of {tuple(SHIPPED)}, got {cfg.loop.learner_mode!r}")
-    unknown = [s for s in cfg.loop.eval_samplers if s not in SAMPLER_KINDS]
-    if unknown:
-        raise ValueError(f"loop.eval_samplers: unknown sampler {unknown[0]!r}; samplers are {SAMPLER_KINDS}")
-    if cfg.loop.num_rollout_actors < 1:
-        raise ValueError(f"loop.num_rollout_actors must be >= 1, got {cfg.loop.num_rollout_actors}")
 
 
 class LoopDriver:
@@ -91,11 +93,6 @@ class LoopDriver:
         return {"num_cpus": cpus, "num_gpus": gpus, "max_restarts": restarts, "max_task_retries": 0}
 
     def start(self) -> None:
-        from actors.evaluator import EvalActor
-        from actors.rollout import RolloutActor
-        from actors.weight_board import WeightBoardActor
-        from learners.learner import LearnerActor
-
         self._init_ray()
         if self.started_ray:
             self._check_local_resources()
@@ -306,3 +303,51 @@ class LoopDriver:
         if self.started_ray:
             ray.shutdown()
         return summary
+
+
+def run_loop(cfg: Config) -> dict[str, Any]:
+    """The harvest-learn loop for ``cfg`` until its budget or a stop signal; returns the summary."""
+    return LoopDriver(cfg).run()
+
+
+def eval_runner(cfg: Config, policy: torch.nn.Module, samplers: list[SamplerConfig], units: list[Unit],
+                workers: int, keep_snapshots: bool) -> Iterator[tuple[Unit, list[Episode]]]:
+    """A ``UnitRunner`` for evaluation (``afil_ray.eval.workers``): Ray eval actors when ``eval.backend`` is
+    ``ray``, or ``auto`` with a Ray cluster attached (``RAY_ADDRESS`` set or Ray initialised); processes else."""
+    backend = cfg.eval.backend
+    if backend == "auto":
+        backend = "ray" if ray.is_initialized() or os.environ.get("RAY_ADDRESS") else "processes"
+    if backend == "processes":
+        yield from process_units(cfg, policy, samplers, units, workers, keep_snapshots)
+        return
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
+    threads = max(1, int(cfg.eval.worker_cpus))
+    policy_ref = ray.put(policy)
+    actors = [EvalUnitActor.options(num_cpus=cfg.eval.worker_cpus, num_gpus=cfg.eval.worker_gpus)
+              .remote(cfg, policy_ref, threads) for _ in range(workers)]
+    pending = list(units)
+    in_flight: dict[ray.ObjectRef, tuple[Unit, Any]] = {}
+
+    def submit(actor: Any) -> None:
+        if pending:
+            unit = pending.pop(0)
+            in_flight[actor.run.remote(samplers[unit[0]], unit[1], keep_snapshots)] = (unit, actor)
+
+    held: dict[Unit, list[Episode]] = {}  # finished before an earlier unit
+    order = iter(units)
+    next_unit = next(order, None)
+    try:
+        for actor in actors:
+            submit(actor)
+        while in_flight:
+            [done], _ = ray.wait(list(in_flight), num_returns=1)
+            unit, actor = in_flight.pop(done)
+            submit(actor)
+            held[unit] = ray.get(done)
+            while next_unit is not None and next_unit in held:
+                yield next_unit, held.pop(next_unit)
+                next_unit = next(order, None)
+    finally:
+        for actor in actors:
+            ray.kill(actor)

@@ -3,7 +3,7 @@
 Each arm (``success_only``, ``static w=0.05``, ``adaptive lam=1``, ...) is evaluated on the same fixed set of
 ``(seed, run)`` episodes per task: the seed fixes the initial configuration and the run index the sampling noise.
 The report gives every arm's success rate with a Wilson interval and compares every other arm with the reference
-arm *paired*, episode by episode (see :mod:`afil_ray.eval_stats`). Pairing is the point of the protocol, so arms
+arm *paired*, episode by episode (see :mod:`afil_ray.eval.stats`). Pairing is the point of the protocol, so arms
 that did not run exactly the same episodes are an error here, not something to average over.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from afil_ray.eval_stats import compare_paired, wilson_interval
+from afil_ray.eval.stats import compare_paired, wilson_interval
 
 METRICS: dict[str, str] = {
     "success_once": "the episode succeeded at some step (ManiSkill's success_once)",
@@ -57,7 +57,7 @@ def build_report(
     The result is plain JSON-serialisable data: ``tasks`` maps each task (in order of first appearance) to its
     arms, the reference arm first; every arm has ``episodes``, ``successes``, ``rate``, ``wilson_low``/
     ``wilson_high`` and ``comparison`` (``None`` for the reference, else the fields of
-    :class:`~afil_ray.eval_stats.PairedComparison`). Raises ``ValueError`` when an arm's ``(seed, run)`` set
+    :class:`~afil_ray.eval.stats.PairedComparison`). Raises ``ValueError`` when an arm's ``(seed, run)`` set
     differs from the reference arm's on the same task, when a task has no reference arm, or on duplicates.
     """
     if metric not in METRICS:

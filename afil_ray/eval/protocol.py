@@ -1,0 +1,126 @@
+"""``afil-ray eval``: the paired evaluation protocol, every arm on the same episodes, and its files.
+
+Every arm (``eval.arms``) runs the same ``eval.episodes`` initial states x ``eval.runs`` noise draws
+(``afil_ray.eval.episodes`` says how an episode's noise is fixed); units of (arm, run) are spread over workers
+(``afil_ray.eval.workers``) and the results are written as a paired report (``afil_ray.eval.report``) plus one
+record per episode (``episodes.json``), from which later tables are rebuilt without re-running anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from afil_ray.config import Config
+from afil_ray.envs.maniskill import ManiSkillVecEnv
+from afil_ray.eval.arms import Arm, parse_arms, reference_arm, sampler_arm
+from afil_ray.eval.episodes import EvalResult, run_episodes, success_at_end
+from afil_ray.eval.report import ArmResult, EpisodeOutcome, build_report, markdown_table, write_report
+from afil_ray.eval.workers import UnitRunner, run_units
+from afil_ray.rollout import ChunkPolicy
+
+EPISODES_FILE = "episodes.json"
+
+
+def resolve_arms(cfg: Config) -> list[Arm]:
+    """The arms of ``cfg.eval`` (``cfg.sampler`` alone when ``eval.arms`` is empty), run as two head calls when
+    ``eval.exact_pairing`` (so w = 0 reproduces success only bit for bit)."""
+    arms = parse_arms(list(cfg.eval.arms), cfg.sampler)
+    return [a.exact() for a in arms] if cfg.eval.exact_pairing else arms
+
+
+def evaluate_arms(cfg: Config, policy: ChunkPolicy, progress: bool = True, arms: list[Arm] | None = None,
+                  runner: UnitRunner | None = None) -> list[EvalResult]:
+    """Every arm on the same ``eval.episodes`` seeds x ``eval.runs`` noise draws; the units (arm, run) run on
+    ``eval.workers`` workers (``runner``: the composition root's Ray actors; processes when None), with the same
+    episodes whatever the worker count."""
+    arms = resolve_arms(cfg) if arms is None else arms
+    units = [(a, r) for a in range(len(arms)) for r in range(cfg.eval.runs)]
+    episodes = {}
+    with tqdm(total=len(units) * cfg.eval.episodes, desc=f"eval {cfg.env.task}", unit="ep", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for unit, eps in run_units(cfg, policy, [a.sampler for a in arms], units, runner=runner):
+            episodes[unit] = eps
+            bar.update(len(eps))
+            bar.set_postfix(done=f"{arms[unit[0]].name} run {unit[1]}")
+    return [EvalResult(cfg.env.task, arm, [ep for r in range(cfg.eval.runs) for ep in episodes[(a, r)]],
+                       cfg.eval.metric) for a, arm in enumerate(arms)]
+
+
+def evaluate(cfg: Config, policy: ChunkPolicy, progress: bool = True) -> EvalResult:
+    """``cfg.sampler`` on the seeds of ``cfg.eval``, run 0 only (per-episode noise; the loop's evaluator)."""
+    arm = sampler_arm(cfg.sampler)
+    with ManiSkillVecEnv(cfg.env) as env, tqdm(total=cfg.eval.episodes, desc=f"eval {cfg.env.task} {arm.name}",
+                                               unit="ep", disable=not progress, dynamic_ncols=True) as bar:
+        episodes = run_episodes(env, cfg, policy, cfg.sampler, 0, bar)
+    return EvalResult(cfg.env.task, arm, episodes)
+
+
+def output_dir(cfg: Config, checkpoint: str | Path, arms: list[Arm] | None = None) -> Path:
+    """``run_dir/eval/<task>-<checkpoint>-seeds<start>x<episodes>-runs<runs>-arms<hash>``: neither a tuning range
+    nor another arm set overwrites a reported evaluation (report.json lists the arms behind the hash)."""
+    names = ",".join(a.name for a in (arms if arms is not None else resolve_arms(cfg)))
+    digest = hashlib.sha1(names.encode()).hexdigest()[:8]
+    name = (f"{cfg.env.task}-{Path(checkpoint).name}-seeds{cfg.eval.seed_start}x{cfg.eval.episodes}"
+            f"-runs{cfg.eval.runs}-arms{digest}")
+    return Path(cfg.run_dir) / "eval" / name
+
+
+def metric_note(cfg: Config) -> str:
+    if cfg.env.ignore_terminations:
+        return ("env.ignore_terminations is true: episodes run to their step limit, so success_once and "
+                "success_at_end can differ.")
+    return ("env.ignore_terminations is false: an episode ends at its first success, so success_once and "
+            "success_at_end coincide.")
+
+
+def write_evaluation(cfg: Config, results: list[EvalResult], arms: list[Arm], checkpoint: str | Path,
+                     directory: str | Path | None = None) -> tuple[dict[str, Any], dict[str, Path]]:
+    """report.json / report.md / report.png (``afil_ray.eval.report``) and episodes.json (one record per arm and
+    episode)."""
+    directory = Path(directory) if directory is not None else output_dir(cfg, checkpoint, arms)
+    report = build_report([ArmResult(r.arm.name, r.task, r.outcomes()) for r in results], metric=cfg.eval.metric,
+                          reference_arm=reference_arm(arms), seed=cfg.seed)
+    report["protocol"] = {
+        "checkpoint": str(checkpoint), "task": cfg.env.task, "seed_start": cfg.eval.seed_start,
+        "episodes": cfg.eval.episodes, "runs": cfg.eval.runs, "noise_seed_base": cfg.seed,
+        "ignore_terminations": cfg.env.ignore_terminations, "max_episode_steps": cfg.env.max_episode_steps,
+        "metric_note": metric_note(cfg), "exact_pairing": cfg.eval.exact_pairing,
+        "arms": {a.name: OmegaConf.to_container(OmegaConf.structured(a.sampler)) for a in arms},
+    }
+    paths = write_report(report, directory, markdown_table(report) + f"\n{metric_note(cfg)}\n")
+    records = [{"arm": r.arm.name, "task": r.task, "seed": e.seed, "run": int(e.extra["eval_run"]),
+                "noise_seed": int(e.extra["noise_seed"]), "success_once": bool(e.success),
+                "success_at_end": success_at_end(e), "length": e.length,
+                "w_mean": None if e.chunk_w is None else float(np.mean(e.chunk_w))}
+               for r in results for e in r.episodes]
+    paths["episodes"] = directory / EPISODES_FILE
+    paths["episodes"].write_text(json.dumps({"metric": cfg.eval.metric, "episodes": records}, indent=1) + "\n")
+    return report, paths
+
+
+def load_outcomes(path: str | Path) -> dict[str, list[EpisodeOutcome]]:
+    """Per-arm outcomes (by arm name) from an evaluation's ``episodes.json``."""
+    out: dict[str, list[EpisodeOutcome]] = {}
+    for r in json.loads(Path(path).read_text())["episodes"]:
+        out.setdefault(r["arm"], []).append(EpisodeOutcome(r["seed"], r["run"], r["success_once"],
+                                                           r["success_at_end"]))
+    return out
+
+
+def load_mean_w(path: str | Path) -> dict[str, float]:
+    """Per-arm mean guidance weight actually applied (guided arms only) from ``episodes.json``."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    per_arm: dict[str, list[float]] = {}
+    for r in json.loads(path.read_text())["episodes"]:
+        if r.get("w_mean") is not None:
+            per_arm.setdefault(r["arm"], []).append(r["w_mean"])
+    return {arm: sum(ws) / len(ws) for arm, ws in per_arm.items()}

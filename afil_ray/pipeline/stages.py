@@ -1,0 +1,110 @@
+"""The stage cache: each stage of a reproduction runs once per run directory, under the settings it ran with.
+
+A completed stage writes ``run_dir/stages/<stage>.json`` (its settings, outputs and wall time) and is skipped on
+the next call. A stage completed under other settings is an error naming the keys, since its outputs no longer
+match the config. ``DEPENDS`` says which config keys each stage's outputs depend on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from afil_ray.config import Config, ConfigError
+
+STAGES = ("demos", "success_only", "harvest", "correct", "corrected", "dag", "online", "eval")
+
+# The config sections each stage's outputs depend on (a change there after the stage completed is an error).
+DEPENDS: dict[str, tuple[str, ...]] = {
+    "demos": ("env", "demos"),
+    "success_only": ("env", "demos", "policy", "train", "seed"),
+    "harvest": ("env", "demos", "policy", "train", "seed", "sampler", "reproduce.harvest_seed_start",
+                "reproduce.harvest_seeds", "reproduce.harvest_runs"),
+}
+DEPENDS["correct"] = (*DEPENDS["harvest"], "correct")
+DEPENDS["corrected"] = (*DEPENDS["correct"], "reproduce.correction_steps")
+DEPENDS["dag"] = (*DEPENDS["corrected"], "reproduce.failure_head_steps", "reproduce.failure_outcomes")
+DEPENDS["online"] = (*DEPENDS["dag"], "loop", "reproduce.online_s")
+DEPENDS["eval"] = (*DEPENDS["online"], "eval", "reproduce.static_w", "reproduce.lams")
+
+
+def select(cfg: Config, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The values of ``keys`` (sections or dotted keys) as plain data."""
+    tree = OmegaConf.to_container(OmegaConf.structured(cfg))
+    out = {}
+    for key in keys:
+        node: Any = tree
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node
+    return out
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two settings trees."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def with_updates(cfg: Config, **sections: Any) -> Config:
+    """A copy of ``cfg`` with keys of some sections replaced (``train={"steps": 10}``); ``run_dir=...`` too."""
+    out = cfg
+    for name, value in sections.items():
+        if isinstance(value, dict):
+            out = dataclasses.replace(out, **{name: dataclasses.replace(getattr(out, name), **value)})
+        else:
+            out = dataclasses.replace(out, **{name: value})
+    return out
+
+
+class StageCache:
+    """Runs a stage unless ``root/stages/<stage>.json`` says it completed under the same settings."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.records: dict[str, dict[str, Any]] = {}  # stage -> its record, for the reports' wall times
+
+    def marker(self, stage: str) -> Path:
+        return self.root / "stages" / f"{stage}.json"
+
+    def run(self, stage: str, fn: Callable[[], dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
+        """The stage's outputs: cached, or from ``fn()`` (then recorded atomically)."""
+        marker = self.marker(stage)
+        if marker.is_file():
+            record = json.loads(marker.read_text())
+            changed = changed_keys(record["settings"], json.loads(json.dumps(settings)))
+            if changed:
+                raise ConfigError(
+                    f"stage {stage!r} of {self.root} was completed with other settings ({', '.join(changed[:8])}); "
+                    f"its outputs do not match this config. Use another run_dir, or delete {marker} (and the "
+                    f"stage's outputs) to redo it.")
+            print(f"[{stage}] cached ({record['seconds']:.0f} s when it ran): {brief(record['outputs'])}")
+            self.records[stage] = record
+            return record["outputs"]
+        print(f"[{stage}] running")
+        t0 = time.time()
+        outputs = fn()
+        record = {"stage": stage, "seconds": time.time() - t0, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                  "settings": settings, "outputs": outputs}
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
+        tmp.replace(marker)
+        print(f"[{stage}] done in {record['seconds']:.0f} s: {brief(outputs)}")
+        self.records[stage] = record
+        return outputs
+
+    def outputs(self, stage: str) -> dict[str, Any]:
+        """A completed stage's outputs ({} if it has not run in this call)."""
+        return self.records.get(stage, {}).get("outputs", {})
+
+
+def brief(outputs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in outputs.items() if not isinstance(v, dict) or k == "dropped")[:300]

@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import ray
 import torch
 
-from actors.weight_board import BoardWeightSource
+from actors.weight_board import BoardWeightSource, board_named
 from afil_ray.config import Config, SamplerConfig
 from afil_ray.eval.workers import EvalWorker
 from afil_ray.loop.evaluator import EvalReport, LoopEvaluator
@@ -18,8 +17,8 @@ from afil_ray.replay.episode import Episode
 
 @ray.remote
 class EvalActor:
-    def __init__(self, cfg: Config, board: Any) -> None:
-        self.evaluator = LoopEvaluator(cfg, BoardWeightSource(board))
+    def __init__(self, cfg: Config, board: str) -> None:
+        self.evaluator = LoopEvaluator(cfg, BoardWeightSource(board_named(board)))
 
     def evaluate_latest(self) -> EvalReport | None:
         return self.evaluator.evaluate_latest()

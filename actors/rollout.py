@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import ray
 
-from actors.weight_board import BoardWeightSource
+from actors.weight_board import BoardWeightSource, board_named
 from afil_ray.config import Config
 from afil_ray.loop.harvest import RolloutReport, RolloutWorker
 
 
 @ray.remote
 class RolloutActor:
-    def __init__(self, cfg: Config, index: int, board: Any) -> None:
-        self.worker = RolloutWorker(cfg, index, BoardWeightSource(board))
+    def __init__(self, cfg: Config, index: int, board: str) -> None:
+        self.worker = RolloutWorker(cfg, index, BoardWeightSource(board_named(board)))
 
     def run(self, seconds: float) -> RolloutReport:
         return self.worker.run(seconds)

@@ -22,6 +22,13 @@ log = logging.getLogger(__name__)
 WeightBoardActor = ray.remote(num_cpus=0)(WeightBoard)
 
 
+def board_named(name: str) -> Any:
+    """The run's board, looked up by name inside an actor's constructor (also after a restart). Actors get the
+    name, not the handle: a handle as a constructor argument is an object-store reference that Ray cannot restore
+    on restart (ray-project/ray#53727), and it says so with an error-level line."""
+    return ray.get_actor(name)
+
+
 def ray_publisher(board: Any):
     """``publish(packet)`` for :class:`~afil_ray.loop.learner.OnlineLearner`: one put, one board update."""
 

@@ -206,7 +206,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("mani_skill").setLevel(logging.ERROR)
     try:
         return args.func(args)
     except ConfigError as e:

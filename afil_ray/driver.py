@@ -19,7 +19,9 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from typing import Any
 import ray
 import torch
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from tqdm import tqdm
 
 from actors.evaluator import EvalActor, EvalUnitActor
 from actors.rollout import RolloutActor
@@ -86,6 +89,7 @@ class LoopDriver:
             ray.init(address=address, log_to_driver=True)
         else:
             self.cfg = _absolute(self.cfg)
+            quiet_local_ray()
             ray.init(num_cpus=self.cfg.loop.local_num_cpus, include_dashboard=False, log_to_driver=True)
             self.started_ray = True
 
@@ -104,13 +108,15 @@ class LoopDriver:
         save_resolved(cfg, run_dir)
         (run_dir / "replay_store.txt").write_text(f"{cfg.replay.root}\n")
         self.metrics = LoopMetrics(run_dir / "tb", rolling_window=lc.rolling_window)
-        self.board = WeightBoardActor.remote()
+        # actors find the board by name (a handle as a constructor argument would not survive their restart)
+        board = f"afil-ray-board-{uuid.uuid4().hex[:12]}"
+        self.board = WeightBoardActor.options(name=board).remote()
         self.learner = LearnerActor.options(**self._options(lc.learner_cpus, lc.learner_gpus, lc.max_restarts)
-                                            ).remote(cfg, self.board)
+                                            ).remote(cfg, board)
         self.rollouts = [RolloutActor.options(**self._options(lc.rollout_cpus, lc.rollout_gpus, lc.max_restarts)
-                                              ).remote(cfg, i, self.board) for i in range(lc.num_rollout_actors)]
+                                              ).remote(cfg, i, board) for i in range(lc.num_rollout_actors)]
         self.evaluator = (EvalActor.options(**self._options(lc.eval_cpus, lc.eval_gpus, lc.max_restarts)
-                                            ).remote(cfg, self.board) if lc.eval_every_s > 0 else None)
+                                            ).remote(cfg, board) if lc.eval_every_s > 0 else None)
         self._wait_ready()
 
     def _check_local_resources(self) -> None:
@@ -247,31 +253,42 @@ class LoopDriver:
 
     def _rounds(self) -> None:
         lc = self.cfg.loop
-        deadline = time.monotonic() + lc.duration_s
+        start = time.monotonic()
+        deadline = start + lc.duration_s
         for i in range(len(self.rollouts)):
             self._submit("rollout", i)
         self._submit("learner")
         next_eval = time.monotonic()
-        while not self.stopping and time.monotonic() < deadline:
-            if lc.max_learner_steps is not None and self.metrics.learner_step >= lc.max_learner_steps:
-                break
-            if self.evaluator is not None and time.monotonic() >= next_eval \
-                    and "eval" not in {k for k, _ in self.inflight.values()}:
-                self._submit("eval")
-            now = time.monotonic()
-            for key in [k for k, at in self.retry_at.items() if at <= now]:
-                del self.retry_at[key]
-                self._submit(*key)
-            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=1.0) if self.inflight else ([], [])
-            for ref in ready:
-                kind, index = self.inflight.pop(ref)
-                ok = self._handle(ref, kind, index)
-                if kind == "eval":
-                    next_eval = time.monotonic() + (lc.eval_every_s if ok else 1.0)
-                elif not ok:
-                    self.retry_at[(kind, index)] = time.monotonic() + 1.0  # let Ray restart it first
-                elif not self.stopping:
-                    self._submit(kind, index)
+        with self._progress_bar() as bar:
+            while not self.stopping and time.monotonic() < deadline:
+                if lc.max_learner_steps is not None and self.metrics.learner_step >= lc.max_learner_steps:
+                    break
+                if self.evaluator is not None and time.monotonic() >= next_eval \
+                        and "eval" not in {k for k, _ in self.inflight.values()}:
+                    self._submit("eval")
+                now = time.monotonic()
+                for key in [k for k, at in self.retry_at.items() if at <= now]:
+                    del self.retry_at[key]
+                    self._submit(*key)
+                ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=1.0) if self.inflight else ([], [])
+                for ref in ready:
+                    kind, index = self.inflight.pop(ref)
+                    ok = self._handle(ref, kind, index)
+                    if kind == "eval":
+                        next_eval = time.monotonic() + (lc.eval_every_s if ok else 1.0)
+                    elif not ok:
+                        self.retry_at[(kind, index)] = time.monotonic() + 1.0  # let Ray restart it first
+                    elif not self.stopping:
+                        self._submit(kind, index)
+                bar.set_postfix(self.metrics.progress(), refresh=False)
+                bar.update(min(bar.total, round(time.monotonic() - start)) - bar.n)  # drawn at most per mininterval
+
+    def _progress_bar(self) -> tqdm:
+        """Elapsed / budget with the loop's live figures; a job log (no terminal) gets a line every 30 s."""
+        interactive = sys.stderr.isatty()
+        return tqdm(total=round(self.cfg.loop.duration_s), desc="afil-ray run", unit="s", dynamic_ncols=True,
+                    mininterval=1.0 if interactive else 30.0, bar_format="{desc} {n_fmt}/{total_fmt} s |{bar}|"
+                    "{postfix}" if interactive else "{desc} {n_fmt}/{total_fmt} s{postfix}")
 
     # ------------------------------------------------------------------ stop
 
@@ -305,6 +322,12 @@ class LoopDriver:
         return summary
 
 
+def quiet_local_ray() -> None:
+    """A Ray this process starts for itself: its token-authentication notice (auth stays on) is not news to the
+    user (the actors quiet the simulators' per-process notices themselves)."""
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+
+
 def run_loop(cfg: Config) -> dict[str, Any]:
     """The harvest-learn loop for ``cfg`` until its budget or a stop signal; returns the summary."""
     return LoopDriver(cfg).run()
@@ -321,6 +344,8 @@ def eval_runner(cfg: Config, policy: torch.nn.Module, samplers: list[SamplerConf
         yield from process_units(cfg, policy, samplers, units, workers, keep_snapshots)
         return
     if not ray.is_initialized():
+        if not os.environ.get("RAY_ADDRESS"):
+            quiet_local_ray()
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
     threads = max(1, int(cfg.eval.worker_cpus))
     policy_ref = ray.put(policy)

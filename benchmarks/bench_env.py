@@ -10,7 +10,6 @@ over total adapter time. Same task, obs mode, control mode and action sequence.
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
 import time
 
@@ -18,7 +17,7 @@ import gymnasium as gym
 import numpy as np
 
 from afil_ray.config import EnvConfig
-from afil_ray.envs.maniskill import ManiSkillVecEnv
+from afil_ray.envs.maniskill import ManiSkillVecEnv, quiet_simulator_logs
 
 TASK = "PushCube-v1"
 
@@ -57,7 +56,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--rgb-steps", type=int, default=60)
     args = p.parse_args()
-    logging.getLogger("mani_skill").setLevel(logging.ERROR)
+    quiet_simulator_logs()
     import mani_skill.envs  # noqa: F401
 
     rng = np.random.default_rng(0)

@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import ray
+import torch
 
-from actors.weight_board import ray_publisher
+from actors.weight_board import board_named, ray_publisher
 from afil_ray.config import Config
 from afil_ray.loop.learner import LearnerReport, OnlineLearner
 
 
 @ray.remote
 class LearnerActor:
-    def __init__(self, cfg: Config, board: Any) -> None:
+    def __init__(self, cfg: Config, board_name: str) -> None:
         if cfg.loop.torch_threads:
-            import torch
-
             torch.set_num_threads(cfg.loop.torch_threads)
+        board = board_named(board_name)
         self.learner = OnlineLearner(cfg, ray_publisher(board), lambda: ray.get(board.latest_version.remote()))
 
     def train(self, seconds: float) -> LearnerReport:

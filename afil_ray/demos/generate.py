@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from afil_ray.config import Config
 from afil_ray.demos.planner import DemoMaker, DemoResult
+from afil_ray.envs.maniskill import quiet_simulator_logs
 from afil_ray.process_pool import spawn_map
 from afil_ray.replay.ledger import AttemptLedger
 from afil_ray.replay.store import ReplayStore
@@ -66,7 +67,7 @@ _worker_maker: DemoMaker | None = None
 
 def _worker_init(cfg: Config) -> None:
     global _worker_maker
-    logging.getLogger("mani_skill").setLevel(logging.ERROR)
+    quiet_simulator_logs()
     _worker_maker = DemoMaker(cfg.env, cfg.demos)
 
 

@@ -41,6 +41,8 @@ def _import_maniskill() -> None:
 
     import afil_ray.envs.variants  # noqa: F401  (registers the project's out-of-domain variants)
 
+    quiet_simulator_logs()  # every process that builds an env (the CLI's, workers', actors') keeps its console clean
+
 
 def check_assets(env_id: str) -> None:
     """Fail fast with a clear message instead of ManiSkill's interactive download prompt (which would hang)."""
@@ -447,3 +449,12 @@ class _GpuBatch:
 
     def close(self) -> None:
         self.env.close()
+
+
+def quiet_simulator_logs() -> None:
+    """ManiSkill's per-env notices (no CUDA renderer on a CPU machine, default poses of goal markers) at ERROR
+    level, in this process: its logger is named ``"mani_skill "`` and set to INFO when mani_skill is imported, so
+    it is imported first."""
+    from mani_skill.utils.logging_utils import logger
+
+    logger.setLevel(logging.ERROR)

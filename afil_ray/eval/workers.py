@@ -11,7 +11,6 @@ that places :class:`EvalWorker` s as Ray actors; without one, units run in spawn
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Iterator
 
@@ -75,7 +74,6 @@ _keep_snapshots = False
 def _init_process(cfg: Config, policy: torch.nn.Module, torch_threads: int, samplers: list[SamplerConfig],
                   keep_snapshots: bool) -> None:
     global _worker, _samplers, _keep_snapshots
-    logging.getLogger("mani_skill").setLevel(logging.ERROR)
     _worker = EvalWorker(cfg, policy, torch_threads)
     _samplers, _keep_snapshots = samplers, keep_snapshots
 

@@ -126,6 +126,18 @@ class LoopMetrics:
             self._scalar("sync/push_seconds", seconds, r.step)
             self._scalar("sync/bytes_per_push", nbytes, r.step)
 
+    def progress(self) -> dict[str, str]:
+        """The live console line: throughput, episodes, rolling success and failure rate (all tasks pooled),
+        the newest weight version and the learner's step."""
+        sps = self.steady_env_steps_per_s()
+        window = [s for rate in self.rates.values() for s in rate.window]
+        success = float(np.mean(window)) if window else None
+        return {"env_steps/s": "-" if sps is None else f"{sps:.0f}",
+                "episodes": str(sum(self.episodes_by_outcome.values())),
+                "success": "-" if success is None else f"{success:.2f}",
+                "failure": "-" if success is None else f"{1 - success:.2f}",
+                "version": str(self.newest_version), "learner_step": str(self.learner_step)}
+
     def evaluation(self, r: EvalReport) -> None:
         self.last_eval = r
         for sampler, rate in r.success_rate.items():

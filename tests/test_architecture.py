@@ -24,8 +24,9 @@ def modules() -> dict[str, Path]:
     return {module_name(p): p for pkg in PACKAGES for p in sorted((REPO / pkg).rglob("*.py"))}
 
 
-def imports(path: Path, name: str) -> set[str]:
-    """Every module ``path`` imports, at any depth of the file (lazy imports inside functions count too)."""
+def imports(path: Path, name: str, known: set[str] = frozenset()) -> set[str]:
+    """Every module ``path`` imports, at any depth of the file (lazy imports inside functions count too).
+    ``from pkg import sub`` counts as importing ``pkg.sub`` alone when that is one of the ``known`` modules."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -36,8 +37,8 @@ def imports(path: Path, name: str) -> set[str]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, base] if base else anchor)
-            found.add(base)
-            found |= {f"{base}.{alias.name}" for alias in node.names}  # ``from pkg import module``
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
     return found
 
 
@@ -47,8 +48,8 @@ def internal_graph() -> nx.DiGraph:
     graph = nx.DiGraph()
     graph.add_nodes_from(mods)
     for name, path in mods.items():
-        for target in imports(path, name):
-            while target and target not in mods:  # ``afil_ray.eval.arms.Arm`` -> ``afil_ray.eval.arms``
+        for target in imports(path, name, set(mods)):
+            while target and target not in mods:  # ``ray.exceptions`` -> nothing; ``afil_ray.x.y`` -> its module
                 target = target.rpartition(".")[0]
             if target and target != name:
                 graph.add_edge(name, target)

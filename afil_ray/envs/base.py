@@ -16,7 +16,6 @@ import numpy as np
 from afil_ray.envs.tasks import TaskSpec
 
 Obs = dict[str, np.ndarray]
-IMAGE_PREFIX = "rgb_"  # observation key (and replay column) of a camera's images: rgb_<camera>
 
 
 class SimulatorError(RuntimeError):

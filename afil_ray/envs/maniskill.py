@@ -22,8 +22,9 @@ import numpy as np
 
 from afil_ray.config import EnvConfig
 from afil_ray.envs import snapshot as snap
-from afil_ray.envs.base import IMAGE_PREFIX, Obs, SimulatorError, StepResult
+from afil_ray.envs.base import Obs, SimulatorError, StepResult
 from afil_ray.envs.tasks import TaskSpec, get_task
+from afil_ray.replay.episode import IMAGE_PREFIX
 
 log = logging.getLogger(__name__)
 

@@ -16,13 +16,13 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from afil_ray.config import TRAIN_MODES, PolicyConfig, SamplerConfig
-from afil_ray.envs.base import IMAGE_PREFIX
 from afil_ray.policy.backbone import Backbone, Prefix, load_vlm
 from afil_ray.policy.heads import ActionHead, same_shape
 from afil_ray.policy.normalize import Normalizer
 from afil_ray.policy.objectives import make_objective, masked_mse
 from afil_ray.policy.sampler import HeadPair, sample_chunk
 from afil_ray.policy.tokenizer import Tokenizer, make_tokenizer
+from afil_ray.replay.episode import IMAGE_PREFIX
 
 HEADS = ("success", "failure")
 COMPONENTS = ("backbone", "success_head", "failure_head")

@@ -16,8 +16,6 @@ from datetime import UTC, datetime
 import numpy as np
 import pyarrow as pa
 
-from afil_ray.envs.base import IMAGE_PREFIX
-
 OUTCOMES = ("demo", "success", "failure", "corrected")
 
 _VEC_F32 = pa.list_(pa.list_(pa.float32()))
@@ -63,6 +61,8 @@ BASE_SCHEMA = pa.schema(
     ]
 )
 
+
+IMAGE_PREFIX = "rgb_"  # replay column (and env observation key) of a camera's images: rgb_<camera>
 
 def new_episode_id() -> str:
     return uuid.uuid4().hex

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pyarrow as pa
 
-from afil_ray.envs.base import IMAGE_PREFIX
+from afil_ray.replay.episode import IMAGE_PREFIX
 from afil_ray.replay.shard_io import CORRUPTION_ERRORS, Selection, ShardCorruptError, ShardFile, selection_set
 from afil_ray.replay.store import ReplayStore
 

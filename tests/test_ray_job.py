@@ -80,3 +80,8 @@ def test_ray_job_submit_runs_the_loop(tmp_path, head):
     assert summary["env_steps"] > 0 and summary["episodes"]
     assert summary["final_checkpoint"] and Path(summary["final_checkpoint"]).is_dir()
     assert (Path(cfg.run_dir) / "tb").is_dir() and (Path(cfg.run_dir) / "summary.json").is_file()
+    # what the user reads: the live progress line, and neither Ray's error-level restart warning nor the
+    # simulators' per-actor notices
+    assert "afil-ray run 20/20 s, env_steps/s=" in logs and "learner_step=" in logs, logs[-3000:]
+    assert "constructor arguments in the object store" not in logs
+    assert "mani_skill" not in logs, logs[-3000:]

@@ -351,7 +351,7 @@ def part_loop(args: argparse.Namespace, deadline: float) -> dict[str, Any]:
                                 f"train.log_every={steps}", f"train.checkpoint_every={steps}", "train.device=auto"],
                                work / "train.log", deadline - time.time())
     # what is left of the part, less start-up and shutdown of the local Ray and the actors
-    reserve = 60.0 if args.cpu_smoke else 45.0
+    reserve = 60.0
     duration = min(args.loop_s, deadline - time.time() - reserve)
     if duration < 5:
         raise TimeoutError(f"only {duration:.0f} s left for afil-ray run")
@@ -367,7 +367,7 @@ def part_loop(args: argparse.Namespace, deadline: float) -> dict[str, Any]:
                            f"loop.init_from={work / 'pretrain'}", f"loop.duration_s={duration:.0f}",
                            f"loop.num_rollout_actors={args.loop_actors}", f"env.num_envs={args.loop_envs}",
                            "loop.eval_every_s=0"],
-                          work / "run.log", deadline - time.time())
+                          work / "run.log", deadline - time.time() - 20)  # SIGTERM leaves it 30 s to stop
     summary_file = run_dir / "summary.json"
     if not summary_file.is_file():
         raise RuntimeError(f"afil-ray run wrote no {summary_file}")

@@ -55,7 +55,7 @@ GPU_SIZES: dict[str, Any] = dict(
     learner_batch=0, sampling_batches=[1, 64], sampling_rounds=9, sampling_budget=0.25, loop_s=120.0,
     loop_actors=2, loop_envs=256, demos=8, pretrain_steps=300)
 SMOKE_SIZES: dict[str, Any] = dict(
-    budget_s=300.0, sim_envs=[2], sim_seconds=0.0, sim_min_steps=16, learner_rounds=2, learner_steps=2,
+    budget_s=360.0, sim_envs=[2], sim_seconds=0.0, sim_min_steps=16, learner_rounds=2, learner_steps=2,
     learner_batch=16, sampling_batches=[1, 8], sampling_rounds=2, sampling_budget=0.02, loop_s=20.0,
     loop_actors=1, loop_envs=2, demos=2, pretrain_steps=10)
 
@@ -341,7 +341,7 @@ def part_loop(args: argparse.Namespace, deadline: float) -> dict[str, Any]:
     config = str(ROOT / "configs" / "quickstart.yaml")
     common = [f"env.task={TASK}", *store_overrides(work / "replay"),
               f"demos.workers={1 if args.cpu_smoke else min(8, os.cpu_count() or 1)}"]
-    small = ["train.batch_size=16", "train.warmup_steps=1"] if args.cpu_smoke else []
+    small = ["train.batch_size=16", "train.warmup_steps=1", "train.num_threads=1"] if args.cpu_smoke else []
     times: dict[str, float] = {}
     times["demos_s"] = _cli(["demos", "--config", config, "--num", str(args.demos), "--quiet", *common],
                             work / "demos.log", deadline - time.time())
@@ -401,12 +401,16 @@ def run_part(name: str, argv: list[str], cap: float) -> dict[str, Any]:
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=err, stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 proc.wait(timeout=cap + 30)  # the part sizes itself to its deadline; this is the backstop
+                killed = False
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+                killed = True
         wall = round(time.perf_counter() - t0, 1)
         if result_file.is_file():
             return {**json.loads(result_file.read_text()), "wall_s": wall}
+        if killed:
+            return {"error": f"killed at its time cap ({cap:.0f} s + 30 s)", "wall_s": wall}
         lines = [ln for ln in err_file.read_text(errors="replace").splitlines() if ln.strip()]
         why = lines[-1] if lines else "no output"
         return {"error": one_line(f"part process exited {proc.returncode}: {why}"), "wall_s": wall}
@@ -417,6 +421,12 @@ def child(args: argparse.Namespace) -> int:
     import logging
 
     logging.getLogger("mani_skill").setLevel(logging.ERROR)
+    if args.cpu_smoke:
+        import torch
+
+        # one thread: on a loaded small machine OpenMP threads that spin-wait for each other can slow a toy
+        # run tenfold, and the smoke run checks that the parts work, not how fast
+        torch.set_num_threads(1)
     try:
         result: dict[str, Any] = {"figures": RUNNERS[args.part](args, args.deadline)}
     except Exception as e:  # every failure becomes one line in the JSON; the traceback goes to the part's log
@@ -432,7 +442,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/gpu_check/figures.json", help="the JSON of figures")
     p.add_argument("--cpu-smoke", action="store_true", help="every part at toy size on CPU (no GPU needed)")
-    p.add_argument("--budget-s", type=float, help="wall-clock budget of all parts (default 450; smoke 300)")
+    p.add_argument("--budget-s", type=float, help="wall-clock budget of all parts (default 450; smoke 360)")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     p.add_argument("--sim-envs", type=int, nargs="+", help="num_envs values for the sim part (default 256 1024)")
     p.add_argument("--sim-seconds", type=float, help="seconds per sim measurement")

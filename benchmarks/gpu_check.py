@@ -20,7 +20,8 @@ failed part records ``{"error": ...}`` and the next part runs; the exit code is 
    ``afil-ray run`` for 120 s with GPU rollouts (``env.backend=gpu``, fractional ``loop.*_gpus``); the figures
    are the loop's ``summary.json``.
 
-The JSON is rewritten after every part, so a run cut short still leaves what it measured.
+The JSON is rewritten after every part, so a run cut short still leaves what it measured. The loop part's work
+directory (``loop-*/`` beside the JSON: stage logs, replay store, run directory) is kept for inspection.
 """
 
 from __future__ import annotations
@@ -357,7 +358,7 @@ def part_loop(args: argparse.Namespace, deadline: float) -> dict[str, Any]:
         raise TimeoutError(f"only {duration:.0f} s left for afil-ray run")
     if args.cpu_smoke:
         place = ["env.backend=cpu", "env.max_episode_steps=20", "loop.min_failures=1", "loop.publish_every=3",
-                 "loop.checkpoint_every=6", "loop.refresh_every=3", "loop.round_s=2", "loop.weight_poll_s=0",
+                 "loop.checkpoint_every=100", "loop.refresh_every=3", "loop.round_s=2", "loop.weight_poll_s=0",
                  "train.device=cpu", *small]
     else:
         place = ["env.backend=gpu", "loop.rollout_gpus=0.3", "loop.learner_gpus=0.3", "train.device=auto",

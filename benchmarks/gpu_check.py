@@ -391,14 +391,16 @@ RUNNERS: dict[str, Callable[[argparse.Namespace, float], dict[str, Any]]] = {
 # --------------------------------------------------------------------------------------------------- driver
 
 
-def run_part(name: str, argv: list[str], cap: float) -> dict[str, Any]:
-    """One part in a child process (its own session, killed as a group at the cap); its figures or its error."""
+def run_part(name: str, argv: list[str], cap: float, log: Path) -> dict[str, Any]:
+    """One part in a child process (its own session, killed as a group at the cap); its figures or its error.
+
+    The child's output (a failed part's traceback) stays in ``log``: a GPU session may not come again soon."""
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"gpu-check-{name}-") as tmp:
-        result_file, err_file = Path(tmp) / "result.json", Path(tmp) / "stderr.txt"
+        result_file = Path(tmp) / "result.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--part", name, "--part-out", str(result_file),
                "--deadline", f"{time.time() + cap:.1f}"]
-        with err_file.open("w") as err:
+        with log.open("w") as err:
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=err, stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 proc.wait(timeout=cap + 30)  # the part sizes itself to its deadline; this is the backstop
@@ -409,12 +411,12 @@ def run_part(name: str, argv: list[str], cap: float) -> dict[str, Any]:
                 killed = True
         wall = round(time.perf_counter() - t0, 1)
         if result_file.is_file():
-            return {**json.loads(result_file.read_text()), "wall_s": wall}
-        if killed:
-            return {"error": f"killed at its time cap ({cap:.0f} s + 30 s)", "wall_s": wall}
-        lines = [ln for ln in err_file.read_text(errors="replace").splitlines() if ln.strip()]
-        why = lines[-1] if lines else "no output"
-        return {"error": one_line(f"part process exited {proc.returncode}: {why}"), "wall_s": wall}
+            return {**json.loads(result_file.read_text()), "wall_s": wall, "log": str(log)}
+    if killed:
+        return {"error": f"killed at its time cap ({cap:.0f} s + 30 s)", "wall_s": wall, "log": str(log)}
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    why = lines[-1] if lines else "no output"
+    return {"error": one_line(f"part process exited {proc.returncode}: {why}"), "wall_s": wall, "log": str(log)}
 
 
 def child(args: argparse.Namespace) -> int:
@@ -480,8 +482,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_check: no CUDA device (torch {torch.__version__}); on a GPU machine set up with "
               "AFIL_TORCH_SPEC=torch, or run the toy-size CPU check with --cpu-smoke", file=sys.stderr)
         return 2
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
+    argv = [*argv, "--out", str(out)]  # the parts run in the repository root: give them the absolute path
     started = time.time()
     report: dict[str, Any] = {
         "check": "benchmarks/gpu_check.py", "mode": "cpu-smoke" if args.cpu_smoke else "gpu",
@@ -493,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         # the last part gets what is left; the others their share, less what the later parts are owed
         cap = max(20.0, left if i == len(args.parts) - 1 else min(CAPS[name] * args.budget_s, left - later))
         print(f"gpu_check: {name} (up to {cap:.0f} s) ...", file=sys.stderr, flush=True)
-        report["parts"][name] = run_part(name, argv, cap)
+        report["parts"][name] = run_part(name, argv, cap, out.with_name(f"{out.stem}.{name}.log"))
         state = report["parts"][name].get("error", "ok")
         print(f"gpu_check: {name} {report['parts'][name]['wall_s']} s: {state}", file=sys.stderr, flush=True)
         report["wall_s"] = round(time.time() - started, 1)

@@ -91,6 +91,7 @@ def test_a_failed_part_is_recorded_and_the_next_part_still_runs(tmp_path):
     assert not report["ok"]
     error = report["parts"]["sim"]["error"]
     assert isinstance(error, str) and error and "\n" not in error
+    assert "Traceback" in Path(report["parts"]["sim"]["log"]).read_text()  # the whole story stays in the part's log
     assert "error" not in report["parts"]["sampling"]
     assert _positive(report["parts"]["sampling"]["figures"]["by_batch"]["1"]["guided_fused_ms"])
 

@@ -1,7 +1,8 @@
 """The prepared GPU check (``scripts/gpu_check.sh``, ``benchmarks/gpu_check.py``) run at toy size on CPU.
 
 GPU machines are lent rarely; the ``--cpu-smoke`` run executes every part (sim, learner, sampling, loop) end to
-end, so the command that runs there has not rotted in the meantime. About 2.5 minutes on 2 cores.
+end, so the command that runs there has not rotted in the meantime. 1.5-2.5 minutes on 2 cores, depending on
+their load.
 """
 
 from __future__ import annotations

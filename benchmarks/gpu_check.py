@@ -62,9 +62,8 @@ SMOKE_SIZES: dict[str, Any] = dict(
 
 
 def store_overrides(root: str | Path) -> list[str]:
-    """Dotlist overrides that point every stage (demos, trainer, loop) at one replay store."""
-    # data.store goes away with issue 18; keep only replay.root then
-    return [f"replay.root={root}", f"data.store={root}"]
+    """Dotlist overrides that point every stage (demos, trainer, loop) at one replay store (one key: replay.root)."""
+    return [f"replay.root={root}"]
 
 
 def one_line(e: BaseException | str) -> str:

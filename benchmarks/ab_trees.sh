@@ -28,7 +28,9 @@ for round in A B B A; do
   tree=$A; [ "$round" = B ] && tree=$B
   bench "$tree" "$round" bench_env --steps 600 --rounds 2 --rgb-steps 20
   bench "$tree" "$round" bench_replay --write-episodes 256 --sample-episodes 1000 --repeats 3 --sample-repeats 100
-  bench "$tree" "$round" bench_sampling --batches 1 64 --rounds 5 --budget 0.2
+  short=""  # older checkouts' bench_sampling has no --no-variants (it then prints its variants table too)
+  grep -q -- "--no-variants" "$tree/benchmarks/bench_sampling.py" && short=--no-variants
+  bench "$tree" "$round" bench_sampling --batches 1 64 --rounds 5 --budget 0.2 $short
 done
 if [ "$LOOP" = --loop ]; then
   for round in A B; do

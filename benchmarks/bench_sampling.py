@@ -4,8 +4,10 @@ Run: ``.venv/bin/python benchmarks/bench_sampling.py`` (about two minutes on 2 c
 default tiny policy with ManiSkill-like state observations (state 40, action 8, H = 16, K = 10 steps): one
 ``policy.sample`` call per chunk, i.e. prefix encoding once plus K head evaluations. Samplers are timed in
 interleaved rounds (every sampler once per round, the order rotating); latencies are medians over rounds and
-ratios medians of the per-round ratios, so drift on a shared machine cancels. ``two calls`` is the guided
-sampler with ``sampler.fused_heads=false`` (the naive form: the failure head as a second call per step).
+ratios medians of the per-round ratios, so drift on a shared machine cancels. ``adaptive`` is the guided sampler
+as it runs by default (heads stacked into one call where that pays: ``afil_ray.policy.sampler.fusing_pays``),
+``stacked`` forces the one stacked call at every batch, ``two calls`` is ``sampler.fused_heads=false`` (the failure
+head as a second call per step); the crossover of the last two is where the default switches.
 
 The guided/success-only ratio is bounded below by the work: guidance evaluates two heads per step, so with
 equal heads it costs about (prefix + 2 K head) / (prefix + K head); a fused call saves call overhead, not FLOPs.
@@ -16,16 +18,19 @@ enough that the prefix dominates (as in pi0, whose 2B-parameter VLM dwarfs its 3
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import platform
 import statistics
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from afil_ray.config import PolicyConfig, SamplerConfig
 from afil_ray.policy import DAGPolicy
+from afil_ray.policy import sampler as sampling
 
 STATE_DIM, ACTION_DIM = 40, 8
 INSTRUCTION = "pull the cube to the goal region"
@@ -33,8 +38,21 @@ SAMPLERS = {
     "success_only": SamplerConfig(kind="success_only"),
     "static": SamplerConfig(kind="static", w=0.05),
     "adaptive": SamplerConfig(kind="adaptive", lam=1.0),
+    "adaptive, stacked": SamplerConfig(kind="adaptive", lam=1.0),
     "adaptive, two calls": SamplerConfig(kind="adaptive", lam=1.0, fused_heads=False),
 }
+FORCED_STACK = {"adaptive, stacked"}  # timed with the stacked call at any batch size
+
+
+@contextlib.contextmanager
+def stacking_forced(on: bool) -> Iterator[None]:
+    """Lift the CPU batch limit of the stacked call, so one arm measures it at every batch."""
+    limit = sampling.FUSE_CPU_MAX_BATCH
+    sampling.FUSE_CPU_MAX_BATCH = 10**9 if on else limit
+    try:
+        yield
+    finally:
+        sampling.FUSE_CPU_MAX_BATCH = limit
 
 
 def observation(batch: int, cameras: tuple[str, ...], image: int) -> dict[str, np.ndarray]:
@@ -52,13 +70,15 @@ def time_samplers(policy: DAGPolicy, obs: dict, samplers: dict[str, SamplerConfi
     times: dict[str, list[float]] = {n: [] for n in names}
     g = torch.Generator().manual_seed(0)
     for name in names:  # warm-up (allocations, the fused weight stack)
-        policy.sample(obs, INSTRUCTION, samplers[name], g)
+        with stacking_forced(name in FORCED_STACK):
+            policy.sample(obs, INSTRUCTION, samplers[name], g)
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            start = time.perf_counter()
-            for _ in range(calls):
-                policy.sample(obs, INSTRUCTION, samplers[name], g)
-            times[name].append((time.perf_counter() - start) / calls * 1e3)
+            with stacking_forced(name in FORCED_STACK):
+                start = time.perf_counter()
+                for _ in range(calls):
+                    policy.sample(obs, INSTRUCTION, samplers[name], g)
+                times[name].append((time.perf_counter() - start) / calls * 1e3)
     return times
 
 
@@ -86,7 +106,8 @@ def build(cfg: PolicyConfig, cameras: tuple[str, ...] = ()) -> DAGPolicy:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64])
+    parser.add_argument("--no-variants", action="store_true", help="only the first table")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--budget", type=float, default=0.25, help="seconds per (sampler, round) measurement")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -103,8 +124,8 @@ def main() -> None:
           f"{ACTION_DIM}, H = {cfg.horizon}, K = {SamplerConfig().steps}; median of {args.rounds} interleaved "
           "rounds.\n")
     print("| batch | prefix only ms | " + " | ".join(f"{n} ms" for n in SAMPLERS)
-          + " | adaptive / success_only | two calls / success_only |")
-    print("|---" * (len(SAMPLERS) + 4) + "|")
+          + " | adaptive / success_only | stacked / success_only | two calls / success_only | stacked / two calls |")
+    print("|---" * (len(SAMPLERS) + 6) + "|")
     for batch in args.batches:
         obs = observation(batch, (), 0)
         start = time.perf_counter()
@@ -113,13 +134,17 @@ def main() -> None:
         t = time_samplers(policy, obs, SAMPLERS, args.rounds, calls)
         prefix = time_prefix(policy, obs, args.rounds, calls)
         print(f"| {batch} | {prefix:.2f} | " + " | ".join(f"{statistics.median(t[n]):.2f}" for n in SAMPLERS)
-              + f" | {ratio(t, 'adaptive'):.2f} | {ratio(t, 'adaptive, two calls'):.2f} |", flush=True)
+              + f" | {ratio(t, 'adaptive'):.2f} | {ratio(t, 'adaptive, stacked'):.2f} | "
+              f"{ratio(t, 'adaptive, two calls'):.2f} | {ratio(t, 'adaptive, stacked', 'adaptive, two calls'):.2f} |",
+              flush=True)
 
     total = sum(counts.values())
     print(f"\nParameters: backbone {counts['backbone']:,}, success head {counts['success_head']:,}, failure head "
           f"{counts['failure_head']:,} (+{100 * counts['failure_head'] / (total - counts['failure_head']):.1f}% over "
           f"backbone + success head).\n")
 
+    if args.no_variants:
+        return
     batch = max(args.batches)
     variants = [
         ("default (equal heads)", cfg, ()),

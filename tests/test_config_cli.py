@@ -33,6 +33,26 @@ def test_wrong_type_and_bad_overrides_are_errors():
         load_config("no/such/file.yaml")
 
 
+def test_one_key_per_fact_and_sections_check_their_own_values(tmp_path):
+    """The store has one key (replay.root): the old data.store is an error that says what to use, in a file or on
+    the command line; each section rejects a value outside its choices when it is built, wherever it comes from."""
+    old = tmp_path / "old.yaml"
+    old.write_text("data:\n  store: runs/replay\n")
+    with pytest.raises(ConfigError, match=r"old\.yaml: 'data\.store' is no longer a key: set 'replay\.root'"):
+        load_config(old)
+    with pytest.raises(ConfigError, match=r"override 'data\.store=x': 'data\.store' is no longer a key"):
+        load_config(None, ["data.store=x"])
+    for item, match in (("sampler.kind=guided", r"sampler\.kind must be one of success_only, static, adaptive"),
+                        ("train.mode=both", r"train\.mode must be one of"),
+                        ("loop.learner_mode=all", r"loop\.learner_mode must be one of"),
+                        ("policy.failure_head_init=zero", r"policy\.failure_head_init must be one of success"),
+                        ("eval.backend=mpi", r"eval\.backend must be one of auto, processes, ray"),
+                        ("sampler.steps=0", r"sampler\.steps must be >= 1")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, [item])
+    assert main(["train", "sampler.kind=guided"]) == 2  # one line from the CLI, before anything runs
+
+
 def test_a_mapping_override_replaces_the_mapping():
     shipped = load_config("configs/reproduce.yaml")
     assert shipped.reproduce.variants  # the study is on by default

@@ -284,11 +284,13 @@ class LoopDriver:
                 bar.update(min(bar.total, round(time.monotonic() - start)) - bar.n)  # drawn at most per mininterval
 
     def _progress_bar(self) -> tqdm:
-        """Elapsed / budget with the loop's live figures; a job log (no terminal) gets a line every 30 s."""
-        interactive = sys.stderr.isatty()
-        return tqdm(total=round(self.cfg.loop.duration_s), desc="afil-ray run", unit="s", dynamic_ncols=True,
-                    mininterval=1.0 if interactive else 30.0, bar_format="{desc} {n_fmt}/{total_fmt} s |{bar}|"
-                    "{postfix}" if interactive else "{desc} {n_fmt}/{total_fmt} s{postfix}")
+        """Elapsed / budget with the loop's live figures: a bar redrawn in place on a terminal; in a job log (no
+        terminal, where carriage returns would run the updates together) a line every 30 s and one at the end."""
+        total = round(self.cfg.loop.duration_s)
+        if sys.stderr.isatty():
+            return tqdm(total=total, desc="afil-ray run", unit="s", dynamic_ncols=True, mininterval=1.0,
+                        bar_format="{desc} {n_fmt}/{total_fmt} s |{bar}|{postfix}")
+        return _LogLines(total, every_s=30.0)
 
     # ------------------------------------------------------------------ stop
 
@@ -320,6 +322,34 @@ class LoopDriver:
         if self.started_ray:
             ray.shutdown()
         return summary
+
+
+class _LogLines:
+    """The progress bar's interface for a log: ``afil-ray run 30/300 s, env_steps/s=..., ...`` lines."""
+
+    def __init__(self, total: int, every_s: float) -> None:
+        self.total, self.n, self.every_s = total, 0, every_s
+        self.postfix: dict[str, str] = {}
+        self._last = time.monotonic()
+
+    def __enter__(self) -> _LogLines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._print()
+
+    def set_postfix(self, postfix: dict[str, str], refresh: bool = False) -> None:
+        self.postfix = postfix
+
+    def update(self, n: int) -> None:
+        self.n += n
+        if time.monotonic() - self._last >= self.every_s:
+            self._print()
+
+    def _print(self) -> None:
+        self._last = time.monotonic()
+        figures = "".join(f", {k}={v}" for k, v in self.postfix.items())
+        print(f"afil-ray run {self.n}/{self.total} s{figures}", file=sys.stderr, flush=True)
 
 
 def quiet_local_ray() -> None:

@@ -22,7 +22,7 @@ from afil_ray.policy.guidance import adaptive_weight, cosine, guide, static_weig
 from afil_ray.policy.heads import ActionHead, empty_like, same_shape
 from afil_ray.policy.objectives import Objective
 
-FUSE_CPU_MAX_BATCH = 8  # largest CPU batch at which the stacked call beats two calls (benchmarks/bench_sampling.py)
+FUSE_CPU_MAX_BATCH = 16  # largest CPU batch at which the stacked call beats two calls (docs/benchmarks.md)
 
 
 class HeadPair:

@@ -331,6 +331,7 @@ class _LogLines:
         self.total, self.n, self.every_s = total, 0, every_s
         self.postfix: dict[str, str] = {}
         self._last = time.monotonic()
+        self._printed: str | None = None
 
     def __enter__(self) -> _LogLines:
         return self
@@ -349,7 +350,10 @@ class _LogLines:
     def _print(self) -> None:
         self._last = time.monotonic()
         figures = "".join(f", {k}={v}" for k, v in self.postfix.items())
-        print(f"afil-ray run {self.n}/{self.total} s{figures}", file=sys.stderr, flush=True)
+        line = f"afil-ray run {self.n}/{self.total} s{figures}"
+        if line != self._printed:  # the closing line only when something changed since the last
+            print(line, file=sys.stderr, flush=True)
+            self._printed = line
 
 
 def quiet_local_ray() -> None:

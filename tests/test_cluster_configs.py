@@ -343,3 +343,17 @@ def test_every_config_the_cluster_docs_name_exists() -> None:
     assert named, "the cluster docs name no config"
     for rel in sorted(named):
         load_config(REPO / rel)  # exists and has only known keys
+
+
+def test_the_documented_job_stop_variable_is_the_one_ray_reads():
+    """``ray job stop`` waits RAY_JOB_STOP_WAIT_TIME_S before SIGKILL; a wrong name in the docs means no clean stop
+    (no final checkpoint, no summary) for every user who follows them."""
+    import inspect
+
+    from ray.dashboard.modules.job import job_supervisor
+
+    source = inspect.getsource(job_supervisor)
+    for doc in (REPO / "README.md", CLUSTER / "README.md"):
+        names = set(re.findall(r"RAY_JOB_STOP_\w+", doc.read_text()))
+        assert names, f"{doc.name} names no job-stop variable"
+        assert all(f'"{name}"' in source for name in names), f"{doc.name}: {names} not read by Ray"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 from afil_ray.config import to_yaml
@@ -46,14 +48,44 @@ def head(tmp_path):
     env["RAY_AUTH_MODE"], env["RAY_AUTH_TOKEN"] = "token", uuid.uuid4().hex + uuid.uuid4().hex
     dashboard = _free_port()
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under ~107 characters
-    _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}", "--num-cpus=3",
+    # every port of its own, so a head already on the machine (another user's, another test's) does not clash
+    ports = [f"--{name}={_free_port()}" for name in (
+        "port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "node-manager-port", "object-manager-port", "ray-client-server-port")]
+    _ray("start", "--head", "--node-ip-address=127.0.0.1", *ports, "--num-cpus=3",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          f"--temp-dir={temp}", "--disable-usage-stats", env=env)
     try:
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
-        _ray("stop", "--force", env=env, check=False)
+        _stop_head(temp)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _head_processes(temp: str) -> list[psutil.Process]:
+    """The processes of the head started under ``temp`` (its session directory is in their command lines) and
+    their children (workers, the job's driver)."""
+    found: dict[int, psutil.Process] = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(temp in part for part in proc.info["cmdline"] or []):
+            with contextlib.suppress(psutil.Error):
+                for p in [proc, *proc.children(recursive=True)]:
+                    found[p.pid] = p
+    return list(found.values())
+
+
+def _stop_head(temp: str) -> None:
+    """Stop this head alone: ``ray stop`` ends every Ray cluster on the machine, other people's too."""
+    procs = _head_processes(temp)
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=10)
+    assert not [p for p in _head_processes(temp) if p.is_running()], "the test's Ray head outlived its stop"
 
 
 @pytest.mark.timeout(1200)  # actor start-up and restarts are slow on a loaded 2-core machine

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from afil_ray.config import Config, CorrectConfig, DemoConfig, EnvConfig
 from afil_ray.demos.planner import HOLD_STEPS, SUPPORTED_CONTROL_MODES, TaskPlanner, retarget, single_cpu_env
-from afil_ray.envs.maniskill import ManiSkillVecEnv, quiet_simulator_logs
+from afil_ray.envs.maniskill import ManiSkillVecEnv
 from afil_ray.process_pool import spawn_map
 from afil_ray.replay.episode import Episode, table_to_episodes
 from afil_ray.replay.ledger import AttemptLedger
@@ -303,7 +303,6 @@ _worker: Corrector | None = None
 
 def _worker_init(cfg: Config) -> None:
     global _worker
-    quiet_simulator_logs()
     _worker = Corrector(cfg.env, cfg.correct, cfg.demos)
 
 

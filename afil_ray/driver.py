@@ -283,7 +283,7 @@ class LoopDriver:
                 bar.set_postfix(self.metrics.progress(), refresh=False)
                 bar.update(min(bar.total, round(time.monotonic() - start)) - bar.n)  # drawn at most per mininterval
 
-    def _progress_bar(self) -> tqdm:
+    def _progress_bar(self) -> tqdm | _LogLines:
         """Elapsed / budget with the loop's live figures: a bar redrawn in place on a terminal; in a job log (no
         terminal, where carriage returns would run the updates together) a line every 30 s and one at the end."""
         total = round(self.cfg.loop.duration_s)

@@ -19,7 +19,6 @@ from tqdm import tqdm
 
 from afil_ray.config import Config
 from afil_ray.demos.planner import DemoMaker, DemoResult
-from afil_ray.envs.maniskill import quiet_simulator_logs
 from afil_ray.process_pool import spawn_map
 from afil_ray.replay.ledger import AttemptLedger
 from afil_ray.replay.store import ReplayStore
@@ -67,7 +66,6 @@ _worker_maker: DemoMaker | None = None
 
 def _worker_init(cfg: Config) -> None:
     global _worker_maker
-    quiet_simulator_logs()
     _worker_maker = DemoMaker(cfg.env, cfg.demos)
 
 

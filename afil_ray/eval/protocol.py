@@ -29,9 +29,13 @@ EPISODES_FILE = "episodes.json"
 
 
 def resolve_arms(cfg: Config) -> list[Arm]:
-    """The arms of ``cfg.eval`` (``cfg.sampler`` alone when ``eval.arms`` is empty), run as two head calls when
-    ``eval.exact_pairing`` (so w = 0 reproduces success only bit for bit)."""
-    arms = parse_arms(list(cfg.eval.arms), cfg.sampler)
+    """The arms of ``cfg.eval`` (``cfg.sampler`` alone when ``eval.arms`` is empty), as the protocol runs them."""
+    return as_run(parse_arms(list(cfg.eval.arms), cfg.sampler), cfg)
+
+
+def as_run(arms: list[Arm], cfg: Config) -> list[Arm]:
+    """``arms`` as the protocol runs them: two head calls when ``eval.exact_pairing`` (so w = 0 reproduces success
+    only bit for bit)."""
     return [a.exact() for a in arms] if cfg.eval.exact_pairing else arms
 
 

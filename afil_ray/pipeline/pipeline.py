@@ -43,7 +43,7 @@ from tqdm import tqdm
 from afil_ray.config import Config, ConfigError, save_resolved, with_overrides
 from afil_ray.correction import correct_failures
 from afil_ray.demos.generate import generate_demos
-from afil_ray.eval.protocol import evaluate_arms, load_mean_w, load_outcomes, output_dir, write_evaluation
+from afil_ray.eval.protocol import as_run, evaluate_arms, load_mean_w, load_outcomes, output_dir, write_evaluation
 from afil_ray.eval.report import ArmResult, build_report, markdown_table, write_report
 from afil_ray.eval.workers import UnitRunner, run_units
 from afil_ray.pipeline import plan as planning
@@ -331,8 +331,8 @@ class Pipeline:
         seed, every ``variant_arms`` arm against its own seed's "+ failure correction" (whose success head it
         shares), so a variant's gain comes with the spread that re-training both heads gives."""
         names = list(dict.fromkeys(name for _, name in ckpts))
-        main_rows = planning.variant_plan(self.cfg, {name: "" for name in names})
-        roles = [CORRECTED_ARM, *(p.label for p in main_rows)]
+        roles = [CORRECTED_ARM, *(planning.variant_label(name, arm) for name in names
+                                   for arm in planning.variant_arms(self.cfg))]
         by_seed = {seed: {CORRECTED_ARM: group[CORRECTED_ARM]} for seed, group in self.seed_results.items()}
         by_seed[self.cfg.seed].update({a: self.variant_results[a] for a in roles[1:]})
         rows = [p for (seed, name), ckpt in ckpts.items() for p in planning.variant_plan(self.cfg, {name: ckpt}, seed)]
@@ -360,7 +360,7 @@ class Pipeline:
             # the evaluation lands in the checkpoint's own run directory (run_dir/<stage>/eval/...)
             cfg = with_updates(self.cfg, run_dir=str(Path(ckpt).parent.parent),
                                env={"task": task or self.cfg.env.task})
-            arms = [p.arm.exact() if cfg.eval.exact_pairing else p.arm for _, p in mine]
+            arms = as_run([p.arm for _, p in mine], cfg)
             done = output_dir(cfg, ckpt, arms) / "episodes.json"
             if done.is_file():  # evaluated before this stage was killed: reuse, episode for episode
                 outcomes = load_outcomes(done)

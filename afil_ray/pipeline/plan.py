@@ -69,12 +69,20 @@ def ood_plan(cfg: Config, main: list[PlannedArm]) -> list[PlannedArm]:
     return [p for p in main if p.label in keep or p.online]
 
 
+def variant_arms(cfg: Config) -> list[Arm]:
+    """The arms every study variant is evaluated with (``reproduce.variant_arms``)."""
+    return [parse_arm(spec, cfg.sampler) for spec in cfg.reproduce.variant_arms]
+
+
+def variant_label(name: str, arm: Arm) -> str:
+    return f"{name}: {arm.title}"
+
+
 def variant_plan(cfg: Config, ckpts: dict[str, str], seed: int | None = None) -> list[PlannedArm]:
     """Each study variant's failure head with each ``reproduce.variant_arms`` arm."""
-    arms = [parse_arm(spec, cfg.sampler) for spec in cfg.reproduce.variant_arms]
     prefix = "" if seed is None else f"seed {seed}: "
-    return [PlannedArm(f"{prefix}{name}: {arm.title}", ckpt, arm, seed=seed, variant=name)
-            for name, ckpt in ckpts.items() for arm in arms]
+    return [PlannedArm(prefix + variant_label(name, arm), ckpt, arm, seed=seed, variant=name)
+            for name, ckpt in ckpts.items() for arm in variant_arms(cfg)]
 
 
 def seed_plan(cfg: Config, ckpts: dict[int, str]) -> list[PlannedArm]:

@@ -37,7 +37,6 @@ from afil_ray.replay.store import ReplayStore
 
 log = logging.getLogger(__name__)
 SOURCE = "correction"
-STRATEGIES = ("backtrack", "fraction")
 _LEDGER_KIND = "corrections"  # failures the planner could not finish, under <store>/_meta/
 
 
@@ -53,10 +52,6 @@ class CorrectionResult:
 
 def restore_candidates(failure: Episode, cfg: CorrectConfig) -> list[tuple[int, bytes]]:
     """Snapshots to try, latest first, from the strategy's starting point back to the episode start."""
-    if cfg.strategy not in STRATEGIES:
-        raise ValueError(f"correct.strategy must be one of {STRATEGIES}, got {cfg.strategy!r}")
-    if cfg.stride < 1:
-        raise ValueError(f"correct.stride must be >= 1, got {cfg.stride}")
     pairs = sorted(zip(failure.snapshot_steps, failure.snapshots, strict=True), key=lambda p: -p[0])
     if cfg.strategy == "fraction":
         if not 0.0 <= cfg.fraction <= 1.0:

@@ -1,9 +1,10 @@
 """Ray shell of :class:`afil_ray.loop.board.WeightBoard`, and how the learner and the workers talk to it.
 
-The board is a tiny actor (no CPU reserved). The learner ``ray.put``s each version once and the board holds only
-its reference; every reader fetches that one object (zero-copy for readers on the same node). The object is owned
-by the learner (Ray 2.56 removed ``ray.put(_owner=...)``), so a learner crash loses its newest packet: readers
-then keep the weights they have until the restarted learner publishes the next version.
+The board is a tiny actor (no CPU reserved) and it owns the weights: the learner sends each version's packet to
+the board, which ``ray.put``s it itself and hands out only that reference; every reader fetches the one object
+(zero-copy for readers on the same node). Ray frees an object when its owner dies and Ray 2.56 removed
+``ray.put(_owner=...)``, so a packet the learner put would die with the learner (issue 19: an evaluator fell back
+to the starting weights after a learner kill); owned by the board, every published version outlives its learner.
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ from afil_ray.loop.weights import WeightPacket
 
 log = logging.getLogger(__name__)
 
-WeightBoardActor = ray.remote(num_cpus=0)(WeightBoard)
+
+@ray.remote(num_cpus=0)
+class WeightBoardActor(WeightBoard):
+    def publish_packet(self, packet: WeightPacket) -> int:
+        """Publish ``packet`` as an object this actor owns (the sender may die; the version stays readable)."""
+        return self.publish(packet.version, [ray.put(packet)], packet.learner_step, packet.nbytes,
+                            tuple(packet.components))
 
 
 def board_named(name: str) -> Any:
@@ -30,12 +37,11 @@ def board_named(name: str) -> Any:
 
 
 def ray_publisher(board: Any):
-    """``publish(packet)`` for :class:`~afil_ray.loop.learner.OnlineLearner`: one put, one board update."""
+    """``publish(packet)`` for :class:`~afil_ray.loop.learner.OnlineLearner`: the packet goes to the board, which
+    owns it from then on; returns once the board has it."""
 
     def publish(packet: WeightPacket) -> None:
-        ref = ray.put(packet)
-        ray.get(board.publish.remote(packet.version, [ref], packet.learner_step, packet.nbytes,
-                                     tuple(packet.components)))
+        ray.get(board.publish_packet.remote(packet))
 
     return publish
 
@@ -61,9 +67,8 @@ class BoardWeightSource:
             return None
         try:
             return ray.get(handle[0])
-        except (OwnerDiedError, ObjectLostError) as e:  # the learner died after publishing; wait for the next
-            log.warning("weight version %d is gone with its learner (%s); keeping version %d", version,
-                        type(e).__name__, current)
+        except (OwnerDiedError, ObjectLostError) as e:  # only if the board itself died (it owns the packets)
+            log.warning("weight version %d is gone (%s); keeping version %d", version, type(e).__name__, current)
             return None
 
     def latest_version(self) -> int:

@@ -113,3 +113,28 @@ def test_more_cpus_than_the_local_ray_has_is_an_error_at_once(tmp_path):
     with pytest.raises(ValueError, match=r"ask for 3 CPU .* local Ray has 2"):
         LoopDriver(cfg).run()
     assert time.monotonic() - t0 < 120  # not the 10-minute wait for actors that can never be placed
+
+
+@pytest.mark.timeout(300)
+def test_a_published_version_outlives_the_learner_that_published_it():
+    """The board owns each packet: killing the publisher (the learner) loses no version (issue 19 item 5)."""
+    import numpy as np
+
+    from actors.weight_board import BoardWeightSource, WeightBoardActor, ray_publisher
+    from afil_ray.loop.weights import WeightPacket
+
+    @ray.remote(num_cpus=0)
+    class Publisher:
+        def publish(self, board: object, version: int) -> None:
+            big = np.full(300_000, version, np.float32)  # above Ray's inline size: a real object-store object
+            ray_publisher(board)(WeightPacket(version, {"failure_head": {"w": big}}, learner_step=version))
+
+    ray.init(num_cpus=1, include_dashboard=False)
+    board = WeightBoardActor.remote()
+    publisher = Publisher.remote()
+    ray.get(publisher.publish.remote(board, 5))
+    ray.kill(publisher, no_restart=True)
+    time.sleep(1.0)
+    packet = BoardWeightSource(board).poll(0, block=True)
+    assert packet is not None and packet.version == 5
+    assert float(packet.components["failure_head"]["w"][0]) == 5.0

@@ -58,7 +58,8 @@ def learner_config(cfg: Config) -> Config:
 class OnlineLearner:
     """Plain class; ``learners.learner.LearnerActor`` is its Ray shell.
 
-    ``publish(packet)`` ships a packet (on Ray: one ``ray.put`` owned by the board, then a board update) and
+    ``publish(packet)`` ships a packet (on Ray: to the board actor, which stores it as an object it owns, so a
+    published version outlives the learner that trained it) and
     ``latest_version()`` reads the board's newest version.
     """
 

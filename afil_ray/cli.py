@@ -10,17 +10,24 @@ to the Ray-free library as callables (the loop, the evaluation runner).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
-import time
 from dataclasses import asdict
 
 from afil_ray.config import Config, ConfigError, load_config, save_resolved
+from afil_ray.run_id import new_run_id
 
 
 def _config(args: argparse.Namespace, extra: list[str]) -> Config:
-    return load_config(args.config, list(args.overrides) + extra)
+    """The command's config; one run id per invocation (every task of ``demos --task a,b`` shares it)."""
+    cfg = load_config(args.config, list(args.overrides) + extra)
+    if cfg.run_id is None:
+        if getattr(args, "run_id", None) is None:
+            args.run_id = new_run_id(args.command)
+        cfg = dataclasses.replace(cfg, run_id=args.run_id)
+    return cfg
 
 
 def _eval_runner(cfg: Config):
@@ -43,7 +50,7 @@ def cmd_demos(args: argparse.Namespace) -> int:
     store = ReplayStore.from_config(base.replay)
     for task in tasks:
         cfg = _config(args, [*extra, f"env.task={task}"])
-        run_dir = f"{cfg.replay.root}/_meta/runs/{time.strftime('%Y%m%d-%H%M%S')}-demos-{task}"
+        run_dir = f"{cfg.replay.root}/_meta/runs/{cfg.run_id}-{task}"
         save_resolved(cfg, run_dir)
         report = generate_demos(cfg, store, progress=not args.quiet)
         print(report.summary())

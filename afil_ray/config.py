@@ -282,6 +282,9 @@ class ReproduceConfig:
 @dataclass
 class Config:
     run_dir: str = "runs/default"
+    # Names this run in TensorBoard (run_dir/tb/<run_id>) and on every episode it stores; None: a fresh id per
+    # invocation (afil_ray/run_id.py). Set it to name a run yourself.
+    run_id: str | None = None
     seed: int = 0
     env: EnvConfig = field(default_factory=EnvConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)

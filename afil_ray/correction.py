@@ -34,6 +34,7 @@ from afil_ray.process_pool import spawn_map
 from afil_ray.replay.episode import Episode, table_to_episodes
 from afil_ray.replay.ledger import AttemptLedger
 from afil_ray.replay.store import ReplayStore
+from afil_ray.run_id import new_run_id
 
 log = logging.getLogger(__name__)
 SOURCE = "correction"
@@ -268,7 +269,7 @@ def correct_failures(cfg: Config, store: ReplayStore | None = None, progress: bo
     ledger = AttemptLedger(store, _LEDGER_KIND, task, key="parent")
     t0 = time.time()
     bar = tqdm(total=len(lengths), desc=f"correct {task}", unit="failure", disable=not progress, dynamic_ncols=True)
-    writer = store.writer()
+    writer = store.writer(run_id=cfg.run_id or new_run_id("correct"))
     try:
         for result in _results(cfg, todo, len(lengths)):
             report.tried += 1

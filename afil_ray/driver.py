@@ -40,6 +40,8 @@ from afil_ray.loop.metrics import LoopMetrics
 from afil_ray.policy.checkpoint import CheckpointError
 from afil_ray.policy.loading import resolve_checkpoint
 from afil_ray.replay.episode import Episode
+from afil_ray.replay.store import ReplayStore
+from afil_ray.run_id import with_run_id
 from learners.learner import LearnerActor
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,7 @@ def check_loop_config(cfg: Config) -> None:
 class LoopDriver:
     def __init__(self, cfg: Config) -> None:
         check_loop_config(cfg)
-        self.cfg = cfg
+        self.cfg = with_run_id(cfg, "run")
         self.stopping = False
         self.started_ray = False
         self.inflight: dict[Any, tuple[str, int]] = {}
@@ -106,8 +108,10 @@ class LoopDriver:
         cfg, lc = self.cfg, self.cfg.loop
         run_dir = Path(cfg.run_dir)
         save_resolved(cfg, run_dir)
+        save_resolved(cfg, run_dir / "runs" / cfg.run_id)  # config.yaml above is the newest run's; this one stays
         (run_dir / "replay_store.txt").write_text(f"{cfg.replay.root}\n")
-        self.metrics = LoopMetrics(run_dir / "tb", rolling_window=lc.rolling_window)
+        # a folder per run: TensorBoard shows every run of a run_dir (env-step and version axes restart per run)
+        self.metrics = LoopMetrics(run_dir / "tb" / cfg.run_id, rolling_window=lc.rolling_window)
         # actors find the board by name (a handle as a constructor argument would not survive their restart)
         board = f"afil-ray-board-{uuid.uuid4().hex[:12]}"
         self.board = WeightBoardActor.options(name=board).remote()
@@ -317,11 +321,29 @@ class LoopDriver:
             except Exception as e:  # report and go on: the other actors still need to stop cleanly
                 log.error("%s failed: %s", what, e)
         summary["stopped_by_signal"] = self.stopping
+        self._count_stored(summary)
         self.metrics.close()
-        (Path(self.cfg.run_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        text = json.dumps(summary, indent=2) + "\n"
+        (Path(self.cfg.run_dir) / "summary.json").write_text(text)  # the newest run's
+        (Path(self.cfg.run_dir) / "runs" / self.cfg.run_id / "summary.json").write_text(text)
         if self.started_ray:
             ray.shutdown()
         return summary
+
+
+    def _count_stored(self, summary: dict[str, Any]) -> None:
+        """The summary's episode counts are what this run stored (its run id in the store), once the writers are
+        closed; rounds report what they harvested, but a round whose actor was killed never reports, while the
+        episodes it finished are already stored. The difference is kept as ``episodes_in_lost_rounds``."""
+        summary["run_id"] = self.cfg.run_id
+        reported = summary["episodes"]
+        try:
+            stored = ReplayStore.from_config(self.cfg.replay).episodes_of_run(self.cfg.run_id)
+        except Exception as e:  # the summary must still be written; say why the store count is missing
+            log.error("could not count this run's episodes in %s: %s", self.cfg.replay.root, e)
+            return
+        summary["episodes"], summary["episodes_reported"] = stored, reported
+        summary["episodes_in_lost_rounds"] = sum(stored.values()) - sum(reported.values())
 
 
 class _LogLines:

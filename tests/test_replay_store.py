@@ -26,7 +26,7 @@ from afil_ray.replay import Episode, ReplayStore, WindowSampler, format_stats, m
 from afil_ray.replay.maintenance import MANIFEST_NAME, QUARANTINE_DIR
 
 ARRAY_FIELDS = ("state", "action", "reward", "step_success", "terminated", "truncated", "final_state")
-SCALAR_FIELDS = ("episode_id", "task", "outcome", "instruction", "seed", "source", "policy_version",
+SCALAR_FIELDS = ("episode_id", "task", "outcome", "instruction", "seed", "source", "run_id", "policy_version",
                  "sampler", "sampler_params", "control_mode", "obs_mode", "snapshot_steps", "snapshots",
                  "parent_episode_id", "extra", "created")
 
@@ -368,3 +368,29 @@ def test_writer_commits_in_the_background_and_flush_waits_for_it(tmp_path, make_
     assert writer.shards_written == staged and all((tmp_path / s.path).is_file() for s in staged)
     assert not list(tmp_path.rglob(".*.tmp"))
     writer.close()
+
+
+def test_every_episode_carries_the_run_that_stored_it(tmp_path, make_episode):
+    """Two runs into one store stay apart: the writer stamps its run id; shards written before the column
+    existed read as no run, and counts per run come from the column (issue 19 item 6)."""
+    store = ReplayStore(tmp_path, episodes_per_shard=2)
+    store.write_episodes([make_episode("PullCube-v1", "failure", length=4, seed=i) for i in range(3)], run_id="a")
+    store.write_episodes([make_episode("PullCube-v1", "success", length=4, seed=9)], run_id="b")
+    named = make_episode("PullCube-v1", "failure", length=4, seed=10)
+    named.run_id = "c"  # an episode that already says where it came from keeps it
+    store.write_episodes([named], run_id="b")
+    # a shard from before the column existed: one of run a's shards rewritten without it
+    shard = next(s for s in store.list_shards(outcome="failure") if store.read_shard(s.path).num_rows == 2)
+    legacy = store.read_shard(shard.path).drop_columns(["run_id"])
+    legacy_seeds = set(legacy.column("seed").to_pylist())
+    tmp = tmp_path / "legacy.arrow.tmp"
+    with ipc.new_file(str(tmp), legacy.schema) as w:
+        w.write_table(legacy)
+    os.replace(tmp, tmp_path / shard.path)
+    store.rebuild_manifest()
+
+    runs = {ep.seed: ep.run_id for ep in store.read_episodes()}
+    assert runs == {0: "a", 1: "a", 2: "a", 9: "b", 10: "c"} | {s: "" for s in legacy_seeds}
+    assert store.episodes_of_run("a") == {"failure": 1}
+    assert store.episodes_of_run("b") == {"success": 1} and store.episodes_of_run("c") == {"failure": 1}
+    assert ReplayStore(tmp_path / "empty").episodes_of_run("a") == {}

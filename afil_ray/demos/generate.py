@@ -22,6 +22,7 @@ from afil_ray.demos.planner import DemoMaker, DemoResult
 from afil_ray.process_pool import spawn_map
 from afil_ray.replay.ledger import AttemptLedger
 from afil_ray.replay.store import ReplayStore
+from afil_ray.run_id import new_run_id
 
 log = logging.getLogger(__name__)
 SOURCE = "motion_planner"
@@ -88,7 +89,7 @@ def generate_demos(cfg: Config, store: ReplayStore | None = None, progress: bool
     seeds: Iterator[int] = (s for s in itertools.count(cfg.demos.seed_start) if s not in done)
     t0 = time.time()
     bar = tqdm(total=need, desc=f"demos {task}", unit="demo", disable=not progress, dynamic_ncols=True)
-    writer = store.writer()
+    writer = store.writer(run_id=cfg.run_id or new_run_id("demos"))
     try:
         for result in _results(cfg, seeds, need):
             if result.episode is not None:

@@ -75,7 +75,7 @@ class RolloutWorker:
         self.version = 0
         self.store = ReplayStore.from_config(cfg.replay)
         self.writer = self.store.writer(f"rollout{index}-{np.random.SeedSequence().entropy % 2**32:08x}",
-                                        max_pending=0)
+                                        max_pending=0, run_id=cfg.run_id or "")
         if seed_start is None:  # a restarted worker must not repeat its predecessor's seeds
             seed_start = ROLLOUT_SEED_BASE + int(np.random.default_rng().integers(0, 2**30))
         self.seeds = itertools.count(seed_start)

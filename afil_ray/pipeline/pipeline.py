@@ -52,6 +52,7 @@ from afil_ray.pipeline.reports import main_report, mean_w_sentence, seed_spread,
 from afil_ray.pipeline.stages import DEPENDS, StageCache, select, with_updates
 from afil_ray.policy.loading import load_start_policy
 from afil_ray.replay.store import ReplayStore
+from afil_ray.run_id import with_run_id
 from afil_ray.train import Trainer
 
 HARVEST_SOURCE = "harvest"
@@ -68,7 +69,8 @@ class Pipeline:
 
     def __init__(self, cfg: Config, progress: bool = True, runner: UnitRunner | None = None,
                  run_loop: Callable[[Config], dict[str, Any]] | None = None) -> None:
-        self.cfg, self.progress = cfg, progress
+        self.cfg, self.progress = with_run_id(cfg, "reproduce"), progress
+        self.run_id: str = self.cfg.run_id  # on every episode the stages store (demos, harvest, corrections)
         self.runner, self.run_loop = runner, run_loop
         self.root = Path(cfg.run_dir)
         self.store = ReplayStore.from_config(cfg.replay)
@@ -191,7 +193,7 @@ class Pipeline:
                 ep.source = HARVEST_SOURCE
                 if ep.outcome != "failure":
                     ep.snapshot_steps, ep.snapshots = [], []  # only failures are corrected
-            self.store.write_episodes(episodes)
+            self.store.write_episodes(episodes, run_id=self.run_id)
             done[str(run)] = {"episodes": len(episodes), "failures": sum(e.outcome == "failure" for e in episodes)}
             ledger.parent.mkdir(parents=True, exist_ok=True)
             ledger.write_text(json.dumps(done, indent=1) + "\n")

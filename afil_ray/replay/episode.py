@@ -30,6 +30,7 @@ BASE_SCHEMA = pa.schema(
         pa.field("instruction", pa.string()),
         pa.field("seed", pa.int64()),
         pa.field("source", pa.string()),
+        pa.field("run_id", pa.string()),  # the invocation that stored it (afil_ray/run_id.py); null in old shards
         pa.field("policy_version", pa.int64()),
         pa.field("sampler", pa.string()),
         pa.field("sampler_params", pa.string()),  # JSON object
@@ -84,6 +85,7 @@ class Episode:
     instruction: str = ""
     seed: int | None = None
     source: str = ""
+    run_id: str = ""  # which run stored it; the writer stamps its run's id on episodes that have none
     policy_version: int = -1
     sampler: str = ""
     sampler_params: dict = field(default_factory=dict)
@@ -194,6 +196,7 @@ def episodes_to_table(episodes: list[Episode]) -> pa.Table:
         "instruction": pa.array(col("instruction"), pa.string()),
         "seed": pa.array(col("seed"), pa.int64()),
         "source": pa.array(col("source"), pa.string()),
+        "run_id": pa.array([r or None for r in col("run_id")], pa.string()),
         "policy_version": pa.array(col("policy_version"), pa.int64()),
         "sampler": pa.array(col("sampler"), pa.string()),
         "sampler_params": pa.array([json.dumps(p, sort_keys=True) for p in col("sampler_params")],
@@ -275,6 +278,7 @@ def table_to_episodes(table: pa.Table) -> list[Episode]:
                 instruction=scalar("instruction"),
                 seed=scalar("seed"),
                 source=scalar("source"),
+                run_id=(scalar("run_id") if "run_id" in cols else None) or "",
                 policy_version=scalar("policy_version"),
                 sampler=scalar("sampler"),
                 sampler_params=json.loads(scalar("sampler_params") or "{}"),

@@ -9,10 +9,11 @@ clean-up); the store offers the latter as methods so callers need hold only the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -67,12 +68,13 @@ class ReplayStore(ShardFiles):
 
     # ---------------------------------------------------------------- writing
 
-    def writer(self, writer_id: str | None = None, *, max_pending: int = 2) -> ReplayWriter:
-        return ReplayWriter(self, writer_id, max_pending=max_pending)
+    def writer(self, writer_id: str | None = None, *, max_pending: int = 2, run_id: str = "") -> ReplayWriter:
+        return ReplayWriter(self, writer_id, max_pending=max_pending, run_id=run_id)
 
-    def write_episodes(self, episodes: Iterable[Episode], writer_id: str | None = None) -> list[ShardFile]:
+    def write_episodes(self, episodes: Iterable[Episode], writer_id: str | None = None,
+                       run_id: str = "") -> list[ShardFile]:
         """Write episodes and flush everything (for producers that already hold a finished batch)."""
-        with self.writer(writer_id) as w:
+        with self.writer(writer_id, run_id=run_id) as w:
             for ep in episodes:
                 w.add(ep)
         return w.shards_written
@@ -117,6 +119,13 @@ class ReplayStore(ShardFiles):
             partition_base_dir=self.root,
         )
 
+    def episodes_of_run(self, run_id: str) -> dict[str, int]:
+        """Episodes one run stored, per outcome (from the ``run_id`` column; shards older than it count for none)."""
+        if not len(self.manifest(refresh=True)):
+            return {}
+        table = self.dataset().to_table(columns=["outcome"], filter=ds.field("run_id") == run_id)
+        return dict(Counter(table.column("outcome").to_pylist()))
+
     # ---------------------------------------------------------------- maintenance (see maintenance.py)
 
     def manifest(self, refresh: bool = True) -> pa.Table:
@@ -153,11 +162,14 @@ class ReplayWriter:
     ``max_pending`` shards wait for it (0: commit before returning). A shard is visible to readers once
     committed, at the latest when :meth:`flush` or :meth:`close` returns. Episodes with different camera
     sets go to different shards of the same partition. Use as a context manager, or call :meth:`close`;
-    buffered episodes are written on exit even when the block raised.
+    buffered episodes are written on exit even when the block raised. ``run_id`` is stamped on every episode
+    that does not carry one, so each stored episode says which run wrote it.
     """
 
-    def __init__(self, store: ReplayStore, writer_id: str | None = None, *, max_pending: int = 2) -> None:
+    def __init__(self, store: ReplayStore, writer_id: str | None = None, *, max_pending: int = 2,
+                 run_id: str = "") -> None:
         self.store = store
+        self.run_id = run_id
         self.writer_id = writer_id or f"{HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.max_pending = max_pending
         self.shards_written: list[ShardFile] = []  # committed: durable and visible
@@ -173,6 +185,8 @@ class ReplayWriter:
             raise RuntimeError("ReplayWriter.add after close")
         if episode.outcome not in OUTCOMES:
             raise ValueError(f"episode outcome must be one of {OUTCOMES}, got {episode.outcome!r}")
+        if self.run_id and not episode.run_id:
+            episode = dataclasses.replace(episode, run_id=self.run_id)
         key = (episode.task, episode.outcome, tuple(sorted(episode.images)))
         buffer = self._buffers.setdefault(key, [])
         buffer.append(episode)

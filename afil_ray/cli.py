@@ -82,11 +82,16 @@ def cmd_replay_stats(args: argparse.Namespace) -> int:
     from afil_ray.replay import ReplayStore, format_stats
 
     store = ReplayStore(args.root)
+    corrupt = []
     if args.verify:
-        for bad in store.verify():
+        shards = len(store.list_shards())
+        corrupt = store.verify()
+        for bad in corrupt:
             print(f"quarantined corrupt shard {bad.path}: {bad.reason}", file=sys.stderr)
+        print(f"verified {shards} shards: " + (f"{len(corrupt)} corrupt (quarantined), {shards - len(corrupt)} "
+                                               f"readable" if corrupt else "every one reads back intact"))
     print(format_stats(store))
-    return 0
+    return 1 if corrupt else 0  # like fsck: a script can tell a damaged store from a clean one
 
 
 def cmd_train(args: argparse.Namespace) -> int:

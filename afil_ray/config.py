@@ -224,6 +224,9 @@ class LoopConfig:
     eval_gpus: float = 0.0
     torch_threads: int = 1  # per actor: actors share the node's cores
     local_num_cpus: int | None = None  # local Ray only: CPUs it may schedule (None: all cores)
+    # A cluster with less than the loop's actors ask for: 0 fails at once naming demand and capacity; N waits up
+    # to N s for the autoscaler to add nodes (configs/cluster_gpu.yaml). A local Ray never grows: it fails at once.
+    resource_wait_s: float = 0.0
     round_s: float = 5.0  # length of one actor call; metrics reach TensorBoard once per round
     weight_poll_s: float = 0.5  # rollout actors ask for a newer weight version at most this often
     publish_every: int = 50  # learner steps per published weight version

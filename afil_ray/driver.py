@@ -34,7 +34,7 @@ from tqdm import tqdm
 from actors.evaluator import EvalActor, EvalUnitActor
 from actors.rollout import RolloutActor
 from actors.weight_board import WeightBoardActor
-from afil_ray.config import Config, SamplerConfig, save_resolved
+from afil_ray.config import Config, ConfigError, SamplerConfig, save_resolved
 from afil_ray.eval.workers import Unit, process_units
 from afil_ray.loop.metrics import LoopMetrics
 from afil_ray.policy.checkpoint import CheckpointError
@@ -84,24 +84,31 @@ class LoopDriver:
     # ------------------------------------------------------------------ set-up
 
     def _init_ray(self) -> None:
+        """Join the cluster that ``loop.address`` or ``RAY_ADDRESS`` names, or start a Ray of our own: never
+        attach silently to some other Ray already running on the machine (what a bare ``ray.init()`` does)."""
         address = self.cfg.loop.address or os.environ.get("RAY_ADDRESS")
         if ray.is_initialized():
             return
         if address:
             ray.init(address=address, log_to_driver=True)
+            print(f"afil-ray run {self.cfg.run_id}: joined the Ray cluster at {address} "
+                  f"({_capacity(ray.cluster_resources())})", file=sys.stderr, flush=True)
         else:
             self.cfg = _absolute(self.cfg)
             quiet_local_ray()
-            ray.init(num_cpus=self.cfg.loop.local_num_cpus, include_dashboard=False, log_to_driver=True)
+            ray.init(address="local", num_cpus=self.cfg.loop.local_num_cpus, include_dashboard=False,
+                     log_to_driver=True)
             self.started_ray = True
+            print(f"afil-ray run {self.cfg.run_id}: started a local Ray for this run "
+                  f"({_capacity(ray.cluster_resources())}); loop.address or RAY_ADDRESS joins a cluster instead",
+                  file=sys.stderr, flush=True)
 
     def _options(self, cpus: float, gpus: float, restarts: int) -> dict[str, Any]:
         return {"num_cpus": cpus, "num_gpus": gpus, "max_restarts": restarts, "max_task_retries": 0}
 
     def start(self) -> None:
         self._init_ray()
-        if self.started_ray:
-            self._check_local_resources()
+        self._check_resources()
         # after ray.init (whose core worker installs its own SIGTERM handler, which aborts the process) and
         # before the actors are built, so a stop during their construction is clean too
         self._install_signals()
@@ -123,22 +130,34 @@ class LoopDriver:
                                             ).remote(cfg, board) if lc.eval_every_s > 0 else None)
         self._wait_ready()
 
-    def _check_local_resources(self) -> None:
-        """On a local Ray nothing will ever add CPUs or GPUs: asking for more than it has is a config error now,
-        not a 10-minute wait for actors that cannot be placed (a cluster's autoscaler may add nodes, so there
-        the wait stands)."""
+    def _demand(self) -> list[tuple[str, dict[str, float]]]:
+        """(actor, {resource: amount}) for every actor the loop places."""
         lc = self.cfg.loop
-        evaluator = lc.eval_every_s > 0
-        wanted = {"CPU": lc.learner_cpus + lc.num_rollout_actors * lc.rollout_cpus + evaluator * lc.eval_cpus,
-                  "GPU": lc.learner_gpus + lc.num_rollout_actors * lc.rollout_gpus + evaluator * lc.eval_gpus}
-        have = ray.cluster_resources()
-        for kind, amount in wanted.items():
-            if amount > have.get(kind, 0.0) + 1e-9:
-                raise ValueError(
-                    f"the loop's actors ask for {amount:g} {kind} (loop.learner_{kind.lower()}s + "
-                    f"loop.num_rollout_actors x loop.rollout_{kind.lower()}s + loop.eval_{kind.lower()}s when the "
-                    f"evaluator runs) but the local Ray has {have.get(kind, 0.0):g}; lower them (fractions are "
-                    f"allowed) or raise loop.local_num_cpus")
+        actors = [("learner", {"CPU": lc.learner_cpus, "GPU": lc.learner_gpus})]
+        actors += [(f"rollout {i}", {"CPU": lc.rollout_cpus, "GPU": lc.rollout_gpus})
+                   for i in range(lc.num_rollout_actors)]
+        if lc.eval_every_s > 0:
+            actors.append(("evaluator", {"CPU": lc.eval_cpus, "GPU": lc.eval_gpus}))
+        return actors
+
+    def _check_resources(self) -> None:
+        """Fail within seconds, naming demand and capacity, when the loop's actors cannot all be placed: in total
+        (the sum of loop.*_cpus/_gpus) or one actor on any single node. Ray would otherwise wait forever with a
+        pending demand that the job log does not show. A local Ray never grows; a cluster may (its autoscaler),
+        so there the check waits up to ``loop.resource_wait_s`` first."""
+        deadline = time.monotonic() + (self.cfg.loop.resource_wait_s if not self.started_ray else 0.0)
+        while True:
+            problem = _placement_problem(self._demand(), ray.nodes())
+            if problem is None:
+                return
+            if time.monotonic() >= deadline or self.stopping:
+                where = "the local Ray" if self.started_ray else "the Ray cluster"
+                hint = ("raise loop.local_num_cpus or lower them (fractions are allowed)" if self.started_ray else
+                        "lower them (fractions are allowed), add nodes, or set loop.resource_wait_s for an "
+                        "autoscaling cluster")
+                raise ConfigError(f"{problem} on {where}; {hint}")
+            log.warning("waiting for the cluster to grow: %s", problem)
+            time.sleep(5.0)
 
     def _wait_ready(self, timeout_s: float = 600.0) -> None:
         """Block until every actor is constructed (simulators built, policy loaded): the budget starts after.
@@ -346,6 +365,29 @@ class LoopDriver:
         summary["episodes_in_lost_rounds"] = sum(stored.values()) - sum(reported.values())
 
 
+def _capacity(resources: dict[str, float]) -> str:
+    return f"{resources.get('CPU', 0.0):g} CPU, {resources.get('GPU', 0.0):g} GPU"
+
+
+def _placement_problem(actors: list[tuple[str, dict[str, float]]], nodes: list[dict[str, Any]]) -> str | None:
+    """Why ``actors`` cannot all be placed on ``nodes`` (``ray.nodes()``), or None. Checks the totals and that
+    each actor fits on some node; Ray's own packing may still queue an actor behind others, never forever."""
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
+    for kind in ("CPU", "GPU"):
+        wanted = sum(d[kind] for _, d in actors)
+        have = sum(r.get(kind, 0.0) for r in alive)
+        if wanted > have + 1e-9:
+            return (f"the loop's actors ask for {wanted:g} {kind} in all (loop.learner_{kind.lower()}s + "
+                    f"loop.num_rollout_actors x loop.rollout_{kind.lower()}s + loop.eval_{kind.lower()}s when the "
+                    f"evaluator runs) but there are {have:g}")
+    for name, demand in actors:
+        if not any(all(r.get(k, 0.0) + 1e-9 >= v for k, v in demand.items() if v > 0) for r in alive):
+            biggest = max(alive, key=lambda r: (r.get("GPU", 0.0), r.get("CPU", 0.0)), default={})
+            return (f"the {name} actor asks for {_capacity(demand)} but no node has that much (the largest: "
+                    f"{_capacity(biggest)})")
+    return None
+
+
 class _LogLines:
     """The progress bar's interface for a log: ``afil-ray run 30/300 s, env_steps/s=..., ...`` lines."""
 
@@ -402,7 +444,8 @@ def eval_runner(cfg: Config, policy: torch.nn.Module, samplers: list[SamplerConf
     if not ray.is_initialized():
         if not os.environ.get("RAY_ADDRESS"):
             quiet_local_ray()
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
+        # "local": a Ray of our own, not whatever cluster happens to run on this machine
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=True)
     threads = max(1, int(cfg.eval.worker_cpus))
     policy_ref = ray.put(policy)
     actors = [EvalUnitActor.options(num_cpus=cfg.eval.worker_cpus, num_gpus=cfg.eval.worker_gpus)

@@ -8,6 +8,7 @@ import pytest
 
 from afil_ray.cli import main
 from afil_ray.config import ConfigError, load_config, save_resolved
+from afil_ray.replay import ReplayStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,16 +84,22 @@ def test_demos_then_stats_from_the_command_line(tmp_path, capsys):
     runs = list((store / "_meta" / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "config.yaml").is_file() and (runs[0] / "report.json").is_file()
     assert load_config(runs[0] / "config.yaml").replay.root == str(store)
+    # the demos carry the invocation's run id, which also names its record under _meta/runs
+    [run_id] = {ep.run_id for ep in ReplayStore(store).read_episodes()}
+    assert "-demos-" in run_id and runs[0].name == f"{run_id}-PullCube-v1"
 
     assert main(["replay", "stats", str(store)]) == 0
     table = capsys.readouterr().out
     assert "PullCube-v1" in table and "demo" in table
+    assert main(["replay", "stats", "--verify", str(store)]) == 0  # a clean store says so
+    assert "verified 1 shards: every one reads back intact" in capsys.readouterr().out
 
-    # a corrupt shard is reported with its path and moved aside; the rest still counts
+    # a corrupt shard is reported with its path and moved aside; the rest still counts; the exit code tells
     shard = next(store.glob("task=PullCube-v1/outcome=demo/*.arrow"))
     shard.write_bytes(shard.read_bytes()[:200])
-    assert main(["replay", "stats", "--verify", str(store)]) == 0
+    assert main(["replay", "stats", "--verify", str(store)]) == 1
     captured = capsys.readouterr()
+    assert "verified 1 shards: 1 corrupt (quarantined), 0 readable" in captured.out
     assert shard.name in captured.err and "quarantined" in captured.err
     assert (store / "_quarantine").exists()
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import ray
 
-from afil_ray.driver import LoopDriver
+from afil_ray.config import ConfigError
+from afil_ray.driver import LoopDriver, _placement_problem
 from afil_ray.replay.store import ReplayStore
 
 from loop_fixtures import loop_config, make_start_checkpoint
@@ -118,7 +119,7 @@ def test_more_cpus_than_the_local_ray_has_is_an_error_at_once(tmp_path):
                       eval_every_s=0)
     make_start_checkpoint(cfg)
     t0 = time.monotonic()
-    with pytest.raises(ValueError, match=r"ask for 3 CPU .* local Ray has 2"):
+    with pytest.raises(ConfigError, match=r"ask for 3 CPU in all .* there are 2 on the local Ray"):
         LoopDriver(cfg).run()
     assert time.monotonic() - t0 < 120  # not the 10-minute wait for actors that can never be placed
 
@@ -146,3 +147,18 @@ def test_a_published_version_outlives_the_learner_that_published_it():
     packet = BoardWeightSource(board).poll(0, block=True)
     assert packet is not None and packet.version == 5
     assert float(packet.components["failure_head"]["w"][0]) == 5.0
+
+
+def test_placement_problem_names_the_demand_and_the_capacity():
+    """What the loop checks before it places actors (on a cluster after loop.resource_wait_s): totals, and that
+    every actor fits on one node."""
+    node = {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}}
+    actors = [("learner", {"CPU": 2.0, "GPU": 0.25}), *[(f"rollout {i}", {"CPU": 1.0, "GPU": 0.15}) for i in range(4)]]
+    assert _placement_problem(actors, [node]) is None
+    assert "ask for 1.85 GPU in all" in _placement_problem([*actors, ("rollout 4", {"CPU": 1.0, "GPU": 1.0})], [node])
+    dead = {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}
+    assert "there are 8" in _placement_problem([("learner", {"CPU": 9.0, "GPU": 0.0})], [node, dead])
+    two_small = [{"Alive": True, "Resources": {"CPU": 2.0}}] * 2
+    problem = _placement_problem([("learner", {"CPU": 3.0, "GPU": 0.0})], two_small)
+    assert problem == ("the learner actor asks for 3 CPU, 0 GPU but no node has that much (the largest: 2 CPU, "
+                       "0 GPU)")

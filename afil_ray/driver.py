@@ -178,8 +178,11 @@ class LoopDriver:
             if refs and time.monotonic() - t0 > timeout_s:
                 raise TimeoutError(f"actors not ready after {timeout_s:.0f} s (cluster resources?): "
                                    f"{sorted(refs.values())}")
-            if refs:
-                log.info("waiting for %s", ", ".join(sorted(refs.values())))
+            if refs:  # a user's log says why nothing happens yet once it takes long (no -v needed)
+                waited = time.monotonic() - t0
+                (log.warning if waited > 60 else log.info)(
+                    "%.0f s: still waiting for %s to start (simulators and policy loading; `ray status` shows "
+                    "pending resource demands)", waited, ", ".join(sorted(refs.values())))
 
     # ------------------------------------------------------------------ rounds
 

@@ -70,6 +70,13 @@ def test_harvest_learn_publish_apply(cfg):
     worker.close()
     assert store.verify() == []
 
+    # a worker started (or restarted by Ray) after versions were published acts with the newest from its very
+    # first episodes, and they say so
+    fresh = RolloutWorker(cfg, 1, LocalWeightSource(board), seed_start=6_000_000)
+    first = fresh.run(2.0)
+    assert first.episodes and {e.policy_version for e in first.episodes} == {board.version}
+    fresh.close()
+
 
 def test_learner_waits_for_failures(tmp_path):
     cfg = loop_config(tmp_path, min_failures=1)

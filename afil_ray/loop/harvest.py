@@ -85,8 +85,10 @@ class RolloutWorker:
         self._last_poll = -np.inf
         self._applied: list[tuple[int, float]] = []
         self._crashes = 0
+        # a restarted worker picks up the newest version before its simulator starts the first episodes, which
+        # are labelled with the version they start with
+        self._poll(force=True)
         self._start_env()
-        self._poll(force=True)  # a restarted worker picks up the newest version before its first step
 
     def _start_env(self) -> None:
         self.env = self.make_env(self.cfg.env)
@@ -105,7 +107,8 @@ class RolloutWorker:
     def apply(self, packet: WeightPacket) -> None:
         apply(self.policy, packet)
         self.version = packet.version
-        self.rollout.set_policy(self.policy, packet.version)
+        if self.rollout is not None:  # None before the first simulator starts
+            self.rollout.set_policy(self.policy, packet.version)
         self._applied.append((packet.version, time.time() - packet.published_at))
 
     def _keep(self, episode: Episode) -> Episode:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,8 @@ def test_demos_then_stats_from_the_command_line(tmp_path, capsys):
     runs = list((store / "_meta" / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "config.yaml").is_file() and (runs[0] / "report.json").is_file()
     assert load_config(runs[0] / "config.yaml").replay.root == str(store)
+    report = json.loads((runs[0] / "report.json").read_text())
+    assert report["machine"]["versions"]["mani_skill"] and "logical_cores" in report["machine"]
 
     assert main(["replay", "stats", str(store)]) == 0
     table = capsys.readouterr().out

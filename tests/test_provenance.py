@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -12,6 +14,7 @@ from afil_ray.pipeline import stages
 from afil_ray.pipeline.stages import StageCache
 from afil_ray.provenance import compare_facts, describe_differences, machine_facts
 
+REPO = Path(__file__).resolve().parents[1]
 TYPES = {"cpu_model": str, "cpu_flags": list, "logical_cores": int, "torch_threads": int,
          "torch_interop_threads": int, "torch_cpu_capability": str, "omp_num_threads": str, "mkl_num_threads": str,
          "versions": dict, "commit": str, "hostname": str, "os": str}
@@ -102,3 +105,18 @@ def test_stage_records_carry_the_machine_and_are_reused_on_another(tmp_path, mon
     # the record still says where the outputs were made
     assert json.loads((tmp_path / "stages" / "demos.json").read_text())["machine"] == record["machine"]
 
+
+def test_compare_runs_names_the_machine_differences(tmp_path):
+    spec = importlib.util.spec_from_file_location("compare_runs", REPO / "scripts" / "compare_runs.py")
+    compare_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_runs)
+    here = machine_facts()
+    for run, facts in (("a", here), ("b", {**here, "omp_num_threads": "1"})):
+        (tmp_path / run / "stages").mkdir(parents=True)
+        for name in ("demos", "harvest"):
+            record = {"stage": name, "outputs": {}, "machine": facts}
+            (tmp_path / run / "stages" / f"{name}.json").write_text(json.dumps(record))
+    (tmp_path / "b" / "stages" / "correct.json").write_text(json.dumps({"stage": "correct", "outputs": {}}))
+    rows = compare_runs.machine_rows(tmp_path / "a", tmp_path / "b")
+    assert rows == ["| correct | stage missing |", f"| demos | omp_num_threads: {here['omp_num_threads']} -> 1 |",
+                    f"| harvest | omp_num_threads: {here['omp_num_threads']} -> 1 |"]

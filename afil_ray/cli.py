@@ -41,6 +41,7 @@ def _eval_runner(cfg: Config):
 
 def cmd_demos(args: argparse.Namespace) -> int:
     from afil_ray.demos.generate import generate_demos
+    from afil_ray.provenance import machine_facts
     from afil_ray.replay import ReplayStore, format_stats
 
     extra = [f"demos.num={args.num}"] if args.num is not None else []
@@ -55,7 +56,7 @@ def cmd_demos(args: argparse.Namespace) -> int:
         report = generate_demos(cfg, store, progress=not args.quiet)
         print(report.summary())
         with open(f"{run_dir}/report.json", "w") as f:
-            json.dump({**asdict(report), "failures": dict(report.failures)}, f, indent=1)
+            json.dump({**asdict(report), "failures": dict(report.failures), "machine": machine_facts()}, f, indent=1)
     print()
     print(format_stats(store))
     return 0

@@ -30,6 +30,7 @@ from afil_ray.policy import checkpoint as ckpt
 from afil_ray.policy.checkpoint import CheckpointError
 from afil_ray.policy.loading import LATEST, latest_checkpoint, load_start_policy, resolve_device
 from afil_ray.policy.model import DAGPolicy
+from afil_ray.provenance import machine_facts
 from afil_ray.replay.chunks import ChunkSampler
 from afil_ray.replay.sampler import WindowSampler
 from afil_ray.replay.store import ReplayStore
@@ -247,7 +248,8 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         ckpt.save_policy(self.inference_policy, tmp)
-        state = {"step": self.step, "mode": self.cfg.train.mode}
+        # the machine facts say where these weights were made (their digits depend on it), not what resumes them
+        state: dict[str, Any] = {"step": self.step, "mode": self.cfg.train.mode, "machine": machine_facts()}
         if self.ema is not None:
             torch.save(self.policy.state_dict(), tmp / RAW_WEIGHTS)
             state["ema_updates"] = int(self.ema.n_averaged)

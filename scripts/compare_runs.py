@@ -6,7 +6,10 @@ before and after it and comparing here; only the online loop, which runs for a w
 
     .venv/bin/python scripts/compare_runs.py RUN_A RUN_B
 
-Prints a Markdown table per part and exits 1 when anything differs.
+Prints a Markdown table per part and exits 1 when any number differs. Last, which machine facts (``stages/*.json``'s
+``machine``: CPU, SIMD flags, thread counts, versions, commit) differ between the runs' stages: information, not a
+difference in numbers, but the first thing to look at when the numbers differ (``docs/results.md``,
+"Reproducibility").
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import sys
 from pathlib import Path
 
 from safetensors.torch import load_file
+
+from afil_ray.provenance import describe_differences
 
 # what each stage's outputs say about the data it made (the rest are paths and wall times)
 DATA_KEYS = {"demos": ("demos", "added", "dropped"), "harvest": ("episodes", "failures", "success_rate"),
@@ -42,6 +47,19 @@ def checkpoint_diff(a: Path, b: Path) -> str:
         if ta.keys() != tb.keys() or any(not ta[k].equal(tb[k]) for k in ta):
             differ.append(name)
     return "identical" if not differ else "differs: " + ", ".join(differ)
+
+
+def machine_rows(a: Path, b: Path) -> list[str]:
+    """One Markdown row per stage recorded in either run: the machine facts that differ between the two."""
+    rows = []
+    for name in sorted({p.stem for r in (a, b) for p in (r / "stages").glob("*.json")}):
+        ma, mb = (stage(r, name).get("machine") for r in (a, b))
+        if ma is None or mb is None:
+            verdict = "stage missing" if not (stage(a, name) and stage(b, name)) else "not recorded"
+        else:
+            verdict = describe_differences(ma, mb) or "none"
+        rows.append(f"| {name} | {verdict} |")
+    return rows
 
 
 def main() -> int:
@@ -78,6 +96,8 @@ def main() -> int:
         print(f"| {entry['arm']} | {entry['successes']}/{entry['episodes']} | {other.get('successes')}/"
               f"{other.get('episodes')} | {wa} | {wb} | {'yes' if equal else '**no**'} |")
     same &= set(arms_b) == {e["arm"] for e in body_a["arms"]}
+    print("\nMachine facts (information):\n\n| stage | facts that differ (A -> B) |\n|---|---|")
+    print("\n".join(machine_rows(args.run_a, args.run_b)))
     print(f"\n{'same numbers' if same else 'the runs differ'}")
     return 0 if same else 1
 

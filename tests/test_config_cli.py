@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,8 @@ def test_demos_then_stats_from_the_command_line(tmp_path, capsys):
     # the demos carry the invocation's run id, which also names its record under _meta/runs
     [run_id] = {ep.run_id for ep in ReplayStore(store).read_episodes()}
     assert "-demos-" in run_id and runs[0].name == f"{run_id}-PullCube-v1"
+    report = json.loads((runs[0] / "report.json").read_text())
+    assert report["machine"]["versions"]["mani_skill"] and "logical_cores" in report["machine"]
 
     assert main(["replay", "stats", str(store)]) == 0
     table = capsys.readouterr().out

@@ -18,6 +18,7 @@ from afil_ray.eval.arms import make_arm, parse_arm
 from afil_ray.eval.episodes import episode_noise_seed
 from afil_ray.eval.protocol import evaluate_arms, resolve_arms, write_evaluation
 from afil_ray.policy.checkpoint import load_policy
+from afil_ray.provenance import machine_facts
 from afil_ray.rollout import ChunkedRollout
 
 from loop_fixtures import loop_config, make_start_checkpoint
@@ -202,6 +203,9 @@ def test_report_files(setup, tmp_path):
         assert paths[key].is_file() and paths[key].stat().st_size > 0
     md = paths["md"].read_text()
     assert "success_once" in md and "coincide" in md
+    # the machine is recorded with the report, not in episodes.json (which is byte-identical across machines)
+    assert json.loads(paths["json"].read_text())["machine"] == report["machine"] == machine_facts()
+    assert "machine" not in paths["episodes"].read_text()
     records = json.loads(paths["episodes"].read_text())["episodes"]
     assert len(records) == 4 and {(r["arm"], r["seed"], r["run"]) for r in records} == set(
         itertools.product(["static:w=0.5", "success_only"], [700, 701], [0]))

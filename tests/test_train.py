@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from afil_ray.config import Config, ConfigError, load_config
 from afil_ray.policy.checkpoint import CheckpointError, load_policy
 from afil_ray.policy.loading import latest_checkpoint
+from afil_ray.provenance import machine_facts
 from afil_ray.replay.store import ReplayStore
 from afil_ray.train import Trainer
 
@@ -48,6 +51,7 @@ def test_success_training_logs_checkpoints_and_resumes(store, tmp_path):
     trainer = Trainer(cfg, progress=False)
     final = trainer.run()
     assert final.name == "step_00000006" and latest_checkpoint(cfg.run_dir) == final
+    assert json.loads((final / "trainer.json").read_text())["machine"] == machine_facts()  # where it was made
     assert (tmp_path / "run" / "config.yaml").is_file()
     events = EventAccumulator(str(tmp_path / "run" / "tb"))
     events.Reload()

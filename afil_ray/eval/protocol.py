@@ -23,6 +23,7 @@ from afil_ray.eval.arms import Arm, parse_arms, reference_arm, sampler_arm
 from afil_ray.eval.episodes import EvalResult, run_episodes, success_at_end
 from afil_ray.eval.report import ArmResult, EpisodeOutcome, build_report, markdown_table, write_report
 from afil_ray.eval.workers import UnitRunner, run_units
+from afil_ray.provenance import machine_facts
 from afil_ray.rollout import ChunkPolicy
 
 EPISODES_FILE = "episodes.json"
@@ -86,8 +87,8 @@ def metric_note(cfg: Config) -> str:
 
 def write_evaluation(cfg: Config, results: list[EvalResult], arms: list[Arm], checkpoint: str | Path,
                      directory: str | Path | None = None) -> tuple[dict[str, Any], dict[str, Path]]:
-    """report.json / report.md / report.png (``afil_ray.eval.report``) and episodes.json (one record per arm and
-    episode)."""
+    """report.json / report.md / report.png (``afil_ray.eval.report``; report.json records the machine facts) and
+    episodes.json (one record per arm and episode)."""
     directory = Path(directory) if directory is not None else output_dir(cfg, checkpoint, arms)
     report = build_report([ArmResult(r.arm.name, r.task, r.outcomes()) for r in results], metric=cfg.eval.metric,
                           reference_arm=reference_arm(arms), seed=cfg.seed)
@@ -98,6 +99,7 @@ def write_evaluation(cfg: Config, results: list[EvalResult], arms: list[Arm], ch
         "metric_note": metric_note(cfg), "exact_pairing": cfg.eval.exact_pairing,
         "arms": {a.name: OmegaConf.to_container(OmegaConf.structured(a.sampler)) for a in arms},
     }
+    report["machine"] = machine_facts()  # not in episodes.json, which stays byte-identical across machines' runs
     paths = write_report(report, directory, markdown_table(report) + f"\n{metric_note(cfg)}\n")
     records = [{"arm": r.arm.name, "task": r.task, "seed": e.seed, "run": int(e.extra["eval_run"]),
                 "noise_seed": int(e.extra["noise_seed"]), "success_once": bool(e.success),

@@ -1,8 +1,10 @@
 """The stage cache: each stage of a reproduction runs once per run directory, under the settings it ran with.
 
-A completed stage writes ``run_dir/stages/<stage>.json`` (its settings, outputs and wall time) and is skipped on
-the next call. A stage completed under other settings is an error naming the keys, since its outputs no longer
-match the config. ``DEPENDS`` says which config keys each stage's outputs depend on.
+A completed stage writes ``run_dir/stages/<stage>.json`` (its settings, outputs, wall time and the machine facts of
+``afil_ray.provenance``) and is skipped on the next call. A stage completed under other settings is an error naming
+the keys, since its outputs no longer match the config. One completed on another machine is reused, with a line
+saying which facts differ: its digits are what that machine made (``docs/results.md``, "Reproducibility").
+``DEPENDS`` says which config keys each stage's outputs depend on.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from afil_ray.config import Config, ConfigError
+from afil_ray.provenance import describe_differences, machine_facts
 
 STAGES = ("demos", "success_only", "harvest", "correct", "corrected", "dag", "online", "eval")
 
@@ -65,11 +68,15 @@ def with_updates(cfg: Config, **sections: Any) -> Config:
 
 
 class StageCache:
-    """Runs a stage unless ``root/stages/<stage>.json`` says it completed under the same settings."""
+    """Runs a stage unless ``root/stages/<stage>.json`` says it completed under the same settings.
+
+    The machine facts are read once, when the cache is made (before any stage sets torch's thread count), so a
+    re-run compares like with like; the config's thread settings are in each stage's settings."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.records: dict[str, dict[str, Any]] = {}  # stage -> its record, for the reports' wall times
+        self.machine = machine_facts()
 
     def marker(self, stage: str) -> Path:
         return self.root / "stages" / f"{stage}.json"
@@ -86,13 +93,18 @@ class StageCache:
                     f"its outputs do not match this config. Use another run_dir, or delete {marker} (and the "
                     f"stage's outputs) to redo it.")
             print(f"[{stage}] cached ({record['seconds']:.0f} s when it ran): {brief(record['outputs'])}")
+            differ = describe_differences(record["machine"], self.machine, ("then", "now")) \
+                if "machine" in record else ""
+            if differ:
+                line = f"[{stage}] machine facts differ from when it ran (information; outputs kept): {differ}"
+                print(line[:600])
             self.records[stage] = record
             return record["outputs"]
         print(f"[{stage}] running")
         t0 = time.time()
         outputs = fn()
         record = {"stage": stage, "seconds": time.time() - t0, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-                  "settings": settings, "outputs": outputs}
+                  "settings": settings, "outputs": outputs, "machine": self.machine}
         marker.parent.mkdir(parents=True, exist_ok=True)
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")

@@ -39,6 +39,7 @@ from afil_ray.eval.workers import Unit, process_units
 from afil_ray.loop.metrics import LoopMetrics
 from afil_ray.policy.checkpoint import CheckpointError
 from afil_ray.policy.loading import resolve_checkpoint
+from afil_ray.provenance import machine_facts
 from afil_ray.replay.episode import Episode
 from afil_ray.replay.store import ReplayStore
 from afil_ray.run_id import with_run_id
@@ -344,6 +345,7 @@ class LoopDriver:
                 log.error("%s failed: %s", what, e)
         summary["stopped_by_signal"] = self.stopping
         self._count_stored(summary)
+        summary["machine"] = machine_facts()  # the driver's node: what decides the digits (docs/results.md)
         self.metrics.close()
         text = json.dumps(summary, indent=2) + "\n"
         (Path(self.cfg.run_dir) / "summary.json").write_text(text)  # the newest run's

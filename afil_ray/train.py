@@ -25,7 +25,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from afil_ray.config import Config, save_resolved
-from afil_ray.envs.tasks import get_task
+from afil_ray.envs.checks import check_task, trained_tasks
 from afil_ray.policy import checkpoint as ckpt
 from afil_ray.policy.checkpoint import CheckpointError
 from afil_ray.policy.loading import LATEST, latest_checkpoint, load_start_policy, resolve_device
@@ -68,7 +68,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.tasks = list(cfg.data.tasks) or [cfg.env.task]
-        self.instructions = {t: get_task(t).instruction for t in self.tasks}
+        self.instructions = {t: check_task(key, t).instruction for key, t in trained_tasks(cfg)}
         store = ReplayStore(cfg.replay.root)
         cameras = () if cfg.env.obs_mode == "state" else None
         h = cfg.policy.horizon

@@ -105,11 +105,12 @@ def cmd_replay_stats(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from afil_ray.envs.checks import check_tasks, trained_tasks
-    from afil_ray.train import Trainer
 
-    cfg = _config(args, [])
+    cfg = _config(args, [])  # bad input fails before torch is imported
     check_tasks(trained_tasks(cfg), simulate=False)  # training reads the store; it simulates nothing
     check_writable("run_dir", cfg.run_dir)
+    from afil_ray.train import Trainer
+
     trainer = Trainer(cfg, progress=not args.quiet)
     final = trainer.run()
     print(f"trained {cfg.train.mode} to step {trainer.step}; checkpoint {final}; TensorBoard logs {cfg.run_dir}/tb")
@@ -163,10 +164,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from afil_ray.driver import LoopDriver
-
     extra = [f"loop.duration_s={args.duration}"] if args.duration is not None else []
-    cfg = _config(args, extra)
+    cfg = _config(args, extra)  # a bad value fails before Ray and torch are imported
+    from afil_ray.driver import LoopDriver  # its checks (tasks, paths, init_from) run before Ray starts
+
     summary = LoopDriver(cfg).run()
     print(json.dumps(summary, indent=2))
     print(f"run directory {cfg.run_dir}: TensorBoard `tensorboard --logdir {cfg.run_dir}/tb`")

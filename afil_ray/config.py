@@ -50,7 +50,7 @@ def _at_least(key: str, value: int | float | None, low: int | float, *, none: st
     """``none`` says what None means where the key allows it (``"every one"``); without it None is an error."""
     if value is None and none:
         return
-    if value is None or value < low:
+    if value is None or not value >= low:  # ``not >=`` also catches nan
         allowed = f">= {low}" + (f" or null ({none})" if none else "")
         raise ConfigError(f"{key} must be {allowed}, got {_show(value)}")
 

@@ -409,6 +409,7 @@ class LoopConfig(_Section):
         _at_least("loop.min_failures", self.min_failures, 0)
         _at_least("loop.eval_every_s", self.eval_every_s, 0.0)  # 0: no evaluator
         _at_least("loop.max_restarts", self.max_restarts, 0)
+        _at_least("loop.resource_wait_s", self.resource_wait_s, 0.0)  # 0: fail at once
 
 
 @dataclass

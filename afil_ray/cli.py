@@ -16,7 +16,7 @@ import logging
 import sys
 from dataclasses import asdict
 
-from afil_ray.config import Config, ConfigError, load_config, save_resolved
+from afil_ray.config import Config, ConfigError, check_writable, load_config, save_resolved
 from afil_ray.run_id import new_run_id
 
 
@@ -41,6 +41,7 @@ def _eval_runner(cfg: Config):
 
 def cmd_demos(args: argparse.Namespace) -> int:
     from afil_ray.demos.generate import generate_demos
+    from afil_ray.envs.checks import check_tasks
     from afil_ray.provenance import machine_facts
     from afil_ray.replay import ReplayStore, format_stats
 
@@ -48,6 +49,9 @@ def cmd_demos(args: argparse.Namespace) -> int:
     extra += [f"demos.workers={args.workers}"] if args.workers is not None else []
     base = _config(args, extra)
     tasks = args.task.split(",") if args.task else [base.env.task]
+    # every task and the store's root before any worker starts or anything is written to the store
+    check_tasks([("--task" if args.task else "env.task", t) for t in tasks], planner=True)
+    check_writable("replay.root", base.replay.root)
     store = ReplayStore.from_config(base.replay)
     for task in tasks:
         cfg = _config(args, [*extra, f"env.task={task}"])
@@ -64,13 +68,17 @@ def cmd_demos(args: argparse.Namespace) -> int:
 
 def cmd_correct(args: argparse.Namespace) -> int:
     from afil_ray.correction import correct_failures
+    from afil_ray.envs.checks import check_tasks
     from afil_ray.replay import ReplayStore, format_stats
 
     extra = [f"correct.max_failures={args.max}"] if args.max is not None else []
     extra += [f"correct.workers={args.workers}"] if args.workers is not None else []
     base = _config(args, extra)
+    tasks = args.task.split(",") if args.task else [base.env.task]
+    check_tasks([("--task" if args.task else "env.task", t) for t in tasks], planner=True)
+    check_writable("replay.root", base.replay.root)
     store = ReplayStore.from_config(base.replay)
-    for task in args.task.split(",") if args.task else [base.env.task]:
+    for task in tasks:
         cfg = _config(args, [*extra, f"env.task={task}"])
         report = correct_failures(cfg, store, progress=not args.quiet)
         print(report.summary())
@@ -96,9 +104,13 @@ def cmd_replay_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from afil_ray.envs.checks import check_tasks, trained_tasks
+
+    cfg = _config(args, [])  # bad input fails before torch is imported
+    check_tasks(trained_tasks(cfg), simulate=False)  # training reads the store; it simulates nothing
+    check_writable("run_dir", cfg.run_dir)
     from afil_ray.train import Trainer
 
-    cfg = _config(args, [])
     trainer = Trainer(cfg, progress=not args.quiet)
     final = trainer.run()
     print(f"trained {cfg.train.mode} to step {trainer.step}; checkpoint {final}; TensorBoard logs {cfg.run_dir}/tb")
@@ -108,6 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from afil_ray.envs.checks import check_tasks
     from afil_ray.eval.protocol import evaluate_arms, resolve_arms, write_evaluation
     from afil_ray.policy.checkpoint import CheckpointError, load_policy
     from afil_ray.policy.loading import latest_checkpoint
@@ -115,6 +128,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     extra = [f"eval.episodes={args.episodes}"] if args.episodes is not None else []
     extra += [f"eval.runs={args.runs}"] if args.runs is not None else []
     cfg = _config(args, extra)
+    check_tasks([("env.task", cfg.env.task)])
+    check_writable("run_dir", cfg.run_dir)
     arms = resolve_arms(cfg)  # bad arm specs fail before anything is loaded
     path = Path(cfg.eval.checkpoint) if cfg.eval.checkpoint else latest_checkpoint(cfg.run_dir)
     if path is None:
@@ -149,10 +164,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from afil_ray.driver import LoopDriver
-
     extra = [f"loop.duration_s={args.duration}"] if args.duration is not None else []
-    cfg = _config(args, extra)
+    cfg = _config(args, extra)  # a bad value fails before Ray and torch are imported
+    from afil_ray.driver import LoopDriver  # its checks (tasks, paths, init_from) run before Ray starts
+
     summary = LoopDriver(cfg).run()
     print(json.dumps(summary, indent=2))
     print(f"run directory {cfg.run_dir}: TensorBoard `tensorboard --logdir {cfg.run_dir}/tb`")

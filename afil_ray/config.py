@@ -6,6 +6,8 @@ Every key has one home here. Unknown keys and wrong types are errors that name t
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,16 @@ FAILURE_HEAD_INITS = ("success", "random")
 EVAL_METRICS = ("success_once", "success_at_end")
 EVAL_BACKENDS = ("auto", "processes", "ray")
 CORRECT_STRATEGIES = ("backtrack", "fraction")
+OBS_MODES = ("state", "rgb")
+ENV_BACKENDS = ("auto", "cpu", "gpu")
+CPU_VECTORIZATIONS = ("auto", "loop", "async")
+COMPRESSIONS = ("none", "lz4", "zstd")
+BACKBONES = ("tiny", "pretrained")
+OBJECTIVES = ("flow", "ddpm")
+FLOW_TIMES = ("beta", "uniform")
+DDPM_SCHEDULES = ("cosine", "linear")
+ACTION_NORMS = ("minmax", "meanstd")
+FAILURE_TARGETS = ("sampled", "executed")
 # Keys that were removed, and the one key that now holds their fact.
 MOVED_KEYS = {"data.store": "replay.root"}
 
@@ -34,13 +46,94 @@ def _one_of(key: str, value: object, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def _at_least(key: str, value: int | float, low: int | float) -> None:
-    if value < low:
-        raise ConfigError(f"{key} must be >= {low}, got {value}")
+def _at_least(key: str, value: int | float | None, low: int | float, *, none: str = "") -> None:
+    """``none`` says what None means where the key allows it (``"every one"``); without it None is an error."""
+    if value is None and none:
+        return
+    if value is None or not value >= low:  # ``not >=`` also catches nan
+        allowed = f">= {low}" + (f" or null ({none})" if none else "")
+        raise ConfigError(f"{key} must be {allowed}, got {_show(value)}")
+
+
+def _positive(key: str, value: float | None, *, none: str = "") -> None:
+    """A duration, rate or learning rate: zero would mean nothing happens (or a division by zero)."""
+    if value is None and none:
+        return
+    if value is None or not value > 0:  # ``not >`` also catches nan
+        allowed = "> 0" + (f" or null ({none})" if none else "")
+        raise ConfigError(f"{key} must be {allowed}, got {_show(value)}")
+
+
+def _in_range(key: str, value: float, low: float, high: float, *, high_open: bool = False) -> None:
+    """A probability or fraction: low <= value <= high (< high with ``high_open``)."""
+    if not (low <= value and (value < high if high_open else value <= high)):
+        raise ConfigError(f"{key} must be in [{low}, {high}{')' if high_open else ']'}, got {_show(value)}")
+
+
+def _each_at_least(key: str, values: list, low: int | float) -> None:
+    for value in values:
+        _at_least(key, value, low)
+
+
+def _show(value: object) -> str:
+    return "null" if value is None else str(value)
+
+
+class _Section:
+    """A config section whose ``check`` runs when it is built (a YAML file, overrides, ``dataclasses.replace``)
+    and again on every later assignment (``cfg.loop.num_rollout_actors = 0`` in a script or benchmark), so no
+    path around the checks carries a bad value to a worker or actor; a rejected assignment leaves the old value.
+    """
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` naming the key, its value and what is allowed."""
+
+    def __post_init__(self) -> None:
+        self.check()
+        object.__setattr__(self, "_built", True)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if not self.__dict__.get("_built"):
+            object.__setattr__(self, name, value)
+            return
+        missing = object()
+        old = self.__dict__.get(name, missing)
+        object.__setattr__(self, name, value)
+        try:
+            self.check()
+        except ConfigError:
+            if old is missing:
+                object.__delattr__(self, name)
+            else:
+                object.__setattr__(self, name, old)
+            raise
+
+
+def check_writable(key: str, path: str) -> None:
+    """Fail before anything starts when ``path`` (a local directory the command will write) cannot be created
+    or written: one line naming the key, instead of a traceback from deep inside a run. Remote URIs are left to
+    their filesystem. The probe is a directory made and removed in the nearest existing ancestor (``os.access``
+    says yes to root even under /proc), so nothing is left behind."""
+    if "://" in path:
+        return
+    target = Path(path).expanduser().absolute()
+    probe_in = target
+    while not probe_in.exists():
+        if probe_in.parent == probe_in:
+            break
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        what = "it" if probe_in == target else str(probe_in)
+        raise ConfigError(f"{key}={path} is not writable: {what} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".afil-ray-write-check-", dir=probe_in))
+    except OSError as e:
+        raise ConfigError(f"{key}={path} is not writable: cannot create a directory in {probe_in} "
+                          f"({e.strerror or e})") from None
 
 
 @dataclass
-class EnvConfig:
+class EnvConfig(_Section):
     task: str = "PullCube-v1"
     obs_mode: str = "state"  # state | rgb (rgb = per-camera uint8 images + proprioceptive state)
     # Policy control mode. Demonstrations are planned in pd_joint_pos and retargeted to this mode (see demos).
@@ -53,17 +146,31 @@ class EnvConfig:
     camera_size: int = 128  # width and height of each camera image in rgb mode
     ignore_terminations: bool = False  # run to the limit after success/fail (success_at_end evaluation)
 
+    def check(self) -> None:
+        _one_of("env.obs_mode", self.obs_mode, OBS_MODES)
+        _one_of("env.backend", self.backend, ENV_BACKENDS)
+        _one_of("env.cpu_vectorization", self.cpu_vectorization, CPU_VECTORIZATIONS)
+        _at_least("env.num_envs", self.num_envs, 1)
+        _at_least("env.max_episode_steps", self.max_episode_steps, 1, none="the task's limit")
+        _at_least("env.snapshot_every", self.snapshot_every, 0)  # 0: no snapshots
+        _at_least("env.camera_size", self.camera_size, 1)
+
 
 @dataclass
-class ReplayConfig:
+class ReplayConfig(_Section):
     root: str = "runs/replay"  # local path or any pyarrow.fs URI (s3://, gs://, ...)
     episodes_per_shard: int = 32
     compression: str = "none"  # none | lz4 | zstd (none keeps reads memory-mapped and zero-copy)
     capacity_per_partition: int | None = None  # episodes kept per (task, outcome); oldest shards dropped beyond
 
+    def check(self) -> None:
+        _at_least("replay.episodes_per_shard", self.episodes_per_shard, 1)
+        _one_of("replay.compression", self.compression, COMPRESSIONS)
+        _at_least("replay.capacity_per_partition", self.capacity_per_partition, 1, none="no limit")
+
 
 @dataclass
-class DemoConfig:
+class DemoConfig(_Section):
     num: int = 50  # successful demonstrations wanted per task
     workers: int = 2  # planner processes
     seed_start: int = 0
@@ -71,9 +178,17 @@ class DemoConfig:
     max_length: int | None = None  # drop longer (pathological) plans; None: 2x the task's episode limit
     flush_every: int = 32  # attempts between flushes of the demo driver (bounds what a kill can lose)
 
+    def check(self) -> None:
+        _at_least("demos.num", self.num, 1)
+        _at_least("demos.workers", self.workers, 1)
+        _at_least("demos.seed_start", self.seed_start, 0)
+        _at_least("demos.planner_max_steps", self.planner_max_steps, 1)
+        _at_least("demos.max_length", self.max_length, 1, none="2x the task's episode limit")
+        _at_least("demos.flush_every", self.flush_every, 1)
+
 
 @dataclass
-class CorrectConfig:
+class CorrectConfig(_Section):
     """``afil-ray correct``: finish failed rollouts with the task's motion planner (afil_ray/correction.py)."""
 
     # Where the search for a restore point starts: backtrack (the failure's last snapshot) | fraction (the
@@ -86,13 +201,17 @@ class CorrectConfig:
     max_failures: int | None = None  # failures tried per call (None: every one not tried before)
     workers: int = 2  # planner processes
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         _one_of("correct.strategy", self.strategy, CORRECT_STRATEGIES)
+        _in_range("correct.fraction", self.fraction, 0.0, 1.0)
         _at_least("correct.stride", self.stride, 1)
+        _at_least("correct.max_attempts", self.max_attempts, 1)
+        _at_least("correct.max_failures", self.max_failures, 1, none="every failure not tried before")
+        _at_least("correct.workers", self.workers, 1)
 
 
 @dataclass
-class PolicyConfig:
+class PolicyConfig(_Section):
     """The DAG-VLA: one backbone, a success head and a failure head (afil_ray/policy/)."""
 
     backbone: str = "tiny"  # tiny (random init from a transformers config) | pretrained (from pretrained_path)
@@ -117,12 +236,23 @@ class PolicyConfig:
     action_norm: str = "minmax"  # minmax (each action dim to [-1, 1]) | meanstd
     action_clip: float | None = 1.0  # clip normalised DDIM x0 estimates and sampled chunks to +-this (None: off)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        _one_of("policy.backbone", self.backbone, BACKBONES)
+        _one_of("policy.objective", self.objective, OBJECTIVES)
         _one_of("policy.failure_head_init", self.failure_head_init, FAILURE_HEAD_INITS)
+        _one_of("policy.flow_time", self.flow_time, FLOW_TIMES)
+        _one_of("policy.ddpm_schedule", self.ddpm_schedule, DDPM_SCHEDULES)
+        _one_of("policy.action_norm", self.action_norm, ACTION_NORMS)
+        for key in ("hidden_size", "num_layers", "num_heads", "max_text_tokens", "image_size", "patch_size",
+                    "horizon", "diffusion_steps", "head_width", "head_depth", "vision_layers"):
+            _at_least(f"policy.{key}", getattr(self, key), 1)
+        _at_least("policy.failure_head_width", self.failure_head_width, 1, none="the success head's")
+        _at_least("policy.failure_head_depth", self.failure_head_depth, 1, none="the success head's")
+        _positive("policy.action_clip", self.action_clip, none="no clipping")
 
 
 @dataclass
-class SamplerConfig:
+class SamplerConfig(_Section):
     """How action chunks are sampled: v = v_s + w * (v_s - v_f), w per sample and step for ``adaptive``."""
 
     kind: str = "success_only"  # success_only | static | adaptive
@@ -134,13 +264,16 @@ class SamplerConfig:
     # up to a batch size measured in docs/benchmarks.md); false: always two calls.
     fused_heads: bool = True
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         _one_of("sampler.kind", self.kind, SAMPLER_KINDS)
+        _at_least("sampler.w", self.w, 0.0)  # 0: success_only's velocity (the paired protocol's check)
+        _at_least("sampler.lam", self.lam, 0.0)
         _at_least("sampler.steps", self.steps, 1)
+        _at_least("sampler.execute_steps", self.execute_steps, 1)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     mode: str = "success_only"  # success_only (backbone + success head) | failure_head | joint
     init_from: str | None = None  # checkpoint to start from (e.g. a success-only policy for failure_head)
     steps: int = 20000
@@ -157,12 +290,23 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int = 0  # torch CPU threads (0: torch's default)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         _one_of("train.mode", self.mode, TRAIN_MODES)
+        _one_of("train.failure_targets", self.failure_targets, FAILURE_TARGETS)
+        _at_least("train.steps", self.steps, 1)
+        _at_least("train.batch_size", self.batch_size, 1)
+        _positive("train.lr", self.lr)
+        _at_least("train.weight_decay", self.weight_decay, 0.0)
+        _at_least("train.warmup_steps", self.warmup_steps, 0)
+        _positive("train.grad_clip", self.grad_clip)
+        _at_least("train.log_every", self.log_every, 1)
+        _at_least("train.checkpoint_every", self.checkpoint_every, 1)
+        _in_range("train.ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)  # 0: off
+        _at_least("train.num_threads", self.num_threads, 0)  # 0: torch's default
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     """What training reads from the replay store (``replay.root``)."""
 
     tasks: list[str] = field(default_factory=list)  # empty: env.task
@@ -175,9 +319,12 @@ class DataConfig:
     # (the planner's suffix), not on the failed prefix the corrected trajectory keeps (docs/results.md)
     corrected_from_restore: bool = False
 
+    def check(self) -> None:
+        _at_least("data.failure_window", self.failure_window, 0)  # 0: whole failed episodes
+
 
 @dataclass
-class EvalConfig:
+class EvalConfig(_Section):
     """``afil-ray eval``: every arm on the same episodes x runs, paired (afil_ray/eval/)."""
 
     episodes: int = 50  # initial states: seeds seed_start .. seed_start + episodes - 1
@@ -199,15 +346,19 @@ class EvalConfig:
     worker_cpus: float = 1.0  # Ray resources per eval actor
     worker_gpus: float = 0.0
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         _one_of("eval.metric", self.metric, EVAL_METRICS)
         _one_of("eval.backend", self.backend, EVAL_BACKENDS)
         _at_least("eval.episodes", self.episodes, 1)
+        _at_least("eval.seed_start", self.seed_start, 0)
         _at_least("eval.runs", self.runs, 1)
+        _at_least("eval.workers", self.workers, 1)
+        _at_least("eval.worker_cpus", self.worker_cpus, 0.0)
+        _at_least("eval.worker_gpus", self.worker_gpus, 0.0)
 
 
 @dataclass
-class LoopConfig:
+class LoopConfig(_Section):
     """``afil-ray run``: the harvest-learn loop on Ray (rollout actors, learner, evaluator)."""
 
     address: str | None = None  # Ray cluster to join; None: RAY_ADDRESS when set (ray job submit), else local Ray
@@ -240,15 +391,29 @@ class LoopConfig:
     max_restarts: int = 3  # Ray restarts per actor before the loop gives up on it
     keep_success_snapshots: bool = False  # simulator snapshots are for correcting failures; successes drop them
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         _one_of("loop.learner_mode", self.learner_mode, TRAIN_MODES)
         for kind in self.eval_samplers:
             _one_of("loop.eval_samplers", kind, SAMPLER_KINDS)
+        _positive("loop.duration_s", self.duration_s)
+        _at_least("loop.max_learner_steps", self.max_learner_steps, 1, none="no step budget")
         _at_least("loop.num_rollout_actors", self.num_rollout_actors, 1)
+        for key in ("rollout_cpus", "rollout_gpus", "learner_cpus", "learner_gpus", "eval_cpus", "eval_gpus"):
+            _at_least(f"loop.{key}", getattr(self, key), 0.0)
+        _at_least("loop.torch_threads", self.torch_threads, 1)
+        _at_least("loop.local_num_cpus", self.local_num_cpus, 1, none="all cores")
+        _positive("loop.round_s", self.round_s)
+        _at_least("loop.weight_poll_s", self.weight_poll_s, 0.0)  # 0: ask every step
+        for key in ("publish_every", "checkpoint_every", "refresh_every", "eval_episodes", "rolling_window"):
+            _at_least(f"loop.{key}", getattr(self, key), 1)
+        _at_least("loop.min_failures", self.min_failures, 0)
+        _at_least("loop.eval_every_s", self.eval_every_s, 0.0)  # 0: no evaluator
+        _at_least("loop.max_restarts", self.max_restarts, 0)
+        _at_least("loop.resource_wait_s", self.resource_wait_s, 0.0)  # 0: fail at once
 
 
 @dataclass
-class ReproduceConfig:
+class ReproduceConfig(_Section):
     """``afil-ray reproduce``: the paper's pipeline as cached stages under ``run_dir`` (afil_ray/pipeline/).
 
     The store is ``replay.root``; give each reproduction its own (harvested failures and corrections go there).
@@ -281,9 +446,18 @@ class ReproduceConfig:
     # next to that seed's "+ failure correction" and evaluated with ``variant_arms`` (results/seed_variants/).
     seed_variants: list[str] = field(default_factory=list)
 
+    def check(self) -> None:
+        _at_least("reproduce.harvest_seed_start", self.harvest_seed_start, 0)
+        for key in ("harvest_seeds", "harvest_runs", "correction_steps", "failure_head_steps"):
+            _at_least(f"reproduce.{key}", getattr(self, key), 1)
+        _at_least("reproduce.online_s", self.online_s, 0.0)  # 0: no online arm
+        _each_at_least("reproduce.static_w", self.static_w, 0.0)
+        _each_at_least("reproduce.lams", self.lams, 0.0)
+        _each_at_least("reproduce.train_seeds", self.train_seeds, 0)
+
 
 @dataclass
-class Config:
+class Config(_Section):
     run_dir: str = "runs/default"
     # Names this run in TensorBoard (run_dir/tb/<run_id>) and on every episode it stores; None: a fresh id per
     # invocation (afil_ray/run_id.py). Set it to name a run yourself.
@@ -300,6 +474,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     reproduce: ReproduceConfig = field(default_factory=ReproduceConfig)
+
+    def check(self) -> None:
+        _at_least("seed", self.seed, 0)  # numpy and torch seeds are non-negative
 
 
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:

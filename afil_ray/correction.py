@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from afil_ray.config import Config, CorrectConfig, DemoConfig, EnvConfig
 from afil_ray.demos.planner import HOLD_STEPS, SUPPORTED_CONTROL_MODES, TaskPlanner, retarget, single_cpu_env
+from afil_ray.envs.checks import check_runnable
 from afil_ray.envs.maniskill import ManiSkillVecEnv
 from afil_ray.process_pool import spawn_map
 from afil_ray.replay.episode import Episode, table_to_episodes
@@ -261,6 +262,7 @@ def pending_failures(store: ReplayStore, task: str, handled: set[str],
 
 def correct_failures(cfg: Config, store: ReplayStore | None = None, progress: bool = True) -> CorrectionReport:
     """Correct every failure of ``cfg.env.task`` in the store not handled before (up to correct.max_failures)."""
+    check_runnable("env.task", cfg.env.task, planner=True)  # here, not as a worker that dies
     store = store or ReplayStore.from_config(cfg.replay)
     task = cfg.env.task
     report = CorrectionReport(task=task)

@@ -24,8 +24,8 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from afil_ray.config import Config, save_resolved
-from afil_ray.envs.tasks import get_task
+from afil_ray.config import Config, ConfigError, save_resolved
+from afil_ray.envs.checks import check_task, trained_tasks
 from afil_ray.policy import checkpoint as ckpt
 from afil_ray.policy.checkpoint import CheckpointError
 from afil_ray.policy.loading import LATEST, latest_checkpoint, load_start_policy, resolve_device
@@ -68,7 +68,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.tasks = list(cfg.data.tasks) or [cfg.env.task]
-        self.instructions = {t: get_task(t).instruction for t in self.tasks}
+        self.instructions = {t: check_task(key, t).instruction for key, t in trained_tasks(cfg)}
         store = ReplayStore(cfg.replay.root)
         cameras = () if cfg.env.obs_mode == "state" else None
         h = cfg.policy.horizon
@@ -83,17 +83,18 @@ class Trainer:
                                                         seed=cfg.seed + 1, window=cfg.data.failure_window)
             elif tc.failure_targets == "executed":
                 if cfg.data.failure_window:
-                    raise ValueError("data.failure_window needs train.failure_targets=sampled (executed windows are "
-                                     "not restricted)")
+                    raise ConfigError("data.failure_window needs train.failure_targets=sampled (executed windows are "
+                                      "not restricted)")
                 self.samplers["failure"] = WindowSampler(store, h, tasks=self.tasks,
                                                          outcomes=cfg.data.failure_outcomes, balance=tc.balance,
                                                          cameras=cameras, seed=cfg.seed + 1)
             else:
                 raise ValueError(f"train.failure_targets must be sampled or executed, got {tc.failure_targets!r}")
         for name, s in self.samplers.items():
-            if s.num_steps == 0:
-                raise RuntimeError(f"no {name} windows in {cfg.replay.root} for tasks {self.tasks} "
-                                   f"(outcomes {s.outcomes}); generate demos or rollouts first")
+            if s.num_steps == 0:  # a user's input (an empty or mistyped store), so one line, not a traceback
+                raise ConfigError(f"replay.root={cfg.replay.root} holds no {name} windows for tasks "
+                                  f"{', '.join(self.tasks)} (outcomes {', '.join(sorted(s.outcomes))}); generate "
+                                  "demos (afil-ray demos) or rollouts first")
         self.step = 0
         resume = latest_checkpoint(self.run_dir)
         if resume is not None:

@@ -97,7 +97,7 @@ def test_bad_inputs(store, tmp_path):
         load_config(None, ["train.mode=both"])  # the section checks its own values, before any trainer exists
     with pytest.raises(CheckpointError):
         Trainer(_cfg(store, tmp_path / "b", mode="failure_head", init_from=str(tmp_path / "nope")), progress=False)
-    with pytest.raises(RuntimeError, match="no success windows"):
+    with pytest.raises(ConfigError, match="holds no success windows"):
         cfg = _cfg(store, tmp_path / "c")
         cfg.env.task = "StackCube-v1"
         Trainer(cfg, progress=False)

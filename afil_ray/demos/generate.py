@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from afil_ray.config import Config
 from afil_ray.demos.planner import DemoMaker, DemoResult
+from afil_ray.envs.checks import check_runnable
 from afil_ray.process_pool import spawn_map
 from afil_ray.replay.ledger import AttemptLedger
 from afil_ray.replay.store import ReplayStore
@@ -77,6 +78,7 @@ def _worker_make(seed: int) -> DemoResult:
 
 def generate_demos(cfg: Config, store: ReplayStore | None = None, progress: bool = True) -> DemoReport:
     """Add demos for ``cfg.env.task`` until the store holds ``cfg.demos.num`` of them."""
+    check_runnable("env.task", cfg.env.task, planner=True)  # here, not as a worker that dies
     store = store or ReplayStore.from_config(cfg.replay)
     task, want = cfg.env.task, cfg.demos.num
     have = existing_demo_seeds(store, task)

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import gymnasium as gym
 import numpy as np
 
-from afil_ray.config import EnvConfig
+from afil_ray.config import OBS_MODES, EnvConfig
 from afil_ray.envs import snapshot as snap
 from afil_ray.envs.base import Obs, SimulatorError, StepResult
 from afil_ray.envs.tasks import TaskSpec, get_task
@@ -28,7 +28,6 @@ from afil_ray.replay.episode import IMAGE_PREFIX
 
 log = logging.getLogger(__name__)
 
-OBS_MODES = ("state", "rgb")
 _NO_LIMIT = 10**9  # ManiSkill's own TimeLimit is disabled; the adapter applies the task's limit
 
 

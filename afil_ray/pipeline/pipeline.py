@@ -40,9 +40,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from afil_ray.config import Config, ConfigError, save_resolved, with_overrides
+from afil_ray.config import Config, ConfigError, check_writable, save_resolved, with_overrides
 from afil_ray.correction import correct_failures
 from afil_ray.demos.generate import generate_demos
+from afil_ray.envs.checks import check_tasks, trained_tasks
 from afil_ray.eval.protocol import as_run, evaluate_arms, load_mean_w, load_outcomes, output_dir, write_evaluation
 from afil_ray.eval.report import ArmResult, build_report, markdown_table, write_report
 from afil_ray.eval.workers import UnitRunner, run_units
@@ -98,6 +99,12 @@ class Pipeline:
                               f"reproduce.variants ({', '.join(rc.variants) or 'none'}; unknown: "
                               f"{', '.join(unknown) or 'none'}), and reproduce.train_seeds must not be empty "
                               "(reproduce.seed_variants=[] skips the seed treatment)")
+        # every task and path before the first stage: an out-of-domain typo must not wait for hours of training
+        check_tasks([("env.task", self.cfg.env.task)], planner=True)  # demos and corrections plan it
+        check_tasks(trained_tasks(self.cfg), simulate=False)
+        check_tasks([("reproduce.ood_tasks", t) for t in rc.ood_tasks])
+        check_writable("run_dir", self.cfg.run_dir)
+        check_writable("replay.root", self.cfg.replay.root)
         save_resolved(self.cfg, self.root)
         self._stage("demos", self.demos)
         success_ckpt = self._stage("success_only", self.success_only)["checkpoint"]
@@ -298,13 +305,10 @@ class Pipeline:
     def evaluate_ood(self, main: list[PlannedArm]) -> dict[str, Any]:
         """``results/ood/<task>/``: the trained arms on each ``reproduce.ood_tasks`` task (same seeds and noise
         draws as in domain), every arm against success only and the FIL arms against + failure correction."""
-        from afil_ray.envs.tasks import get_task
-
         metric = self.cfg.eval.metric
         rows = planning.ood_plan(self.cfg, main)
         out: dict[str, Any] = {}
         for task in self.cfg.reproduce.ood_tasks:
-            get_task(task)  # an unknown task fails here, naming the registered ones
             results = self._evaluate_plan(rows, task=task)
             report = build_report(results, metric=metric, reference_arm=SUCCESS_ONLY, seed=self.cfg.seed)
             fil = build_report(results[1:], metric=metric, reference_arm=CORRECTED_ARM, seed=self.cfg.seed)

@@ -15,6 +15,7 @@ import json
 import logging
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from afil_ray.config import Config, ConfigError, check_writable, load_config, save_resolved
 from afil_ray.run_id import new_run_id
@@ -90,6 +91,9 @@ def cmd_correct(args: argparse.Namespace) -> int:
 def cmd_replay_stats(args: argparse.Namespace) -> int:
     from afil_ray.replay import ReplayStore, format_stats
 
+    if "://" not in args.root and not Path(args.root).is_dir():
+        print(f"afil-ray: no replay store at {args.root} (no such directory)", file=sys.stderr)
+        return 1
     store = ReplayStore(args.root)
     corrupt = []
     if args.verify:
@@ -118,7 +122,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from afil_ray.envs.checks import check_tasks
     from afil_ray.eval.protocol import evaluate_arms, resolve_arms, write_evaluation
@@ -148,7 +151,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from afil_ray.pipeline.pipeline import Pipeline
 

@@ -151,3 +151,10 @@ def test_every_way_of_building_or_changing_a_section_is_checked():
         cfg.seed = -1
     cfg.loop.num_rollout_actors = 3  # a good value is simply set
     assert cfg.loop.num_rollout_actors == 3
+
+
+def test_replay_stats_of_a_missing_store_is_one_line(tmp_path, capsys):
+    assert main(["replay", "stats", "--verify", str(tmp_path / "nothing")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"afil-ray: no replay store at {tmp_path / 'nothing'} (no such directory)"]
+    assert not (tmp_path / "nothing").exists()

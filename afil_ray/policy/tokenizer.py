@@ -104,7 +104,14 @@ class PretrainedTokenizer(_EncodeCache):
         self.hf.save_pretrained(str(path))
 
 
-def make_tokenizer(backbone: str, max_length: int, path: str | Path | None = None) -> Tokenizer:
+def make_tokenizer(backbone: str, max_length: int, path: str | Path | None = None,
+                   language_encoder: str = "vlm") -> Tokenizer:
+    """The tokenizer of whatever embeds the instruction: MiniLM's WordPiece for ``language_encoder=minilm``,
+    else the backbone's (bytes for tiny, the checkpoint's own for pretrained)."""
+    if language_encoder == "minilm":
+        from afil_ray.policy.encoders import minilm_path
+
+        return PretrainedTokenizer(minilm_path(), max_length)
     if backbone == "tiny":
         return ByteTokenizer(max_length)
     if backbone == "pretrained":

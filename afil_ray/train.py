@@ -105,6 +105,11 @@ class Trainer:
         else:
             self.policy = self._new_policy()
         self.policy.to(self.device)
+        encode = self.policy.frame_features()
+        if encode is not None:  # a frozen vision encoder: each stored frame is encoded once, not every epoch
+            for s in self.samplers.values():
+                if isinstance(s, WindowSampler) and s.cameras:
+                    s.encode_frames(encode)
         self.ema = self._make_ema() if tc.ema_decay > 0 else None
         self.params = self.policy.set_trainable(tc.mode)  # frozen parts build no autograd graph
         self.optimizer = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)

@@ -175,3 +175,59 @@ def test_an_image_policy_follows_its_instruction():
     for text, target in targets.items():
         chunk, _ = policy.sample(obs, text, SamplerConfig(steps=10), generator=torch.Generator().manual_seed(1))
         assert abs(float(chunk.mean()) - target) < 0.3, (text, float(chunk.mean()))
+
+
+def test_a_frozen_vision_encoder_encodes_each_stored_frame_once(tmp_path, make_episode):
+    """Training reads features of stored frames (computed when a shard is loaded), not pixels re-encoded every
+    epoch; the loss they give equals the loss from pixels up to float16 storage."""
+    from afil_ray.replay import ReplayStore, WindowSampler
+
+    store = ReplayStore(tmp_path, episodes_per_shard=2)
+    store.write_episodes([make_episode("PullCube-v1", "demo", length=10, state_dim=STATE_DIM, action_dim=ACTION_DIM,
+                                       cameras=("base",), image_shape=(40, 40, 3), seed=i) for i in range(3)])
+    torch.manual_seed(0)
+    policy = DAGPolicy.from_config(config(), STATE_DIM, ACTION_DIM, ["base"]).eval()
+    encode = policy.frame_features()
+    encoded: list[int] = []
+    cached = WindowSampler(store, HORIZON, cameras=("base",), seed=3)
+    cached.encode_frames(lambda cam, frames: (encoded.append(len(frames)), encode(cam, frames))[1])
+    assert sum(encoded) == 30  # every stored frame, once
+    batches = [cached.sample(8) for _ in range(5)]
+    plain = WindowSampler(store, HORIZON, cameras=("base",), seed=3)
+    pixels = plain.sample(8)
+    store.write_episodes([make_episode("PullCube-v1", "demo", length=6, state_dim=STATE_DIM, action_dim=ACTION_DIM,
+                                       cameras=("base",), image_shape=(40, 40, 3), seed=9)])
+    cached.refresh()
+    assert sum(encoded) == 36  # a shard loaded later is encoded as it loads, and nothing twice
+    batch = batches[0]
+    assert "images" not in batch and batch["image_features"]["base"].shape == (8, 4, 1280)  # 64 px: 2 x 2 cells
+    for key in ("state", "action", "timestep"):
+        np.testing.assert_array_equal(batch[key], pixels[key])  # the same windows, seeded alike
+    with torch.no_grad():
+        from_features, _ = policy.loss({**batch, "instruction": ["pull"] * 8},
+                                       generator=torch.Generator().manual_seed(0))
+        from_pixels, _ = policy.loss({**pixels, "instruction": ["pull"] * 8},
+                                     generator=torch.Generator().manual_seed(0))
+    assert float(from_features) == pytest.approx(float(from_pixels), rel=1e-3)
+    assert policy.frame_features() is not None
+    assert DAGPolicy.from_config(config(freeze_encoders=False), STATE_DIM, ACTION_DIM, ["base"]).frame_features() \
+        is None  # a fine-tuned encoder must see pixels
+
+
+def test_frozen_minilm_runs_once_per_distinct_instruction():
+    from afil_ray.policy.tokenizer import make_tokenizer
+
+    tokenizer = make_tokenizer("tiny", 16, language_encoder="minilm")
+    encoder = MiniLM(width=32, frozen=True)
+    calls: list[int] = []
+    forward = encoder.net.forward
+    encoder.net.forward = lambda **kw: (calls.append(len(kw["input_ids"])), forward(**kw))[1]
+    texts = ["pull the cube", "push the cube"] * 4
+    ids, mask = tokenizer(texts)
+    first = encoder.features(ids, mask)
+    again = encoder.features(*tokenizer(["push the cube", "lift the peg"]))
+    assert calls == [2, 1]  # two distinct phrasings, then only the new one
+    with torch.no_grad():
+        direct = forward(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+    torch.testing.assert_close(first, direct)
+    torch.testing.assert_close(again[0], direct[1])

@@ -127,11 +127,19 @@ class Backbone(nn.Module):
         return pixels * 2.0 - 1.0
 
     def encode(self, state: torch.Tensor, images: Mapping[str, torch.Tensor], text_ids: torch.Tensor,
-               text_mask: torch.Tensor) -> Prefix:
-        """state [B, D] (normalised), images {camera: uint8 [B, H, W, 3]} for this backbone's cameras."""
+               text_mask: torch.Tensor, image_features: Mapping[str, torch.Tensor] | None = None) -> Prefix:
+        """state [B, D] (normalised), images {camera: uint8 [B, H, W, 3]} for this backbone's cameras, or their
+        frozen vision encoder's ``image_features`` {camera: [B, N, C]} computed beforehand (a feature cache)."""
         tokens, masks = [], []
         batch = state.shape[0]
         for cam in self.cameras:
+            if image_features and cam in image_features:
+                if self.vision is None or not self.vision.frozen:
+                    raise ValueError("image features stand in for images only under a frozen vision encoder")
+                features = self.vision.proj(image_features[cam].float())
+                tokens.append(features)
+                masks.append(torch.ones(features.shape[:2], dtype=torch.bool, device=state.device))
+                continue
             if cam not in images:
                 raise KeyError(f"observation has no image for camera {cam!r}; this policy uses {list(self.cameras)}")
             if self.vision is not None:

@@ -17,6 +17,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,6 +67,7 @@ class PretrainedEncoder(nn.Module):
         """``.to(device)``, ``.float()``, ...: a hidden frozen network moves with its projection."""
         if self.frozen:
             self.net._apply(fn)
+        self.__dict__.pop("_memo", None)  # remembered outputs live on the old device / dtype
         return super()._apply(fn, recurse)
 
     def train(self, mode: bool = True) -> PretrainedEncoder:
@@ -79,6 +81,7 @@ class PretrainedEncoder(nn.Module):
         state = self.__dict__.copy()
         if self.frozen:
             state.pop("net", None)
+        state.pop("_memo", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -128,11 +131,27 @@ class EfficientNetLite0(PretrainedEncoder):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.proj(self.features(image))
 
+    def frame_features(self, frames: np.ndarray, chunk: int = 256) -> np.ndarray:
+        """Features of stored frames (uint8 [S, H, W, 3]) as float16 [S, N, 1280]: computed once when a replay
+        shard is loaded, so training never runs the frozen network on the same frame twice."""
+        device = self.proj.weight.device
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(frames), chunk):
+                part = torch.from_numpy(np.array(frames[i:i + chunk])).to(device)  # a writable copy of the view
+                out.append(self.features(part).to(torch.float16).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 0, self.feature_dim), np.float16)
+
 
 class MiniLM(PretrainedEncoder):
-    """all-MiniLM-L6-v2: WordPiece ids [B, T] (``policy.tokenizer``) -> contextual token states [B, T, 384]."""
+    """all-MiniLM-L6-v2: WordPiece ids [B, T] (``policy.tokenizer``) -> contextual token states [B, T, 384].
+
+    Frozen, the states of each distinct instruction are computed once and remembered: a training batch or a
+    rollout batch repeats a handful of instructions, so the network runs once per phrasing, not per sample.
+    """
 
     feature_dim = 384
+    MEMO_SIZE = 4096
 
     def __init__(self, width: int, frozen: bool) -> None:
         super().__init__(self.build_net(), self.feature_dim, width, frozen)
@@ -150,8 +169,21 @@ class MiniLM(PretrainedEncoder):
                 hf_logging.enable_progress_bar()
 
     def features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        with torch.set_grad_enabled(not self.frozen and torch.is_grad_enabled()):
+        if not self.frozen:
             return self.net(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        memo: dict[bytes, torch.Tensor] = self.__dict__.setdefault("_memo", {})
+        keys = [row.tobytes() for row in torch.where(mask, ids, -1).cpu().numpy()]
+        new = [i for i, k in enumerate(dict.fromkeys(keys)) if k not in memo]
+        if new:
+            if len(memo) + len(new) > self.MEMO_SIZE:
+                memo.clear()
+            distinct = list(dict.fromkeys(keys))
+            rows = [keys.index(distinct[i]) for i in new]
+            with torch.no_grad():
+                states = self.net(input_ids=ids[rows], attention_mask=mask[rows].long()).last_hidden_state
+            for i, state in zip(new, states, strict=True):
+                memo[distinct[i]] = state
+        return torch.stack([memo[k] for k in keys])
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.proj(self.features(ids, mask))

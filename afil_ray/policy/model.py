@@ -7,7 +7,7 @@ trainer's ``train.mode`` has one place that gives it meaning.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -136,8 +136,10 @@ class DAGPolicy(nn.Module):
     def _tensor(self, value: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
         return torch.as_tensor(value, dtype=dtype, device=self.device)
 
-    def encode(self, state: Any, images: Mapping[str, Any], instructions: Sequence[str] | str) -> Prefix:
-        """Raw (env-unit) state [B, D] and uint8 images -> prefix; normalisation and tokenising happen here."""
+    def encode(self, state: Any, images: Mapping[str, Any], instructions: Sequence[str] | str,
+               image_features: Mapping[str, Any] | None = None) -> Prefix:
+        """Raw (env-unit) state [B, D] and uint8 images (or a frozen vision encoder's cached ``image_features``)
+        -> prefix; normalisation and tokenising happen here."""
         state = self._tensor(state, torch.float32)
         if state.dim() != 2 or state.shape[1] != self.state_dim:
             raise ValueError(f"state has shape {tuple(state.shape)}, this policy expects [B, {self.state_dim}]")
@@ -147,8 +149,17 @@ class DAGPolicy(nn.Module):
             raise ValueError(f"{len(instructions)} instructions for a batch of {state.shape[0]}")
         ids, mask = self.tokenizer(list(instructions))
         pixels = {cam: self._tensor(images[cam]) for cam in self.cameras if cam in images}
+        features = {cam: self._tensor(f) for cam, f in (image_features or {}).items()}
         return self.backbone.encode(self.normalizer.normalize_state(state), pixels, ids.to(self.device),
-                                    mask.to(self.device))
+                                    mask.to(self.device), features)
+
+    def frame_features(self) -> Callable[[str, np.ndarray], np.ndarray] | None:
+        """``(camera, uint8 frames [S, H, W, 3]) -> features`` when the vision encoder is frozen (a replay sampler
+        then stores features instead of pixels: ``WindowSampler.encode_frames``); None otherwise."""
+        vision = self.backbone.vision
+        if vision is None or not vision.frozen:
+            return None
+        return lambda _camera, frames: vision.frame_features(frames)
 
     def loss(self, batch: Mapping[str, Any], head: str = "success",
              generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -163,7 +174,8 @@ class DAGPolicy(nn.Module):
             raise ValueError(f"action has shape {tuple(action.shape)}, this policy expects "
                              f"[B, {self.horizon}, {self.action_dim}]")
         is_pad = self._tensor(batch["action_is_pad"], torch.bool)
-        prefix = self.encode(batch["state"], batch.get("images") or {}, batch["instruction"])
+        prefix = self.encode(batch["state"], batch.get("images") or {}, batch["instruction"],
+                             batch.get("image_features"))
         actions = self.normalizer.normalize_action(action)
         noise = _randn(tuple(actions.shape), generator, self.device)
         t = self.objective.sample_time(actions.shape[0], generator, self.device)

@@ -60,6 +60,7 @@ class _Segment:
     action: np.ndarray  # [S, A]
     episode_starts: np.ndarray  # [E + 1] int64: episode e is steps episode_starts[e]:episode_starts[e + 1]
     images: dict[str, np.ndarray] = field(default_factory=dict)  # camera -> [S, H, W, C] uint8
+    features: dict[str, np.ndarray] = field(default_factory=dict)  # camera -> [S, N, C]: encoded frames instead
     starts_at: np.ndarray | None = None  # the steps windows may start at (None: every step)
 
     @property
@@ -132,6 +133,7 @@ class WindowSampler:
         self.state_dim: int | None = None
         self.action_dim: int | None = None
         self.image_shapes: dict[str, tuple[int, ...]] = {}
+        self.frame_encoder: Callable[[str, np.ndarray], np.ndarray] | None = None
         self.shard_paths: list[str] = []  # append-only, so batch["shard"] stays meaningful across refreshes
         self.partitions: list[Partition] = []  # append-only, indexed by batch["partition"]
         self._loaded: dict[str, list[_Segment]] = {}
@@ -215,9 +217,26 @@ class WindowSampler:
                 starts_at = np.concatenate([np.arange(min(r, int(b - a)), b - a) + a
                                             for r, a, b in zip(restore, starts[:-1], starts[1:], strict=True)]
                                            + [np.zeros(0, np.int64)]).astype(np.int64)
-            segments.append(_Segment(index, first_row, partition, state, action, starts, images, starts_at))
+            segment = _Segment(index, first_row, partition, state, action, starts, images, starts_at=starts_at)
+            self._encode_segment(segment)
+            segments.append(segment)
             first_row += batch.num_rows
         return segments
+
+    def encode_frames(self, encoder: Callable[[str, np.ndarray], np.ndarray]) -> None:
+        """Keep ``encoder(camera, frames)`` of every frame instead of its pixels, now and for shards loaded later;
+        batches then carry ``image_features`` {camera: [B, ...]} instead of ``images``. For a frozen vision
+        encoder (``DAGPolicy.frame_features``): each frame is encoded once per sampler, not once per epoch."""
+        self.frame_encoder = encoder
+        for segments in self._loaded.values():
+            for segment in segments:
+                self._encode_segment(segment)
+
+    def _encode_segment(self, segment: _Segment) -> None:
+        if self.frame_encoder is None:
+            return
+        for cam in list(segment.images):
+            segment.features[cam] = self.frame_encoder(cam, segment.images.pop(cam))
 
     def _index(self, order: list[str]) -> None:
         """Global step numbering: segments in listing order (grouped by partition), one pool per partition."""
@@ -281,7 +300,10 @@ class WindowSampler:
             "row": np.empty(n, np.int32),
             "timestep": np.empty(n, np.int64),
         }
-        if self.cameras:
+        features = {c: f for seg in self._segments[:1] for c, f in seg.features.items()}
+        if self.cameras and features:
+            batch["image_features"] = {c: np.empty((n, *f.shape[1:]), f.dtype) for c, f in features.items()}
+        elif self.cameras:
             batch["images"] = {c: np.empty((n, *self.image_shapes[c]), np.uint8) for c in self.cameras}
         segment_ids = np.searchsorted(self._segment_starts, global_steps, side="right") - 1
         local_steps = global_steps - self._segment_starts[segment_ids]
@@ -303,4 +325,6 @@ class WindowSampler:
             batch["timestep"][rows] = t - start
             for cam, pixels in seg.images.items():
                 batch["images"][cam][rows] = pixels[t]
+            for cam, encoded in seg.features.items():
+                batch["image_features"][cam][rows] = encoded[t]
         return batch

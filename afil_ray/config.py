@@ -299,6 +299,9 @@ class TrainConfig(_Section):
     failure_targets: str = "sampled"  # failure head learns from: sampled (whole chunks) | executed (actions)
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int = 0  # torch CPU threads (0: torch's default)
+    # A frozen vision encoder (policy.vision_encoder) encodes each stored frame once, as its shard loads, and
+    # training reads those features (float16, e.g. 4 x 1280 per 64-pixel frame); false: re-encode every batch
+    feature_cache: bool = True
 
     def check(self) -> None:
         _one_of("train.mode", self.mode, TRAIN_MODES)

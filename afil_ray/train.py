@@ -105,7 +105,7 @@ class Trainer:
         else:
             self.policy = self._new_policy()
         self.policy.to(self.device)
-        encode = self.policy.frame_features()
+        encode = self.policy.frame_features() if tc.feature_cache else None
         if encode is not None:  # a frozen vision encoder: each stored frame is encoded once, not every epoch
             for s in self.samplers.values():
                 if isinstance(s, WindowSampler) and s.cameras:

@@ -42,7 +42,7 @@ def _eval_runner(cfg: Config):
 
 def cmd_demos(args: argparse.Namespace) -> int:
     from afil_ray.demos.generate import generate_demos
-    from afil_ray.envs.checks import check_tasks
+    from afil_ray.envs.checks import check_cameras, check_tasks
     from afil_ray.provenance import machine_facts
     from afil_ray.replay import ReplayStore, format_stats
 
@@ -52,6 +52,8 @@ def cmd_demos(args: argparse.Namespace) -> int:
     tasks = args.task.split(",") if args.task else [base.env.task]
     # every task and the store's root before any worker starts or anything is written to the store
     check_tasks([("--task" if args.task else "env.task", t) for t in tasks], planner=True)
+    for task in tasks:
+        check_cameras(dataclasses.replace(base.env, task=task))
     check_writable("replay.root", base.replay.root)
     store = ReplayStore.from_config(base.replay)
     for task in tasks:
@@ -123,7 +125,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
 
-    from afil_ray.envs.checks import check_tasks
+    from afil_ray.envs.checks import check_cameras, check_tasks
     from afil_ray.eval.protocol import evaluate_arms, resolve_arms, write_evaluation
     from afil_ray.policy.checkpoint import CheckpointError, load_policy
     from afil_ray.policy.loading import latest_checkpoint
@@ -132,6 +134,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     extra += [f"eval.runs={args.runs}"] if args.runs is not None else []
     cfg = _config(args, extra)
     check_tasks([("env.task", cfg.env.task)])
+    check_cameras(cfg.env)
     check_writable("run_dir", cfg.run_dir)
     arms = resolve_arms(cfg)  # bad arm specs fail before anything is loaded
     path = Path(cfg.eval.checkpoint) if cfg.eval.checkpoint else latest_checkpoint(cfg.run_dir)

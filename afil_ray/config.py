@@ -146,6 +146,7 @@ class EnvConfig(_Section):
     max_episode_steps: int | None = None  # None: the task registry's limit
     snapshot_every: int = 10  # simulator state snapshot every k steps (0 disables)
     camera_size: int = 128  # width and height of each camera image in rgb mode
+    cameras: list[str] = field(default_factory=list)  # rgb mode: the task's cameras to record (empty: all)
     ignore_terminations: bool = False  # run to the limit after success/fail (success_at_end evaluation)
 
     def check(self) -> None:
@@ -156,6 +157,9 @@ class EnvConfig(_Section):
         _at_least("env.max_episode_steps", self.max_episode_steps, 1, none="the task's limit")
         _at_least("env.snapshot_every", self.snapshot_every, 0)  # 0: no snapshots
         _at_least("env.camera_size", self.camera_size, 1)
+        if self.cameras and self.obs_mode == "state":
+            raise ConfigError(f"env.cameras={list(self.cameras)} needs env.obs_mode=rgb (state observations have no "
+                              "cameras)")
 
 
 @dataclass

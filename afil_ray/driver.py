@@ -35,7 +35,7 @@ from actors.evaluator import EvalActor, EvalUnitActor
 from actors.rollout import RolloutActor
 from actors.weight_board import WeightBoardActor
 from afil_ray.config import Config, ConfigError, SamplerConfig, check_writable, save_resolved
-from afil_ray.envs.checks import check_tasks, trained_tasks
+from afil_ray.envs.checks import check_cameras, check_tasks, trained_tasks
 from afil_ray.eval.workers import Unit, process_units
 from afil_ray.loop.metrics import LoopMetrics
 from afil_ray.policy.checkpoint import CheckpointError
@@ -64,6 +64,7 @@ def check_loop_config(cfg: Config) -> None:
     """What the loop needs from its config, checked before Ray starts: a bad value costs one line, not a Ray
     start and actors that raise half a minute later."""
     check_tasks([("env.task", cfg.env.task)])  # the rollout actors and the evaluator simulate it
+    check_cameras(cfg.env)
     check_tasks(trained_tasks(cfg), simulate=False)  # the learner reads these from the store
     check_writable("run_dir", cfg.run_dir)  # the driver writes the config, TensorBoard and the summary there
     if not (cfg.loop.address or os.environ.get("RAY_ADDRESS")):  # a cluster's nodes may see other paths

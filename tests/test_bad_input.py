@@ -158,3 +158,16 @@ def test_replay_stats_of_a_missing_store_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"afil-ray: no replay store at {tmp_path / 'nothing'} (no such directory)"]
     assert not (tmp_path / "nothing").exists()
+
+
+@pytest.mark.parametrize("command", ["demos", "eval"])
+def test_a_camera_the_task_does_not_have_is_one_line(capsys, tmp_path, command):
+    code, line = _run(capsys, tmp_path, command, "env.obs_mode=rgb", "env.camera_size=32", "env.cameras=[wrist]")
+    assert code == 2
+    assert line == ("afil-ray: config error: env.cameras: task PullCube-v1 has no camera 'wrist'; its cameras are "
+                    "base_camera")
+
+
+def test_cameras_without_rgb_observations_are_one_line(capsys, tmp_path):
+    code, line = _run(capsys, tmp_path, "demos", "env.cameras=[base_camera]")
+    assert code == 2 and "env.cameras=['base_camera'] needs env.obs_mode=rgb" in line

@@ -8,9 +8,10 @@ that dies or an actor that raises half a minute into a run.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
-from afil_ray.config import Config, ConfigError
+from afil_ray.config import Config, ConfigError, EnvConfig
 from afil_ray.envs.tasks import TASKS, TaskSpec
 
 
@@ -73,3 +74,13 @@ def check_tasks(pairs: Iterable[tuple[str, str]], *, simulate: bool = True, plan
             check_runnable(key, task, planner=planner)
         else:
             check_task(key, task)
+
+
+def check_cameras(env: EnvConfig) -> None:
+    """``env.cameras`` names cameras the task has (rgb mode), checked by building one env of the task: only when
+    cameras are named, since it costs a simulator start (a couple of seconds)."""
+    if env.obs_mode == "state" or not env.cameras:
+        return
+    from afil_ray.envs.maniskill import ManiSkillVecEnv
+
+    ManiSkillVecEnv(dataclasses.replace(env, num_envs=1, cpu_vectorization="loop")).close()  # ConfigError if not

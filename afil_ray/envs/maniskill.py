@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import gymnasium as gym
 import numpy as np
 
-from afil_ray.config import OBS_MODES, EnvConfig
+from afil_ray.config import OBS_MODES, ConfigError, EnvConfig
 from afil_ray.envs import snapshot as snap
 from afil_ray.envs.base import Obs, SimulatorError, StepResult
 from afil_ray.envs.tasks import TaskSpec, get_task
@@ -70,17 +70,23 @@ def _to_numpy(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
-def convert_obs(raw: Any, obs_mode: str) -> Obs:
-    """ManiSkill batched obs -> {"state": [N, D] float32, "rgb_<cam>": [N, H, W, 3] uint8}."""
-    if obs_mode == "state":
+def convert_obs(raw: Any, cfg: EnvConfig) -> Obs:
+    """ManiSkill batched obs -> {"state": [N, D] float32, "rgb_<cam>": [N, H, W, 3] uint8} for the cameras
+    ``env.cameras`` names (all of the task's when empty)."""
+    if cfg.obs_mode == "state":
         return {"state": _to_numpy(raw).astype(np.float32, copy=False)}
     from mani_skill.utils.common import flatten_state_dict
 
     proprio = {k: raw[k] for k in ("agent", "extra") if k in raw}
     state = _to_numpy(flatten_state_dict(proprio, use_torch=True)).astype(np.float32, copy=False)
     out: Obs = {"state": state}
-    for cam, data in raw["sensor_data"].items():
-        out[f"rgb_{cam}"] = _to_numpy(data["rgb"])
+    sensors = raw["sensor_data"]
+    missing = [cam for cam in cfg.cameras if cam not in sensors]
+    if missing:
+        raise ConfigError(f"env.cameras: task {cfg.task} has no camera {missing[0]!r}; its cameras are "
+                          f"{', '.join(sorted(sensors))}")
+    for cam in cfg.cameras or sensors:
+        out[f"{IMAGE_PREFIX}{cam}"] = _to_numpy(sensors[cam]["rgb"])
     return out
 
 
@@ -143,7 +149,7 @@ class ManiSkillCpuEnv(gym.Env):
         self._base = self._env.unwrapped
         self._t = 0
         raw, _ = self._env.reset(seed=0)
-        first = self._unbatch(convert_obs(raw, cfg.obs_mode))
+        first = self._unbatch(convert_obs(raw, cfg))
         self.observation_space = gym.spaces.Dict({
             k: gym.spaces.Box(0, 255, v.shape, np.uint8) if v.dtype == np.uint8
             else gym.spaces.Box(-np.inf, np.inf, v.shape, np.float32)
@@ -162,7 +168,7 @@ class ManiSkillCpuEnv(gym.Env):
         return {k: v[0] for k, v in obs.items()}
 
     def _obs(self, raw: Any) -> Obs:
-        return self._unbatch(convert_obs(raw, self.cfg.obs_mode))
+        return self._unbatch(convert_obs(raw, self.cfg))
 
     def _snapshot(self) -> bytes | None:
         every = self.cfg.snapshot_every
@@ -401,7 +407,7 @@ class _GpuBatch:
         self.device = self.base.device
         self.t = np.zeros(num_envs, np.int64)
         raw, _ = self.env.reset(seed=list(range(num_envs)))
-        first = convert_obs(raw, cfg.obs_mode)
+        first = convert_obs(raw, cfg)
         self.state_dim = first["state"].shape[1]
         self.cameras = tuple(k[len(IMAGE_PREFIX):] for k in first if k.startswith(IMAGE_PREFIX))
         space = self.base.single_action_space
@@ -427,7 +433,7 @@ class _GpuBatch:
         raw, _ = self.env.reset(seed=[int(seeds[i]) for i in idx],
                                 options={"env_idx": self._torch.as_tensor(idx, device=self.device)})
         self.t[idx] = 0
-        return convert_obs(raw, self.cfg.obs_mode), self._snapshots(mask)
+        return convert_obs(raw, self.cfg), self._snapshots(mask)
 
     def step(self, actions: np.ndarray) -> StepResult:
         raw, reward, _, _, info = self.env.step(self._torch.as_tensor(actions, device=self.device))
@@ -436,7 +442,7 @@ class _GpuBatch:
         fail = _to_numpy(info["fail"]).astype(bool) if "fail" in info else np.zeros(self.n, bool)
         terminated = (success | fail) & (not self.cfg.ignore_terminations)
         truncated = (self.t >= self.limit) & ~terminated
-        return StepResult(convert_obs(raw, self.cfg.obs_mode), _to_numpy(reward).astype(np.float32), terminated,
+        return StepResult(convert_obs(raw, self.cfg), _to_numpy(reward).astype(np.float32), terminated,
                           truncated, success, fail, self.t.copy(), self._snapshots(~(terminated | truncated)))
 
     def restore(self, index: int, snapshot: bytes, step: int) -> Obs:
@@ -445,7 +451,7 @@ class _GpuBatch:
         state = common.to_tensor(snap.loads(snapshot), device=self.device)
         self.base.set_state_dict(state, env_idx=self._torch.as_tensor([index], device=self.device))
         self.t[index] = step
-        return {k: v[index] for k, v in convert_obs(self.base.get_obs(), self.cfg.obs_mode).items()}
+        return {k: v[index] for k, v in convert_obs(self.base.get_obs(), self.cfg).items()}
 
     def close(self) -> None:
         self.env.close()

@@ -80,7 +80,8 @@ class Trainer:
         if self.heads.failure:
             if tc.failure_targets == "sampled":
                 self.samplers["failure"] = ChunkSampler(store, h, tasks=self.tasks, outcomes=cfg.data.failure_outcomes,
-                                                        seed=cfg.seed + 1, window=cfg.data.failure_window)
+                                                        seed=cfg.seed + 1, window=cfg.data.failure_window,
+                                                        cameras=cameras)
             elif tc.failure_targets == "executed":
                 if cfg.data.failure_window:
                     raise ConfigError("data.failure_window needs train.failure_targets=sampled (executed windows are "
@@ -108,7 +109,7 @@ class Trainer:
         encode = self.policy.frame_features() if tc.feature_cache else None
         if encode is not None:  # a frozen vision encoder: each stored frame is encoded once, not every epoch
             for s in self.samplers.values():
-                if isinstance(s, WindowSampler) and s.cameras:
+                if s.cameras:
                     s.encode_frames(encode)
         self.ema = self._make_ema() if tc.ema_decay > 0 else None
         self.params = self.policy.set_trainable(tc.mode)  # frozen parts build no autograd graph

@@ -231,3 +231,33 @@ def test_frozen_minilm_runs_once_per_distinct_instruction():
         direct = forward(input_ids=ids, attention_mask=mask.long()).last_hidden_state
     torch.testing.assert_close(first, direct)
     torch.testing.assert_close(again[0], direct[1])
+
+
+def test_the_failure_heads_chunks_carry_the_frames_the_policy_saw(tmp_path, make_episode):
+    """ChunkSampler pairs each sampled chunk with the camera frames at its re-planning step (the failure head of
+    an image policy learns from what the policy saw), as pixels or, once encoded, as features."""
+    from afil_ray.replay import ReplayStore
+    from afil_ray.replay.chunks import ChunkSampler
+
+    store = ReplayStore(tmp_path)
+    episodes = []
+    for seed in range(2):
+        ep = make_episode("PullCube-v1", "failure", length=12, state_dim=STATE_DIM, action_dim=ACTION_DIM,
+                          cameras=("base",), image_shape=(40, 40, 3), seed=seed)
+        ep.chunk_steps = [0, 4, 8]
+        ep.chunks = np.random.default_rng(seed).uniform(-1, 1, (3, HORIZON, ACTION_DIM)).astype(np.float32)
+        episodes.append(ep)
+    store.write_episodes(episodes)
+    sampler = ChunkSampler(store, HORIZON, tasks=["PullCube-v1"], outcomes=["failure"], cameras=None)
+    assert sampler.cameras == ("base",) and sampler.num_steps == 6
+    batch = sampler.sample(16)
+    by_state = {ep.state[t].tobytes(): ep.images["base"][t] for ep in episodes for t in ep.chunk_steps}
+    for state, frame in zip(batch["state"], batch["images"]["base"], strict=True):
+        np.testing.assert_array_equal(frame, by_state[state.tobytes()])  # the frame of that very step
+    torch.manual_seed(0)
+    policy = DAGPolicy.from_config(config(), STATE_DIM, ACTION_DIM, ["base"]).eval()
+    sampler.encode_frames(policy.frame_features())
+    encoded = sampler.sample(4)
+    assert "images" not in encoded and encoded["image_features"]["base"].shape == (4, 4, 1280)
+    loss, _ = policy.loss({**encoded, "instruction": ["pull"] * 4}, head="failure")
+    assert np.isfinite(float(loss.detach()))

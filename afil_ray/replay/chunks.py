@@ -13,12 +13,14 @@ a correction have no such point and are skipped.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from afil_ray.replay.episode import IMAGE_PREFIX
 from afil_ray.replay.sampler import restore_step, sync_shards
 from afil_ray.replay.shard_io import ShardCorruptError, ShardFile
 from afil_ray.replay.store import ReplayStore
@@ -33,20 +35,25 @@ class _Pairs:
     state: np.ndarray  # [N, state_dim]
     chunk: np.ndarray  # [N, horizon, action_dim]
     partition: int
+    frames: dict[str, np.ndarray] = field(default_factory=dict)  # camera -> [N, H, W, C] uint8, or its features
 
 
 class ChunkSampler:
     """Uniform (state, sampled chunk) pairs from the episodes of the selected tasks and outcomes.
 
     Like :class:`~afil_ray.replay.sampler.WindowSampler`, :meth:`refresh` reads only the shards written since the
-    last call (and forgets retired ones), and a damaged shard is quarantined rather than stopping training.
+    last call (and forgets retired ones), and a damaged shard is quarantined rather than stopping training. With
+    ``cameras`` each pair also holds the frames the policy saw when it sampled the chunk (``images``), or their
+    frozen encoder's features once :meth:`encode_frames` is set (``image_features``).
     """
 
     def __init__(self, store: ReplayStore, horizon: int, *, tasks: Sequence[str], outcomes: Sequence[str],
-                 seed: int = 0, window: int = 0) -> None:
+                 seed: int = 0, window: int = 0, cameras: Sequence[str] | None = ()) -> None:
         if window < 0:
             raise ValueError(f"data.failure_window must be >= 0 (0: whole episodes), got {window}")
         self.store, self.horizon, self.window = store, horizon, window
+        self.cameras: tuple[str, ...] | None = tuple(cameras) if cameras is not None else None  # None: the shards'
+        self.frame_encoder: Callable[[str, np.ndarray], np.ndarray] | None = None
         self.tasks, self.outcomes = list(tasks), list(outcomes)
         self.rng = np.random.default_rng(seed)
         self.partitions = [(t, o) for t in self.tasks for o in self.outcomes]
@@ -74,23 +81,54 @@ class ChunkSampler:
             else:
                 mask = np.ones(len(pairs.step), bool)
             if mask.any():
-                keep.append((pairs.state[mask], pairs.chunk[mask], np.full(int(mask.sum()), pairs.partition)))
+                keep.append((pairs.state[mask], pairs.chunk[mask], np.full(int(mask.sum()), pairs.partition),
+                             {cam: frames[mask] for cam, frames in pairs.frames.items()}))
         state_dim = next((p.state.shape[1] for p in self._pairs.values() if len(p.step)), 0)
         action_dim = next((p.chunk.shape[2] for p in self._pairs.values() if len(p.step)), 0)
         self.state = np.concatenate([k[0] for k in keep]) if keep else np.zeros((0, state_dim), np.float32)
         self.chunk = (np.concatenate([k[1] for k in keep]) if keep
                       else np.zeros((0, self.horizon, action_dim), np.float32))
         self.partition = np.concatenate([k[2] for k in keep]).astype(np.int32) if keep else np.zeros(0, np.int32)
+        self.frames = {cam: np.concatenate([k[3][cam] for k in keep]) for cam in self.cameras or ()} if keep else {}
+
+    def encode_frames(self, encoder: Callable[[str, np.ndarray], np.ndarray]) -> None:
+        """Keep ``encoder(camera, frames)`` instead of pixels, for loaded and later shards (as
+        :meth:`WindowSampler.encode_frames`: a frozen vision encoder then runs once per stored frame)."""
+        self.frame_encoder = encoder
+        for pairs in self._pairs.values():
+            self._encode(pairs)
+        self._index()
+
+    def _encode(self, pairs: _Pairs) -> None:
+        if self.frame_encoder is not None and pairs.frames and all(f.dtype == np.uint8 for f in pairs.frames.values()):
+            pairs.frames = {cam: self.frame_encoder(cam, frames) for cam, frames in pairs.frames.items()}
 
     def _load(self, shard: ShardFile) -> _Pairs | None:
+        if self.cameras is None:  # the first shard's cameras, required of every later one
+            self.cameras = tuple(sorted(n[len(IMAGE_PREFIX):] for n in self.store.shard_schema(shard.path).names
+                                        if n.startswith(IMAGE_PREFIX)))
+        images = [IMAGE_PREFIX + cam for cam in self.cameras]
+        if images:
+            have = self.store.shard_schema(shard.path).names
+            missing = [c for c in images if c not in have]
+            if missing:
+                raise ValueError(f"replay shard {self.store.abspath(shard.path)} has no images for camera(s) "
+                                 f"{[c[len(IMAGE_PREFIX):] for c in missing]}; this sampler uses {list(self.cameras)}")
         table = self.store.read_checked(shard.path, ["episode_id", "state", "action", "chunk_steps", "chunks"])
-        if table is None:  # gone, or damaged and now quarantined
+        pixels = self.store.read_checked(shard.path, images) if images else None
+        if table is None or (images and pixels is None):  # gone, or damaged and now quarantined
             return None
         ids, steps, states, chunks = [], [], [], []
-        for row in table.to_pylist():
+        frames: dict[str, list[np.ndarray]] = {cam: [] for cam in (self.cameras if images else ())}
+        for i, row in enumerate(table.select(["episode_id", "state", "action", "chunk_steps", "chunks"]).to_pylist()):
             if not row["chunk_steps"]:
                 continue
             action_dim = len(row["action"][0])
+            for cam in self.cameras:
+                column = pixels.schema.field(IMAGE_PREFIX + cam)
+                shape = tuple(json.loads(column.metadata[b"shape"]))
+                episode = pixels.column(IMAGE_PREFIX + cam)[i].values.flatten().to_numpy(zero_copy_only=False)
+                frames[cam].append(episode.reshape(-1, *shape)[row["chunk_steps"]])
             for step, chunk in zip(row["chunk_steps"], row["chunks"], strict=True):
                 c = np.asarray(chunk, np.float32).reshape(-1, action_dim)
                 if len(c) != self.horizon:
@@ -104,8 +142,10 @@ class ChunkSampler:
         if not ids:  # e.g. planner episodes: nothing to learn from, and nothing to re-read on the next refresh
             return _Pairs(np.zeros(0, object), np.zeros(0, np.int64), np.zeros((0, 0), np.float32),
                           np.zeros((0, self.horizon, 0), np.float32), partition)
-        return _Pairs(np.asarray(ids, object), np.asarray(steps, np.int64), np.stack(states), np.stack(chunks),
-                      partition)
+        pairs = _Pairs(np.asarray(ids, object), np.asarray(steps, np.int64), np.stack(states), np.stack(chunks),
+                       partition, {cam: np.concatenate(f) for cam, f in frames.items()})
+        self._encode(pairs)
+        return pairs
 
     def _load_restore(self, shard: ShardFile) -> dict[str, int] | None:
         """failure episode id -> the step its correction (in this shard) restored from."""
@@ -135,12 +175,14 @@ class ChunkSampler:
     def action_dim(self) -> int:
         return self.chunk.shape[2]
 
-    cameras: tuple[str, ...] = ()
-
     def sample(self, batch_size: int) -> dict[str, Any]:
         if not len(self.state):
             raise RuntimeError(f"no sampled chunks under {self.store.root} for tasks={self.tasks} "
                                f"outcomes={self.outcomes} (episodes recorded by policy rollouts carry them)")
         idx = self.rng.integers(0, len(self.state), size=batch_size)
-        return {"state": self.state[idx], "action": self.chunk[idx],
-                "action_is_pad": np.zeros((batch_size, self.horizon), bool), "partition": self.partition[idx]}
+        batch = {"state": self.state[idx], "action": self.chunk[idx],
+                 "action_is_pad": np.zeros((batch_size, self.horizon), bool), "partition": self.partition[idx]}
+        if self.frames:
+            key = "images" if self.frame_encoder is None else "image_features"
+            batch[key] = {cam: frames[idx] for cam, frames in self.frames.items()}
+        return batch

@@ -261,3 +261,36 @@ def test_the_failure_heads_chunks_carry_the_frames_the_policy_saw(tmp_path, make
     assert "images" not in encoded and encoded["image_features"]["base"].shape == (4, 4, 1280)
     loss, _ = policy.loss({**encoded, "instruction": ["pull"] * 4}, head="failure")
     assert np.isfinite(float(loss.detach()))
+
+
+def test_joint_training_of_an_image_policy_reads_cached_frames_for_both_heads(tmp_path, make_episode):
+    """``afil-ray train`` on a store of camera demos and camera failures (with their sampled chunks): both heads'
+    samplers read cached features, training and the checkpoint work, and the checkpoint acts from pixels."""
+    from afil_ray.config import Config
+    from afil_ray.replay import ReplayStore
+    from afil_ray.train import Trainer
+
+    store = ReplayStore(tmp_path / "replay")
+    common = dict(state_dim=STATE_DIM, action_dim=ACTION_DIM, cameras=("base",), image_shape=(40, 40, 3))
+    demos = [make_episode("PullCube-v1", "demo", length=12, seed=i, **common) for i in range(2)]
+    failures = []
+    for i in range(2):
+        ep = make_episode("PullCube-v1", "failure", length=12, seed=10 + i, **common)
+        ep.chunk_steps = [0, 6]
+        ep.chunks = np.zeros((2, HORIZON, ACTION_DIM), np.float32)
+        failures.append(ep)
+    store.write_episodes(demos + failures)
+    cfg = Config(run_dir=str(tmp_path / "run"))
+    cfg.replay.root = str(tmp_path / "replay")
+    cfg.env.obs_mode = "rgb"
+    cfg.policy = config()
+    cfg.train.mode, cfg.train.steps, cfg.train.batch_size, cfg.train.device = "joint", 3, 4, "cpu"
+    cfg.train.warmup_steps, cfg.train.log_every, cfg.train.checkpoint_every = 1, 1, 3
+    trainer = Trainer(cfg, progress=False, tensorboard=False)
+    assert {name: s.cameras for name, s in trainer.samplers.items()} == {"success": ("base",), "failure": ("base",)}
+    assert all(s.frame_encoder is not None for s in trainer.samplers.values())
+    final = trainer.run()
+    policy = load_policy(final)
+    chunk, _ = policy.sample({"state": demos[0].state[:1], "rgb_base": demos[0].images["base"][:1]}, "pull",
+                             SamplerConfig(kind="adaptive", steps=2), generator=torch.Generator().manual_seed(0))
+    assert chunk.shape == (1, HORIZON, ACTION_DIM) and np.isfinite(chunk).all()

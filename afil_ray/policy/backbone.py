@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -35,7 +34,7 @@ from transformers import (
 from transformers.masking_utils import create_bidirectional_mask
 
 from afil_ray.config import PolicyConfig
-from afil_ray.policy.encoders import EfficientNetLite0, MiniLM
+from afil_ray.policy.encoders import EfficientNetLite0, MiniLM, to_pixels
 
 
 @dataclass
@@ -118,14 +117,6 @@ class Backbone(nn.Module):
     def width(self) -> int:
         return int(self.language_model.config.hidden_size)
 
-    def _pixels(self, image: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, H, W, 3] (any H, W) -> float [B, 3, S, S] in [-1, 1], SigLIP's input convention."""
-        pixels = image.permute(0, 3, 1, 2).float() / 255.0
-        if pixels.shape[-2:] != (self.image_size, self.image_size):
-            pixels = F.interpolate(pixels, size=(self.image_size, self.image_size), mode="bilinear",
-                                   antialias=True, align_corners=False)
-        return pixels * 2.0 - 1.0
-
     def encode(self, state: torch.Tensor, images: Mapping[str, torch.Tensor], text_ids: torch.Tensor,
                text_mask: torch.Tensor, image_features: Mapping[str, torch.Tensor] | None = None) -> Prefix:
         """state [B, D] (normalised), images {camera: uint8 [B, H, W, 3]} for this backbone's cameras, or their
@@ -145,7 +136,7 @@ class Backbone(nn.Module):
             if self.vision is not None:
                 features = self.vision(images[cam])
             else:
-                features = self.vlm.get_image_features(self._pixels(images[cam]))
+                features = self.vlm.get_image_features(to_pixels(images[cam], self.image_size))
                 features = getattr(features, "pooler_output", features)  # projected patch tokens
             tokens.append(features)
             masks.append(torch.ones(features.shape[:2], dtype=torch.bool, device=state.device))

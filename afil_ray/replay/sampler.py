@@ -134,6 +134,7 @@ class WindowSampler:
         self.action_dim: int | None = None
         self.image_shapes: dict[str, tuple[int, ...]] = {}
         self.frame_encoder: Callable[[str, np.ndarray], np.ndarray] | None = None
+        self.feature_specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {}  # camera -> encoded (shape, dtype)
         self.shard_paths: list[str] = []  # append-only, so batch["shard"] stays meaningful across refreshes
         self.partitions: list[Partition] = []  # append-only, indexed by batch["partition"]
         self._loaded: dict[str, list[_Segment]] = {}
@@ -236,7 +237,8 @@ class WindowSampler:
         if self.frame_encoder is None:
             return
         for cam in list(segment.images):
-            segment.features[cam] = self.frame_encoder(cam, segment.images.pop(cam))
+            features = segment.features[cam] = self.frame_encoder(cam, segment.images.pop(cam))
+            self.feature_specs[cam] = (features.shape[1:], features.dtype)
 
     def _index(self, order: list[str]) -> None:
         """Global step numbering: segments in listing order (grouped by partition), one pool per partition."""
@@ -300,9 +302,9 @@ class WindowSampler:
             "row": np.empty(n, np.int32),
             "timestep": np.empty(n, np.int64),
         }
-        features = {c: f for seg in self._segments[:1] for c, f in seg.features.items()}
-        if self.cameras and features:
-            batch["image_features"] = {c: np.empty((n, *f.shape[1:]), f.dtype) for c, f in features.items()}
+        if self.cameras and self.frame_encoder is not None:
+            batch["image_features"] = {c: np.empty((n, *shape), dtype) for c, (shape, dtype) in
+                                       self.feature_specs.items()}
         elif self.cameras:
             batch["images"] = {c: np.empty((n, *self.image_shapes[c]), np.uint8) for c in self.cameras}
         segment_ids = np.searchsorted(self._segment_starts, global_steps, side="right") - 1

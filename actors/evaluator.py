@@ -9,7 +9,8 @@ import ray
 import torch
 
 from actors.weight_board import BoardWeightSource, board_named
-from afil_ray.config import Config, SamplerConfig
+from afil_ray.config import Config
+from afil_ray.eval.arms import Arm
 from afil_ray.eval.workers import EvalWorker
 from afil_ray.loop.evaluator import EvalReport, LoopEvaluator
 from afil_ray.replay.episode import Episode
@@ -34,5 +35,5 @@ class EvalUnitActor:
     def __init__(self, cfg: Config, policy: torch.nn.Module, torch_threads: int) -> None:
         self.worker = EvalWorker(cfg, policy, torch_threads)
 
-    def run(self, sampler: SamplerConfig, run: int, keep_snapshots: bool = False) -> list[Episode]:
-        return self.worker.run(sampler, run, keep_snapshots)
+    def run(self, arm: Arm, run: int, keep_snapshots: bool = False) -> list[Episode]:
+        return self.worker.run(arm, run, keep_snapshots)

@@ -49,11 +49,10 @@ def cmd_demos(args: argparse.Namespace) -> int:
     extra = [f"demos.num={args.num}"] if args.num is not None else []
     extra += [f"demos.workers={args.workers}"] if args.workers is not None else []
     base = _config(args, extra)
-    tasks = args.task.split(",") if args.task else [base.env.task]
+    tasks = args.task.split(",") if args.task else base.env.tasks
     # every task and the store's root before any worker starts or anything is written to the store
     check_tasks([("--task" if args.task else "env.task", t) for t in tasks], planner=True)
-    for task in tasks:
-        check_cameras(dataclasses.replace(base.env, task=task))
+    check_cameras(dataclasses.replace(base.env, task=tasks))
     check_writable("replay.root", base.replay.root)
     store = ReplayStore.from_config(base.replay)
     for task in tasks:
@@ -77,7 +76,7 @@ def cmd_correct(args: argparse.Namespace) -> int:
     extra = [f"correct.max_failures={args.max}"] if args.max is not None else []
     extra += [f"correct.workers={args.workers}"] if args.workers is not None else []
     base = _config(args, extra)
-    tasks = args.task.split(",") if args.task else [base.env.task]
+    tasks = args.task.split(",") if args.task else base.env.tasks
     check_tasks([("--task" if args.task else "env.task", t) for t in tasks], planner=True)
     check_writable("replay.root", base.replay.root)
     store = ReplayStore.from_config(base.replay)
@@ -125,7 +124,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
 
-    from afil_ray.envs.checks import check_cameras, check_tasks
+    from afil_ray.envs.checks import check_cameras, check_one_action_space, check_tasks, env_tasks
     from afil_ray.eval.protocol import evaluate_arms, resolve_arms, write_evaluation
     from afil_ray.policy.checkpoint import CheckpointError, load_policy
     from afil_ray.policy.loading import latest_checkpoint
@@ -133,7 +132,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     extra = [f"eval.episodes={args.episodes}"] if args.episodes is not None else []
     extra += [f"eval.runs={args.runs}"] if args.runs is not None else []
     cfg = _config(args, extra)
-    check_tasks([("env.task", cfg.env.task)])
+    check_tasks(env_tasks(cfg.env))
+    check_one_action_space(cfg.env)
     check_cameras(cfg.env)
     check_writable("run_dir", cfg.run_dir)
     arms = resolve_arms(cfg)  # bad arm specs fail before anything is loaded

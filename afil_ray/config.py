@@ -6,6 +6,7 @@ Every key has one home here. Unknown keys and wrong types are errors that name t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -136,7 +137,12 @@ def check_writable(key: str, path: str) -> None:
 
 @dataclass
 class EnvConfig(_Section):
-    task: str = "PullCube-v1"
+    # One task, or a list of tasks that one policy learns together (they must share the robot and action space):
+    # demos, training, evaluation and the loop cover each; the policy tells them apart only by the instruction.
+    task: Any = "PullCube-v1"
+    # Episodes read one of their task's training phrasings, chosen by seed (afil_ray/envs/tasks.py); false: always
+    # the task's first instruction
+    paraphrase: bool = False
     obs_mode: str = "state"  # state | rgb (rgb = per-camera uint8 images + proprioceptive state)
     # Policy control mode. Demonstrations are planned in pd_joint_pos and retargeted to this mode (see demos).
     control_mode: str = "pd_joint_delta_pos"
@@ -149,7 +155,24 @@ class EnvConfig(_Section):
     cameras: list[str] = field(default_factory=list)  # rgb mode: the task's cameras to record (empty: all)
     ignore_terminations: bool = False  # run to the limit after success/fail (success_at_end evaluation)
 
+    @property
+    def tasks(self) -> list[str]:
+        """``task`` as a list (one entry for a single task)."""
+        return [self.task] if isinstance(self.task, str) else list(self.task)
+
+    def for_task(self, task: str) -> EnvConfig:
+        """This env section for one of its tasks (what a single-task simulator, planner or report is given)."""
+        if task not in self.tasks:
+            raise ConfigError(f"env.task: {task!r} is not one of {', '.join(self.tasks)}")
+        return dataclasses.replace(self, task=task)
+
     def check(self) -> None:
+        tasks = [self.task] if isinstance(self.task, str) else self.task
+        if not isinstance(tasks, list | tuple) or not tasks or not all(isinstance(t, str) and t for t in tasks):
+            raise ConfigError(f"env.task must be a task name or a non-empty list of them, got {_show(self.task)}")
+        repeated = sorted({t for t in tasks if tasks.count(t) > 1})
+        if repeated:
+            raise ConfigError(f"env.task lists {repeated[0]} more than once")
         _one_of("env.obs_mode", self.obs_mode, OBS_MODES)
         _one_of("env.backend", self.backend, ENV_BACKENDS)
         _one_of("env.cpu_vectorization", self.cpu_vectorization, CPU_VECTORIZATIONS)

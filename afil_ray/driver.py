@@ -34,8 +34,9 @@ from tqdm import tqdm
 from actors.evaluator import EvalActor, EvalUnitActor
 from actors.rollout import RolloutActor
 from actors.weight_board import WeightBoardActor
-from afil_ray.config import Config, ConfigError, SamplerConfig, check_writable, save_resolved
-from afil_ray.envs.checks import check_cameras, check_tasks, trained_tasks
+from afil_ray.config import Config, ConfigError, check_writable, save_resolved
+from afil_ray.envs.checks import check_cameras, check_one_action_space, check_tasks, env_tasks, trained_tasks
+from afil_ray.eval.arms import Arm
 from afil_ray.eval.workers import Unit, process_units
 from afil_ray.loop.metrics import LoopMetrics
 from afil_ray.policy.checkpoint import CheckpointError
@@ -63,7 +64,8 @@ def _absolute(cfg: Config) -> Config:
 def check_loop_config(cfg: Config) -> None:
     """What the loop needs from its config, checked before Ray starts: a bad value costs one line, not a Ray
     start and actors that raise half a minute later."""
-    check_tasks([("env.task", cfg.env.task)])  # the rollout actors and the evaluator simulate it
+    check_tasks(env_tasks(cfg.env))  # the rollout actors and the evaluator simulate them
+    check_one_action_space(cfg.env)
     check_cameras(cfg.env)
     check_tasks(trained_tasks(cfg), simulate=False)  # the learner reads these from the store
     check_writable("run_dir", cfg.run_dir)  # the driver writes the config, TensorBoard and the summary there
@@ -445,7 +447,7 @@ def run_loop(cfg: Config) -> dict[str, Any]:
     return LoopDriver(cfg).run()
 
 
-def eval_runner(cfg: Config, policy: torch.nn.Module, samplers: list[SamplerConfig], units: list[Unit],
+def eval_runner(cfg: Config, policy: torch.nn.Module, arms: list[Arm], units: list[Unit],
                 workers: int, keep_snapshots: bool) -> Iterator[tuple[Unit, list[Episode]]]:
     """A ``UnitRunner`` for evaluation (``afil_ray.eval.workers``): Ray eval actors when ``eval.backend`` is
     ``ray``, or ``auto`` with a Ray cluster attached (``RAY_ADDRESS`` set or Ray initialised); processes else."""
@@ -453,7 +455,7 @@ def eval_runner(cfg: Config, policy: torch.nn.Module, samplers: list[SamplerConf
     if backend == "auto":
         backend = "ray" if ray.is_initialized() or os.environ.get("RAY_ADDRESS") else "processes"
     if backend == "processes":
-        yield from process_units(cfg, policy, samplers, units, workers, keep_snapshots)
+        yield from process_units(cfg, policy, arms, units, workers, keep_snapshots)
         return
     if not ray.is_initialized():
         if not os.environ.get("RAY_ADDRESS"):
@@ -470,7 +472,7 @@ def eval_runner(cfg: Config, policy: torch.nn.Module, samplers: list[SamplerConf
     def submit(actor: Any) -> None:
         if pending:
             unit = pending.pop(0)
-            in_flight[actor.run.remote(samplers[unit[0]], unit[1], keep_snapshots)] = (unit, actor)
+            in_flight[actor.run.remote(arms[unit[0]], unit[1], keep_snapshots)] = (unit, actor)
 
     held: dict[Unit, list[Episode]] = {}  # finished before an earlier unit
     order = iter(units)

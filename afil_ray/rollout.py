@@ -26,6 +26,7 @@ import torch
 from afil_ray.config import SamplerConfig
 from afil_ray.envs.base import Obs, VecEnv
 from afil_ray.envs.collector import EpisodeCollector
+from afil_ray.envs.tasks import Instruct, canonical_instruction
 from afil_ray.replay.episode import Episode
 
 
@@ -59,8 +60,10 @@ class ChunkedRollout:
 
     def __init__(self, env: VecEnv, policy: ChunkPolicy, sampler: SamplerConfig, seeds: Iterator[int], *,
                  source: str = "policy", policy_version: int = -1, generator: Any = None,
-                 noise_seed: Callable[[int], int | None] | None = None) -> None:
+                 noise_seed: Callable[[int], int | None] | None = None, instruct: Instruct = canonical_instruction,
+                 observe: Callable[[Obs], Obs] | None = None) -> None:
         self.env, self.policy, self.sampler = env, policy, sampler
+        self.observe = observe  # what the policy is shown of an observation (an evaluation probe's view), if not all
         self.generator = generator
         self.noise_seed = noise_seed
         if noise_seed is not None and getattr(policy, "noise_shape", None) is None:
@@ -70,7 +73,7 @@ class ChunkedRollout:
         self.collector = EpisodeCollector(
             env, seeds, source=source, policy_version=policy_version, sampler=sampler.kind,
             sampler_params={"w": sampler.w, "lam": sampler.lam, "steps": sampler.steps,
-                            "execute_steps": sampler.execute_steps})
+                            "execute_steps": sampler.execute_steps}, instruct=instruct)
         self.queues: list[deque[np.ndarray]] = [deque() for _ in range(env.num_envs)]
         self.stats = RolloutStats()
         self.obs = self.collector.reset()
@@ -91,7 +94,9 @@ class ChunkedRollout:
 
     def _replan(self, idx: np.ndarray) -> None:
         obs = {k: v[idx] for k, v in self.obs.items()}
-        instructions = [self.env.task.instruction] * len(idx)
+        if self.observe is not None:
+            obs = self.observe(obs)
+        instructions = [self.collector.instruction(int(i)) for i in idx]
         if self.noise_seed is None:
             actions, diag = self.policy.sample(obs, instructions, self.sampler, self.generator)
         else:

@@ -67,7 +67,7 @@ class Trainer:
         self.device = resolve_device(tc.device)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.tasks = list(cfg.data.tasks) or [cfg.env.task]
+        self.tasks = list(cfg.data.tasks) or cfg.env.tasks
         self.instructions = {t: check_task(key, t).instruction for key, t in trained_tasks(cfg)}
         store = ReplayStore(cfg.replay.root)
         cameras = () if cfg.env.obs_mode == "state" else None
@@ -187,7 +187,9 @@ class Trainer:
     def _batch(self, name: str) -> dict[str, Any]:
         sampler = self.samplers[name]
         batch = sampler.sample(self.cfg.train.batch_size)
-        batch["instruction"] = [self.instructions[sampler.partitions[p][0]] for p in batch["partition"]]
+        # each window's own episode's instruction; the task's first one for shards that did not record any
+        batch["instruction"] = [said or self.instructions[sampler.partitions[p][0]]
+                                for said, p in zip(batch["instruction"], batch["partition"], strict=True)]
         return batch
 
     def train_step(self) -> dict[str, float]:

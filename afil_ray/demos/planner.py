@@ -21,7 +21,7 @@ import numpy as np
 from afil_ray.config import DemoConfig, EnvConfig
 from afil_ray.envs.collector import EpisodeCollector
 from afil_ray.envs.maniskill import ManiSkillVecEnv, _import_maniskill, check_assets, restore_state
-from afil_ray.envs.tasks import get_task
+from afil_ray.envs.tasks import episode_instruction, get_task
 from afil_ray.replay.episode import Episode
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,7 @@ class DemoMaker:
         self.max_length = demo_cfg.max_length or self.limit
         self.replay_env = ManiSkillVecEnv(single_cpu_env(env_cfg, self.limit))
         self.control_mode = env_cfg.control_mode
+        self.instruct = episode_instruction(env_cfg.paraphrase)
 
     def make(self, seed: int) -> DemoResult:
         plan = self.planner.plan(seed)
@@ -170,7 +171,7 @@ class DemoMaker:
 
     def _replay(self, seed: int, targets: list[np.ndarray]) -> Episode | None:
         collector = EpisodeCollector(self.replay_env, itertools.repeat(seed), source="motion_planner",
-                                     auto_reset=False)
+                                     auto_reset=False, instruct=self.instruct)
         collector.reset()
         base = self.replay_env.local_env(0).base
         plan = targets + [targets[-1]] * HOLD_STEPS

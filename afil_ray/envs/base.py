@@ -39,7 +39,7 @@ class StepResult:
 
 
 class VecEnv(Protocol):
-    task: TaskSpec
+    slot_tasks: tuple[TaskSpec, ...]  # the task each env slot runs (one task for a single-task env)
     num_envs: int
     obs_mode: str
     control_mode: str

@@ -64,7 +64,7 @@ def trained_tasks(cfg: Config) -> list[tuple[str, str]]:
     """(key, task) of what training reads: ``data.tasks``, or ``env.task`` when that is empty."""
     if cfg.data.tasks:
         return [("data.tasks", t) for t in cfg.data.tasks]
-    return [("env.task", cfg.env.task)]
+    return env_tasks(cfg.env)
 
 
 def check_tasks(pairs: Iterable[tuple[str, str]], *, simulate: bool = True, planner: bool = False) -> None:
@@ -77,10 +77,45 @@ def check_tasks(pairs: Iterable[tuple[str, str]], *, simulate: bool = True, plan
 
 
 def check_cameras(env: EnvConfig) -> None:
-    """``env.cameras`` names cameras the task has (rgb mode), checked by building one env of the task: only when
-    cameras are named, since it costs a simulator start (a couple of seconds)."""
-    if env.obs_mode == "state" or not env.cameras:
+    """``env.cameras`` names cameras every task has, and the tasks of a list show one policy the same cameras
+    (rgb mode), checked by building one env of each task: only when cameras are named or there are several tasks,
+    since it costs a simulator start each (a couple of seconds)."""
+    if env.obs_mode == "state" or not (env.cameras or len(env.tasks) > 1):
         return
     from afil_ray.envs.maniskill import ManiSkillVecEnv
 
-    ManiSkillVecEnv(dataclasses.replace(env, num_envs=1, cpu_vectorization="loop")).close()  # ConfigError if not
+    seen: dict[str, tuple[str, ...]] = {}
+    for task in env.tasks:
+        one = dataclasses.replace(env.for_task(task), num_envs=1, cpu_vectorization="loop")
+        with ManiSkillVecEnv(one) as sim:  # ConfigError if a named camera is missing
+            seen[task] = tuple(sim.cameras)
+    first, cameras = next(iter(seen.items()))
+    for task, other in seen.items():
+        if other != cameras:
+            shared = [c for c in cameras if c in other]
+            raise ConfigError(f"env.task: {first} has cameras {', '.join(cameras)} and {task} has "
+                              f"{', '.join(other)}; one policy needs the same cameras: set env.cameras to ones "
+                              f"they share ({', '.join(shared) or 'none'})")
+
+
+def env_tasks(env: EnvConfig) -> list[tuple[str, str]]:
+    """(key, task) of every task in ``env.task``."""
+    return [("env.task", t) for t in env.tasks]
+
+
+def check_one_action_space(env: EnvConfig) -> None:
+    """The tasks of a task list share one action space (one policy acts in all of them): a one-line error naming
+    the first two that differ. Asks each task's simulator for its action space (a state-mode env each, about a
+    second); a single task needs nothing."""
+    if len(env.tasks) < 2:
+        return
+    from afil_ray.envs.maniskill import action_space_of
+
+    spaces = {task: action_space_of(task, env.control_mode) for task in env.tasks}
+    first, (shape, low, high) = next(iter(spaces.items()))
+    for task, (other_shape, other_low, other_high) in spaces.items():
+        if other_shape != shape or low.tolist() != other_low.tolist() or high.tolist() != other_high.tolist():
+            raise ConfigError(f"env.task mixes action spaces: {first} acts with {shape[0]} dims in "
+                              f"[{low.min():g}, {high.max():g}], {task} with {other_shape[0]} dims in "
+                              f"[{other_low.min():g}, {other_high.max():g}] ({env.control_mode}); one policy "
+                              "needs one robot and action space")

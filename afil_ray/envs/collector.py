@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from afil_ray.envs.base import Obs, VecEnv
+from afil_ray.envs.tasks import Instruct, canonical_instruction
 from afil_ray.replay.episode import Episode
 
 
@@ -46,12 +47,15 @@ class EpisodeCollector:
 
     ``seeds`` yields the seed of every new episode, so a run's episodes are reproducible from its seed stream.
     With ``auto_reset=False`` a finished env is left as it is and the caller decides what comes next.
-    Producer metadata (``source``, ``policy_version``, ``sampler``...) is read when an episode starts.
+    Producer metadata (``source``, ``policy_version``, ``sampler``...) is read when an episode starts, and so is
+    its instruction: ``instruct(slot task, seed)`` (``env.paraphrase``'s choice, or an evaluation probe's).
     """
 
     def __init__(self, env: VecEnv, seeds: Iterator[int], *, source: str, policy_version: int = -1,
-                 sampler: str = "", sampler_params: dict | None = None, auto_reset: bool = True) -> None:
+                 sampler: str = "", sampler_params: dict | None = None, auto_reset: bool = True,
+                 instruct: Instruct = canonical_instruction) -> None:
         self.env = env
+        self.instruct = instruct
         self.auto_reset = auto_reset
         self.seeds = seeds
         self.source = source
@@ -68,7 +72,12 @@ class EpisodeCollector:
         buf.add_snapshot(0, snapshot)
         self._buffers[i] = buf
         self._meta[i] = {"policy_version": self.policy_version, "sampler": self.sampler,
-                         "sampler_params": dict(self.sampler_params)}
+                         "sampler_params": dict(self.sampler_params),
+                         "instruction": self.instruct(self.env.slot_tasks[i], seed)}
+
+    def instruction(self, i: int) -> str:
+        """What env ``i``'s current episode reads."""
+        return self._meta[i]["instruction"]
 
     def episode_seed(self, i: int) -> int:
         """The seed of env ``i``'s current episode."""
@@ -129,7 +138,7 @@ class EpisodeCollector:
         success_once = any(buf.success)
         outcome = "success" if success_once and not any(buf.fail) else "failure"
         return Episode(
-            task=self.env.task.env_id, outcome=outcome, instruction=self.env.task.instruction, seed=buf.seed,
+            task=self.env.slot_tasks[i].env_id, outcome=outcome, seed=buf.seed,
             source=self.source, control_mode=self.env.control_mode, obs_mode=self.env.obs_mode,
             state=np.stack(buf.states), action=np.stack(buf.actions),
             reward=np.asarray(buf.rewards, np.float32), step_success=np.asarray(buf.success),

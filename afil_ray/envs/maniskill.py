@@ -70,16 +70,33 @@ def _to_numpy(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
-def convert_obs(raw: Any, cfg: EnvConfig) -> Obs:
-    """ManiSkill batched obs -> {"state": [N, D] float32, "rgb_<cam>": [N, H, W, 3] uint8} for the cameras
-    ``env.cameras`` names (all of the task's when empty)."""
-    if cfg.obs_mode == "state":
-        return {"state": _to_numpy(raw).astype(np.float32, copy=False)}
+# rgb mode: the slots of task extras a camera cannot show (TaskSpec.hidden_extras), every task's state has all of
+# them (zeros where its task has none) so that one policy reads every task's state in one layout
+HIDDEN_EXTRA_SIZES = {"goal_pos": 3}
+
+
+def rgb_state(raw: Any, spec: TaskSpec) -> np.ndarray:
+    """Proprioception (joint positions and velocities, TCP pose) and the task's hidden extras in their slots:
+    [N, 18 + 7 + 3] for the Panda. Object poses and visible goals are left to the cameras."""
     from mani_skill.utils.common import flatten_state_dict
 
-    proprio = {k: raw[k] for k in ("agent", "extra") if k in raw}
-    state = _to_numpy(flatten_state_dict(proprio, use_torch=True)).astype(np.float32, copy=False)
-    out: Obs = {"state": state}
+    agent = _to_numpy(flatten_state_dict(raw["agent"], use_torch=True)).astype(np.float32, copy=False)
+    extra = raw.get("extra", {})
+    parts = [agent, _to_numpy(extra["tcp_pose"]).reshape(len(agent), -1)]
+    for name, size in HIDDEN_EXTRA_SIZES.items():
+        if name in spec.hidden_extras:
+            parts.append(_to_numpy(extra[name]).reshape(len(agent), size))
+        else:
+            parts.append(np.zeros((len(agent), size), np.float32))
+    return np.concatenate(parts, axis=1).astype(np.float32, copy=False)
+
+
+def convert_obs(raw: Any, cfg: EnvConfig) -> Obs:
+    """ManiSkill batched obs -> {"state": [N, D] float32, "rgb_<cam>": [N, H, W, 3] uint8} for the cameras
+    ``env.cameras`` names (all of the task's when empty); in rgb mode ``state`` is :func:`rgb_state`."""
+    if cfg.obs_mode == "state":
+        return {"state": _to_numpy(raw).astype(np.float32, copy=False)}
+    out: Obs = {"state": rgb_state(raw, get_task(cfg.task))}
     sensors = raw["sensor_data"]
     missing = [cam for cam in cfg.cameras if cam not in sensors]
     if missing:
@@ -125,6 +142,21 @@ def restore_state(base: Any, blob: bytes) -> None:
 
     base.set_state_dict(common.to_tensor(snap.loads(blob)))
     refresh_contacts(base)
+
+
+@functools.cache
+def action_space_of(task: str, control_mode: str) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
+    """(shape, low, high) of ``task``'s actions under ``control_mode``, from a state-mode env built for it."""
+    _import_maniskill()
+    spec = get_task(task)
+    check_assets(spec.env_id)
+    env = gym.make(spec.env_id, num_envs=1, obs_mode="state", control_mode=control_mode,
+                   **dict(spec.env_kwargs))
+    try:
+        space = env.unwrapped.single_action_space
+        return tuple(space.shape), space.low.reshape(-1).copy(), space.high.reshape(-1).copy()
+    finally:
+        env.close()
 
 
 def _limit(spec: TaskSpec, cfg: EnvConfig) -> int:
@@ -219,9 +251,13 @@ class ManiSkillVecEnv:
     """N ManiSkill scenes behind the VecEnv interface (see module docstring for the back-ends)."""
 
     def __init__(self, cfg: EnvConfig, num_envs: int | None = None) -> None:
+        if not isinstance(cfg.task, str):
+            raise ConfigError(f"env.task={cfg.task}: ManiSkillVecEnv runs one task; several run in "
+                              "afil_ray.envs.factory.make_vec_env")
         self.cfg = cfg
         self.task = get_task(cfg.task)
         self.num_envs = num_envs or cfg.num_envs
+        self.slot_tasks = (self.task,) * self.num_envs
         self.obs_mode = cfg.obs_mode
         self.control_mode = cfg.control_mode
         self.max_episode_steps = _limit(self.task, cfg)

@@ -1,4 +1,11 @@
-"""Task registry: the language instruction, episode limit and demonstration source of each task.
+"""Task registry: the language instructions, episode limit, demonstration source and camera-hidden extras of
+each task.
+
+A task can have several phrasings of its instruction: the training phrasings (``instruction`` first, then
+``paraphrases``), one of which each collected episode reads when ``env.paraphrase`` is on (chosen by its seed, so
+demos, rollouts and the evaluation arms agree on it), and ``heldout`` phrasings that no collector ever uses, kept for
+the evaluation arm that asks whether the policy understands the instruction or memorised its strings
+(``afil_ray/eval/probes.py``).
 
 ManiSkill's registered limit for these tasks is 50 steps, far below what motion-planner demos (60-230 steps) and
 trained policies (first success at a median of 60-175 steps in a probe) need, so every task carries its own limit.
@@ -7,6 +14,7 @@ Adding a task, a project-side variant or another simulator's task is one ``regis
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -18,6 +26,37 @@ class TaskSpec:
     simulator: str = "maniskill"
     planner: str | None = None  # motion-planner solution id for demonstrations, if one exists
     env_kwargs: tuple[tuple[str, object], ...] = ()  # extra keyword arguments for the simulator's make
+    paraphrases: tuple[str, ...] = ()  # more training phrasings of ``instruction``
+    heldout: tuple[str, ...] = ()  # phrasings kept out of every collected episode, for evaluation only
+    # rgb mode: the task's extras that its cameras cannot show (PickCube's goal is an invisible marker), by name
+    # (afil_ray/envs/maniskill.py: HIDDEN_EXTRA_SIZES); everything else the policy must see
+    hidden_extras: tuple[str, ...] = ()
+
+    @property
+    def phrasings(self) -> tuple[str, ...]:
+        """The training phrasings, ``instruction`` first."""
+        return (self.instruction, *self.paraphrases)
+
+    def phrasing(self, seed: int) -> str:
+        """The training phrasing an episode with ``seed`` reads."""
+        return self.phrasings[int(seed) % len(self.phrasings)]
+
+    def heldout_phrasing(self, seed: int) -> str:
+        """A held-out phrasing for the episode with ``seed`` (``instruction`` if the task has none)."""
+        return self.heldout[int(seed) % len(self.heldout)] if self.heldout else self.instruction
+
+
+# What an episode of ``task`` started with ``seed`` reads (collectors call it when an episode starts).
+Instruct = Callable[[TaskSpec, int], str]
+
+
+def canonical_instruction(task: TaskSpec, seed: int) -> str:
+    return task.instruction
+
+
+def episode_instruction(paraphrase: bool) -> Instruct:
+    """``env.paraphrase``: a training phrasing chosen by seed, or the task's first instruction."""
+    return TaskSpec.phrasing if paraphrase else canonical_instruction
 
 
 TASKS: dict[str, TaskSpec] = {}
@@ -39,10 +78,31 @@ def get_task(env_id: str) -> TaskSpec:
                        "(add one with afil_ray.envs.tasks.register_task)") from None
 
 
+_MULTITASK_PHRASINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # task: (more training phrasings, held-out phrasings); the five tasks one multi-task policy learns
+    "PushCube-v1": (("move the cube forward onto the target", "slide the block ahead to the goal"),
+                    ("shove the cube forward until it reaches the target",)),
+    "PullCube-v1": (("drag the cube back onto the target", "bring the block toward the robot to the goal"),
+                    ("draw the cube backward until it reaches the target",)),
+    "PickCube-v1": (("grasp the cube and lift it to the goal", "take the block and carry it up to the target"),
+                    ("raise the cube up to the goal point",)),
+    "StackCube-v1": (("put the red cube onto the green cube", "place the red block on the green block"),
+                     ("set the red cube down on top of the green one",)),
+    "LiftPegUpright-v1": (("stand the peg up", "turn the lying peg so it stands vertically"),
+                          ("rotate the peg until it is standing",)),
+}
+
+
+def _phrased(spec: TaskSpec) -> TaskSpec:
+    more, heldout = _MULTITASK_PHRASINGS.get(spec.env_id, ((), ()))
+    return TaskSpec(**{**spec.__dict__, "paraphrases": more, "heldout": heldout})
+
+
 for _spec in (
     TaskSpec("PushCube-v1", "push the cube to the goal region", 150, planner="PushCube-v1"),
     TaskSpec("PullCube-v1", "pull the cube to the goal region", 150, planner="PullCube-v1"),
-    TaskSpec("PickCube-v1", "pick up the cube and move it to the goal position", 200, planner="PickCube-v1"),
+    TaskSpec("PickCube-v1", "pick up the cube and move it to the goal position", 200, planner="PickCube-v1",
+             hidden_extras=("goal_pos",)),
     TaskSpec("StackCube-v1", "stack the red cube on top of the green cube", 250, planner="StackCube-v1"),
     TaskSpec("LiftPegUpright-v1", "lift the peg upright", 350, planner="LiftPegUpright-v1"),
     TaskSpec("StackPyramid-v1",
@@ -55,4 +115,4 @@ for _spec in (
     TaskSpec("StackCubeDistractors-v1", "stack the red cube on top of the green cube", 250),
     TaskSpec("PullCubeDistractors-v1", "pull the cube to the goal region", 150),
 ):
-    register_task(_spec)
+    register_task(_phrased(_spec))

@@ -1,5 +1,7 @@
-"""The arm language: an arm is one sampler setting, parsed once from ``kind[:key=value,...]`` into a typed
-:class:`Arm` and carried as that object from the config to the report.
+"""The arm language: an arm is one sampler setting, parsed once from ``kind[:key=value,...][@probe]`` into a typed
+:class:`Arm` and carried as that object from the config to the report. A probe (``afil_ray/eval/probes.py``)
+changes what the policy is shown or told on every episode of the arm: ``@blank_cameras``, ``@other_instruction``,
+``@heldout_phrasing``.
 
 An arm has two names, both derived here and nowhere else: ``name`` (``static:w=0.05``), which labels its
 episodes in ``episodes.json`` and keys an evaluation's directory, and ``title`` (``static FIL w=0.05``), which the
@@ -29,6 +31,9 @@ class Arm:
 
     sampler: SamplerConfig
     set_keys: tuple[str, ...] = ()
+    probe: str = ""  # one of afil_ray.eval.probes.PROBES, or "" (the policy sees and reads what the episode has)
+    # other_instruction: the tasks whose instructions stand in for each other (the evaluated task list, in order)
+    foils: tuple[str, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -43,21 +48,23 @@ class Arm:
     def name(self) -> str:
         """``success_only``, ``static:w=0.05``, ``adaptive:lam=1,steps=5``."""
         keys = self.shown_keys
+        probe = f"@{self.probe}" if self.probe else ""
         if not keys:
-            return self.kind
-        return self.kind + ":" + ",".join(f"{k}={_fmt(getattr(self.sampler, k))}" for k in keys)
+            return self.kind + probe
+        return self.kind + ":" + ",".join(f"{k}={_fmt(getattr(self.sampler, k))}" for k in keys) + probe
 
     @property
     def title(self) -> str:
         """``success only``, ``static FIL w=0.05``, ``adaptive FIL λ=1``: the name the result tables print."""
+        probe = f", {self.probe.replace('_', ' ')}" if self.probe else ""
         if self.kind == REFERENCE_ARM and not self.set_keys:
-            return "success only"
+            return "success only" + probe
         return " ".join([f"{self.kind} FIL", *(f"{_SYMBOL.get(k, k)}={_fmt(getattr(self.sampler, k))}"
-                                               for k in self.shown_keys)])
+                                               for k in self.shown_keys)]) + probe
 
     def exact(self) -> Arm:
         """The same arm with the heads run as two calls, so w = 0 reproduces success only bit for bit."""
-        return Arm(dataclasses.replace(self.sampler, fused_heads=False), self.set_keys)
+        return dataclasses.replace(self, sampler=dataclasses.replace(self.sampler, fused_heads=False))
 
 
 def make_arm(base: SamplerConfig, kind: str, **params: Any) -> Arm:
@@ -81,6 +88,12 @@ def sampler_arm(sampler: SamplerConfig) -> Arm:
 def parse_arm(spec: str, base: SamplerConfig) -> Arm:
     """``kind[:key=value,...]`` -> an :class:`Arm` over ``base``; ConfigError naming the spec if it is bad."""
     text = str(spec).strip()
+    setting, at, probe = text.partition("@")
+    if at:
+        from afil_ray.eval.probes import check_probe
+
+        check_probe(probe.strip(), text)
+        return dataclasses.replace(parse_arm(setting, base), probe=probe.strip())
     kind, _, rest = text.partition(":")
     kind = kind.strip()
     if kind not in SAMPLER_KINDS:

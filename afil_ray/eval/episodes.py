@@ -34,9 +34,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from afil_ray.config import Config, SamplerConfig
+from afil_ray.config import Config
 from afil_ray.envs.base import VecEnv
 from afil_ray.eval.arms import Arm
+from afil_ray.eval.probes import probe_inputs
 from afil_ray.eval.report import EpisodeOutcome
 from afil_ray.replay.episode import Episode
 from afil_ray.rollout import ChunkedRollout, ChunkPolicy
@@ -82,18 +83,21 @@ def episode_noise_seed(seed: int, run: int, base_seed: int) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) >> 1
 
 
-def run_episodes(env: VecEnv, cfg: Config, policy: ChunkPolicy, sampler: SamplerConfig, run: int,
+def run_episodes(env: VecEnv, cfg: Config, policy: ChunkPolicy, arm: Arm, run: int,
                  bar: tqdm | None = None, keep_snapshots: bool = False) -> list[Episode]:
-    """Episodes ``(seed, run)`` for the seeds of ``cfg.eval`` with ``sampler``, ordered by seed (simulator
-    snapshots kept only when asked: harvesting failures to correct needs them, a report does not)."""
+    """Episodes ``(seed, run)`` for the seeds of ``cfg.eval`` with ``arm`` (its sampler, and its probe's view and
+    instruction), ordered by seed (simulator snapshots kept only when asked: harvesting failures to correct needs
+    them, a report does not)."""
     n, s0 = cfg.eval.episodes, cfg.eval.seed_start
     wanted = range(s0, s0 + n)
 
     def noise_seed(seed: int) -> int | None:
         return episode_noise_seed(seed, run, cfg.seed) if seed in wanted else None
 
-    rollout = ChunkedRollout(env, policy, sampler, itertools.count(s0), source="eval",
-                             generator=torch.Generator().manual_seed(cfg.seed), noise_seed=noise_seed)
+    instruct, observe = probe_inputs(arm.probe, arm.foils, cfg.env.paraphrase)
+    rollout = ChunkedRollout(env, policy, arm.sampler, itertools.count(s0), source="eval",
+                             generator=torch.Generator().manual_seed(cfg.seed), noise_seed=noise_seed,
+                             instruct=instruct, observe=observe)
     kept: list[Episode] = []
     while len(kept) < n:
         for ep in rollout.step():

@@ -8,6 +8,7 @@ record per episode (``episodes.json``), from which later tables are rebuilt with
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -42,15 +43,27 @@ def as_run(arms: list[Arm], cfg: Config) -> list[Arm]:
 
 def evaluate_arms(cfg: Config, policy: ChunkPolicy, progress: bool = True, arms: list[Arm] | None = None,
                   runner: UnitRunner | None = None) -> list[EvalResult]:
-    """Every arm on the same ``eval.episodes`` seeds x ``eval.runs`` noise draws; the units (arm, run) run on
-    ``eval.workers`` workers (``runner``: the composition root's Ray actors; processes when None), with the same
-    episodes whatever the worker count."""
+    """Every arm on the same ``eval.episodes`` seeds x ``eval.runs`` noise draws of every task in ``env.task``
+    (one task after the other, each on its own simulator); the units (arm, run) run on ``eval.workers`` workers
+    (``runner``: the composition root's Ray actors; processes when None), with the same episodes whatever the
+    worker count. Results are per (task, arm), tasks in ``env.task``'s order."""
     arms = resolve_arms(cfg) if arms is None else arms
+    arms = [dataclasses.replace(a, foils=tuple(cfg.env.tasks)) if a.probe == "other_instruction" else a
+            for a in arms]
+    results: list[EvalResult] = []
+    for task in cfg.env.tasks:
+        one = dataclasses.replace(cfg, env=cfg.env.for_task(task))
+        results += _evaluate_task(one, policy, progress, arms, runner)
+    return results
+
+
+def _evaluate_task(cfg: Config, policy: ChunkPolicy, progress: bool, arms: list[Arm],
+                   runner: UnitRunner | None) -> list[EvalResult]:
     units = [(a, r) for a in range(len(arms)) for r in range(cfg.eval.runs)]
     episodes = {}
     with tqdm(total=len(units) * cfg.eval.episodes, desc=f"eval {cfg.env.task}", unit="ep", disable=not progress,
               dynamic_ncols=True) as bar:
-        for unit, eps in run_units(cfg, policy, [a.sampler for a in arms], units, runner=runner):
+        for unit, eps in run_units(cfg, policy, arms, units, runner=runner):
             episodes[unit] = eps
             bar.update(len(eps))
             bar.set_postfix(done=f"{arms[unit[0]].name} run {unit[1]}")
@@ -59,11 +72,12 @@ def evaluate_arms(cfg: Config, policy: ChunkPolicy, progress: bool = True, arms:
 
 
 def evaluate(cfg: Config, policy: ChunkPolicy, progress: bool = True) -> EvalResult:
-    """``cfg.sampler`` on the seeds of ``cfg.eval``, run 0 only (per-episode noise; the loop's evaluator)."""
+    """``cfg.sampler`` on the seeds of ``cfg.eval``, run 0 only (per-episode noise; the loop's evaluator), for
+    the one task of ``env.task``."""
     arm = sampler_arm(cfg.sampler)
     with ManiSkillVecEnv(cfg.env) as env, tqdm(total=cfg.eval.episodes, desc=f"eval {cfg.env.task} {arm.name}",
                                                unit="ep", disable=not progress, dynamic_ncols=True) as bar:
-        episodes = run_episodes(env, cfg, policy, cfg.sampler, 0, bar)
+        episodes = run_episodes(env, cfg, policy, arm, 0, bar)
     return EvalResult(cfg.env.task, arm, episodes)
 
 
@@ -72,9 +86,33 @@ def output_dir(cfg: Config, checkpoint: str | Path, arms: list[Arm] | None = Non
     nor another arm set overwrites a reported evaluation (report.json lists the arms behind the hash)."""
     names = ",".join(a.name for a in (arms if arms is not None else resolve_arms(cfg)))
     digest = hashlib.sha1(names.encode()).hexdigest()[:8]
-    name = (f"{cfg.env.task}-{Path(checkpoint).name}-seeds{cfg.eval.seed_start}x{cfg.eval.episodes}"
+    name = (f"{tasks_label(cfg.env.tasks)}-{Path(checkpoint).name}-seeds{cfg.eval.seed_start}x{cfg.eval.episodes}"
             f"-runs{cfg.eval.runs}-arms{digest}")
     return Path(cfg.run_dir) / "eval" / name
+
+
+def tasks_label(tasks: list[str]) -> str:
+    """The task in a directory name, or ``<n>tasks-<hash>`` for a task list."""
+    if len(tasks) == 1:
+        return tasks[0]
+    return f"{len(tasks)}tasks-{hashlib.sha1(','.join(tasks).encode()).hexdigest()[:6]}"
+
+
+POOLED = "all tasks"
+_POOL_STRIDE = 10**9  # pooled episodes are keyed (task index * stride + seed, run): each task's seeds stay apart
+
+
+def pooled(results: list[ArmResult]) -> list[ArmResult]:
+    """Every arm's episodes over all tasks as one more "task" (:data:`POOLED`), still paired episode by episode;
+    nothing when there is only one task."""
+    tasks = list(dict.fromkeys(r.task for r in results))
+    if len(tasks) < 2:
+        return []
+    arms: dict[str, list[EpisodeOutcome]] = {}
+    for r in results:
+        offset = tasks.index(r.task) * _POOL_STRIDE
+        arms.setdefault(r.arm, []).extend(dataclasses.replace(e, seed=offset + e.seed) for e in r.episodes)
+    return [ArmResult(arm, POOLED, episodes) for arm, episodes in arms.items()]
 
 
 def metric_note(cfg: Config) -> str:
@@ -90,8 +128,9 @@ def write_evaluation(cfg: Config, results: list[EvalResult], arms: list[Arm], ch
     """report.json / report.md / report.png (``afil_ray.eval.report``; report.json records the machine facts) and
     episodes.json (one record per arm and episode)."""
     directory = Path(directory) if directory is not None else output_dir(cfg, checkpoint, arms)
-    report = build_report([ArmResult(r.arm.name, r.task, r.outcomes()) for r in results], metric=cfg.eval.metric,
-                          reference_arm=reference_arm(arms), seed=cfg.seed)
+    per_task = [ArmResult(r.arm.name, r.task, r.outcomes()) for r in results]
+    report = build_report(per_task + pooled(per_task), metric=cfg.eval.metric, reference_arm=reference_arm(arms),
+                          seed=cfg.seed)
     report["protocol"] = {
         "checkpoint": str(checkpoint), "task": cfg.env.task, "seed_start": cfg.eval.seed_start,
         "episodes": cfg.eval.episodes, "runs": cfg.eval.runs, "noise_seed_base": cfg.seed,

@@ -8,6 +8,7 @@ the failure head is trained its result is computed once and reused.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -65,10 +66,11 @@ class LoopEvaluator:
             cfg = copy.deepcopy(self.cfg)
             cfg.sampler.kind = kind
             cfg.eval.episodes = self.cfg.loop.eval_episodes
-            result = evaluate(cfg, self.policy, progress=False)
-            report.success_rate[kind] = result.success_rate
+            results = [evaluate(dataclasses.replace(cfg, env=cfg.env.for_task(task)), self.policy, progress=False)
+                       for task in cfg.env.tasks]  # a task list: the same seeds on each task, pooled
+            report.success_rate[kind] = sum(r.successes for r in results) / sum(len(r.episodes) for r in results)
             if not READS_FAILURE_HEAD[kind]:
-                self._cache[kind] = result.success_rate
+                self._cache[kind] = report.success_rate[kind]
         self._success_side_changed = False
         self.evaluated = self.version
         report.seconds = time.perf_counter() - t0

@@ -21,7 +21,8 @@ import torch
 
 from afil_ray.config import Config
 from afil_ray.envs.base import SimulatorError, VecEnv
-from afil_ray.envs.maniskill import ManiSkillVecEnv
+from afil_ray.envs.factory import make_vec_env
+from afil_ray.envs.tasks import episode_instruction
 from afil_ray.loop.board import WeightSource
 from afil_ray.loop.weights import WeightPacket, apply
 from afil_ray.policy.loading import load_start_policy, resolve_device
@@ -64,7 +65,7 @@ class RolloutWorker:
     """Plain class; ``actors.rollout.RolloutActor`` is its Ray shell."""
 
     def __init__(self, cfg: Config, index: int, weights: WeightSource, *, seed_start: int | None = None,
-                 make_env: Any = ManiSkillVecEnv) -> None:
+                 make_env: Any = make_vec_env) -> None:
         if not cfg.loop.init_from:
             raise ValueError("loop.init_from must name the success-only checkpoint the loop starts from")
         if cfg.loop.torch_threads:
@@ -93,7 +94,8 @@ class RolloutWorker:
     def _start_env(self) -> None:
         self.env = self.make_env(self.cfg.env)
         self.rollout = ChunkedRollout(self.env, self.policy, self.cfg.sampler, self.seeds, source="rollout",
-                                      policy_version=self.version, generator=self.generator)
+                                      policy_version=self.version, generator=self.generator,
+                                      instruct=episode_instruction(self.cfg.env.paraphrase))
 
     def _poll(self, force: bool = False) -> None:
         now = time.monotonic()

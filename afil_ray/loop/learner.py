@@ -71,7 +71,7 @@ class OnlineLearner:
         self.publish_fn, self.latest_version = publish, latest_version
         self.components = SHIPPED[self.cfg.train.mode]
         self.store = ReplayStore(self.cfg.replay.root)
-        self.tasks = list(self.cfg.data.tasks) or [self.cfg.env.task]
+        self.tasks = list(self.cfg.data.tasks) or self.cfg.env.tasks
         self.trainer: Trainer | None = None
         self._steps_since_publish = 0
 

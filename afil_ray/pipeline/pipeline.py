@@ -43,7 +43,8 @@ from tqdm import tqdm
 from afil_ray.config import Config, ConfigError, check_writable, save_resolved, with_overrides
 from afil_ray.correction import correct_failures
 from afil_ray.demos.generate import generate_demos
-from afil_ray.envs.checks import check_tasks, trained_tasks
+from afil_ray.envs.checks import check_one_action_space, check_tasks, env_tasks, trained_tasks
+from afil_ray.eval.arms import sampler_arm
 from afil_ray.eval.protocol import as_run, evaluate_arms, load_mean_w, load_outcomes, output_dir, write_evaluation
 from afil_ray.eval.report import ArmResult, build_report, markdown_table, write_report
 from afil_ray.eval.workers import UnitRunner, run_units
@@ -100,7 +101,8 @@ class Pipeline:
                               f"{', '.join(unknown) or 'none'}), and reproduce.train_seeds must not be empty "
                               "(reproduce.seed_variants=[] skips the seed treatment)")
         # every task and path before the first stage: an out-of-domain typo must not wait for hours of training
-        check_tasks([("env.task", self.cfg.env.task)], planner=True)  # demos and corrections plan it
+        check_tasks(env_tasks(self.cfg.env), planner=True)  # demos and corrections plan them
+        check_one_action_space(self.cfg.env)
         check_tasks(trained_tasks(self.cfg), simulate=False)
         check_tasks([("reproduce.ood_tasks", t) for t in rc.ood_tasks])
         check_writable("run_dir", self.cfg.run_dir)
@@ -195,7 +197,8 @@ class Pipeline:
         policy = load_start_policy(checkpoint)
         bar = tqdm(total=len(units) * rc.harvest_seeds, desc=f"harvest {cfg.env.task}", unit="ep",
                    disable=not self.progress, dynamic_ncols=True)  # advances a run (unit) at a time, as eval's
-        for (_, run), episodes in run_units(cfg, policy, [cfg.sampler], units, keep_snapshots=True, runner=self.runner):
+        for (_, run), episodes in run_units(cfg, policy, [sampler_arm(cfg.sampler)], units, keep_snapshots=True,
+                                            runner=self.runner):
             for ep in episodes:
                 ep.source = HARVEST_SOURCE
                 if ep.outcome != "failure":

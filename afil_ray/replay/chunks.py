@@ -36,6 +36,7 @@ class _Pairs:
     chunk: np.ndarray  # [N, horizon, action_dim]
     partition: int
     frames: dict[str, np.ndarray] = field(default_factory=dict)  # camera -> [N, H, W, C] uint8, or its features
+    instruction: np.ndarray | None = None  # [N] object: what the pair's episode read ("" where not recorded)
 
 
 class ChunkSampler:
@@ -81,8 +82,9 @@ class ChunkSampler:
             else:
                 mask = np.ones(len(pairs.step), bool)
             if mask.any():
+                said = pairs.instruction if pairs.instruction is not None else np.full(len(pairs.step), "", object)
                 keep.append((pairs.state[mask], pairs.chunk[mask], np.full(int(mask.sum()), pairs.partition),
-                             {cam: frames[mask] for cam, frames in pairs.frames.items()}))
+                             {cam: frames[mask] for cam, frames in pairs.frames.items()}, said[mask]))
         state_dim = next((p.state.shape[1] for p in self._pairs.values() if len(p.step)), 0)
         action_dim = next((p.chunk.shape[2] for p in self._pairs.values() if len(p.step)), 0)
         self.state = np.concatenate([k[0] for k in keep]) if keep else np.zeros((0, state_dim), np.float32)
@@ -90,6 +92,7 @@ class ChunkSampler:
                       else np.zeros((0, self.horizon, action_dim), np.float32))
         self.partition = np.concatenate([k[2] for k in keep]).astype(np.int32) if keep else np.zeros(0, np.int32)
         self.frames = {cam: np.concatenate([k[3][cam] for k in keep]) for cam in self.cameras or ()} if keep else {}
+        self.instruction = np.concatenate([k[4] for k in keep]) if keep else np.zeros(0, object)
 
     def encode_frames(self, encoder: Callable[[str, np.ndarray], np.ndarray]) -> None:
         """Keep ``encoder(camera, frames)`` instead of pixels, for loaded and later shards (as
@@ -114,13 +117,14 @@ class ChunkSampler:
             if missing:
                 raise ValueError(f"replay shard {self.store.abspath(shard.path)} has no images for camera(s) "
                                  f"{[c[len(IMAGE_PREFIX):] for c in missing]}; this sampler uses {list(self.cameras)}")
-        table = self.store.read_checked(shard.path, ["episode_id", "state", "action", "chunk_steps", "chunks"])
+        columns = ["episode_id", "instruction", "state", "action", "chunk_steps", "chunks"]
+        table = self.store.read_checked(shard.path, columns)
         pixels = self.store.read_checked(shard.path, images) if images else None
         if table is None or (images and pixels is None):  # gone, or damaged and now quarantined
             return None
-        ids, steps, states, chunks = [], [], [], []
+        ids, steps, states, chunks, said = [], [], [], [], []
         frames: dict[str, list[np.ndarray]] = {cam: [] for cam in (self.cameras if images else ())}
-        for i, row in enumerate(table.select(["episode_id", "state", "action", "chunk_steps", "chunks"]).to_pylist()):
+        for i, row in enumerate(table.select(columns).to_pylist()):
             if not row["chunk_steps"]:
                 continue
             action_dim = len(row["action"][0])
@@ -135,6 +139,7 @@ class ChunkSampler:
                     raise ValueError(f"replay shard {self.store.abspath(shard.path)}: stored chunks have horizon "
                                      f"{len(c)}, the policy uses {self.horizon}")
                 ids.append(row["episode_id"])
+                said.append(row["instruction"] or "")
                 steps.append(step)
                 states.append(np.asarray(row["state"][step], np.float32))
                 chunks.append(c)
@@ -143,7 +148,7 @@ class ChunkSampler:
             return _Pairs(np.zeros(0, object), np.zeros(0, np.int64), np.zeros((0, 0), np.float32),
                           np.zeros((0, self.horizon, 0), np.float32), partition)
         pairs = _Pairs(np.asarray(ids, object), np.asarray(steps, np.int64), np.stack(states), np.stack(chunks),
-                       partition, {cam: np.concatenate(f) for cam, f in frames.items()})
+                       partition, {cam: np.concatenate(f) for cam, f in frames.items()}, np.asarray(said, object))
         self._encode(pairs)
         return pairs
 
@@ -181,7 +186,8 @@ class ChunkSampler:
                                f"outcomes={self.outcomes} (episodes recorded by policy rollouts carry them)")
         idx = self.rng.integers(0, len(self.state), size=batch_size)
         batch = {"state": self.state[idx], "action": self.chunk[idx],
-                 "action_is_pad": np.zeros((batch_size, self.horizon), bool), "partition": self.partition[idx]}
+                 "action_is_pad": np.zeros((batch_size, self.horizon), bool), "partition": self.partition[idx],
+                 "instruction": self.instruction[idx]}
         if self.frames:
             key = "images" if self.frame_encoder is None else "image_features"
             batch[key] = {cam: frames[idx] for cam, frames in self.frames.items()}

@@ -62,6 +62,7 @@ class _Segment:
     images: dict[str, np.ndarray] = field(default_factory=dict)  # camera -> [S, H, W, C] uint8
     features: dict[str, np.ndarray] = field(default_factory=dict)  # camera -> [S, N, C]: encoded frames instead
     starts_at: np.ndarray | None = None  # the steps windows may start at (None: every step)
+    instructions: np.ndarray | None = None  # [E] object: what each episode read ("" where a shard has none)
 
     @property
     def steps(self) -> int:
@@ -178,7 +179,8 @@ class WindowSampler:
                              f"{missing}; this sampler uses cameras {list(self.cameras)}")
         columns = ["state", "action"] + [IMAGE_PREFIX + c for c in self.cameras]
         from_restore = self.corrected_from_restore and shard.outcome == "corrected"
-        table = self.store.read_checked(shard.path, columns + ["extra"] * from_restore, verify=False)
+        table = self.store.read_checked(shard.path, columns + ["instruction"] + ["extra"] * from_restore,
+                                        verify=False)
         if table is None:
             return None
         index = len(self.shard_paths)
@@ -218,7 +220,9 @@ class WindowSampler:
                 starts_at = np.concatenate([np.arange(min(r, int(b - a)), b - a) + a
                                             for r, a, b in zip(restore, starts[:-1], starts[1:], strict=True)]
                                            + [np.zeros(0, np.int64)]).astype(np.int64)
-            segment = _Segment(index, first_row, partition, state, action, starts, images, starts_at=starts_at)
+            said = np.array([i or "" for i in batch.column("instruction").to_pylist()], object)
+            segment = _Segment(index, first_row, partition, state, action, starts, images, starts_at=starts_at,
+                               instructions=said)
             self._encode_segment(segment)
             segments.append(segment)
             first_row += batch.num_rows
@@ -274,7 +278,8 @@ class WindowSampler:
         """A batch of windows as numpy arrays.
 
         Keys: ``state`` [B, D] float32, ``action`` [B, H, A] float32, ``action_is_pad`` [B, H] bool,
-        ``images`` {camera: [B, h, w, c] uint8} (only when the sampler has cameras), and where each window
+        ``images`` {camera: [B, h, w, c] uint8} (only when the sampler has cameras), ``instruction`` [B] (what
+        the window's episode read; "" for shards from before episodes recorded it), and where each window
         came from: ``partition`` [B] (index into :attr:`partitions`), ``shard`` [B] (index into
         :attr:`shard_paths`), ``row`` [B] (episode row in that shard), ``timestep`` [B].
         """
@@ -301,6 +306,7 @@ class WindowSampler:
             "shard": np.empty(n, np.int32),
             "row": np.empty(n, np.int32),
             "timestep": np.empty(n, np.int64),
+            "instruction": np.empty(n, object),
         }
         if self.cameras and self.frame_encoder is not None:
             batch["image_features"] = {c: np.empty((n, *shape), dtype) for c, (shape, dtype) in
@@ -325,6 +331,7 @@ class WindowSampler:
             batch["shard"][rows] = seg.shard
             batch["row"][rows] = seg.first_row + episode
             batch["timestep"][rows] = t - start
+            batch["instruction"][rows] = seg.instructions[episode]
             for cam, pixels in seg.images.items():
                 batch["images"][cam][rows] = pixels[t]
             for cam, encoded in seg.features.items():

@@ -1,0 +1,67 @@
+"""Per-task and pooled tables of a multi-task image-and-language evaluation against state policies (issue 20).
+
+Each task's table pairs, on the same (seed, run) episodes: the state policy of that task (reference, from its own
+``afil-ray eval``), the image-and-language policy, and its probe arms (blank cameras, another task's instruction,
+a held-out phrasing); the last table pools every task. Rates carry 95% Wilson intervals, differences a paired
+bootstrap and McNemar's exact test (afil_ray/eval/report.py).
+
+    python scripts/compare_multitask.py --image runs/vla_cpu/eval/*/episodes.json \\
+        --state runs/vla_state/*/eval/*/episodes.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from afil_ray.eval.protocol import pooled
+from afil_ray.eval.report import ArmResult, EpisodeOutcome, build_report, markdown_table
+
+LABELS = {
+    "success_only": "image + language",
+    "success_only@blank_cameras": "image + language, cameras blank",
+    "success_only@other_instruction": "image + language, another task's instruction",
+    "success_only@heldout_phrasing": "image + language, held-out phrasing",
+}
+STATE = "state policy (object poses)"
+
+
+def records(path: str) -> list[dict]:
+    return json.loads(Path(path).read_text())["episodes"]
+
+
+def outcome(r: dict) -> EpisodeOutcome:
+    return EpisodeOutcome(r["seed"], r["run"], r["success_once"], r["success_at_end"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image", required=True, help="episodes.json of the multi-task evaluation")
+    parser.add_argument("--state", nargs="*", default=[], help="episodes.json of each task's state policy")
+    parser.add_argument("--metric", default="success_once")
+    args = parser.parse_args()
+    image = records(args.image)
+    tasks = list(dict.fromkeys(r["task"] for r in image))
+    results: list[ArmResult] = []
+    for path in args.state:
+        by_task: dict[str, list[EpisodeOutcome]] = {}
+        for r in records(path):
+            if r["arm"] == "success_only":
+                by_task.setdefault(r["task"], []).append(outcome(r))
+        results += [ArmResult(STATE, task, eps) for task, eps in by_task.items() if task in tasks]
+    stated = {r.task for r in results}
+    for task in tasks:
+        for arm, label in LABELS.items():
+            eps = [outcome(r) for r in image if r["task"] == task and r["arm"] == arm]
+            if eps:
+                results.append(ArmResult(label, task, eps))
+    if stated != set(tasks):  # pair against the image policy where a task has no state policy evaluated
+        missing = sorted(set(tasks) - stated)
+        raise SystemExit(f"no state-policy evaluation for {', '.join(missing)}; pass its episodes.json to --state")
+    report = build_report(results + pooled(results), metric=args.metric, reference_arm=STATE)
+    print(markdown_table(report))
+
+
+if __name__ == "__main__":
+    main()

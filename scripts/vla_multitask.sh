@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Issue 20's experiment as resumable stages: one image-and-language policy for five ManiSkill tasks
+# (configs/vla_cpu.yaml) and, for pairing, a state policy per task trained on the same demo seeds.
+# Every stage skips what is done (demos count the store, training resumes from its newest checkpoint,
+# an evaluation with a report is not run again), so after a stop the same command goes on.
+#   scripts/vla_multitask.sh image    # demos, training, the four evaluation arms
+#   scripts/vla_multitask.sh state    # per task: state demos, training, evaluation on the same seeds
+#   scripts/vla_multitask.sh compare  # per-task and pooled tables (docs/results.md)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+AFIL=${AFIL:-.venv/bin/afil-ray}
+RUN=${RUN:-runs/vla_cpu}
+STATE=${STATE:-runs/vla_state}
+EPISODES=${EPISODES:-20}
+TASKS=(PushCube-v1 PullCube-v1 PickCube-v1 StackCube-v1 LiftPegUpright-v1)
+ARMS="eval.arms=[success_only,success_only@blank_cameras,success_only@other_instruction,success_only@heldout_phrasing]"
+
+evaluated() { compgen -G "$1/eval/*/report.json" > /dev/null; }
+
+image() {
+  local o=(run_dir="$RUN" replay.root="$RUN/replay" eval.episodes="$EPISODES")
+  "$AFIL" demos --config configs/vla_cpu.yaml "${o[@]}"
+  "$AFIL" train --config configs/vla_cpu.yaml "${o[@]}"
+  evaluated "$RUN" || "$AFIL" eval --config configs/vla_cpu.yaml "${o[@]}" "$ARMS"
+}
+
+state() {
+  local t o
+  for t in "${TASKS[@]}"; do
+    o=(env.task="$t" run_dir="$STATE/$t" replay.root="$STATE/replay" demos.num=40 train.steps=4000
+       train.num_threads=1 eval.episodes="$EPISODES" eval.runs=1)
+    "$AFIL" demos --config configs/state_cpu.yaml "${o[@]}"
+    "$AFIL" train --config configs/state_cpu.yaml "${o[@]}"
+    evaluated "$STATE/$t" || "$AFIL" eval --config configs/state_cpu.yaml "${o[@]}"
+  done
+}
+
+compare() {
+  .venv/bin/python scripts/compare_multitask.py --image "$RUN"/eval/*/episodes.json \
+    --state "$STATE"/*/eval/*/episodes.json
+}
+
+for stage in "$@"; do "$stage"; done

@@ -150,10 +150,12 @@ def write_evaluation(cfg: Config, results: list[EvalResult], arms: list[Arm], ch
     return report, paths
 
 
-def load_outcomes(path: str | Path) -> dict[str, list[EpisodeOutcome]]:
-    """Per-arm outcomes (by arm name) from an evaluation's ``episodes.json``."""
+def load_outcomes(path: str | Path, task: str | None = None) -> dict[str, list[EpisodeOutcome]]:
+    """Per-arm outcomes (by arm name) from an evaluation's ``episodes.json`` (of one ``task`` of a task list)."""
     out: dict[str, list[EpisodeOutcome]] = {}
     for r in json.loads(Path(path).read_text())["episodes"]:
+        if task is not None and r["task"] != task:
+            continue
         out.setdefault(r["arm"], []).append(EpisodeOutcome(r["seed"], r["run"], r["success_once"],
                                                            r["success_at_end"]))
     return out

@@ -33,7 +33,9 @@ it (``run_loop`` for the online stage, ``runner`` for evaluation units), so the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,7 +47,15 @@ from afil_ray.correction import correct_failures
 from afil_ray.demos.generate import generate_demos
 from afil_ray.envs.checks import check_one_action_space, check_tasks, env_tasks, trained_tasks
 from afil_ray.eval.arms import sampler_arm
-from afil_ray.eval.protocol import as_run, evaluate_arms, load_mean_w, load_outcomes, output_dir, write_evaluation
+from afil_ray.eval.protocol import (
+    as_run,
+    evaluate_arms,
+    load_mean_w,
+    load_outcomes,
+    output_dir,
+    pooled,
+    write_evaluation,
+)
 from afil_ray.eval.report import ArmResult, build_report, markdown_table, write_report
 from afil_ray.eval.workers import UnitRunner, run_units
 from afil_ray.pipeline import plan as planning
@@ -103,6 +113,10 @@ class Pipeline:
         # every task and path before the first stage: an out-of-domain typo must not wait for hours of training
         check_tasks(env_tasks(self.cfg.env), planner=True)  # demos and corrections plan them
         check_one_action_space(self.cfg.env)
+        studies = [k for k in ("variants", "ood_tasks", "train_seeds", "seed_variants") if getattr(rc, k)]
+        if len(self.cfg.env.tasks) > 1 and studies:
+            raise ConfigError(f"reproduce.{studies[0]}: the studies run on one task; a task list "
+                              f"({', '.join(self.cfg.env.tasks)}) reproduces the main arms per task and pooled")
         check_tasks(trained_tasks(self.cfg), simulate=False)
         check_tasks([("reproduce.ood_tasks", t) for t in rc.ood_tasks])
         check_writable("run_dir", self.cfg.run_dir)
@@ -168,10 +182,17 @@ class Pipeline:
                                   f"(allowed: {', '.join(k + '*' if k.endswith('.') else k for k in VARIANT_KEYS)})")
         return with_overrides(self.cfg, overrides, f"reproduce.variants.{name}")
 
+    def for_task(self, task: str, cfg: Config | None = None) -> Config:
+        """``cfg`` (this reproduction's) for one of its tasks: what demos, harvests and corrections run on."""
+        cfg = cfg or self.cfg
+        return dataclasses.replace(cfg, env=cfg.env.for_task(task))
+
     def demos(self) -> dict[str, Any]:
-        report = generate_demos(self.cfg, self.store, progress=self.progress)
-        print(report.summary())
-        return {"demos": report.total, "added": report.added, "dropped": dict(report.failures)}
+        reports = [generate_demos(self.for_task(t), self.store, progress=self.progress) for t in self.cfg.env.tasks]
+        for report in reports:
+            print(report.summary())
+        return {"demos": sum(r.total for r in reports), "added": sum(r.added for r in reports),
+                "dropped": dict(sum((r.failures for r in reports), Counter()))}
 
     def _train(self, stage_cfg: Config) -> dict[str, Any]:
         trainer = Trainer(stage_cfg, progress=self.progress)
@@ -193,24 +214,30 @@ class Pipeline:
                            sampler={"kind": "success_only"})
         ledger = self.root / "harvest" / "units.json"
         done: dict[str, dict[str, int]] = json.loads(ledger.read_text()) if ledger.is_file() else {}
-        units = [(0, r) for r in range(rc.harvest_runs) if str(r) not in done]
         policy = load_start_policy(checkpoint)
-        bar = tqdm(total=len(units) * rc.harvest_seeds, desc=f"harvest {cfg.env.task}", unit="ep",
-                   disable=not self.progress, dynamic_ncols=True)  # advances a run (unit) at a time, as eval's
-        for (_, run), episodes in run_units(cfg, policy, [sampler_arm(cfg.sampler)], units, keep_snapshots=True,
-                                            runner=self.runner):
-            for ep in episodes:
-                ep.source = HARVEST_SOURCE
-                if ep.outcome != "failure":
-                    ep.snapshot_steps, ep.snapshots = [], []  # only failures are corrected
-            self.store.write_episodes(episodes, run_id=self.run_id)
-            done[str(run)] = {"episodes": len(episodes), "failures": sum(e.outcome == "failure" for e in episodes)}
-            ledger.parent.mkdir(parents=True, exist_ok=True)
-            ledger.write_text(json.dumps(done, indent=1) + "\n")
-            bar.update(len(episodes))
-            bar.set_postfix(failures=sum(d["failures"] for d in done.values()))
-            print(f"  harvest run {run}: {done[str(run)]['failures']} failures of {len(episodes)}")
-        bar.close()
+        several = len(cfg.env.tasks) > 1
+        for task in cfg.env.tasks:
+            def key(run: int, task: str = task) -> str:  # a task list's ledger names the task too
+                return f"{task}/{run}" if several else str(run)
+
+            units = [(0, r) for r in range(rc.harvest_runs) if key(r) not in done]
+            bar = tqdm(total=len(units) * rc.harvest_seeds, desc=f"harvest {task}", unit="ep",
+                       disable=not self.progress, dynamic_ncols=True)  # advances a run (unit) at a time, as eval's
+            for (_, run), episodes in run_units(self.for_task(task, cfg), policy, [sampler_arm(cfg.sampler)], units,
+                                                keep_snapshots=True, runner=self.runner):
+                for ep in episodes:
+                    ep.source = HARVEST_SOURCE
+                    if ep.outcome != "failure":
+                        ep.snapshot_steps, ep.snapshots = [], []  # only failures are corrected
+                self.store.write_episodes(episodes, run_id=self.run_id)
+                done[key(run)] = {"episodes": len(episodes),
+                                  "failures": sum(e.outcome == "failure" for e in episodes)}
+                ledger.parent.mkdir(parents=True, exist_ok=True)
+                ledger.write_text(json.dumps(done, indent=1) + "\n")
+                bar.update(len(episodes))
+                bar.set_postfix(failures=sum(d["failures"] for d in done.values()))
+                print(f"  harvest {task} run {run}: {done[key(run)]['failures']} failures of {len(episodes)}")
+            bar.close()
         total = sum(d["episodes"] for d in done.values())
         failures = sum(d["failures"] for d in done.values())
         return {"episodes": total, "failures": failures, "success_rate": 1 - failures / total if total else None,
@@ -218,11 +245,13 @@ class Pipeline:
                          f"{rc.harvest_runs} runs"}
 
     def correct(self) -> dict[str, Any]:
-        report = correct_failures(self.cfg, self.store, progress=self.progress)
-        print(report.summary())
+        reports = [correct_failures(self.for_task(t), self.store, progress=self.progress) for t in self.cfg.env.tasks]
+        for report in reports:
+            print(report.summary())
         stats = self.store.stats()
-        corrected = sum(s.episodes for s in stats if s.task == self.cfg.env.task and s.outcome == "corrected")
-        return {"tried": report.tried, "corrected_now": report.corrected, "dropped": dict(report.dropped),
+        corrected = sum(s.episodes for s in stats if s.task in self.cfg.env.tasks and s.outcome == "corrected")
+        return {"tried": sum(r.tried for r in reports), "corrected_now": sum(r.corrected for r in reports),
+                "dropped": dict(sum((Counter(r.dropped) for r in reports), Counter())),
                 "corrected_in_store": corrected}
 
     def corrected(self, success_ckpt: str, cfg: Config | None = None, sub: str = "corrected") -> dict[str, Any]:
@@ -269,7 +298,7 @@ class Pipeline:
         self.results = self._evaluate_plan(main)
         adaptive = {p.label for p in main if p.arm.kind == "adaptive"}
         seconds = {stage: record["seconds"] for stage, record in self.stages.records.items()}
-        return main_report(self.results, self.mean_w, adaptive, self.cfg.env.task, self.cfg.eval.metric,
+        return main_report(self.results, self.mean_w, adaptive, self.cfg.env.tasks, self.cfg.eval.metric,
                            self.cfg.seed, seconds, self.root / "results")
 
     def evaluate_variants(self, ckpts: dict[str, str]) -> dict[str, Any]:
@@ -362,8 +391,10 @@ class Pipeline:
 
     def _evaluate_plan(self, rows: list[PlannedArm], task: str | None = None) -> list[ArmResult]:
         """Evaluate rows (in order), one evaluation per checkpoint, on ``task`` (default: the reproduction's own);
-        stored episodes are reused, episode for episode."""
-        results: dict[int, ArmResult] = {}
+        stored episodes are reused, episode for episode. A task list gives each row's result on every task, then
+        every row's pooled over the tasks."""
+        tasks = [task] if task else self.cfg.env.tasks
+        results: dict[tuple[str, int], ArmResult] = {}
         for ckpt in dict.fromkeys(p.checkpoint for p in rows):  # one evaluation per checkpoint, in plan order
             mine = [(i, p) for i, p in enumerate(rows) if p.checkpoint == ckpt]
             # the evaluation lands in the checkpoint's own run directory (run_dir/<stage>/eval/...)
@@ -372,16 +403,18 @@ class Pipeline:
             arms = as_run([p.arm for _, p in mine], cfg)
             done = output_dir(cfg, ckpt, arms) / "episodes.json"
             if done.is_file():  # evaluated before this stage was killed: reuse, episode for episode
-                outcomes = load_outcomes(done)
+                outcomes = {(t, arm): eps for t in tasks for arm, eps in load_outcomes(done, t).items()}
                 print(f"  reusing {done}")
             else:
                 evals = evaluate_arms(cfg, load_start_policy(ckpt), progress=self.progress, arms=arms,
                                       runner=self.runner)
                 write_evaluation(cfg, evals, arms, ckpt)
-                outcomes = {ev.arm.name: ev.outcomes() for ev in evals}
+                outcomes = {(ev.task, ev.arm.name): ev.outcomes() for ev in evals}
             w = load_mean_w(done)
             for (i, row), arm in zip(mine, arms, strict=True):
-                results[i] = ArmResult(row.label, cfg.env.task, outcomes[arm.name])
+                for t in tasks:
+                    results[(t, i)] = ArmResult(row.label, t, outcomes[(t, arm.name)])
                 if task is None:
                     self.mean_w[row.label] = w.get(arm.name)
-        return [results[i] for i in range(len(rows))]
+        per_task = [results[(t, i)] for t in tasks for i in range(len(rows))]
+        return per_task + pooled(per_task)

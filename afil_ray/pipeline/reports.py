@@ -19,11 +19,12 @@ def paper_rates(task: str) -> dict[str, float]:
     return data["rates"].get(task, {})
 
 
-def main_report(results: list[ArmResult], mean_w: dict[str, float | None], adaptive: set[str], task: str,
+def main_report(results: list[ArmResult], mean_w: dict[str, float | None], adaptive: set[str], tasks: list[str],
                 metric: str, seed: int, stage_seconds: dict[str, float], out: Path) -> dict[str, Any]:
     """``results/report.{json,md,png}`` and ``summary.md``: every arm against success only; the FIL arms and the
     online arm also against "+ failure correction", whose success head they share (the failure head's own
-    effect). ``adaptive``: the labels of the adaptive rows, whose applied weight the report spells out."""
+    effect). ``adaptive``: the labels of the adaptive rows, whose applied weight the report spells out. A
+    multi-task reproduction's ``results`` hold each task's rows and the pooled ones (a table each, ``tasks``)."""
     report = build_report(results, metric=metric, reference_arm=SUCCESS_ONLY, seed=seed)
     # how hard the adaptive rule actually steered: a FIL arm level with "+ correction" reads differently at
     # w = 0.001 (the heads agree) than at w = 0.1
@@ -40,24 +41,33 @@ def main_report(results: list[ArmResult], mean_w: dict[str, float | None], adapt
         lines += ["", f"The failure head's own effect: the same arms against `{CORRECTED_ARM}` (same success "
                   "head and backbone; with w = 0 the guided sampler reproduces it episode by episode).", "",
                   markdown_table(fil, legend=False)]
-    paper = paper_rates(task)
-    (out / "summary.md").write_text(summary_table(report, fil, report["mean_w"], paper))
-    lines += ["", f"The paper's numbers for {task} (%, 1500 demos, 1500 failures and 1000 corrections per task; "
-              "../shared/afil-method.md):", "", "| arm | ours (%) | paper (%) |", "|---|---|---|"]
-    for entry in report["tasks"][task]["arms"]:
-        ref = paper.get(entry["arm"])
-        lines.append(f"| {entry['arm']} | {100 * entry['rate']:.1f} | {'—' if ref is None else ref} |")
+    shown = list(report["tasks"])
+    summaries = [(f"### {task}\n\n" if len(shown) > 1 else "")
+                 + summary_table(report, fil, report["mean_w"], paper_rates(task), task=task) for task in shown]
+    (out / "summary.md").write_text("\n".join(summaries))
+    for task in (t for t in shown if paper_rates(t)):
+        paper = paper_rates(task)
+        lines += ["", f"The paper's numbers for {task} (%, 1500 demos, 1500 failures and 1000 corrections per task; "
+                  "../shared/afil-method.md):", "", "| arm | ours (%) | paper (%) |", "|---|---|---|"]
+        for entry in report["tasks"][task]["arms"]:
+            ref = paper.get(entry["arm"])
+            lines.append(f"| {entry['arm']} | {100 * entry['rate']:.1f} | {'—' if ref is None else ref} |")
     lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in stage_seconds.items())]
     paths = write_report(report, out, "\n".join(lines) + "\n")
-    return {"report": str(paths["md"]), "rates": {e["arm"]: e["rate"] for e in report["tasks"][task]["arms"]}}
+    rates = {t: {e["arm"]: e["rate"] for e in report["tasks"][t]["arms"]} for t in shown}
+    return {"report": str(paths["md"]), "rates": rates[tasks[0]] if len(tasks) == 1 else rates}
 
 
 def summary_table(vs_success: dict[str, Any], vs_correction: dict[str, Any] | None,
-                  mean_w: dict[str, float | None] | None = None, paper: dict[str, float] | None = None) -> str:
+                  mean_w: dict[str, float | None] | None = None, paper: dict[str, float] | None = None,
+                  task: str | None = None) -> str:
     """One row per arm with both paired comparisons side by side (``summary.md``): the table a reader wants,
     where the full report needs two tables and a third for the paper. Bold: the paired interval excludes 0.
-    The mean-w and paper columns appear when given (out of domain there is neither)."""
-    [(task, body)] = vs_success["tasks"].items()
+    The mean-w and paper columns appear when given (out of domain there is neither). ``task``: which of the
+    reports' tasks (None: their only one)."""
+    if task is None:
+        [task] = vs_success["tasks"]
+    body = vs_success["tasks"][task]
     against = {} if vs_correction is None else {e["arm"]: e for e in vs_correction["tasks"][task]["arms"]}
     pct = f"{100 * vs_success['confidence']:g}"
     head = ["arm", "success (k/n)", f"rate [{pct}% Wilson]", f"Δ vs success only [{pct}% paired bootstrap]",

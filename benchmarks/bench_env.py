@@ -1,10 +1,12 @@
 """Env adapter throughput against bare ManiSkill stepping, and the CPU vectorization choice, in one run.
 
-    .venv/bin/python benchmarks/bench_env.py [--steps 2000] [--rounds 3]
+    .venv/bin/python benchmarks/bench_env.py [--steps 2000] [--rounds 3] [--only rgb]
 
 Bare and adapter steps are interleaved in short blocks (bare, adapter, adapter, bare, ...) so that machine
 noise, which on a shared 2-core VM swings single timings by 30%, hits both alike; the ratio is total bare time
-over total adapter time. Same task, obs mode, control mode and action sequence.
+over total adapter time. Same task, obs mode, control mode and action sequence. The rgb rows compare the
+camera observations the image policy acts on (one 128-pixel camera, the adapter's numpy images and proprioceptive
+state) with bare ManiSkill rgb stepping (its torch observation dict).
 """
 
 from __future__ import annotations
@@ -55,12 +57,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--rgb-steps", type=int, default=60)
+    p.add_argument("--rgb-adapter-steps", type=int, default=300)
+    p.add_argument("--only", choices=["state", "rgb"], help="run one adapter table only")
     args = p.parse_args()
     quiet_simulator_logs()
     import mani_skill.envs  # noqa: F401
 
     rng = np.random.default_rng(0)
     actions = rng.uniform(-1, 1, (args.steps, 8)).astype(np.float32)
+    if args.only != "state":
+        rgb_adapter_table(actions[:args.rgb_adapter_steps], args.rounds)
+    if args.only == "rgb":
+        return
     limit = args.steps + 10  # no episode ends inside a timed run, in either setting
     vec_steps = 600
 
@@ -102,6 +110,27 @@ def main() -> None:
                 rates[mode] = statistics.median(adapter_steps_per_s(env, actions[:steps]) for _ in range(2))
         print(f"| {obs_mode} | {n} | {rates['loop']:.0f} | {rates['async']:.0f} | "
               f"{rates['async'] / rates['loop']:.2f} |")
+
+
+def rgb_adapter_table(actions: np.ndarray, rounds: int, size: int = 128) -> None:
+    steps = len(actions)
+    print(f"## rgb env adapter vs bare gym.make ({TASK}, one {size}-pixel camera, 1 env, {steps} steps)\n")
+    bare = gym.make(TASK, num_envs=1, sim_backend="physx_cpu", obs_mode="rgb", control_mode="pd_joint_delta_pos",
+                    max_episode_steps=10**9, sensor_configs=dict(width=size, height=size))
+    cfg = EnvConfig(task=TASK, obs_mode="rgb", camera_size=size, num_envs=1, backend="cpu",
+                    cpu_vectorization="loop", max_episode_steps=steps + 10, snapshot_every=0)
+    results = []
+    for _ in range(rounds):
+        with ManiSkillVecEnv(cfg) as env:
+            interleaved(bare, env, actions[:10], block=5)  # warm-up: the first renders compile shaders
+            results.append(interleaved(bare, env, actions, block=10))
+    bare.close()
+    ratios = sorted(a / b for b, a in results)
+    print(f"| setting | bare steps/s | adapter steps/s | adapter / bare (median of {rounds} rounds) | range |")
+    print("|---|---|---|---|---|")
+    print(f"| rgb adapter, no snapshots | {statistics.median(b for b, _ in results):.1f} | "
+          f"{statistics.median(a for _, a in results):.1f} | {statistics.median(ratios):.2f} | "
+          f"{ratios[0]:.2f}-{ratios[-1]:.2f} |\n")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ import torch
 
 from afil_ray.config import Config, load_config
 from afil_ray.driver import LoopDriver
-from afil_ray.envs.maniskill import ManiSkillVecEnv
+from afil_ray.envs.factory import make_vec_env
+from afil_ray.envs.tasks import episode_instruction
 from afil_ray.policy.loading import load_start_policy
 from afil_ray.rollout import ChunkedRollout
 
@@ -33,9 +34,10 @@ from afil_ray.rollout import ChunkedRollout
 def in_process_steps_per_s(cfg: Config, seconds: float) -> float:
     torch.set_num_threads(cfg.loop.torch_threads)
     policy = load_start_policy(cfg.loop.init_from)
-    with ManiSkillVecEnv(cfg.env) as env:
+    with make_vec_env(cfg.env) as env:  # every task of a task list, as the loop's rollout actors run them
         rollout = ChunkedRollout(env, policy, cfg.sampler, itertools.count(2_000_000),
-                                 generator=torch.Generator().manual_seed(0))
+                                 generator=torch.Generator().manual_seed(0),
+                                 instruct=episode_instruction(cfg.env.paraphrase))
         for _ in range(20):  # warm-up
             rollout.step()
         t0, steps = time.perf_counter(), 0

@@ -3,9 +3,10 @@
 # (configs/vla_cpu.yaml) and, for pairing, a state policy per task trained on the same demo seeds.
 # Every stage skips what is done (demos count the store, training resumes from its newest checkpoint,
 # an evaluation with a report is not run again), so after a stop the same command goes on.
-#   scripts/vla_multitask.sh image    # demos, training, the four evaluation arms
-#   scripts/vla_multitask.sh state    # per task: state demos, training, evaluation on the same seeds
-#   scripts/vla_multitask.sh compare  # per-task and pooled tables (docs/results.md)
+#   scripts/vla_multitask.sh image      # demos, training, the four evaluation arms
+#   scripts/vla_multitask.sh state      # per task: state demos, training, evaluation on the same seeds
+#   scripts/vla_multitask.sh compare    # per-task and pooled tables (docs/results.md)
+#   scripts/vla_multitask.sh reproduce  # the paper's arms on the image policy, per task and pooled
 set -euo pipefail
 cd "$(dirname "$0")/.."
 AFIL=${AFIL:-.venv/bin/afil-ray}
@@ -17,11 +18,16 @@ ARMS="eval.arms=[success_only,success_only@blank_cameras,success_only@other_inst
 
 evaluated() { compgen -G "$1/eval/*/report.json" > /dev/null; }
 
-image() {
-  local o=(run_dir="$RUN" replay.root="$RUN/replay" eval.episodes="$EPISODES")
+image() {  # trained where the reproduction's success-only stage looks, so `reproduce` reuses it
+  local o=(run_dir="$RUN/success_only" replay.root="$RUN/replay" eval.episodes="$EPISODES")
   "$AFIL" demos --config configs/vla_cpu.yaml "${o[@]}"
   "$AFIL" train --config configs/vla_cpu.yaml "${o[@]}"
-  evaluated "$RUN" || "$AFIL" eval --config configs/vla_cpu.yaml "${o[@]}" "$ARMS"
+  evaluated "$RUN/success_only" || "$AFIL" eval --config configs/vla_cpu.yaml "${o[@]}" "$ARMS"
+}
+
+reproduce() {
+  "$AFIL" reproduce --config configs/vla_cpu.yaml run_dir="$RUN" replay.root="$RUN/replay" \
+    eval.episodes="$EPISODES"
 }
 
 state() {
@@ -36,7 +42,7 @@ state() {
 }
 
 compare() {
-  .venv/bin/python scripts/compare_multitask.py --image "$RUN"/eval/*/episodes.json \
+  .venv/bin/python scripts/compare_multitask.py --image "$RUN"/success_only/eval/*/episodes.json \
     --state "$STATE"/*/eval/*/episodes.json
 }
 

@@ -124,7 +124,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
 
-    from afil_ray.envs.checks import check_cameras, check_one_action_space, check_tasks, env_tasks
+    from afil_ray.envs.checks import check_cameras, check_one_action_space, check_policy_fits, check_tasks, env_tasks
     from afil_ray.eval.protocol import evaluate_arms, resolve_arms, write_evaluation
     from afil_ray.policy.checkpoint import CheckpointError, load_policy
     from afil_ray.policy.loading import latest_checkpoint
@@ -141,6 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if path is None:
         raise CheckpointError(f"no checkpoint in {cfg.run_dir}/checkpoints; train first or set eval.checkpoint")
     policy = load_policy(path)
+    check_policy_fits(policy, cfg.env, f"checkpoint {path}")
     results = evaluate_arms(cfg, policy, progress=not args.quiet, arms=arms, runner=_eval_runner(cfg))
     s0, n, runs = cfg.eval.seed_start, cfg.eval.episodes, cfg.eval.runs
     for result in results:

@@ -35,11 +35,18 @@ from actors.evaluator import EvalActor, EvalUnitActor
 from actors.rollout import RolloutActor
 from actors.weight_board import WeightBoardActor
 from afil_ray.config import Config, ConfigError, check_writable, save_resolved
-from afil_ray.envs.checks import check_cameras, check_one_action_space, check_tasks, env_tasks, trained_tasks
+from afil_ray.envs.checks import (
+    check_cameras,
+    check_one_action_space,
+    check_policy_fits,
+    check_tasks,
+    env_tasks,
+    trained_tasks,
+)
 from afil_ray.eval.arms import Arm
 from afil_ray.eval.workers import Unit, process_units
 from afil_ray.loop.metrics import LoopMetrics
-from afil_ray.policy.checkpoint import CheckpointError
+from afil_ray.policy.checkpoint import CheckpointError, load_policy
 from afil_ray.policy.loading import resolve_checkpoint
 from afil_ray.provenance import machine_facts
 from afil_ray.replay.episode import Episode
@@ -75,9 +82,10 @@ def check_loop_config(cfg: Config) -> None:
         raise ConfigError("loop.init_from must name the success-only checkpoint the loop starts from "
                           "(train one with `afil-ray train`)")
     try:
-        resolve_checkpoint(cfg.loop.init_from)
+        start = resolve_checkpoint(cfg.loop.init_from)
     except CheckpointError as e:
         raise CheckpointError(f"loop.init_from: {e}") from None
+    check_policy_fits(load_policy(start), cfg.env, f"loop.init_from={cfg.loop.init_from}")
 
 
 class LoopDriver:

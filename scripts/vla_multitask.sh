@@ -30,10 +30,10 @@ reproduce() {
     eval.episodes="$EPISODES"
 }
 
-state() {
+state() {  # 2,000 steps each: about the image policy's share per task of its 8,000 steps over five tasks
   local t o
   for t in "${TASKS[@]}"; do
-    o=(env.task="$t" run_dir="$STATE/$t" replay.root="$STATE/replay" demos.num=40 train.steps=4000
+    o=(env.task="$t" run_dir="$STATE/$t" replay.root="$STATE/replay" demos.num=40 train.steps=2000
        train.num_threads=1 eval.episodes="$EPISODES" eval.runs=1)
     "$AFIL" demos --config configs/state_cpu.yaml "${o[@]}"
     "$AFIL" train --config configs/state_cpu.yaml "${o[@]}"

@@ -234,3 +234,23 @@ def test_reproduce_on_a_task_list_gives_per_task_and_pooled_tables(tmp_path, cap
     assert "The paper's numbers for PullCube-v1" in (root / "results" / "report.md").read_text()
     assert main(["reproduce", "--quiet", *args]) == 0  # cached: the tables rebuilt from stored episodes
     assert "running" not in capsys.readouterr().out
+
+
+def test_an_image_policy_on_observations_without_its_camera_is_one_line_not_a_blind_run(capsys, tmp_path):
+    from afil_ray.config import PolicyConfig
+    from afil_ray.policy.checkpoint import save_policy
+    from afil_ray.policy.model import DAGPolicy
+
+    policy = DAGPolicy.from_config(PolicyConfig(hidden_size=32, num_layers=1, head_width=32, head_depth=1,
+                                                horizon=4, image_size=32), 28, 8, ["base_camera"])
+    rng = np.random.default_rng(0)
+    policy.fit_normalizer(rng.standard_normal((16, 28)).astype(np.float32),
+                          rng.uniform(-1, 1, (16, 8)).astype(np.float32))
+    save_policy(policy, tmp_path / "ckpt")
+    code = main(["eval", f"run_dir={tmp_path / 'run'}", f"eval.checkpoint={tmp_path / 'ckpt'}",
+                 "env.task=PullCube-v1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "the policy acts on state 28, action 8, cameras base_camera; PullCube-v1 with env.obs_mode=state" in err
+    with pytest.raises(ValueError, match="the observation has no base_camera"):
+        policy.sample({"state": np.zeros((1, 28), np.float32)}, ["pull the cube"], SamplerConfig(steps=2))

@@ -119,3 +119,23 @@ def check_one_action_space(env: EnvConfig) -> None:
                               f"[{low.min():g}, {high.max():g}], {task} with {other_shape[0]} dims in "
                               f"[{other_low.min():g}, {other_high.max():g}] ({env.control_mode}); one policy "
                               "needs one robot and action space")
+
+
+def check_policy_fits(policy: object, env: EnvConfig, where: str) -> None:
+    """The policy at ``where`` (a checkpoint) can act in every task of ``env``: the state size it was trained on,
+    its action size, and its cameras among the env's (an image policy evaluated on state observations would
+    otherwise run blind). Builds one env of each task (a second or two each)."""
+    from afil_ray.envs.maniskill import ManiSkillVecEnv
+
+    cameras = tuple(getattr(policy, "cameras", ()))
+    for task in env.tasks:
+        one = dataclasses.replace(env.for_task(task), num_envs=1, cpu_vectorization="loop")
+        with ManiSkillVecEnv(one) as sim:
+            have = (sim.state_dim, sim.action_dim, tuple(sim.cameras))
+        missing = [c for c in cameras if c not in have[2]]
+        if missing or have[0] != policy.state_dim or have[1] != policy.action_dim:
+            raise ConfigError(
+                f"{where}: the policy acts on state {policy.state_dim}, action {policy.action_dim}, cameras "
+                f"{', '.join(cameras) or 'none'}; {task} with env.obs_mode={env.obs_mode} gives state {have[0]}, "
+                f"action {have[1]}, cameras {', '.join(have[2]) or 'none'} (evaluate it as it was trained: "
+                "env.obs_mode, env.cameras and env.control_mode of its config.yaml)")

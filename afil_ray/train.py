@@ -108,9 +108,16 @@ class Trainer:
         self.policy.to(self.device)
         encode = self.policy.frame_features() if tc.feature_cache else None
         if encode is not None:  # a frozen vision encoder: each stored frame is encoded once, not every epoch
-            for s in self.samplers.values():
-                if s.cameras:
-                    s.encode_frames(encode)
+            with tqdm(desc="encode stored frames", unit="frame", disable=not self.progress,
+                      dynamic_ncols=True) as bar:
+                def counted(camera: str, frames: np.ndarray) -> np.ndarray:
+                    features = encode(camera, frames)
+                    bar.update(len(frames))
+                    return features
+
+                for s in self.samplers.values():
+                    if s.cameras:
+                        s.encode_frames(counted)
         self.ema = self._make_ema() if tc.ema_decay > 0 else None
         self.params = self.policy.set_trainable(tc.mode)  # frozen parts build no autograd graph
         self.optimizer = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)

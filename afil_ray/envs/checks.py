@@ -82,13 +82,7 @@ def check_cameras(env: EnvConfig) -> None:
     since it costs a simulator start each (a couple of seconds)."""
     if env.obs_mode == "state" or not (env.cameras or len(env.tasks) > 1):
         return
-    from afil_ray.envs.maniskill import ManiSkillVecEnv
-
-    seen: dict[str, tuple[str, ...]] = {}
-    for task in env.tasks:
-        one = dataclasses.replace(env.for_task(task), num_envs=1, cpu_vectorization="loop")
-        with ManiSkillVecEnv(one) as sim:  # ConfigError if a named camera is missing
-            seen[task] = tuple(sim.cameras)
+    seen = {task: observed(env, task)[2] for task in env.tasks}  # ConfigError if a named camera is missing
     first, cameras = next(iter(seen.items()))
     for task, other in seen.items():
         if other != cameras:
@@ -96,6 +90,22 @@ def check_cameras(env: EnvConfig) -> None:
             raise ConfigError(f"env.task: {first} has cameras {', '.join(cameras)} and {task} has "
                               f"{', '.join(other)}; one policy needs the same cameras: set env.cameras to ones "
                               f"they share ({', '.join(shared) or 'none'})")
+
+
+def observed(env: EnvConfig, task: str) -> tuple[int, int, tuple[str, ...]]:
+    """(state size, action size, cameras) of one env of ``task`` as ``env`` configures it, from a simulator built
+    for the question; remembered per setting, so the checks of one command build each task's env once."""
+    key = (task, env.obs_mode, env.control_mode, env.camera_size, tuple(env.cameras))
+    if key not in _OBSERVED:
+        from afil_ray.envs.maniskill import ManiSkillVecEnv
+
+        one = dataclasses.replace(env.for_task(task), num_envs=1, cpu_vectorization="loop")
+        with ManiSkillVecEnv(one) as sim:
+            _OBSERVED[key] = (sim.state_dim, sim.action_dim, tuple(sim.cameras))
+    return _OBSERVED[key]
+
+
+_OBSERVED: dict[tuple, tuple[int, int, tuple[str, ...]]] = {}
 
 
 def env_tasks(env: EnvConfig) -> list[tuple[str, str]]:
@@ -125,13 +135,9 @@ def check_policy_fits(policy: object, env: EnvConfig, where: str) -> None:
     """The policy at ``where`` (a checkpoint) can act in every task of ``env``: the state size it was trained on,
     its action size, and its cameras among the env's (an image policy evaluated on state observations would
     otherwise run blind). Builds one env of each task (a second or two each)."""
-    from afil_ray.envs.maniskill import ManiSkillVecEnv
-
     cameras = tuple(getattr(policy, "cameras", ()))
     for task in env.tasks:
-        one = dataclasses.replace(env.for_task(task), num_envs=1, cpu_vectorization="loop")
-        with ManiSkillVecEnv(one) as sim:
-            have = (sim.state_dim, sim.action_dim, tuple(sim.cameras))
+        have = observed(env, task)
         missing = [c for c in cameras if c not in have[2]]
         if missing or have[0] != policy.state_dim or have[1] != policy.action_dim:
             raise ConfigError(

@@ -254,3 +254,19 @@ def test_an_image_policy_on_observations_without_its_camera_is_one_line_not_a_bl
     assert "the policy acts on state 28, action 8, cameras base_camera; PullCube-v1 with env.obs_mode=state" in err
     with pytest.raises(ValueError, match="the observation has no base_camera"):
         policy.sample({"state": np.zeros((1, 28), np.float32)}, ["pull the cube"], SamplerConfig(steps=2))
+
+
+def test_a_multitask_env_of_process_backed_envs_steps_every_task_at_once_and_matches_the_loop():
+    def rollout(vectorization: str) -> list[np.ndarray]:
+        cfg = EnvConfig(task=["PushCube-v1", "PullCube-v1"], obs_mode="rgb", camera_size=32, num_envs=1,
+                        max_episode_steps=50, backend="cpu", cpu_vectorization=vectorization, snapshot_every=0)
+        actions = np.random.default_rng(0).uniform(-1, 1, (6, 2, 8)).astype(np.float32)
+        with make_vec_env(cfg) as env:
+            obs, _ = env.reset([3, 4])
+            out = [obs["state"]]
+            for a in actions:
+                out.append(env.step(a).obs["state"])
+        return out
+
+    for loop_state, async_state in zip(rollout("loop"), rollout("async"), strict=True):
+        np.testing.assert_allclose(loop_state, async_state, rtol=1e-5, atol=1e-6)

@@ -274,6 +274,7 @@ class ManiSkillVecEnv:
         self.action_dim = self._impl.action_dim
         self.cameras = self._impl.cameras
         self.action_low, self.action_high = self._impl.action_low, self._impl.action_high
+        self._pending: np.ndarray | None = None
 
     def reset(self, seeds: list[int], mask: np.ndarray | None = None) -> tuple[Obs, list[bytes | None]]:
         if len(seeds) != self.num_envs:
@@ -281,10 +282,26 @@ class ManiSkillVecEnv:
         return self._impl.reset(seeds, mask)
 
     def step(self, actions: np.ndarray) -> StepResult:
+        return self._impl.step(self._checked(actions))
+
+    def step_async(self, actions: np.ndarray) -> None:
+        """Start a step and return: with the processes back-end the envs step while the caller goes on (a
+        multi-task env starts every task's step before it waits for any); :meth:`step_wait` finishes it."""
+        self._pending = self._checked(actions)
+        if isinstance(self._impl, _AsyncBatch):
+            self._impl.venv.step_async(self._pending)
+
+    def step_wait(self) -> StepResult:
+        actions, self._pending = self._pending, None
+        if actions is None:
+            raise RuntimeError("step_wait without step_async")
+        return self._impl.step_wait() if isinstance(self._impl, _AsyncBatch) else self._impl.step(actions)
+
+    def _checked(self, actions: np.ndarray) -> np.ndarray:
         actions = np.asarray(actions, np.float32)
         if actions.shape != (self.num_envs, self.action_dim):
             raise ValueError(f"actions must have shape {(self.num_envs, self.action_dim)}, got {actions.shape}")
-        return self._impl.step(actions)
+        return actions
 
     def restore(self, index: int, snapshot: bytes, step: int) -> Obs:
         return self._impl.restore(index, snapshot, step)
@@ -406,7 +423,11 @@ class _AsyncBatch:
         return dict(obs), snaps
 
     def step(self, actions: np.ndarray) -> StepResult:
-        obs, reward, terminated, truncated, infos = self.venv.step(actions)
+        self.venv.step_async(actions)
+        return self.step_wait()
+
+    def step_wait(self) -> StepResult:
+        obs, reward, terminated, truncated, infos = self.venv.step_wait()
         return StepResult(
             obs=dict(obs), reward=np.asarray(reward, np.float32), terminated=np.asarray(terminated, bool),
             truncated=np.asarray(truncated, bool),

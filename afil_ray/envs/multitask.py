@@ -80,7 +80,11 @@ class MultiTaskVecEnv:
 
     def step(self, actions: np.ndarray) -> StepResult:
         actions = np.asarray(actions, np.float32)
-        results = [env.step(actions[part]) for env, part in zip(self.envs, self._slices(), strict=True)]
+        pairs = list(zip(self.envs, self._slices(), strict=True))
+        for env, part in pairs:  # every task's envs step at once where they run in processes
+            if hasattr(env, "step_async"):
+                env.step_async(actions[part])
+        results = [env.step_wait() if hasattr(env, "step_async") else env.step(actions[part]) for env, part in pairs]
         self._last = [r.obs for r in results]
 
         def cat(name: str) -> np.ndarray:

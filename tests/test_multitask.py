@@ -252,7 +252,7 @@ def test_an_image_policy_on_observations_without_its_camera_is_one_line_not_a_bl
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "the policy acts on state 28, action 8, cameras base_camera; PullCube-v1 with env.obs_mode=state" in err
-    with pytest.raises(ValueError, match="the observation has no base_camera"):
+    with pytest.raises(KeyError, match="camera 'base_camera'"):  # and the policy itself never runs blind
         policy.sample({"state": np.zeros((1, 28), np.float32)}, ["pull the cube"], SamplerConfig(steps=2))
 
 

@@ -150,10 +150,6 @@ class DAGPolicy(nn.Module):
         ids, mask = self.tokenizer(list(instructions))
         pixels = {cam: self._tensor(images[cam]) for cam in self.cameras if cam in images}
         features = {cam: self._tensor(f) for cam, f in (image_features or {}).items()}
-        blind = [cam for cam in self.cameras if cam not in pixels and cam not in features]
-        if blind:
-            raise ValueError(f"this policy sees cameras {', '.join(self.cameras)}; the observation has no "
-                             f"{', '.join(blind)} (env.obs_mode=rgb and env.cameras as it was trained)")
         return self.backbone.encode(self.normalizer.normalize_state(state), pixels, ids.to(self.device),
                                     mask.to(self.device), features)
 

@@ -1,11 +1,11 @@
 """Per-task and pooled tables of a multi-task image-and-language evaluation against state policies (issue 20).
 
-Each task's table pairs, on the same (seed, run) episodes: the state policy of that task (reference, from its own
-``afil-ray eval``), the image-and-language policy, and its probe arms (blank cameras, another task's instruction,
-a held-out phrasing); the last table pools every task. Rates carry 95% Wilson intervals, differences a paired
-bootstrap and McNemar's exact test (afil_ray/eval/report.py).
+Each task's table pairs, on the (seed, run) episodes they all ran: the state policy of that task (reference,
+from its own ``afil-ray eval``), the image-and-language policy, and its probe arms (blank cameras, another
+task's instruction, a held-out phrasing); the last table pools every task. Rates carry 95% Wilson intervals,
+differences a paired bootstrap and McNemar's exact test (afil_ray/eval/report.py).
 
-    python scripts/compare_multitask.py --image runs/vla_cpu/eval/*/episodes.json \\
+    python scripts/compare_multitask.py --image runs/vla_cpu/success_only/eval/*/episodes.json \\
         --state runs/vla_state/*/eval/*/episodes.json
 """
 
@@ -56,6 +56,13 @@ def main() -> None:
             eps = [outcome(r) for r in image if r["task"] == task and r["arm"] == arm]
             if eps:
                 results.append(ArmResult(label, task, eps))
+    # pair on the (seed, run) episodes every arm of a task has (the state policies may have run more seeds)
+    for task in tasks:
+        mine = [r for r in results if r.task == task]
+        common = set.intersection(*({(e.seed, e.run) for e in r.episodes} for r in mine))
+        for i, r in enumerate(results):
+            if r.task == task:
+                results[i] = ArmResult(r.arm, task, [e for e in r.episodes if (e.seed, e.run) in common])
     if stated != set(tasks):  # pair against the image policy where a task has no state policy evaluated
         missing = sorted(set(tasks) - stated)
         raise SystemExit(f"no state-policy evaluation for {', '.join(missing)}; pass its episodes.json to --state")

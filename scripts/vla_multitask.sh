@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 AFIL=${AFIL:-.venv/bin/afil-ray}
 RUN=${RUN:-runs/vla_cpu}
 STATE=${STATE:-runs/vla_state}
-EPISODES=${EPISODES:-20}
+EPISODES=${EPISODES:-10}  # per task and arm for the image policy (four arms x five tasks of rendering)
+STATE_EPISODES=${STATE_EPISODES:-20}  # per task for the state policies; compare pairs the seeds both have
 TASKS=(PushCube-v1 PullCube-v1 PickCube-v1 StackCube-v1 LiftPegUpright-v1)
 ARMS="eval.arms=[success_only,success_only@blank_cameras,success_only@other_instruction,success_only@heldout_phrasing]"
 
@@ -34,7 +35,7 @@ state() {  # 2,000 steps each: about the image policy's share per task of its 8,
   local t o
   for t in "${TASKS[@]}"; do
     o=(env.task="$t" run_dir="$STATE/$t" replay.root="$STATE/replay" demos.num=40 train.steps=2000
-       train.num_threads=1 eval.episodes="$EPISODES" eval.runs=1)
+       train.num_threads=1 eval.episodes="$STATE_EPISODES" eval.runs=1)
     "$AFIL" demos --config configs/state_cpu.yaml "${o[@]}"
     "$AFIL" train --config configs/state_cpu.yaml "${o[@]}"
     evaluated "$STATE/$t" || "$AFIL" eval --config configs/state_cpu.yaml "${o[@]}"

@@ -43,31 +43,32 @@ def main() -> None:
     args = parser.parse_args()
     image = records(args.image)
     tasks = list(dict.fromkeys(r["task"] for r in image))
-    results: list[ArmResult] = []
+    probes = [ArmResult(label, task, [outcome(r) for r in image if r["task"] == task and r["arm"] == arm])
+              for task in tasks for arm, label in LABELS.items()]
+    probes = [r for r in probes if r.episodes]
+    print("## The probes: the image-and-language policy against itself, per task and pooled\n")
+    report = build_report(probes + pooled(probes), metric=args.metric, reference_arm=LABELS["success_only"])
+    print(markdown_table(report))
+    states: list[ArmResult] = []
     for path in args.state:
         by_task: dict[str, list[EpisodeOutcome]] = {}
         for r in records(path):
             if r["arm"] == "success_only":
                 by_task.setdefault(r["task"], []).append(outcome(r))
-        results += [ArmResult(STATE, task, eps) for task, eps in by_task.items() if task in tasks]
-    stated = {r.task for r in results}
-    for task in tasks:
-        for arm, label in LABELS.items():
-            eps = [outcome(r) for r in image if r["task"] == task and r["arm"] == arm]
-            if eps:
-                results.append(ArmResult(label, task, eps))
-    # pair on the (seed, run) episodes every arm of a task has (the state policies may have run more seeds)
-    for task in tasks:
-        mine = [r for r in results if r.task == task]
-        common = set.intersection(*({(e.seed, e.run) for e in r.episodes} for r in mine))
-        for i, r in enumerate(results):
-            if r.task == task:
-                results[i] = ArmResult(r.arm, task, [e for e in r.episodes if (e.seed, e.run) in common])
-    if stated != set(tasks):  # pair against the image policy where a task has no state policy evaluated
-        missing = sorted(set(tasks) - stated)
-        raise SystemExit(f"no state-policy evaluation for {', '.join(missing)}; pass its episodes.json to --state")
-    report = build_report(results + pooled(results), metric=args.metric, reference_arm=STATE)
-    print(markdown_table(report))
+        states += [ArmResult(STATE, task, eps) for task, eps in by_task.items() if task in tasks]
+    if not states:
+        return
+    paired = [r for r in probes if r.arm == LABELS["success_only"] and r.task in {s.task for s in states}]
+    results = []
+    for state in states:  # pair on the (seed, run) episodes both ran (the state policies may have run more)
+        mine = next(r for r in paired if r.task == state.task)
+        common = {(e.seed, e.run) for e in mine.episodes} & {(e.seed, e.run) for e in state.episodes}
+        results += [ArmResult(r.arm, r.task, [e for e in r.episodes if (e.seed, e.run) in common])
+                    for r in (state, mine)]
+    missing = [t for t in tasks if t not in {s.task for s in states}]
+    print("\n## Against the state policies" + (f" (none evaluated for {', '.join(missing)})" if missing else "")
+          + "\n")
+    print(markdown_table(build_report(results + pooled(results), metric=args.metric, reference_arm=STATE)))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from afil_ray.config import Config, ConfigError, EnvConfig
 from afil_ray.envs.tasks import TASKS, TaskSpec
@@ -82,7 +83,7 @@ def check_cameras(env: EnvConfig) -> None:
     since it costs a simulator start each (a couple of seconds)."""
     if env.obs_mode == "state" or not (env.cameras or len(env.tasks) > 1):
         return
-    seen = {task: observed(env, task)[2] for task in env.tasks}  # ConfigError if a named camera is missing
+    seen = {task: observed(env, task).cameras for task in env.tasks}  # ConfigError if a named camera is missing
     first, cameras = next(iter(seen.items()))
     for task, other in seen.items():
         if other != cameras:
@@ -92,20 +93,29 @@ def check_cameras(env: EnvConfig) -> None:
                               f"they share ({', '.join(shared) or 'none'})")
 
 
-def observed(env: EnvConfig, task: str) -> tuple[int, int, tuple[str, ...]]:
-    """(state size, action size, cameras) of one env of ``task`` as ``env`` configures it, from a simulator built
-    for the question; remembered per setting, so the checks of one command build each task's env once."""
+class Observed(NamedTuple):
+    state_dim: int
+    action_dim: int
+    cameras: tuple[str, ...]
+    action_low: tuple[float, ...]
+    action_high: tuple[float, ...]
+
+
+def observed(env: EnvConfig, task: str) -> Observed:
+    """What one env of ``task`` gives and takes as ``env`` configures it, from a simulator built for the question;
+    remembered per setting, so the checks of one command build each task's env once."""
     key = (task, env.obs_mode, env.control_mode, env.camera_size, tuple(env.cameras))
     if key not in _OBSERVED:
         from afil_ray.envs.maniskill import ManiSkillVecEnv
 
         one = dataclasses.replace(env.for_task(task), num_envs=1, cpu_vectorization="loop")
         with ManiSkillVecEnv(one) as sim:
-            _OBSERVED[key] = (sim.state_dim, sim.action_dim, tuple(sim.cameras))
+            _OBSERVED[key] = Observed(sim.state_dim, sim.action_dim, tuple(sim.cameras),
+                                      tuple(sim.action_low.tolist()), tuple(sim.action_high.tolist()))
     return _OBSERVED[key]
 
 
-_OBSERVED: dict[tuple, tuple[int, int, tuple[str, ...]]] = {}
+_OBSERVED: dict[tuple, Observed] = {}
 
 
 def env_tasks(env: EnvConfig) -> list[tuple[str, str]]:
@@ -115,20 +125,19 @@ def env_tasks(env: EnvConfig) -> list[tuple[str, str]]:
 
 def check_one_action_space(env: EnvConfig) -> None:
     """The tasks of a task list share one action space (one policy acts in all of them): a one-line error naming
-    the first two that differ. Asks each task's simulator for its action space (a state-mode env each, about a
-    second); a single task needs nothing."""
+    the first two that differ. Asks each task's simulator (:func:`observed`, shared with the camera and
+    policy checks); a single task needs nothing."""
     if len(env.tasks) < 2:
         return
-    from afil_ray.envs.maniskill import action_space_of
-
-    spaces = {task: action_space_of(task, env.control_mode) for task in env.tasks}
-    first, (shape, low, high) = next(iter(spaces.items()))
-    for task, (other_shape, other_low, other_high) in spaces.items():
-        if other_shape != shape or low.tolist() != other_low.tolist() or high.tolist() != other_high.tolist():
-            raise ConfigError(f"env.task mixes action spaces: {first} acts with {shape[0]} dims in "
-                              f"[{low.min():g}, {high.max():g}], {task} with {other_shape[0]} dims in "
-                              f"[{other_low.min():g}, {other_high.max():g}] ({env.control_mode}); one policy "
-                              "needs one robot and action space")
+    spaces = {task: observed(env, task) for task in env.tasks}
+    first, one = next(iter(spaces.items()))
+    for task, other in spaces.items():
+        if (other.action_dim, other.action_low, other.action_high) != (one.action_dim, one.action_low,
+                                                                         one.action_high):
+            raise ConfigError(f"env.task mixes action spaces: {first} acts with {one.action_dim} dims in "
+                              f"[{min(one.action_low):g}, {max(one.action_high):g}], {task} with "
+                              f"{other.action_dim} dims in [{min(other.action_low):g}, {max(other.action_high):g}] "
+                              f"({env.control_mode}); one policy needs one robot and action space")
 
 
 def check_policy_fits(policy: object, env: EnvConfig, where: str) -> None:
@@ -138,10 +147,10 @@ def check_policy_fits(policy: object, env: EnvConfig, where: str) -> None:
     cameras = tuple(getattr(policy, "cameras", ()))
     for task in env.tasks:
         have = observed(env, task)
-        missing = [c for c in cameras if c not in have[2]]
-        if missing or have[0] != policy.state_dim or have[1] != policy.action_dim:
+        missing = [c for c in cameras if c not in have.cameras]
+        if missing or have.state_dim != policy.state_dim or have.action_dim != policy.action_dim:
             raise ConfigError(
                 f"{where}: the policy acts on state {policy.state_dim}, action {policy.action_dim}, cameras "
-                f"{', '.join(cameras) or 'none'}; {task} with env.obs_mode={env.obs_mode} gives state {have[0]}, "
-                f"action {have[1]}, cameras {', '.join(have[2]) or 'none'} (evaluate it as it was trained: "
-                "env.obs_mode, env.cameras and env.control_mode of its config.yaml)")
+                f"{', '.join(cameras) or 'none'}; {task} with env.obs_mode={env.obs_mode} gives state "
+                f"{have.state_dim}, action {have.action_dim}, cameras {', '.join(have.cameras) or 'none'} (evaluate "
+                "it as it was trained: env.obs_mode, env.cameras and env.control_mode of its config.yaml)")

@@ -144,21 +144,6 @@ def restore_state(base: Any, blob: bytes) -> None:
     refresh_contacts(base)
 
 
-@functools.cache
-def action_space_of(task: str, control_mode: str) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
-    """(shape, low, high) of ``task``'s actions under ``control_mode``, from a state-mode env built for it."""
-    _import_maniskill()
-    spec = get_task(task)
-    check_assets(spec.env_id)
-    env = gym.make(spec.env_id, num_envs=1, obs_mode="state", control_mode=control_mode,
-                   **dict(spec.env_kwargs))
-    try:
-        space = env.unwrapped.single_action_space
-        return tuple(space.shape), space.low.reshape(-1).copy(), space.high.reshape(-1).copy()
-    finally:
-        env.close()
-
-
 def _limit(spec: TaskSpec, cfg: EnvConfig) -> int:
     return cfg.max_episode_steps or spec.max_episode_steps
 

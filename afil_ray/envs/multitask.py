@@ -58,10 +58,9 @@ class MultiTaskVecEnv:
         self.snapshot_every = first.snapshot_every
         self.action_low, self.action_high = getattr(first, "action_low", None), getattr(first, "action_high", None)
         self._starts = np.cumsum([0] + [env.num_envs for env in envs])
+        self._parts = [slice(int(a), int(b)) for a, b in zip(self._starts[:-1], self._starts[1:], strict=True)]
         self._last: list[Obs] = [{} for _ in envs]
 
-    def _slices(self) -> list[slice]:
-        return [slice(int(a), int(b)) for a, b in zip(self._starts[:-1], self._starts[1:], strict=True)]
 
     def _join(self) -> Obs:
         return {k: np.concatenate([obs[k] for obs in self._last]) for k in self._last[0]}
@@ -70,7 +69,7 @@ class MultiTaskVecEnv:
         if len(seeds) != self.num_envs:
             raise ValueError(f"reset needs one seed per env ({self.num_envs}), got {len(seeds)}")
         snaps: list[bytes | None] = [None] * self.num_envs
-        for j, (env, part) in enumerate(zip(self.envs, self._slices(), strict=True)):
+        for j, (env, part) in enumerate(zip(self.envs, self._parts, strict=True)):
             sub_mask = None if mask is None else np.asarray(mask, bool)[part]
             if sub_mask is not None and not sub_mask.any() and self._last[j]:
                 continue
@@ -80,7 +79,7 @@ class MultiTaskVecEnv:
 
     def step(self, actions: np.ndarray) -> StepResult:
         actions = np.asarray(actions, np.float32)
-        pairs = list(zip(self.envs, self._slices(), strict=True))
+        pairs = list(zip(self.envs, self._parts, strict=True))
         for env, part in pairs:  # every task's envs step at once where they run in processes
             if hasattr(env, "step_async"):
                 env.step_async(actions[part])

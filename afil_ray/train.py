@@ -106,23 +106,13 @@ class Trainer:
         else:
             self.policy = self._new_policy()
         self.policy.to(self.device)
-        encode = self.policy.frame_features() if tc.feature_cache else None
-        if encode is not None:  # a frozen vision encoder: each stored frame is encoded once, not every epoch
-            with tqdm(desc="encode stored frames", unit="frame", disable=not self.progress,
-                      dynamic_ncols=True) as bar:
-                def counted(camera: str, frames: np.ndarray) -> np.ndarray:
-                    features = encode(camera, frames)
-                    bar.update(len(frames))
-                    return features
-
-                for s in self.samplers.values():
-                    if s.cameras:
-                        s.encode_frames(counted)
         self.ema = self._make_ema() if tc.ema_decay > 0 else None
         self.params = self.policy.set_trainable(tc.mode)  # frozen parts build no autograd graph
         self.optimizer = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
         if resume is not None:
             self._load_trainer_state(resume)
+        # encoded before the first step, not here: a finished run that is asked again loads in seconds
+        self._frames_encoded = not tc.feature_cache
         save_resolved(cfg, self.run_dir)
         self.writer = SummaryWriter(str(self.run_dir / "tb"), flush_secs=30) if tensorboard else None
 
@@ -191,7 +181,26 @@ class Trainer:
         progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
         return tc.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
+    def _encode_stored_frames(self) -> None:
+        """With a frozen vision encoder, encode each stored frame once for all epochs (the samplers then hand
+        out features instead of images, and encode shards added later as they pick them up)."""
+        self._frames_encoded = True
+        encode = self.policy.frame_features()
+        if encode is None:
+            return
+        with tqdm(desc="encode stored frames", unit="frame", disable=not self.progress, dynamic_ncols=True) as bar:
+            def counted(camera: str, frames: np.ndarray) -> np.ndarray:
+                features = encode(camera, frames)
+                bar.update(len(frames))
+                return features
+
+            for s in self.samplers.values():
+                if s.cameras:
+                    s.encode_frames(counted)
+
     def _batch(self, name: str) -> dict[str, Any]:
+        if not self._frames_encoded:
+            self._encode_stored_frames()
         sampler = self.samplers[name]
         batch = sampler.sample(self.cfg.train.batch_size)
         # each window's own episode's instruction; the task's first one for shards that did not record any

@@ -288,8 +288,11 @@ def test_joint_training_of_an_image_policy_reads_cached_frames_for_both_heads(tm
     cfg.train.warmup_steps, cfg.train.log_every, cfg.train.checkpoint_every = 1, 1, 3
     trainer = Trainer(cfg, progress=False, tensorboard=False)
     assert {name: s.cameras for name, s in trainer.samplers.items()} == {"success": ("base",), "failure": ("base",)}
-    assert all(s.frame_encoder is not None for s in trainer.samplers.values())
+    assert all(s.frame_encoder is None for s in trainer.samplers.values())  # encoded at the first step ...
     final = trainer.run()
+    assert all(s.frame_encoder is not None for s in trainer.samplers.values())
+    again = Trainer(cfg, progress=False, tensorboard=False)  # ... so a finished run asked again encodes nothing
+    assert again.run() == final and all(s.frame_encoder is None for s in again.samplers.values())
     policy = load_policy(final)
     chunk, _ = policy.sample({"state": demos[0].state[:1], "rgb_base": demos[0].images["base"][:1]}, "pull",
                              SamplerConfig(kind="adaptive", steps=2), generator=torch.Generator().manual_seed(0))

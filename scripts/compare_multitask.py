@@ -17,6 +17,7 @@ from pathlib import Path
 
 from afil_ray.eval.protocol import pooled
 from afil_ray.eval.report import ArmResult, EpisodeOutcome, build_report, markdown_table
+from afil_ray.eval.stats import wilson_interval
 
 LABELS = {
     "success_only": "image + language",
@@ -58,6 +59,12 @@ def main() -> None:
         states += [ArmResult(STATE, task, eps) for task, eps in by_task.items() if task in tasks]
     if not states:
         return
+    states.sort(key=lambda s: tasks.index(s.task))  # the image evaluation's task order
+    print("\n## The state policies on all their seeds\n\n| task | success (k/n) | rate [95% Wilson] |\n|---|---|---|")
+    for state in states:
+        k, n = sum(getattr(e, args.metric) for e in state.episodes), len(state.episodes)
+        low, high = wilson_interval(k, n)
+        print(f"| {state.task} | {k}/{n} | {k / n:.3f} [{low:.3f}, {high:.3f}] |")
     paired = [r for r in probes if r.arm == LABELS["success_only"] and r.task in {s.task for s in states}]
     results = []
     for state in states:  # pair on the (seed, run) episodes both ran (the state policies may have run more)

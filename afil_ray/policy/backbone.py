@@ -127,7 +127,7 @@ class Backbone(nn.Module):
             if image_features and cam in image_features:
                 if self.vision is None or not self.vision.frozen:
                     raise ValueError("image features stand in for images only under a frozen vision encoder")
-                features = self.vision.proj(image_features[cam].float())
+                features = self.vision.tokens(image_features[cam].float())
                 tokens.append(features)
                 masks.append(torch.ones(features.shape[:2], dtype=torch.bool, device=state.device))
                 continue

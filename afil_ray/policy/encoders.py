@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -104,14 +104,29 @@ class PretrainedEncoder(nn.Module):
 
 
 class EfficientNetLite0(PretrainedEncoder):
-    """ImageNet EfficientNet-Lite0: uint8 [B, H, W, 3] -> its last feature map (1280 channels, stride 32) as
-    tokens, one per cell (a 128-pixel image gives 4 x 4)."""
+    """ImageNet EfficientNet-Lite0: uint8 [B, H, W, 3] -> one token per cell of one of its feature maps.
 
-    feature_dim = 1280
+    ``stride`` picks the map: 32, the last one (1280 channels; a 128-pixel image gives 4 x 4 cells), or 16, the
+    output of its 112-channel stage (8 x 8 cells): less abstract, four times finer, which is what locating a small
+    cube needs. ``cell_positions`` adds a learned embedding per cell to the projected tokens: the frozen features
+    hardly say where in the image they are, and the action heads cross-attend to the prefix without positions,
+    so without it a token says "a cube edge" but not where.
+    """
 
-    def __init__(self, image_size: int, width: int, frozen: bool) -> None:
-        self.image_size = image_size
+    FEATURE_DIMS: ClassVar[dict[int, int]] = {32: 1280, 16: 112}
+    STRIDE16_BLOCKS = 11  # blocks 0-10 end at stride 16 (the 112-channel stage)
+
+    def __init__(self, image_size: int, width: int, frozen: bool, stride: int = 32,
+                 cell_positions: bool = False) -> None:
+        if stride not in self.FEATURE_DIMS:
+            raise ConfigError(f"policy.vision_stride={stride}: EfficientNet-Lite0 has feature maps at strides "
+                              f"{sorted(self.FEATURE_DIMS)}")
+        self.image_size, self.stride = image_size, stride
+        self.feature_dim = self.FEATURE_DIMS[stride]
         super().__init__(self.build_net(), self.feature_dim, width, frozen)
+        self.num_cells = self._cells()
+        # small random init (as ViT's position embeddings): distinct cells from the first step
+        self.cell_pos = nn.Parameter(0.02 * torch.randn(self.num_cells, width)) if cell_positions else None
 
     def build_net(self) -> nn.Module:
         key = "policy.vision_encoder"
@@ -123,17 +138,35 @@ class EfficientNetLite0(PretrainedEncoder):
         net.load_state_dict(state, strict=True)
         return net
 
+    def _cells(self) -> int:
+        with torch.no_grad():
+            return int(self._feature_map(torch.zeros(1, 3, self.image_size, self.image_size)).shape[-2:].numel())
+
+    def _feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        if self.stride == 32:
+            return net.extract_features(pixels)  # Lite0 expects (x - 127) / 128: [-1, 1] near enough
+        x = net._swish(net._bn0(net._conv_stem(pixels)))
+        for block in net._blocks[:self.STRIDE16_BLOCKS]:
+            x = block(x)  # eval mode: no drop-connect
+        return x
+
     def features(self, image: torch.Tensor) -> torch.Tensor:
-        """[B, N, 1280]: what the frozen network says about each image (cacheable per frame)."""
+        """[B, N, C]: what the frozen network says about each image (cacheable per frame)."""
         with torch.set_grad_enabled(not self.frozen and torch.is_grad_enabled()):
-            fmap = self.net.extract_features(to_pixels(image, self.image_size))  # Lite0: (x - 127) / 128, near enough
+            fmap = self._feature_map(to_pixels(image, self.image_size))
         return fmap.flatten(2).transpose(1, 2)
 
+    def tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """Features [B, N, C] (fresh or from a cache) -> tokens [B, N, width]."""
+        tokens = self.proj(features)
+        return tokens if self.cell_pos is None else tokens + self.cell_pos
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.features(image))
+        return self.tokens(self.features(image))
 
     def frame_features(self, frames: np.ndarray, chunk: int = 256) -> np.ndarray:
-        """Features of stored frames (uint8 [S, H, W, 3]) as float16 [S, N, 1280]: computed once when a replay
+        """Features of stored frames (uint8 [S, H, W, 3]) as float16 [S, N, C]: computed once when a replay
         shard is loaded, so training never runs the frozen network on the same frame twice."""
         device = self.proj.weight.device
         out = []
@@ -191,7 +224,8 @@ class MiniLM(PretrainedEncoder):
 def vision_encoder(cfg: PolicyConfig, width: int) -> EfficientNetLite0 | None:
     """The configured external vision encoder; None for ``vlm`` (the VLM's own tower)."""
     if cfg.vision_encoder == EFFICIENTNET_LITE0:
-        return EfficientNetLite0(cfg.image_size, width, frozen=cfg.freeze_encoders)
+        return EfficientNetLite0(cfg.image_size, width, frozen=cfg.freeze_encoders, stride=cfg.vision_stride,
+                                 cell_positions=cfg.vision_cell_positions)
     return None
 
 

@@ -7,6 +7,9 @@ differences a paired bootstrap and McNemar's exact test (afil_ray/eval/report.py
 
     python scripts/compare_multitask.py --image runs/vla_cpu/success_only/eval/*/episodes.json \\
         --state runs/vla_state/*/eval/*/episodes.json
+
+``--variant LABEL=episodes.json`` (repeatable) adds another image policy (another architecture or recipe,
+evaluated on the same seeds): its success-only arm, per task and pooled, paired against this one's.
 """
 
 from __future__ import annotations
@@ -36,10 +39,29 @@ def outcome(r: dict) -> EpisodeOutcome:
     return EpisodeOutcome(r["seed"], r["run"], r["success_once"], r["success_at_end"])
 
 
+def variants(image: list[dict], tasks: list[str], specs: list[str], metric: str) -> str:
+    """Each variant's success-only episodes beside the reference policy's, per task and pooled."""
+    arms = {LABELS["success_only"]: [r for r in image if r["arm"] == "success_only"]}
+    for spec in specs:
+        label, _, path = spec.partition("=")
+        if not path:
+            raise SystemExit(f"--variant {spec!r}: expected LABEL=episodes.json")
+        arms[label] = [r for r in records(path) if r["arm"] == "success_only"]
+    common = set.intersection(*({(r["task"], r["seed"], r["run"]) for r in rs} for rs in arms.values()))
+    results = [ArmResult(label, task, [outcome(r) for r in rs if r["task"] == task
+                                       and (task, r["seed"], r["run"]) in common])
+               for task in tasks for label, rs in arms.items()]
+    results = [r for r in results if r.episodes]
+    return markdown_table(build_report(results + pooled(results), metric=metric,
+                                       reference_arm=LABELS["success_only"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", required=True, help="episodes.json of the multi-task evaluation")
     parser.add_argument("--state", nargs="*", default=[], help="episodes.json of each task's state policy")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL=PATH",
+                        help="episodes.json of another image policy, paired against --image's success-only arm")
     parser.add_argument("--metric", default="success_once")
     args = parser.parse_args()
     image = records(args.image)
@@ -50,6 +72,9 @@ def main() -> None:
     print("## The probes: the image-and-language policy against itself, per task and pooled\n")
     report = build_report(probes + pooled(probes), metric=args.metric, reference_arm=LABELS["success_only"])
     print(markdown_table(report))
+    if args.variant:
+        print("\n## Other image policies against this one, on the seeds both ran\n")
+        print(variants(image, tasks, args.variant, args.metric))
     states: list[ArmResult] = []
     for path in args.state:
         by_task: dict[str, list[EpisodeOutcome]] = {}

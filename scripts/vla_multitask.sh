@@ -7,11 +7,16 @@
 #   scripts/vla_multitask.sh state      # per task: state demos, training, evaluation on the same seeds
 #   scripts/vla_multitask.sh compare    # per-task and pooled tables (docs/results.md)
 #   scripts/vla_multitask.sh reproduce  # the paper's arms on the image policy, per task and pooled
+# OVERRIDES="policy.vision_stride=32 ..." RUN=runs/other scripts/vla_multitask.sh image: a variant of the image
+# policy in its own run directory, trained on the demos in REPLAY (default $RUN/replay); `reproduce` always
+# uses $RUN/replay, which must hold its own copy of the demos.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 AFIL=${AFIL:-.venv/bin/afil-ray}
 RUN=${RUN:-runs/vla_cpu}
 STATE=${STATE:-runs/vla_state}
+REPLAY=${REPLAY:-$RUN/replay}
+read -ra OVERRIDES <<< "${OVERRIDES:-}"  # extra dotlist overrides of configs/vla_cpu.yaml
 EPISODES=${EPISODES:-10}  # per task and arm for the image policy (four arms x five tasks of rendering)
 STATE_EPISODES=${STATE_EPISODES:-20}  # per task for the state policies; compare pairs the seeds both have
 TASKS=(PushCube-v1 PullCube-v1 PickCube-v1 StackCube-v1 LiftPegUpright-v1)
@@ -20,15 +25,16 @@ ARMS="eval.arms=[success_only,success_only@blank_cameras,success_only@other_inst
 evaluated() { compgen -G "$1/eval/*/report.json" > /dev/null; }
 
 image() {  # trained where the reproduction's success-only stage looks, so `reproduce` reuses it
-  local o=(run_dir="$RUN/success_only" replay.root="$RUN/replay" eval.episodes="$EPISODES")
+  local o=(run_dir="$RUN/success_only" replay.root="$REPLAY" eval.episodes="$EPISODES" "${OVERRIDES[@]}")
   "$AFIL" demos --config configs/vla_cpu.yaml "${o[@]}"
   "$AFIL" train --config configs/vla_cpu.yaml "${o[@]}"
   evaluated "$RUN/success_only" || "$AFIL" eval --config configs/vla_cpu.yaml "${o[@]}" "$ARMS"
 }
 
 reproduce() {
+  # its own store: the harvest and the corrections are written there, beside a copy of the demos
   "$AFIL" reproduce --config configs/vla_cpu.yaml run_dir="$RUN" replay.root="$RUN/replay" \
-    eval.episodes="$EPISODES"
+    eval.episodes="$EPISODES" "${OVERRIDES[@]}"
 }
 
 state() {  # 2,000 steps each: about the image policy's share per task of its 8,000 steps over five tasks

@@ -48,6 +48,9 @@ def test_the_stride_16_map_gives_four_times_the_cells_each_with_its_own_position
     pixels = torch.from_numpy(images(2, size=128))
     features = encoder.features(pixels)
     assert features.shape == (2, 64, 112)  # 8 x 8 cells of the 112-channel stage
+    for size, stride in [(100, 16), (100, 32), (72, 32)]:  # sizes that do not divide: the grid rounds up
+        odd = EfficientNetLite0(image_size=size, width=8, frozen=False, stride=stride, cell_positions=True)
+        assert odd.features(torch.from_numpy(images(1, size=size))).shape[1] == odd.num_cells
     x = encoder._feature_map(torch.from_numpy(images(2, size=128)).permute(0, 3, 1, 2).float() / 127.5 - 1)
     for block in encoder.net._blocks[encoder.STRIDE16_BLOCKS:]:
         x = block(x)  # the rest of the network continues from this map: it is the real stage output

@@ -14,6 +14,7 @@ cluster: ``policy.backbone=pretrained``), through the same backbone.
 from __future__ import annotations
 
 import importlib
+import math
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -107,10 +108,10 @@ class EfficientNetLite0(PretrainedEncoder):
     """ImageNet EfficientNet-Lite0: uint8 [B, H, W, 3] -> one token per cell of one of its feature maps.
 
     ``stride`` picks the map: 32, the last one (1280 channels; a 128-pixel image gives 4 x 4 cells), or 16, the
-    output of its 112-channel stage (8 x 8 cells): less abstract, four times finer, which is what locating a small
-    cube needs. ``cell_positions`` adds a learned embedding per cell to the projected tokens: the frozen features
-    hardly say where in the image they are, and the action heads cross-attend to the prefix without positions,
-    so without it a token says "a cube edge" but not where.
+    output of its 112-channel stage (8 x 8 cells): less abstract, four times finer. ``cell_positions`` adds a
+    learned embedding per cell to the projected tokens: the frozen features hardly say where in the image they
+    are, and the action heads cross-attend to the prefix without positions. Both are meant for locating small
+    objects; on the five-task CPU policy neither gained anything measurable (docs/results.md).
     """
 
     FEATURE_DIMS: ClassVar[dict[int, int]] = {32: 1280, 16: 112}
@@ -124,7 +125,8 @@ class EfficientNetLite0(PretrainedEncoder):
         self.image_size, self.stride = image_size, stride
         self.feature_dim = self.FEATURE_DIMS[stride]
         super().__init__(self.build_net(), self.feature_dim, width, frozen)
-        self.num_cells = self._cells()
+        grid = math.ceil(image_size / stride)  # its stride-2 convolutions pad "same": each halves, rounding up
+        self.num_cells = grid * grid
         # small random init (as ViT's position embeddings): distinct cells from the first step
         self.cell_pos = nn.Parameter(0.02 * torch.randn(self.num_cells, width)) if cell_positions else None
 
@@ -138,17 +140,14 @@ class EfficientNetLite0(PretrainedEncoder):
         net.load_state_dict(state, strict=True)
         return net
 
-    def _cells(self) -> int:
-        with torch.no_grad():
-            return int(self._feature_map(torch.zeros(1, 3, self.image_size, self.image_size)).shape[-2:].numel())
-
     def _feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
         net = self.net
         if self.stride == 32:
             return net.extract_features(pixels)  # Lite0 expects (x - 127) / 128: [-1, 1] near enough
         x = net._swish(net._bn0(net._conv_stem(pixels)))
-        for block in net._blocks[:self.STRIDE16_BLOCKS]:
-            x = block(x)  # eval mode: no drop-connect
+        rate, depth = net._global_params.drop_connect_rate, len(net._blocks)
+        for idx, block in enumerate(net._blocks[:self.STRIDE16_BLOCKS]):  # as extract_features runs them
+            x = block(x, drop_connect_rate=rate * idx / depth if rate else rate)  # (only when fine-tuned)
         return x
 
     def features(self, image: torch.Tensor) -> torch.Tensor:

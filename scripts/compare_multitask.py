@@ -9,7 +9,8 @@ differences a paired bootstrap and McNemar's exact test (afil_ray/eval/report.py
         --state runs/vla_state/*/eval/*/episodes.json
 
 ``--variant LABEL=episodes.json`` (repeatable) adds another image policy (another architecture or recipe,
-evaluated on the same seeds): its success-only arm, per task and pooled, paired against this one's.
+evaluated on the same seeds): its success-only arm, per task and pooled, paired against this one's and against
+the state policies.
 """
 
 from __future__ import annotations
@@ -39,14 +40,19 @@ def outcome(r: dict) -> EpisodeOutcome:
     return EpisodeOutcome(r["seed"], r["run"], r["success_once"], r["success_at_end"])
 
 
-def variants(image: list[dict], tasks: list[str], specs: list[str], metric: str) -> str:
-    """Each variant's success-only episodes beside the reference policy's, per task and pooled."""
+def success_only_arms(image: list[dict], specs: list[str]) -> dict[str, list[dict]]:
+    """The reference policy's success-only episodes, then each ``--variant``'s, by label."""
     arms = {LABELS["success_only"]: [r for r in image if r["arm"] == "success_only"]}
     for spec in specs:
         label, _, path = spec.partition("=")
         if not path:
             raise SystemExit(f"--variant {spec!r}: expected LABEL=episodes.json")
         arms[label] = [r for r in records(path) if r["arm"] == "success_only"]
+    return arms
+
+
+def variants(arms: dict[str, list[dict]], tasks: list[str], metric: str) -> str:
+    """Each variant's success-only episodes beside the reference policy's, per task and pooled."""
     common = set.intersection(*({(r["task"], r["seed"], r["run"]) for r in rs} for rs in arms.values()))
     results = [ArmResult(label, task, [outcome(r) for r in rs if r["task"] == task
                                        and (task, r["seed"], r["run"]) in common])
@@ -54,6 +60,23 @@ def variants(image: list[dict], tasks: list[str], specs: list[str], metric: str)
     results = [r for r in results if r.episodes]
     return markdown_table(build_report(results + pooled(results), metric=metric,
                                        reference_arm=LABELS["success_only"]))
+
+
+def against_states(states: list[ArmResult], arms: dict[str, list[dict]], metric: str) -> str:
+    """Every image policy beside each task's state policy on the (seed, run) episodes all of them ran there
+    (the state policies may have run more; a variant trained on fewer tasks joins only those tasks' tables).
+    The pooled table takes the image policies that have every task."""
+    results: list[ArmResult] = []
+    for state in states:
+        mine = {label: [outcome(r) for r in rs if r["task"] == state.task] for label, rs in arms.items()}
+        mine = {label: eps for label, eps in mine.items() if eps}
+        common = set.intersection({(e.seed, e.run) for e in state.episodes},
+                                  *({(e.seed, e.run) for e in eps} for eps in mine.values()))
+        results += [ArmResult(arm, state.task, [e for e in eps if (e.seed, e.run) in common])
+                    for arm, eps in [(STATE, state.episodes), *mine.items()]]
+    tasks = {s.task for s in states}
+    whole = [r for r in results if {q.task for q in results if q.arm == r.arm} == tasks]
+    return markdown_table(build_report(results + pooled(whole), metric=metric, reference_arm=STATE))
 
 
 def main() -> None:
@@ -72,9 +95,10 @@ def main() -> None:
     print("## The probes: the image-and-language policy against itself, per task and pooled\n")
     report = build_report(probes + pooled(probes), metric=args.metric, reference_arm=LABELS["success_only"])
     print(markdown_table(report))
+    arms = success_only_arms(image, args.variant)
     if args.variant:
         print("\n## Other image policies against this one, on the seeds both ran\n")
-        print(variants(image, tasks, args.variant, args.metric))
+        print(variants(arms, tasks, args.metric))
     states: list[ArmResult] = []
     for path in args.state:
         by_task: dict[str, list[EpisodeOutcome]] = {}
@@ -90,17 +114,10 @@ def main() -> None:
         k, n = sum(getattr(e, args.metric) for e in state.episodes), len(state.episodes)
         low, high = wilson_interval(k, n)
         print(f"| {state.task} | {k}/{n} | {k / n:.3f} [{low:.3f}, {high:.3f}] |")
-    paired = [r for r in probes if r.arm == LABELS["success_only"] and r.task in {s.task for s in states}]
-    results = []
-    for state in states:  # pair on the (seed, run) episodes both ran (the state policies may have run more)
-        mine = next(r for r in paired if r.task == state.task)
-        common = {(e.seed, e.run) for e in mine.episodes} & {(e.seed, e.run) for e in state.episodes}
-        results += [ArmResult(r.arm, r.task, [e for e in r.episodes if (e.seed, e.run) in common])
-                    for r in (state, mine)]
     missing = [t for t in tasks if t not in {s.task for s in states}]
     print("\n## Against the state policies" + (f" (none evaluated for {', '.join(missing)})" if missing else "")
           + "\n")
-    print(markdown_table(build_report(results + pooled(results), metric=args.metric, reference_arm=STATE)))
+    print(against_states(states, arms, args.metric))
 
 
 if __name__ == "__main__":

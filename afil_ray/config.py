@@ -37,6 +37,7 @@ FLOW_TIMES = ("beta", "uniform")
 DDPM_SCHEDULES = ("cosine", "linear")
 ACTION_NORMS = ("minmax", "meanstd")
 FAILURE_TARGETS = ("sampled", "executed")
+BALANCES = ("none", "tasks", "partitions")  # what training windows draw equally often
 # Keys that were removed, and the one key that now holds their fact.
 MOVED_KEYS = {"data.store": "replay.root"}
 
@@ -326,7 +327,9 @@ class TrainConfig(_Section):
     grad_clip: float = 1.0
     log_every: int = 100
     checkpoint_every: int = 2000
-    balance: bool = False  # sample partitions (task, outcome) equally
+    # none: uniform over the selected steps; tasks: each task equally (within it, uniform over its steps);
+    # partitions: each (task, outcome) equally (e.g. a few corrections weigh as much as all the demos)
+    balance: str = "none"
     ema_decay: float = 0.999  # moving average of the weights for checkpoints and acting (0: off)
     failure_targets: str = "sampled"  # failure head learns from: sampled (whole chunks) | executed (actions)
     device: str = "auto"  # auto | cpu | cuda
@@ -338,6 +341,7 @@ class TrainConfig(_Section):
     def check(self) -> None:
         _one_of("train.mode", self.mode, TRAIN_MODES)
         _one_of("train.failure_targets", self.failure_targets, FAILURE_TARGETS)
+        _one_of("train.balance", self.balance, BALANCES)
         _at_least("train.steps", self.steps, 1)
         _at_least("train.batch_size", self.batch_size, 1)
         _positive("train.lr", self.lr)

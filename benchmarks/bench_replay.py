@@ -134,7 +134,7 @@ def main() -> None:
         build_start = time.perf_counter()
         sampler = WindowSampler(store, horizon=args.horizon, seed=0)
         build = time.perf_counter() - build_start
-        balanced = WindowSampler(store, horizon=args.horizon, balance=True, seed=0)
+        balanced = WindowSampler(store, horizon=args.horizon, balance="partitions", seed=0)
         latencies = {}
         for name, s in (("uniform", sampler), ("balanced", balanced)):
             s.sample(args.batch)  # warm-up

@@ -46,6 +46,7 @@ def test_one_key_per_fact_and_sections_check_their_own_values(tmp_path):
         load_config(None, ["data.store=x"])
     for item, match in (("sampler.kind=guided", r"sampler\.kind must be one of success_only, static, adaptive"),
                         ("train.mode=both", r"train\.mode must be one of"),
+                        ("train.balance=true", r"train\.balance must be one of none, tasks, partitions"),
                         ("loop.learner_mode=all", r"loop\.learner_mode must be one of"),
                         ("policy.failure_head_init=zero", r"policy\.failure_head_init must be one of success"),
                         ("eval.backend=mpi", r"eval\.backend must be one of auto, processes, ray"),

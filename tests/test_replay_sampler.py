@@ -95,13 +95,36 @@ def test_balanced_and_weighted_sampling_proportions(tmp_path, make_episode):
         return float(np.mean([sampler.partitions[p][1] == "failure" for p in partition]))
 
     assert share_of_failures(WindowSampler(store, horizon=4, seed=0)) == pytest.approx(10 / 410, abs=0.01)
-    balanced = WindowSampler(store, horizon=4, balance=True, seed=0)
+    balanced = WindowSampler(store, horizon=4, balance="partitions", seed=0)
     assert share_of_failures(balanced) == pytest.approx(0.5, abs=0.02)
     weighted = WindowSampler(store, horizon=4, weights={("A", "demo"): 3, ("A", "failure"): 1}, seed=0)
     assert share_of_failures(weighted) == pytest.approx(0.25, abs=0.02)
     # Within a partition the steps stay uniform: every failure step turns up about equally often.
     batch = WindowSampler(store, horizon=4, outcomes="failure", seed=0).sample(n)
     assert np.bincount(batch["timestep"], minlength=10) / n == pytest.approx(np.full(10, 0.1), abs=0.01)
+
+
+def test_task_balance_weighs_tasks_equally_and_keeps_outcomes_proportional_within_each(tmp_path, make_episode):
+    store = ReplayStore(tmp_path, episodes_per_shard=8)
+    store.write_episodes([make_episode("Long", "demo", length=90, seed=i) for i in range(6)])  # 540 steps
+    store.write_episodes([make_episode("Long", "corrected", length=60, seed=9)])  # 60 steps
+    store.write_episodes([make_episode("Short", "demo", length=20, seed=i) for i in range(3)])  # 60 steps
+    n = 30000
+
+    def shares(sampler: WindowSampler) -> dict[tuple[str, str], float]:
+        drawn = [sampler.partitions[p] for p in sampler.sample(n)["partition"]]
+        return {part: drawn.count(part) / n for part in set(drawn)}
+
+    uniform = shares(WindowSampler(store, horizon=4, seed=0))  # by steps: the long task takes 10 of 11 draws
+    assert uniform[("Short", "demo")] == pytest.approx(60 / 660, abs=0.01)
+    by_task = shares(WindowSampler(store, horizon=4, balance="tasks", seed=0))
+    assert by_task[("Short", "demo")] == pytest.approx(0.5, abs=0.015)
+    assert by_task[("Long", "demo")] == pytest.approx(0.5 * 540 / 600, abs=0.015)  # demos 9:1 to corrections
+    assert by_task[("Long", "corrected")] == pytest.approx(0.5 * 60 / 600, abs=0.01)
+    by_partition = shares(WindowSampler(store, horizon=4, balance="partitions", seed=0))
+    assert by_partition[("Long", "corrected")] == pytest.approx(1 / 3, abs=0.015)
+    with pytest.raises(ValueError, match="balance must be one of none, tasks, partitions"):
+        WindowSampler(store, horizon=4, balance="episodes")
 
 
 def test_seeded_samplers_repeat_and_refresh_follows_the_store(tmp_path, make_episode):

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pyarrow as pa
 
+from afil_ray.config import BALANCES
 from afil_ray.replay.episode import IMAGE_PREFIX
 from afil_ray.replay.shard_io import CORRUPTION_ERRORS, Selection, ShardCorruptError, ShardFile, selection_set
 from afil_ray.replay.store import ReplayStore
@@ -102,10 +103,12 @@ class WindowSampler:
     correction restored from (``extra.restore_step``): the planner's suffix, not the failed prefix it kept.
     Windows there still see the whole suffix, and earlier steps are never an observation.
 
-    ``balance=True`` picks a (task, outcome) partition with equal probability, or by ``weights``, then a
-    step uniformly within it; otherwise steps are uniform over the whole selection. ``cameras=None`` takes
-    the cameras of the first shard and requires them of every later one (``()`` for state only). Call
-    :meth:`refresh` to pick up shards written since (and drop retired ones).
+    ``balance="partitions"`` picks a (task, outcome) partition with equal probability, or by ``weights``, then a
+    step uniformly within it; ``balance="tasks"`` picks a task with equal probability, then a step uniformly
+    over that task's selected outcomes (a multi-task mixture whose tasks differ in episode length and count
+    would otherwise train mostly on the longest); ``"none"``: steps are uniform over the whole selection.
+    ``cameras=None`` takes the cameras of the first shard and requires them of every later one (``()`` for
+    state only). Call :meth:`refresh` to pick up shards written since (and drop retired ones).
     """
 
     def __init__(
@@ -115,7 +118,7 @@ class WindowSampler:
         *,
         tasks: Selection = None,
         outcomes: Selection = None,
-        balance: bool = False,
+        balance: str = "none",
         weights: Mapping[Partition, float] | None = None,
         cameras: Sequence[str] | None = None,
         seed: int | None = 0,
@@ -126,7 +129,9 @@ class WindowSampler:
         self.store = store
         self.horizon = horizon
         self.tasks, self.outcomes = selection_set(tasks), selection_set(outcomes)
-        self.balance = balance or weights is not None
+        if balance not in BALANCES:
+            raise ValueError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}")
+        self.balance = balance if weights is None else "partitions"
         self.weights = dict(weights) if weights is not None else None
         self.cameras: tuple[str, ...] | None = tuple(cameras) if cameras is not None else None
         self.corrected_from_restore = corrected_from_restore
@@ -254,7 +259,11 @@ class WindowSampler:
             pool = pools.setdefault(seg.partition, [int(self._segment_starts[i]), 0])
             pool[1] += seg.steps
         self._pools = np.array([(p, start, n) for p, (start, n) in pools.items()], np.int64).reshape(-1, 3)
-        if self.weights is None:
+        if self.balance == "tasks":  # a pool's share of its task's steps, so every task sums to one
+            tasks = np.array([self.partitions[p][0] for p in self._pools[:, 0]])
+            task_steps = {t: self._pools[tasks == t, 2].sum() for t in set(tasks)}
+            w = self._pools[:, 2] / np.array([task_steps[t] for t in tasks], np.float64)
+        elif self.weights is None:
             w = np.ones(len(self._pools))
         else:
             w = np.array([self.weights.get(self.partitions[p], 0.0) for p in self._pools[:, 0]], np.float64)
@@ -286,7 +295,7 @@ class WindowSampler:
         if self.num_steps == 0:
             raise RuntimeError(f"no replay steps to sample under {self.store.root} for tasks={self.tasks} "
                                f"outcomes={self.outcomes}")
-        if self.balance:
+        if self.balance != "none":
             if not self._pool_probs.any():
                 raise RuntimeError(f"none of the weighted partitions {self.weights} has data")
             pick = self.rng.choice(len(self._pools), size=batch_size, p=self._pool_probs)

@@ -5,6 +5,7 @@
 # an evaluation with a report is not run again), so after a stop the same command goes on.
 #   scripts/vla_multitask.sh image      # demos, training, the four evaluation arms
 #   scripts/vla_multitask.sh state      # per task: state demos, training, evaluation on the same seeds
+#   scripts/vla_multitask.sh alone      # the image policy trained on one task at a time (ALONE_TASKS)
 #   scripts/vla_multitask.sh compare    # per-task and pooled tables (docs/results.md)
 #   scripts/vla_multitask.sh reproduce  # the paper's arms on the image policy, per task and pooled
 # OVERRIDES="policy.vision_stride=32 ..." RUN=runs/other scripts/vla_multitask.sh image: a variant of the image
@@ -37,7 +38,17 @@ reproduce() {
     eval.episodes="$EPISODES" "${OVERRIDES[@]}"
 }
 
-state() {  # 2,000 steps each: about the image policy's share per task of its 8,000 steps over five tasks
+alone() {  # the image policy on one task at a time, with a state policy's budget (40 demos, 2,000 steps)
+  local t o
+  for t in ${ALONE_TASKS:-PushCube-v1 LiftPegUpright-v1}; do
+    o=("env.task=[$t]" run_dir="$RUN/alone/$t" replay.root="$REPLAY" train.steps=2000 train.num_threads=1
+       eval.episodes="$EPISODES" eval.workers=1 "${OVERRIDES[@]}")
+    "$AFIL" train --config configs/vla_cpu.yaml "${o[@]}"
+    evaluated "$RUN/alone/$t" || "$AFIL" eval --config configs/vla_cpu.yaml "${o[@]}"
+  done
+}
+
+state() {  # 2,000 steps each on one task: what the image policy gets per task of its 10,000 balanced steps
   local t o
   for t in "${TASKS[@]}"; do
     o=(env.task="$t" run_dir="$STATE/$t" replay.root="$STATE/replay" demos.num=40 train.steps=2000
@@ -48,9 +59,16 @@ state() {  # 2,000 steps each: about the image policy's share per task of its 8,
   done
 }
 
-compare() {
-  .venv/bin/python scripts/compare_multitask.py --image "$RUN"/success_only/eval/*/episodes.json \
-    --state "$STATE"/*/eval/*/episodes.json
+compare() {  # the single-task image policies of `alone` join as variants where they exist
+  local f t variants=()
+  for f in "$RUN"/alone/*/eval/*/episodes.json; do
+    [[ -e $f ]] || continue
+    t=${f#"$RUN"/alone/}; variants+=(--variant "${t%%/*} alone=$f")
+  done
+  local probes  # the evaluation with the probe arms (the run directory may hold other evaluations too)
+  probes=$(grep -l "success_only@blank_cameras" "$RUN"/success_only/eval/*/episodes.json | tail -n 1)
+  .venv/bin/python scripts/compare_multitask.py --image "$probes" \
+    --state "$STATE"/*/eval/*/episodes.json "${variants[@]}"
 }
 
 for stage in "$@"; do "$stage"; done

@@ -40,43 +40,36 @@ def outcome(r: dict) -> EpisodeOutcome:
     return EpisodeOutcome(r["seed"], r["run"], r["success_once"], r["success_at_end"])
 
 
-def success_only_arms(image: list[dict], specs: list[str]) -> dict[str, list[dict]]:
-    """The reference policy's success-only episodes, then each ``--variant``'s, by label."""
-    arms = {LABELS["success_only"]: [r for r in image if r["arm"] == "success_only"]}
+ByTask = dict[str, dict[str, list[EpisodeOutcome]]]  # arm label -> task -> episodes
+
+
+def success_only_arms(image: list[dict], specs: list[str]) -> ByTask:
+    """The reference policy's success-only episodes, then each ``--variant``'s, by label and task."""
+    sources = {LABELS["success_only"]: image}
     for spec in specs:
         label, _, path = spec.partition("=")
         if not path:
             raise SystemExit(f"--variant {spec!r}: expected LABEL=episodes.json")
-        arms[label] = [r for r in records(path) if r["arm"] == "success_only"]
+        sources[label] = records(path)
+    arms: ByTask = {}
+    for label, rs in sources.items():
+        for r in rs:
+            if r["arm"] == "success_only":
+                arms.setdefault(label, {}).setdefault(r["task"], []).append(outcome(r))
     return arms
 
 
-def variants(arms: dict[str, list[dict]], tasks: list[str], metric: str) -> str:
-    """Each variant's success-only episodes beside the reference policy's, per task and pooled."""
-    common = set.intersection(*({(r["task"], r["seed"], r["run"]) for r in rs} for rs in arms.values()))
-    results = [ArmResult(label, task, [outcome(r) for r in rs if r["task"] == task
-                                       and (task, r["seed"], r["run"]) in common])
-               for task in tasks for label, rs in arms.items()]
-    results = [r for r in results if r.episodes]
-    return markdown_table(build_report(results + pooled(results), metric=metric,
-                                       reference_arm=LABELS["success_only"]))
-
-
-def against_states(states: list[ArmResult], arms: dict[str, list[dict]], metric: str) -> str:
-    """Every image policy beside each task's state policy on the (seed, run) episodes all of them ran there
-    (the state policies may have run more; a variant trained on fewer tasks joins only those tasks' tables).
-    The pooled table takes the image policies that have every task."""
+def paired_by_task(arms: ByTask, tasks: list[str]) -> list[ArmResult]:
+    """Per task, the arms that have it on the (seed, run) episodes all of them ran there (a policy trained on
+    fewer tasks joins only those tables); pooled, the arms that have every task."""
     results: list[ArmResult] = []
-    for state in states:
-        mine = {label: [outcome(r) for r in rs if r["task"] == state.task] for label, rs in arms.items()}
-        mine = {label: eps for label, eps in mine.items() if eps}
-        common = set.intersection({(e.seed, e.run) for e in state.episodes},
-                                  *({(e.seed, e.run) for e in eps} for eps in mine.values()))
-        results += [ArmResult(arm, state.task, [e for e in eps if (e.seed, e.run) in common])
-                    for arm, eps in [(STATE, state.episodes), *mine.items()]]
-    tasks = {s.task for s in states}
-    whole = [r for r in results if {q.task for q in results if q.arm == r.arm} == tasks]
-    return markdown_table(build_report(results + pooled(whole), metric=metric, reference_arm=STATE))
+    for task in tasks:
+        mine = {label: by_task[task] for label, by_task in arms.items() if by_task.get(task)}
+        common = set.intersection(*({(e.seed, e.run) for e in eps} for eps in mine.values()))
+        results += [ArmResult(label, task, [e for e in eps if (e.seed, e.run) in common])
+                    for label, eps in mine.items()]
+    whole = [r for r in results if all(arms[r.arm].get(t) for t in tasks)]
+    return results + pooled(whole)
 
 
 def main() -> None:
@@ -98,7 +91,8 @@ def main() -> None:
     arms = success_only_arms(image, args.variant)
     if args.variant:
         print("\n## Other image policies against this one, on the seeds both ran\n")
-        print(variants(arms, tasks, args.metric))
+        print(markdown_table(build_report(paired_by_task(arms, tasks), metric=args.metric,
+                                          reference_arm=LABELS["success_only"])))
     states: list[ArmResult] = []
     for path in args.state:
         by_task: dict[str, list[EpisodeOutcome]] = {}
@@ -117,7 +111,9 @@ def main() -> None:
     missing = [t for t in tasks if t not in {s.task for s in states}]
     print("\n## Against the state policies" + (f" (none evaluated for {', '.join(missing)})" if missing else "")
           + "\n")
-    print(against_states(states, arms, args.metric))
+    with_states: ByTask = {STATE: {s.task: s.episodes for s in states}, **arms}
+    results = paired_by_task(with_states, [s.task for s in states])
+    print(markdown_table(build_report(results, metric=args.metric, reference_arm=STATE)))
 
 
 if __name__ == "__main__":

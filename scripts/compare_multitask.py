@@ -43,19 +43,22 @@ def outcome(r: dict) -> EpisodeOutcome:
 ByTask = dict[str, dict[str, list[EpisodeOutcome]]]  # arm label -> task -> episodes
 
 
+def success_only_by_task(rs: list[dict]) -> dict[str, list[EpisodeOutcome]]:
+    by_task: dict[str, list[EpisodeOutcome]] = {}
+    for r in rs:
+        if r["arm"] == "success_only":
+            by_task.setdefault(r["task"], []).append(outcome(r))
+    return by_task
+
+
 def success_only_arms(image: list[dict], specs: list[str]) -> ByTask:
     """The reference policy's success-only episodes, then each ``--variant``'s, by label and task."""
-    sources = {LABELS["success_only"]: image}
+    arms = {LABELS["success_only"]: success_only_by_task(image)}
     for spec in specs:
         label, _, path = spec.partition("=")
         if not path:
             raise SystemExit(f"--variant {spec!r}: expected LABEL=episodes.json")
-        sources[label] = records(path)
-    arms: ByTask = {}
-    for label, rs in sources.items():
-        for r in rs:
-            if r["arm"] == "success_only":
-                arms.setdefault(label, {}).setdefault(r["task"], []).append(outcome(r))
+        arms[label] = success_only_by_task(records(path))
     return arms
 
 
@@ -95,11 +98,8 @@ def main() -> None:
                                           reference_arm=LABELS["success_only"])))
     states: list[ArmResult] = []
     for path in args.state:
-        by_task: dict[str, list[EpisodeOutcome]] = {}
-        for r in records(path):
-            if r["arm"] == "success_only":
-                by_task.setdefault(r["task"], []).append(outcome(r))
-        states += [ArmResult(STATE, task, eps) for task, eps in by_task.items() if task in tasks]
+        states += [ArmResult(STATE, task, eps) for task, eps in success_only_by_task(records(path)).items()
+                   if task in tasks]
     if not states:
         return
     states.sort(key=lambda s: tasks.index(s.task))  # the image evaluation's task order

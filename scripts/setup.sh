@@ -53,7 +53,7 @@ venv_setup() {
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   pip_install --upgrade pip
   pip_install "$TORCH_SPEC"
-  pip_install -e ".[dev]"
+  pip_install -e ".[dev,libero]"
   echo "$want" > "$VENV/.afil-stamp"
 }
 

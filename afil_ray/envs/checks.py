@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from afil_ray.config import Config, ConfigError, EnvConfig
-from afil_ray.envs.tasks import TASKS, TaskSpec
+from afil_ray.envs.tasks import TASKS, TaskSpec, find_task
 
 
 def _maniskill_has(env_id: str) -> bool:
@@ -29,8 +29,12 @@ def _maniskill_has(env_id: str) -> bool:
 
 
 def check_task(key: str, task: str) -> TaskSpec:
-    """The task's spec, or a :class:`ConfigError` naming ``key`` and the registered tasks."""
-    spec = TASKS.get(task)
+    """The task's spec, or a :class:`ConfigError` naming ``key`` and the registered tasks (or, for a benchmark
+    suite's task such as ``libero_object/3``, its valid suites and indices or the package it needs)."""
+    try:
+        spec = find_task(task)
+    except (KeyError, ImportError) as e:
+        raise ConfigError(f"{key}: {e.args[0] if e.args else e}") from None
     if spec is not None:
         return spec
     hint = ""

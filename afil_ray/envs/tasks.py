@@ -9,11 +9,13 @@ the evaluation arm that asks whether the policy understands the instruction or m
 
 ManiSkill's registered limit for these tasks is 50 steps, far below what motion-planner demos (60-230 steps) and
 trained policies (first success at a median of 60-175 steps in a probe) need, so every task carries its own limit.
-Adding a task, a project-side variant or another simulator's task is one ``register_task`` call.
+Adding a task, a project-side variant or another simulator's task is one ``register_task`` call; a benchmark's
+suites of numbered tasks (LIBERO's ``libero_object/3``) are registered on first use by name (``find_task``).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -69,13 +71,30 @@ def register_task(spec: TaskSpec, *, overwrite: bool = False) -> TaskSpec:
     return spec
 
 
+# Benchmark suites whose tasks are named ``<suite>/<index>`` (``libero_object/3``) and registered on first use by
+# their simulator's module, so that only code naming such a task imports that simulator's package:
+# first word of the suite name -> module with ``register_suite_task(name)``
+SUITE_TASK_MODULES = {"libero": "afil_ray.envs.libero"}
+
+
+def find_task(env_id: str) -> TaskSpec | None:
+    """The spec of ``env_id``, or None if it is unknown. A suite task (``libero_object/3``) is registered on first
+    use; an unknown suite or task index of a known benchmark is a KeyError naming the valid ones."""
+    spec = TASKS.get(env_id)
+    if spec is None and "/" in env_id:
+        module = SUITE_TASK_MODULES.get(env_id.split("/")[0].split("_")[0])
+        if module is not None:
+            spec = importlib.import_module(module).register_suite_task(env_id)
+    return spec
+
+
 def get_task(env_id: str) -> TaskSpec:
-    try:
-        return TASKS[env_id]
-    except KeyError:
+    spec = find_task(env_id)
+    if spec is None:
         known = ", ".join(sorted(TASKS))
         raise KeyError(f"unknown task {env_id!r}; registered tasks: {known} "
-                       "(add one with afil_ray.envs.tasks.register_task)") from None
+                       "(add one with afil_ray.envs.tasks.register_task)")
+    return spec
 
 
 _MULTITASK_PHRASINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {

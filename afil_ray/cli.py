@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", help="YAML config file (see configs/)")
         sp.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. env.task=PullCube-v1")
 
-    d = sub.add_parser("demos", help="generate motion-planner demonstrations into the replay store")
+    d = sub.add_parser("demos", help="generate demonstrations (motion planner; LIBERO: scripted) into the replay store")
     with_config(d)
     d.add_argument("--task", help="task id, or several separated by commas (default: env.task)")
     d.add_argument("--num", type=int, help="demos wanted per task in the store (demos.num)")
@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demos)
 
-    c = sub.add_parser("correct", help="finish failed rollouts with the motion planner; store them as corrected")
+    c = sub.add_parser("correct", help="finish failed rollouts with the task's demonstrator; store them as corrected")
     with_config(c)
     c.add_argument("--task", help="task id, or several separated by commas (default: env.task)")
     c.add_argument("--max", type=int, help="failures to try per task (correct.max_failures)")

@@ -146,7 +146,8 @@ class EnvConfig(_Section):
     # the task's first instruction
     paraphrase: bool = False
     obs_mode: str = "state"  # state | rgb (rgb = per-camera uint8 images + proprioceptive state)
-    # Policy control mode. Demonstrations are planned in pd_joint_pos and retargeted to this mode (see demos).
+    # Policy control mode. ManiSkill demonstrations are planned in pd_joint_pos and retargeted to this mode (see
+    # demos); LIBERO tasks act in osc_pose only.
     control_mode: str = "pd_joint_delta_pos"
     num_envs: int = 2
     backend: str = "auto"  # auto (GPU physics when CUDA is present) | cpu | gpu

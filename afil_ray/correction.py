@@ -1,9 +1,10 @@
-"""``afil-ray correct``: turn failed rollouts into successes by letting the motion planner finish them.
+"""``afil-ray correct``: turn failed rollouts into successes by letting the task's demonstrator finish them.
 
-For a failure with simulator snapshots, the scene is restored at a snapshot and the task's planner plans from
-there; its joint targets are replayed closed-loop in the policy's control mode (as demos are, see
-afil_ray/demos/planner.py). The stored trajectory is the failure's own prefix up to the restore point followed
-by the planner's suffix, outcome ``corrected``, linked to the failure by ``parent_episode_id``.
+For a failure with simulator snapshots, the scene is restored at a snapshot and the task's demonstrator (ManiSkill's
+motion planner, LIBERO's scripted controller: afil_ray/demos/planner.py ``make_demonstrator``) plans from there; its
+targets are replayed closed-loop in the policy's control mode (as demos are, see afil_ray/demos/planner.py). The
+stored trajectory is the failure's own prefix up to the restore point followed by the planner's suffix, outcome
+``corrected``, linked to the failure by ``parent_episode_id``.
 
 Which snapshot: the search starts at the last snapshot (``backtrack``) or at ``fraction`` of the episode; if the
 plan from there does not reach success within the task's episode limit it tries the earliest snapshot, then
@@ -28,9 +29,9 @@ import pyarrow.dataset as ds
 from tqdm import tqdm
 
 from afil_ray.config import Config, CorrectConfig, DemoConfig, EnvConfig
-from afil_ray.demos.planner import HOLD_STEPS, SUPPORTED_CONTROL_MODES, TaskPlanner, retarget, single_cpu_env
+from afil_ray.demos.planner import HOLD_STEPS, make_demonstrator, single_cpu_env
 from afil_ray.envs.checks import check_runnable
-from afil_ray.envs.maniskill import ManiSkillVecEnv
+from afil_ray.envs.factory import make_vec_env
 from afil_ray.process_pool import spawn_map
 from afil_ray.replay.episode import Episode, table_to_episodes
 from afil_ray.replay.ledger import AttemptLedger
@@ -64,16 +65,18 @@ def restore_candidates(failure: Episode, cfg: CorrectConfig) -> list[tuple[int, 
 
 
 class Corrector:
-    """A planner and a replay scene for one task; ``correct(failure)`` returns a corrected episode or a reason."""
+    """A demonstrator and a replay scene for one task; ``correct(failure)`` returns a corrected episode or a
+    reason."""
 
     def __init__(self, env_cfg: EnvConfig, correct_cfg: CorrectConfig, demo_cfg: DemoConfig) -> None:
-        if env_cfg.control_mode not in SUPPORTED_CONTROL_MODES:
-            raise ValueError(f"planner suffixes can be retargeted to {SUPPORTED_CONTROL_MODES}, not "
-                             f"env.control_mode={env_cfg.control_mode!r}")
         self.cfg = correct_cfg
-        self.planner = TaskPlanner(env_cfg.task, demo_cfg.planner_max_steps)
+        self.planner = make_demonstrator(env_cfg, demo_cfg, what="planner suffixes")
         self.limit = env_cfg.max_episode_steps or self.planner.spec.max_episode_steps
-        self.env = ManiSkillVecEnv(single_cpu_env(env_cfg, self.limit))
+        try:
+            self.env = make_vec_env(single_cpu_env(env_cfg, self.limit))
+        except BaseException:
+            self.planner.close()
+            raise
         self.control_mode = env_cfg.control_mode
 
     def correct(self, failure: Episode) -> CorrectionResult:
@@ -139,7 +142,6 @@ class Corrector:
     def _splice(self, failure: Episode, step: int, blob: bytes, targets: list[np.ndarray]) -> Episode | None:
         """The failure's first ``step`` steps, then the plan replayed from the restored snapshot."""
         obs = {k: v[None] for k, v in self.env.restore(0, blob, step).items()}  # batched like step's obs
-        base = self.env.local_env(0).base
         every = self.env.snapshot_every
         suffix: dict[str, list] = {k: [] for k in ("state", "action", "reward", "success", "fail", "terminated",
                                                    "truncated")}
@@ -148,7 +150,7 @@ class Corrector:
         snaps = [b for s, b in zip(failure.snapshot_steps, failure.snapshots, strict=True) if s <= step]
         done = False
         for target in targets + [targets[-1]] * HOLD_STEPS:
-            action = retarget(self.control_mode, base, target)
+            action = self.planner.action(self.env, target)
             res = self.env.step(action[None])
             suffix["state"].append(obs["state"][0].copy())
             for cam in images:

@@ -102,6 +102,28 @@ def test_snapshot_restore_continues_identically_in_another_env(state_env):
     np.testing.assert_array_equal(model[0].body_pos, model[1].body_pos)  # the fixtures moved with the snapshot
 
 
+def test_a_restore_into_a_freshly_reset_env_continues_identically(state_env):
+    """The arm's controller caches its pose and keeps its last orientation goal (an action without a rotation
+    holds it): a reset or restore must set both from the state, or the first steps after it aim from the reset
+    pose (a shipped start's first step too, and a step-0 snapshot's)."""
+    acts = _actions(6, 2, seed=1)
+    acts[:, 1] = acts[:, 0]
+    acts[1:, :, 3:6] = 0.0  # no rotation after the first step: the goal orientation is state
+    _, snaps = state_env.reset([100002, 100002])
+    states, snap4 = [], None
+    for t, a in enumerate(acts[:6], start=1):
+        res = state_env.step(a)
+        states.append(res.obs["state"][0].copy())
+        np.testing.assert_array_equal(res.obs["state"][1], states[-1])  # the same start: the same episode
+        snap4 = res.snapshots[0] if t == 4 else snap4
+    for snapshot, step in ((snap4, 4), (snaps[0], 0)):
+        state_env.reset([100002, 9])  # env 1 freshly reset elsewhere, not stepped
+        state_env.restore(1, snapshot, step)
+        for t in range(step, 6):
+            res = state_env.step(acts[t])
+            np.testing.assert_array_equal(res.obs["state"][1], states[t])
+
+
 def test_partial_reset_touches_only_masked_envs(state_env):
     state_env.reset([100001, 100002])
     stepped = state_env.step(_actions(1, 2)[0]).obs["state"]

@@ -1,1 +1,2 @@
-"""Successful demonstrations from ManiSkill's motion planners, retargeted to the policy's control mode."""
+"""Successful demonstrations from ManiSkill's motion planners, retargeted to the policy's control mode, and from a
+scripted pick-and-place controller for LIBERO's tasks."""

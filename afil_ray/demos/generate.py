@@ -1,4 +1,5 @@
-"""``afil-ray demos``: fill the replay store with successful planner demonstrations, in parallel and resumably.
+"""``afil-ray demos``: fill the replay store with successful demonstrations (ManiSkill's motion planners, LIBERO's
+scripted controller: afil_ray/demos/planner.py), in parallel and resumably.
 
 Seeds are tried in order from ``demos.seed_start``. A seed already in the store (as a demo) or recorded as a
 failed attempt is never tried again, so re-running with a larger ``--num`` adds only what is missing, and a run
@@ -18,15 +19,15 @@ import pyarrow.dataset as ds
 from tqdm import tqdm
 
 from afil_ray.config import Config
-from afil_ray.demos.planner import DemoMaker, DemoResult
+from afil_ray.demos.planner import DemoMaker, DemoResult, demo_source
 from afil_ray.envs.checks import check_runnable
+from afil_ray.envs.tasks import get_task
 from afil_ray.process_pool import spawn_map
 from afil_ray.replay.ledger import AttemptLedger
 from afil_ray.replay.store import ReplayStore
 from afil_ray.run_id import new_run_id
 
 log = logging.getLogger(__name__)
-SOURCE = "motion_planner"
 _FAILURES_KIND = "demo_failures"  # seeds without a demo, under <store>/_meta/
 
 
@@ -57,9 +58,11 @@ class DemoReport:
 
 
 def existing_demo_seeds(store: ReplayStore, task: str) -> set[int]:
+    """Seeds of ``task``'s demos in the store made by its demonstrator (other sources' seeds mean other things)."""
     if not store.list_shards(task=task, outcome="demo"):
         return set()
-    flt = (ds.field("task") == task) & (ds.field("outcome") == "demo") & (ds.field("source") == SOURCE)
+    source = demo_source(get_task(task))
+    flt = (ds.field("task") == task) & (ds.field("outcome") == "demo") & (ds.field("source") == source)
     return set(store.dataset().to_table(columns=["seed"], filter=flt)["seed"].to_pylist())
 
 

@@ -1,6 +1,8 @@
-"""One demonstration: run a task's motion planner, then replay its joint targets in the policy's control mode.
+"""One demonstration: run a task's demonstrator, then replay its targets in the policy's control mode.
 
-The planners drive ``pd_joint_pos`` and ignore truncation. A policy usually acts in ``pd_joint_delta_pos``
+A task's demonstrator (:func:`make_demonstrator`) is ManiSkill's motion planner for ManiSkill tasks (here) and a
+scripted controller for LIBERO's (afil_ray/demos/libero_planner.py, whose actions replay as they are). The planners
+drive ``pd_joint_pos`` and ignore truncation. A policy usually acts in ``pd_joint_delta_pos``
 (bounded, normalised actions), so the planner's joint targets are replayed closed-loop in the policy's control
 mode: at each step the action is the normalised difference between the next target and the arm's current joint
 positions. The replay is what gets recorded, so every stored (observation, action) pair is one the policy's
@@ -19,14 +21,18 @@ import gymnasium as gym
 import numpy as np
 
 from afil_ray.config import DemoConfig, EnvConfig
+from afil_ray.demos.plan import Demonstrator, Plan
+from afil_ray.envs.base import VecEnv
 from afil_ray.envs.collector import EpisodeCollector
-from afil_ray.envs.maniskill import ManiSkillVecEnv, _import_maniskill, check_assets, restore_state
-from afil_ray.envs.tasks import episode_instruction, get_task
+from afil_ray.envs.factory import make_vec_env
+from afil_ray.envs.maniskill import _import_maniskill, check_assets, restore_state
+from afil_ray.envs.tasks import TaskSpec, episode_instruction, get_task
 from afil_ray.replay.episode import Episode
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_CONTROL_MODES = ("pd_joint_pos", "pd_joint_delta_pos", "pd_joint_target_delta_pos")
+SOURCE = "motion_planner"
 HOLD_STEPS = 10  # steps the last target is held after the plan ends, for tasks that succeed once settled
 
 
@@ -64,21 +70,14 @@ class _TargetRecorder(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
 
-@dataclass
-class Plan:
-    """A planner run: its ``pd_joint_pos`` targets, and the first step (1-based) that reached success (0: none)."""
-
-    targets: list[np.ndarray]
-    first_success: int
-    reason: str  # "ok" or why there is no usable plan
-
-
 class TaskPlanner:
     """A task's ManiSkill motion planner in a ``pd_joint_pos`` twin of the policy's scene (no observations).
 
     ``plan(seed)`` plans from the seed's initial state, ``plan(seed, start_state=snapshot)`` from a stored state
-    (the planner's own reset is redirected there).
+    (the planner's own reset is redirected there). Its :class:`Plan` targets are ``pd_joint_pos`` targets.
     """
+
+    source = SOURCE
 
     def __init__(self, task: str, planner_max_steps: int) -> None:
         self.spec = get_task(task)
@@ -108,8 +107,37 @@ class TaskPlanner:
             return Plan(targets, 0, "planner_no_success")
         return Plan(targets, success.index(True) + 1, "ok")
 
+    def action(self, env: VecEnv, target: np.ndarray) -> np.ndarray:
+        """``target`` retargeted to ``env``'s control mode from its env 0's joints."""
+        return retarget(env.control_mode, env.local_env(0).base, target)
+
     def close(self) -> None:
         self.env.close()
+
+
+def make_demonstrator(env_cfg: EnvConfig, demo_cfg: DemoConfig, what: str = "demonstrations") -> Demonstrator:
+    """The demonstrator of ``env_cfg``'s task for its simulator: ManiSkill's motion planner (``what`` names the
+    product in the error for a control mode its targets cannot be retargeted to) or LIBERO's scripted controller,
+    which plans at most the task's episode limit."""
+    spec = get_task(env_cfg.task)
+    if spec.simulator == "libero":
+        from afil_ray.demos.libero_planner import ScriptPlanner
+
+        limit = env_cfg.max_episode_steps or spec.max_episode_steps
+        return ScriptPlanner(env_cfg, min(demo_cfg.planner_max_steps, limit))
+    if env_cfg.control_mode not in SUPPORTED_CONTROL_MODES:
+        raise ValueError(f"{what} can be retargeted to {SUPPORTED_CONTROL_MODES}, not "
+                         f"env.control_mode={env_cfg.control_mode!r}")
+    return TaskPlanner(env_cfg.task, demo_cfg.planner_max_steps)
+
+
+def demo_source(spec: TaskSpec) -> str:
+    """What ``spec``'s demos are stored as (``Episode.source``): the kind of its demonstrator."""
+    if spec.simulator == "libero":
+        from afil_ray.demos.libero_planner import SOURCE as SCRIPTED
+
+        return SCRIPTED
+    return SOURCE
 
 
 @dataclass
@@ -142,18 +170,19 @@ def retarget(control_mode: str, base_env, target: np.ndarray) -> np.ndarray:
 
 
 class DemoMaker:
-    """Owns a planner and a replay env for one task; ``make(seed)`` returns one demonstration or a reason."""
+    """Owns a demonstrator and a replay env for one task; ``make(seed)`` returns one demonstration or a reason."""
 
     def __init__(self, env_cfg: EnvConfig, demo_cfg: DemoConfig) -> None:
-        if env_cfg.control_mode not in SUPPORTED_CONTROL_MODES:
-            raise ValueError(f"demonstrations can be retargeted to {SUPPORTED_CONTROL_MODES}, not "
-                             f"env.control_mode={env_cfg.control_mode!r}")
-        self.planner = TaskPlanner(env_cfg.task, demo_cfg.planner_max_steps)
+        self.planner = make_demonstrator(env_cfg, demo_cfg)
         self.spec = self.planner.spec
         self.demo_cfg = demo_cfg
         self.limit = env_cfg.max_episode_steps or self.spec.max_episode_steps
         self.max_length = demo_cfg.max_length or self.limit
-        self.replay_env = ManiSkillVecEnv(single_cpu_env(env_cfg, self.limit))
+        try:
+            self.replay_env = make_vec_env(single_cpu_env(env_cfg, self.limit))
+        except BaseException:
+            self.planner.close()
+            raise
         self.control_mode = env_cfg.control_mode
         self.instruct = episode_instruction(env_cfg.paraphrase)
 
@@ -170,13 +199,12 @@ class DemoMaker:
         return DemoResult(seed, episode, "ok", len(plan.targets))
 
     def _replay(self, seed: int, targets: list[np.ndarray]) -> Episode | None:
-        collector = EpisodeCollector(self.replay_env, itertools.repeat(seed), source="motion_planner",
+        collector = EpisodeCollector(self.replay_env, itertools.repeat(seed), source=self.planner.source,
                                      auto_reset=False, instruct=self.instruct)
         collector.reset()
-        base = self.replay_env.local_env(0).base
         plan = targets + [targets[-1]] * HOLD_STEPS
         for target in plan:
-            action = retarget(self.control_mode, base, target)
+            action = self.planner.action(self.replay_env, target)
             _, finished = collector.step(action[None])
             if finished:
                 ep = finished[0]

@@ -46,12 +46,13 @@ def check_task(key: str, task: str) -> TaskSpec:
 
 def check_runnable(key: str, task: str, *, planner: bool = False) -> TaskSpec:
     """:func:`check_task`, plus what simulating it needs: the simulator's assets on this machine (an
-    ``AssetsMissingError`` line) and, with ``planner``, a motion planner (demos, corrections)."""
+    ``AssetsMissingError`` line) and, with ``planner``, a demonstrator (demos, corrections): a motion planner, or
+    for LIBERO tasks whose goal is placing objects, the scripted controller."""
     spec = check_task(key, task)
     if planner and spec.planner is None:
         with_planner = sorted(t for t, s in TASKS.items() if s.planner is not None)
-        raise ConfigError(f"{key}: task {task} has no motion planner (demos and corrections need one); tasks "
-                          f"with one: {', '.join(with_planner)}")
+        raise ConfigError(f"{key}: task {task} has no motion planner or scripted demonstrator (demos and corrections "
+                          f"need one; LIBERO's script places objects); tasks with one: {', '.join(with_planner)}")
     if spec.simulator == "maniskill":
         from afil_ray.envs.maniskill import AssetsMissingError, check_assets
 
@@ -110,10 +111,10 @@ def observed(env: EnvConfig, task: str) -> Observed:
     remembered per setting, so the checks of one command build each task's env once."""
     key = (task, env.obs_mode, env.control_mode, env.camera_size, tuple(env.cameras))
     if key not in _OBSERVED:
-        from afil_ray.envs.maniskill import ManiSkillVecEnv
+        from afil_ray.envs.factory import make_vec_env
 
         one = dataclasses.replace(env.for_task(task), num_envs=1, cpu_vectorization="loop")
-        with ManiSkillVecEnv(one) as sim:
+        with make_vec_env(one) as sim:
             _OBSERVED[key] = Observed(sim.state_dim, sim.action_dim, tuple(sim.cameras),
                                       tuple(sim.action_low.tolist()), tuple(sim.action_high.tolist()))
     return _OBSERVED[key]

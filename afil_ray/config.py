@@ -207,16 +207,20 @@ class DemoConfig(_Section):
     workers: int = 2  # planner processes
     seed_start: int = 0
     planner_max_steps: int = 1000  # generous: the planners ignore truncation
-    max_length: int | None = None  # drop longer (pathological) plans; None: 2x the task's episode limit
+    max_length: int | None = None  # drop longer (pathological) plans; None: the task's episode limit
     flush_every: int = 32  # attempts between flushes of the demo driver (bounds what a kill can lose)
+    # a task whose last this-many seeds all failed stops with what it has (a task no seed can solve, such as
+    # LIBERO-Spatial task 7 from new placements, would otherwise be tried forever); 0: never stop
+    give_up_after: int = 200
 
     def check(self) -> None:
         _at_least("demos.num", self.num, 1)
         _at_least("demos.workers", self.workers, 1)
         _at_least("demos.seed_start", self.seed_start, 0)
         _at_least("demos.planner_max_steps", self.planner_max_steps, 1)
-        _at_least("demos.max_length", self.max_length, 1, none="2x the task's episode limit")
+        _at_least("demos.max_length", self.max_length, 1, none="the task's episode limit")
         _at_least("demos.flush_every", self.flush_every, 1)
+        _at_least("demos.give_up_after", self.give_up_after, 0)
 
 
 @dataclass

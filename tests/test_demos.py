@@ -87,3 +87,13 @@ def test_parallel_workers_fill_the_store(tmp_path):
     assert report.total == 4
     episodes = store.read_episodes(task="PullCube-v1", outcome="demo")
     assert len(episodes) == 4 and len({e.seed for e in episodes}) == 4 and all(e.success for e in episodes)
+
+
+def test_a_task_whose_seeds_all_fail_stops_after_give_up_after(tmp_path):
+    # max_length=1: every plan is too long to keep, as on a task no seed can solve
+    cfg = Config(env=EnvConfig(task="PullCube-v1"),
+                 demos=DemoConfig(num=2, workers=1, flush_every=1, max_length=1, give_up_after=3))
+    cfg.replay.root = str(tmp_path / "store")
+    report = generate_demos(cfg, ReplayStore.from_config(cfg.replay), progress=False)
+    assert report.added == 0 and sum(report.failures.values()) == 3 and report.gave_up == 3
+    assert "stopped short: the last 3 seeds tried all failed" in report.summary()

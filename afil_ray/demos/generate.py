@@ -40,6 +40,7 @@ class DemoReport:
     failures: Counter = field(default_factory=Counter)
     lengths: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    gave_up: int = 0  # consecutive failed seeds after which the run stopped short (0: it did not)
 
     @property
     def total(self) -> int:
@@ -54,6 +55,8 @@ class DemoReport:
             lines.append(f"  added demo length: min {ls[0]}, median {ls[len(ls) // 2]}, max {ls[-1]}")
         for reason, n in self.failures.most_common():
             lines.append(f"  dropped {n}: {reason}")
+        if self.gave_up:
+            lines.append(f"  stopped short: the last {self.gave_up} seeds tried all failed (demos.give_up_after)")
         return "\n".join(lines)
 
 
@@ -95,8 +98,10 @@ def generate_demos(cfg: Config, store: ReplayStore | None = None, progress: bool
     t0 = time.time()
     bar = tqdm(total=need, desc=f"demos {task}", unit="demo", disable=not progress, dynamic_ncols=True)
     writer = store.writer(run_id=cfg.run_id or new_run_id("demos"))
+    failed_in_a_row = 0
     try:
         for result in _results(cfg, seeds, need):
+            failed_in_a_row = 0 if result.episode is not None else failed_in_a_row + 1
             if result.episode is not None:
                 if report.added >= need:
                     continue  # an over-produced seed: not recorded, tried again if ever needed
@@ -113,6 +118,11 @@ def generate_demos(cfg: Config, store: ReplayStore | None = None, progress: bool
                 failures.save()
             bar.set_postfix(dropped=sum(report.failures.values()))
             if report.added >= need:
+                break
+            if cfg.demos.give_up_after and failed_in_a_row >= cfg.demos.give_up_after:
+                report.gave_up = failed_in_a_row
+                log.warning("%s: the last %d seeds tried all failed; stopping with %d of %d demos "
+                            "(demos.give_up_after)", task, failed_in_a_row, report.total, want)
                 break
     finally:
         writer.close()

@@ -9,11 +9,13 @@ Step infos carry ``success`` and ``fail`` [N] bool, ``elapsed_steps`` [N] int an
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+import gymnasium as gym
 import numpy as np
 
 from afil_ray.envs.tasks import TaskSpec
+from afil_ray.replay.episode import IMAGE_PREFIX
 
 Obs = dict[str, np.ndarray]
 
@@ -36,6 +38,15 @@ class StepResult:
     @property
     def done(self) -> np.ndarray:
         return self.terminated | self.truncated
+
+
+def describe_spaces(target: Any, obs_space: gym.spaces.Dict, act_space: gym.spaces.Box) -> None:
+    """Set the VecEnv attributes that a single env's spaces determine (state size, cameras, action size and
+    bounds) on ``target``, so every back-end reads them from its spaces the same way."""
+    target.state_dim = int(obs_space["state"].shape[0])
+    target.cameras = tuple(k[len(IMAGE_PREFIX):] for k in obs_space if k.startswith(IMAGE_PREFIX))
+    target.action_dim = int(act_space.shape[0])
+    target.action_low, target.action_high = act_space.low.copy(), act_space.high.copy()
 
 
 class VecEnv(Protocol):

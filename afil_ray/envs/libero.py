@@ -64,7 +64,7 @@ from gymnasium.vector import AsyncVectorEnv, AutoresetMode
 
 from afil_ray.config import OBS_MODES, ConfigError, EnvConfig
 from afil_ray.envs import snapshot as snap
-from afil_ray.envs.base import Obs, SimulatorError, StepResult
+from afil_ray.envs.base import Obs, SimulatorError, StepResult, describe_spaces
 from afil_ray.envs.loop_batch import LoopBatch
 from afil_ray.envs.tasks import TASKS, TaskSpec, get_task, register_task
 from afil_ray.replay.episode import IMAGE_PREFIX
@@ -396,11 +396,7 @@ class LiberoVecEnv:
         self.vectorization = resolve_vectorization(cfg, self.num_envs)
         self._batch: _LoopBatch | _AsyncBatch = (_AsyncBatch(cfg, self.num_envs) if self.vectorization == "async"
                                                  else _LoopBatch(cfg, self.num_envs))
-        obs_space, act_space = self._batch.observation_space, self._batch.action_space
-        self.state_dim = int(obs_space["state"].shape[0])
-        self.cameras = tuple(k[len(IMAGE_PREFIX):] for k in obs_space if k.startswith(IMAGE_PREFIX))
-        self.action_dim = int(act_space.shape[0])
-        self.action_low, self.action_high = act_space.low.copy(), act_space.high.copy()
+        describe_spaces(self, self._batch.observation_space, self._batch.action_space)
         self._pending: np.ndarray | None = None
 
     def reset(self, seeds: list[int], mask: np.ndarray | None = None) -> tuple[Obs, list[bytes | None]]:

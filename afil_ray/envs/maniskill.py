@@ -22,7 +22,7 @@ import numpy as np
 
 from afil_ray.config import OBS_MODES, ConfigError, EnvConfig
 from afil_ray.envs import snapshot as snap
-from afil_ray.envs.base import Obs, SimulatorError, StepResult
+from afil_ray.envs.base import Obs, SimulatorError, StepResult, describe_spaces
 from afil_ray.envs.loop_batch import LoopBatch
 from afil_ray.envs.tasks import TaskSpec, get_task
 from afil_ray.replay.episode import IMAGE_PREFIX
@@ -339,7 +339,7 @@ class _LoopBatch(LoopBatch):
 
     def __init__(self, cfg: EnvConfig, num_envs: int) -> None:
         super().__init__(functools.partial(ManiSkillCpuEnv, cfg), num_envs)
-        _describe(self, self.envs[0].observation_space, self.envs[0].action_space)
+        describe_spaces(self, self.envs[0].observation_space, self.envs[0].action_space)
 
 
 class _AsyncBatch:
@@ -355,7 +355,7 @@ class _AsyncBatch:
         self.venv = AsyncVectorEnv(fns, context="forkserver", autoreset_mode=AutoresetMode.DISABLED,
                                    shared_memory=True, copy=True)
         self.n = num_envs
-        _describe(self, self.venv.single_observation_space, self.venv.single_action_space)
+        describe_spaces(self, self.venv.single_observation_space, self.venv.single_action_space)
 
     def _snapshots(self, infos: dict) -> list[bytes | None]:
         if "snapshot" not in infos:
@@ -391,13 +391,6 @@ class _AsyncBatch:
 
     def close(self) -> None:
         self.venv.close()
-
-
-def _describe(batch: Any, obs_space: gym.spaces.Dict, act_space: gym.spaces.Box) -> None:
-    batch.state_dim = int(obs_space["state"].shape[0])
-    batch.cameras = tuple(k[len(IMAGE_PREFIX):] for k in obs_space if k.startswith(IMAGE_PREFIX))
-    batch.action_dim = int(act_space.shape[0])
-    batch.action_low, batch.action_high = act_space.low.copy(), act_space.high.copy()
 
 
 class _GpuBatch:

@@ -171,3 +171,24 @@ def test_a_camera_the_task_does_not_have_is_one_line(capsys, tmp_path, command):
 def test_cameras_without_rgb_observations_are_one_line(capsys, tmp_path):
     code, line = _run(capsys, tmp_path, "demos", "env.cameras=[base_camera]")
     assert code == 2 and "env.cameras=['base_camera'] needs env.obs_mode=rgb" in line
+
+
+def test_gpu_physics_without_sapiens_gpu_library_names_the_file(tmp_path, monkeypatch):
+    """SAPIEN fetches libPhysXGpu_64.so from GitHub on first GPU use; an offline node gets the file and its source."""
+    import afil_ray.envs.maniskill as maniskill
+    from afil_ray.config import EnvConfig
+    from afil_ray.envs.base import SimulatorError
+    from afil_ray.envs.tasks import get_task
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Failed to resolve 'github.com'")
+
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: tmp_path))
+    monkeypatch.setattr(maniskill.gym, "make", offline)
+    with pytest.raises(SimulatorError) as e:
+        maniskill._make_maniskill(get_task("PullCube-v1"), EnvConfig(task="PullCube-v1"), 4, "physx_cuda")
+    message = str(e.value)
+    assert "\n" not in message and "libPhysXGpu_64.so" in message and str(tmp_path / ".sapien" / "physx") in message
+    assert "releases/download/" in message and "env.backend=cpu" in message
+    with pytest.raises(SimulatorError, match=r"^cannot create ManiSkill task PullCube-v1 \(physx_cpu"):
+        maniskill._make_maniskill(get_task("PullCube-v1"), EnvConfig(task="PullCube-v1"), 1, "physx_cpu")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from pathlib import Path
 from typing import Any, ClassVar
 
 import gymnasium as gym
@@ -121,8 +122,25 @@ def _make_maniskill(spec: TaskSpec, cfg: EnvConfig, num_envs: int, sim_backend: 
             control_mode=cfg.control_mode, max_episode_steps=_NO_LIMIT, **kwargs,
         )
     except Exception as e:
+        missing = _missing_gpu_physx() if sim_backend == "physx_cuda" else None
+        if missing is not None:
+            raise SimulatorError(missing) from e
         raise SimulatorError(f"cannot create ManiSkill task {spec.env_id} ({sim_backend}, obs_mode={cfg.obs_mode}, "
                              f"control_mode={cfg.control_mode}): {e}") from e
+
+
+def _missing_gpu_physx() -> str | None:
+    """The error when SAPIEN's GPU PhysX library is absent (None when it is there). SAPIEN downloads it from GitHub on
+    first use, which an offline cluster node cannot (seen on the GPU check's machine): say which file and from where."""
+    import sapien.physx
+
+    version = sapien.physx.version()
+    library = Path.home() / ".sapien" / "physx" / version / "libPhysXGpu_64.so"
+    if library.exists():
+        return None
+    url = f"https://github.com/sapien-sim/physx-precompiled/releases/download/{version}/linux-so.zip"
+    return (f"GPU physics (physx_cuda) needs SAPIEN's {library}, which is missing and could not be downloaded: "
+            f"unzip {url} there (fetched on a machine with internet), or use env.backend=cpu")
 
 
 def refresh_contacts(base: Any) -> None:

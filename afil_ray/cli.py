@@ -18,12 +18,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 from afil_ray.config import Config, ConfigError, check_writable, load_config, save_resolved
+from afil_ray.envs.checks import expand_suites_at, with_suites_expanded
 from afil_ray.run_id import new_run_id
 
 
 def _config(args: argparse.Namespace, extra: list[str]) -> Config:
-    """The command's config; one run id per invocation (every task of ``demos --task a,b`` shares it)."""
-    cfg = load_config(args.config, list(args.overrides) + extra)
+    """The command's config, a whole benchmark suite in ``env.task`` expanded to its tasks (every command sees the
+    task list); one run id per invocation (every task of ``demos --task a,b`` shares it)."""
+    cfg = with_suites_expanded(load_config(args.config, list(args.overrides) + extra))
     if cfg.run_id is None:
         if getattr(args, "run_id", None) is None:
             args.run_id = new_run_id(args.command)
@@ -49,7 +51,7 @@ def cmd_demos(args: argparse.Namespace) -> int:
     extra = [f"demos.num={args.num}"] if args.num is not None else []
     extra += [f"demos.workers={args.workers}"] if args.workers is not None else []
     base = _config(args, extra)
-    tasks = args.task.split(",") if args.task else base.env.tasks
+    tasks = expand_suites_at("--task", args.task.split(",")) if args.task else base.env.tasks
     # every task and the store's root before any worker starts or anything is written to the store
     check_tasks([("--task" if args.task else "env.task", t) for t in tasks], planner=True)
     check_cameras(dataclasses.replace(base.env, task=tasks))
@@ -76,7 +78,7 @@ def cmd_correct(args: argparse.Namespace) -> int:
     extra = [f"correct.max_failures={args.max}"] if args.max is not None else []
     extra += [f"correct.workers={args.workers}"] if args.workers is not None else []
     base = _config(args, extra)
-    tasks = args.task.split(",") if args.task else base.env.tasks
+    tasks = expand_suites_at("--task", args.task.split(",")) if args.task else base.env.tasks
     check_tasks([("--task" if args.task else "env.task", t) for t in tasks], planner=True)
     check_writable("replay.root", base.replay.root)
     store = ReplayStore.from_config(base.replay)
@@ -191,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demos", help="generate demonstrations (motion planner; LIBERO: scripted) into the replay store")
     with_config(d)
-    d.add_argument("--task", help="task id, or several separated by commas (default: env.task)")
+    d.add_argument("--task", help="task id or suite, or several separated by commas (default: env.task)")
     d.add_argument("--num", type=int, help="demos wanted per task in the store (demos.num)")
     d.add_argument("--workers", type=int, help="planner processes (demos.workers)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -199,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("correct", help="finish failed rollouts with the task's demonstrator; store them as corrected")
     with_config(c)
-    c.add_argument("--task", help="task id, or several separated by commas (default: env.task)")
+    c.add_argument("--task", help="task id or suite, or several separated by commas (default: env.task)")
     c.add_argument("--max", type=int, help="failures to try per task (correct.max_failures)")
     c.add_argument("--workers", type=int, help="planner processes (correct.workers)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")

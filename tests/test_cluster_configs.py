@@ -23,6 +23,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from afil_ray.config import ConfigError, load_config
+from afil_ray.envs.checks import with_suites_expanded
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -209,16 +210,16 @@ def rayjob_problems(docs: list[Config]) -> list[str]:
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     if any(_gpus(c) for c in head["containers"]):
         problems.append("head requests nvidia.com/gpu; it must be CPU-only")
-    gpu_groups = [g for g in spec["rayClusterSpec"].get("workerGroupSpecs", [])
-                  if any(_gpus(c) >= 1 for c in g["template"]["spec"]["containers"])]
+    groups = spec["rayClusterSpec"].get("workerGroupSpecs", [])
+    gpu_groups = [g for g in groups if any(_gpus(c) >= 1 for c in g["template"]["spec"]["containers"])]
     if not gpu_groups:
         problems.append("no worker group requests nvidia.com/gpu")
     head_mounts = _pvc_mounts(head)
     shared = set(head_mounts.items())
-    for g in gpu_groups:
+    for g in groups:  # GPU workers and LIBERO's CPU workers alike write the replay store
         shared &= set(_pvc_mounts(g["template"]["spec"]).items())
     if not shared:
-        problems.append("head and GPU workers share no PVC mount (same claim at the same path)")
+        problems.append("head and worker groups share no PVC mount (same claim at the same path)")
     pvcs = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "PersistentVolumeClaim"}
     for _, claim in shared:
         if claim in pvcs and "ReadWriteMany" not in pvcs[claim]["spec"].get("accessModes", []):
@@ -291,6 +292,11 @@ def _other_claim_on_workers(docs: list[Config]) -> None:
     _worker_pod(docs)["volumes"][0]["persistentVolumeClaim"]["claimName"] = "other"
 
 
+def _other_claim_on_cpu_workers(docs: list[Config]) -> None:
+    group = next(g for g in _job(docs)["spec"]["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "cpu")
+    group["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] = "other"
+
+
 def _rwo_claim(docs: list[Config]) -> None:
     next(d for d in docs if d.get("kind") == "PersistentVolumeClaim")["spec"]["accessModes"] = ["ReadWriteOnce"]
 
@@ -306,6 +312,7 @@ def _alpha_api(docs: list[Config]) -> None:
     (_drop_worker_gpu, "no worker group requests nvidia.com/gpu"),
     (_gpu_on_head, "head requests nvidia.com/gpu"),
     (_other_claim_on_workers, "share no PVC mount"),
+    (_other_claim_on_cpu_workers, "share no PVC mount"),
     (_rwo_claim, "must be ReadWriteMany"),
     (_alpha_api, "expected ray.io/v1"),
     (_set_entrypoint("afil-ray run --config configs/no_such.yaml run_dir=/mnt/afil/x replay.root=/mnt/afil/r "
@@ -317,6 +324,103 @@ def test_rayjob_checks_catch_broken_manifests(mutate: Callable[[list[Config]], N
     docs = _load_all(RAYJOB)
     mutate(docs)
     assert any(expect in p for p in rayjob_problems(docs)), rayjob_problems(docs)
+
+
+# ---- LIBERO on the cluster -------------------------------------------------------------------------------------
+
+LIBERO_CONFIG = REPO / "configs" / "libero_cluster.yaml"
+
+
+def _libero_cfg(overrides: list[str] | None = None):
+    """The LIBERO cluster config as the CLI loads it (its suite expanded)."""
+    return with_suites_expanded(load_config(LIBERO_CONFIG, overrides or []))
+
+
+def libero_setup_problems(text: str) -> list[str]:
+    """What a node's setup (a launcher config's commands, or the image's Dockerfile) must give LIBERO: the project
+    with its libero extra, MuJoCo rendering headless (MUJOCO_GL=egl) and Mesa's EGL for the nodes without a GPU."""
+    problems = []
+    if not re.search(r"pip install[^\n]*-e\s+\S*\[libero\]", text):
+        problems.append("the project is not installed with its libero extra")
+    if "MUJOCO_GL=egl" not in text:
+        problems.append("MUJOCO_GL=egl is not set")
+    problems += [f"{lib} is not installed" for lib in ("libegl1", "libegl-mesa0", "libgl1-mesa-dri") if lib not in text]
+    return problems
+
+
+def libero_launcher_problems(raw: Config) -> list[str]:
+    """A launcher config runs configs/libero_cluster.yaml: LIBERO on every node, CPU-only workers its eval actors
+    fit on, and no GPU-only setup step that fails on them (a CPU worker shares the workers' setup commands)."""
+    cfg = _prepared(raw)
+    keys = ("head_setup_commands", "worker_setup_commands")
+    problems = libero_setup_problems("\n".join(c for k in keys for c in cfg[k]))
+    workers = [t for name, t in cfg["available_node_types"].items() if name != cfg["head_node_type"]]
+    cpus = _libero_cfg().eval.worker_cpus
+    if not any(t["resources"].get("GPU", 0) == 0 and t["resources"].get("CPU", 0) >= cpus for t in workers):
+        problems.append(f"no CPU-only worker type with eval.worker_cpus={cpus:g} CPUs for LIBERO's eval actors")
+    for cmd in cfg["worker_setup_commands"]:
+        if "nvidia-smi" in cmd and "0x10de" not in cmd:  # NVIDIA's PCI vendor id: the step runs on GPU nodes only
+            problems.append("worker setup runs nvidia-smi on CPU workers too, where it fails (guard it by 0x10de)")
+    return problems
+
+
+@pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
+def test_launcher_config_runs_libero(name: str) -> None:
+    assert libero_launcher_problems(_load(name)) == []
+
+
+def test_the_image_runs_libero_and_the_rayjob_has_cpu_workers_for_it() -> None:
+    assert libero_setup_problems((CLUSTER / "Dockerfile").read_text()) == []
+    cpus = _libero_cfg().eval.worker_cpus
+    groups = _job(_load_all(RAYJOB))["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    containers = [g["template"]["spec"]["containers"] for g in groups]
+    cpu_only = [c for group in containers if not any(_gpus(c) for c in group) for c in group]
+    assert any(float(c["resources"]["limits"]["cpu"]) >= cpus for c in cpu_only), "no CPU group fits an eval actor"
+
+
+def _unguarded_nvidia_smi(cfg: Config) -> None:
+    cfg["worker_setup_commands"] = [*cfg["worker_setup_commands"], "nvidia-smi -L"]
+
+
+def _no_libero_extra(cfg: Config) -> None:
+    cfg["setup_commands"] = [c.replace("'[libero]'", "") for c in cfg["setup_commands"]]
+
+
+def _no_cpu_worker(cfg: Config) -> None:
+    del cfg["available_node_types"]["cpu_worker"]
+
+
+@pytest.mark.parametrize(("name", "mutate", "expect"), [
+    ("aws.yaml", _unguarded_nvidia_smi, "nvidia-smi on CPU workers"),
+    ("gcp.yaml", _no_libero_extra, "libero extra"),
+    ("aws.yaml", _no_cpu_worker, "no CPU-only worker type"),
+])
+def test_libero_launcher_checks_catch_broken_configs(name: str, mutate: Mutation, expect: str) -> None:
+    cfg = _load(name)
+    mutate(cfg)
+    assert any(expect in p for p in libero_launcher_problems(cfg)), libero_launcher_problems(cfg)
+
+
+def test_libero_setup_checks_catch_a_broken_image() -> None:
+    text = (CLUSTER / "Dockerfile").read_text()
+    broken = text.replace("MUJOCO_GL=egl", "").replace(" libegl-mesa0", "")
+    assert libero_setup_problems(broken) == ["MUJOCO_GL=egl is not set", "libegl-mesa0 is not installed"]
+
+
+def test_libero_cluster_config_is_the_standard_protocol_with_the_cpu_configs_policy() -> None:
+    """Every task of a suite (the shorthand) x 50 shipped starts x 3 runs on Ray eval actors; rollouts and eval on
+    CPUs, the learner on a GPU; and the policy, cameras and actions of configs/libero_object_cpu.yaml, so that its
+    checkpoints evaluate here."""
+    cfg = _libero_cfg()
+    assert cfg.env.tasks == [f"libero_object/{i}" for i in range(10)]
+    for suite in ("libero_spatial", "libero_goal", "libero_10"):
+        assert _libero_cfg([f"env.task={suite}"]).env.tasks == [f"{suite}/{i}" for i in range(10)]
+    assert (cfg.eval.episodes, cfg.eval.runs, cfg.eval.seed_start, cfg.eval.backend) == (50, 3, 100000, "ray")
+    assert cfg.eval.worker_gpus == cfg.loop.rollout_gpus == cfg.loop.eval_gpus == 0 and cfg.loop.learner_gpus >= 1
+    cpu = load_config(REPO / "configs" / "libero_object_cpu.yaml")
+    assert cfg.policy == cpu.policy and cfg.sampler == cpu.sampler
+    for key in ("obs_mode", "camera_size", "cameras", "control_mode"):
+        assert getattr(cfg.env, key) == getattr(cpu.env, key), key
 
 
 # ---- across files --------------------------------------------------------------------------------------------

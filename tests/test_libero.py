@@ -145,8 +145,14 @@ def test_tasks_read_their_suites_instruction_and_limit(state_env):
     assert state_env.max_episode_steps == 12  # env.max_episode_steps overrides the suite's limit
 
 
+def test_suite_sizes_are_the_packages():
+    """What a suite's name expands to is known without LIBERO (``SUITE_SIZES``); it must be the registry's count."""
+    assert {name: _suite(name).get_num_tasks() for name in adapter.SUITE_SIZES} == adapter.SUITE_SIZES
+
+
 @pytest.mark.parametrize(("task", "named"), [
     ("libero_nope/1", "libero_spatial, libero_object, libero_goal, libero_10, libero_90"),
+    ("libero_nope", "libero_spatial, libero_object, libero_goal, libero_10, libero_90"),
     ("libero_object/10", "libero_object/0 .. libero_object/9"),
     ("libero_object/x", "libero_object/0 .. libero_object/9"),
 ])

@@ -3,7 +3,8 @@
 A task is usable when afil-ray registers it (:mod:`afil_ray.envs.tasks`: instruction, episode limit, planner)
 and, to be simulated, when its simulator has it and has its assets. A name that fails becomes one line naming
 the key that held it (``env.task``, ``--task``, ``data.tasks``, ``reproduce.ood_tasks``) instead of a worker
-that dies or an actor that raises half a minute into a run.
+that dies or an actor that raises half a minute into a run. A benchmark suite's name (``libero_object``) stands for
+all of its tasks and is expanded as a command loads its config (:func:`with_suites_expanded`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from afil_ray.config import Config, ConfigError, EnvConfig
-from afil_ray.envs.tasks import TASKS, TaskSpec, find_task
+from afil_ray.envs.tasks import TASKS, TaskSpec, expand_suites, find_task
 
 
 def _maniskill_has(env_id: str) -> bool:
@@ -42,6 +43,27 @@ def check_task(key: str, task: str) -> TaskSpec:
         hint = (f" (ManiSkill has {task}, but afil-ray also needs its instruction and episode limit: add it with "
                 "afil_ray.envs.tasks.register_task)")
     raise ConfigError(f"{key}: unknown task {task!r}{hint}; registered tasks: {', '.join(sorted(TASKS))}")
+
+
+def expand_suites_at(key: str, tasks: list[str]) -> list[str]:
+    """:func:`afil_ray.envs.tasks.expand_suites` of the tasks ``key`` holds; an unknown suite is a
+    :class:`ConfigError` naming ``key`` and the valid suites."""
+    try:
+        return expand_suites(tasks)
+    except KeyError as e:
+        raise ConfigError(f"{key}: {e.args[0] if e.args else e}") from None
+
+
+def with_suites_expanded(cfg: Config) -> Config:
+    """``cfg`` with each whole benchmark suite in ``env.task`` and ``data.tasks`` (``libero_object``) replaced by its
+    tasks in order (``libero_object/0`` .. ``/9``): what every command runs, trains on and records in its resolved
+    config. The CLI applies it when it loads a config; a config without suite names comes back as it is."""
+    tasks = expand_suites_at("env.task", cfg.env.tasks)
+    data = expand_suites_at("data.tasks", list(cfg.data.tasks))
+    if tasks == cfg.env.tasks and data == list(cfg.data.tasks):
+        return cfg
+    env = cfg.env if tasks == cfg.env.tasks else dataclasses.replace(cfg.env, task=tasks)
+    return dataclasses.replace(cfg, env=env, data=dataclasses.replace(cfg.data, tasks=data))
 
 
 def check_runnable(key: str, task: str, *, planner: bool = False) -> TaskSpec:

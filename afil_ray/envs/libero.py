@@ -6,9 +6,11 @@ Written against the ``libero`` module's API (benchmark registry, ``get_libero_pa
 Tasks: ``libero_spatial``, ``libero_object``, ``libero_goal``, ``libero_10`` and ``libero_90``, task ``i`` in the
 suite's own order (task order 0), reading the suite's language instruction, with the per-suite episode limit of
 the standard LIBERO evaluation (OpenVLA's: 220, 280, 300, 520, 400 steps; its 10 no-op settle steps are not taken).
-They are registered on first use by name (:func:`afil_ray.envs.tasks.find_task`), so only code that names one
-imports LIBERO; a task whose BDDL goal only places objects (``On``/``In`` of movable objects: :func:`place_goals`)
-gets the scripted demonstrator (afil_ray/demos/libero_script.py) for demos and corrections.
+A suite's name alone (``libero_object``) stands for all of its tasks in order (:func:`suite_tasks`; every command
+expands it when it loads its config). Tasks are registered on first use by name
+(:func:`afil_ray.envs.tasks.find_task`), so only code that names one imports LIBERO; a task whose BDDL goal only
+places objects (``On``/``In`` of movable objects: :func:`place_goals`) gets the scripted demonstrator
+(afil_ray/demos/libero_script.py) for demos and corrections.
 
 Starts. Each task ships 50 initial states, the standard evaluation's starts; an episode's seed picks its start:
 
@@ -71,6 +73,9 @@ from afil_ray.replay.episode import IMAGE_PREFIX
 
 # episode limits of the standard evaluation, per suite
 SUITE_LIMITS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
+# tasks per suite, as LIBERO's benchmark registry has them (tests/test_libero.py asks the package): known without
+# importing LIBERO, so that a whole suite named in a config expands to its tasks before anything is simulated
+SUITE_SIZES = {"libero_spatial": 10, "libero_object": 10, "libero_goal": 10, "libero_10": 10, "libero_90": 90}
 CONTROL_MODE = "osc_pose"
 CAMERAS = {"agentview": "agentview", "eye_in_hand": "robot0_eye_in_hand"}  # ours -> robosuite's camera names
 SHIPPED_START_SEEDS = range(100_000, 1_000_000)  # seeds that start from the shipped initial states (docstring)
@@ -111,16 +116,29 @@ def _suite(name: str) -> Any:
         return benchmark.get_benchmark_dict()[name]()
 
 
+def _unknown_suite(suite: str, name: str) -> KeyError:
+    where = "" if name == suite else f" in task {name!r}"
+    return KeyError(f"unknown LIBERO suite {suite!r}{where}; LIBERO tasks are <suite>/<index> (or <suite> for all of "
+                    f"its tasks) with suite one of {', '.join(SUITE_LIMITS)}")
+
+
 def parse_task(name: str) -> tuple[str, int]:
     """``libero_object/3`` -> (``libero_object``, 3); a KeyError naming the valid suites or indices otherwise."""
     suite, _, index = name.partition("/")
     if suite not in SUITE_LIMITS:
-        raise KeyError(f"unknown LIBERO suite {suite!r} in task {name!r}; LIBERO tasks are <suite>/<index> with "
-                       f"suite one of {', '.join(SUITE_LIMITS)}")
-    n = _suite(suite).get_num_tasks()
+        raise _unknown_suite(suite, name)
+    n = SUITE_SIZES[suite]
     if not (index.isdigit() and str(int(index)) == index and int(index) < n):
         raise KeyError(f"unknown LIBERO task {name!r}: {suite} has tasks {suite}/0 .. {suite}/{n - 1}")
     return suite, int(index)
+
+
+def suite_tasks(suite: str) -> list[str]:
+    """Every task of ``suite`` in the suite's order, what the suite's name stands for in a task list
+    (:func:`afil_ray.envs.tasks.expand_suites`); a KeyError naming the valid suites otherwise."""
+    if suite not in SUITE_SIZES:
+        raise _unknown_suite(suite, suite)
+    return [f"{suite}/{i}" for i in range(SUITE_SIZES[suite])]
 
 
 def bddl_path(suite: str, index: int) -> str:

@@ -10,7 +10,8 @@ the evaluation arm that asks whether the policy understands the instruction or m
 ManiSkill's registered limit for these tasks is 50 steps, far below what motion-planner demos (60-230 steps) and
 trained policies (first success at a median of 60-175 steps in a probe) need, so every task carries its own limit.
 Adding a task, a project-side variant or another simulator's task is one ``register_task`` call; a benchmark's
-suites of numbered tasks (LIBERO's ``libero_object/3``) are registered on first use by name (``find_task``).
+suites of numbered tasks (LIBERO's ``libero_object/3``) are registered on first use by name (``find_task``), and a
+suite's name alone stands for all of its tasks (``expand_suites``).
 """
 
 from __future__ import annotations
@@ -75,19 +76,47 @@ def register_task(spec: TaskSpec, *, overwrite: bool = False) -> TaskSpec:
 
 # Benchmark suites whose tasks are named ``<suite>/<index>`` (``libero_object/3``) and registered on first use by
 # their simulator's module, so that only code naming such a task imports that simulator's package:
-# first word of the suite name -> module with ``register_suite_task(name)``
+# first word of the suite name -> module with ``register_suite_task(name)`` and ``suite_tasks(suite)``
 SUITE_TASK_MODULES = {"libero": "afil_ray.envs.libero"}
+
+
+def _suite_module(name: str) -> str | None:
+    """The module that knows the benchmark a suite or suite task name (``libero_object``, ``libero_object/3``)
+    belongs to, by the name's first word; None for other names."""
+    return SUITE_TASK_MODULES.get(name.split("/")[0].split("_")[0])
+
+
+def suite_of(task: str) -> str | None:
+    """The benchmark suite of a suite task (``libero_object/3`` -> ``libero_object``), None for other tasks: what
+    an evaluation report pools by."""
+    suite, slash, _ = task.partition("/")
+    return suite if slash and _suite_module(suite) else None
+
+
+def expand_suites(tasks: list[str]) -> list[str]:
+    """``tasks`` with each whole benchmark suite (``libero_object``) replaced by its tasks in the suite's order
+    (``libero_object/0`` .. ``/9``), so that one word in a config names a suite; an unknown suite of a known
+    benchmark is a KeyError naming the valid ones. Other names pass unchanged (they are checked where used)."""
+    out: list[str] = []
+    for task in tasks:
+        module = None if "/" in task or task in TASKS else _suite_module(task)
+        out += importlib.import_module(module).suite_tasks(task) if module else [task]
+    return out
 
 
 def find_task(env_id: str) -> TaskSpec | None:
     """The spec of ``env_id``, or None if it is unknown. A suite task (``libero_object/3``) is registered on first
-    use; an unknown suite or task index of a known benchmark is a KeyError naming the valid ones."""
+    use; an unknown suite or task index of a known benchmark is a KeyError naming the valid ones, and so is a whole
+    suite (``libero_object``: one task is asked for, and configs expand suites before they get here)."""
     spec = TASKS.get(env_id)
-    if spec is None and "/" in env_id:
-        module = SUITE_TASK_MODULES.get(env_id.split("/")[0].split("_")[0])
-        if module is not None:
-            spec = importlib.import_module(module).register_suite_task(env_id)
-    return spec
+    module = None if spec is not None else _suite_module(env_id)
+    if module is None:
+        return spec
+    if "/" in env_id:
+        return importlib.import_module(module).register_suite_task(env_id)
+    tasks = importlib.import_module(module).suite_tasks(env_id)  # a KeyError for an unknown suite
+    raise KeyError(f"{env_id!r} is a whole suite, not one task ({tasks[0]} .. {tasks[-1]}); a command expands it "
+                   "when it loads its config, code with afil_ray.envs.tasks.expand_suites")
 
 
 def get_task(env_id: str) -> TaskSpec:

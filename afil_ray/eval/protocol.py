@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from afil_ray.config import Config
 from afil_ray.envs.factory import make_vec_env
+from afil_ray.envs.tasks import suite_of
 from afil_ray.eval.arms import Arm, parse_arms, reference_arm, sampler_arm
 from afil_ray.eval.episodes import EvalResult, run_episodes, success_at_end
 from afil_ray.eval.report import ArmResult, EpisodeOutcome, build_report, markdown_table, write_report
@@ -103,16 +104,32 @@ _POOL_STRIDE = 10**9  # pooled episodes are keyed (task index * stride + seed, r
 
 
 def pooled(results: list[ArmResult]) -> list[ArmResult]:
-    """Every arm's episodes over all tasks as one more "task" (:data:`POOLED`), still paired episode by episode;
-    nothing when there is only one task."""
+    """Every arm's episodes over all tasks as one more "task", still paired episode by episode; nothing when there
+    is only one task. The pool is labelled :data:`POOLED`, or with the suite's name when every task comes from one
+    benchmark suite (``libero_object``: the suite's row of the standard LIBERO protocol). Tasks from several suites
+    also get one pool per suite (of those with two tasks or more; one task's pool would repeat its row), before the
+    pool of all tasks."""
     tasks = list(dict.fromkeys(r.task for r in results))
     if len(tasks) < 2:
         return []
+    suites: dict[str | None, list[str]] = {}
+    for task in tasks:
+        suites.setdefault(suite_of(task), []).append(task)
+    if len(suites) == 1:
+        return _pool(results, tasks, next(iter(suites)) or POOLED)
+    per_suite = [row for suite, members in suites.items() if suite is not None and len(members) > 1
+                 for row in _pool(results, members, suite)]
+    return per_suite + _pool(results, tasks, POOLED)
+
+
+def _pool(results: list[ArmResult], tasks: list[str], label: str) -> list[ArmResult]:
+    """Every arm's episodes on ``tasks`` as one "task" named ``label``."""
     arms: dict[str, list[EpisodeOutcome]] = {}
     for r in results:
-        offset = tasks.index(r.task) * _POOL_STRIDE
-        arms.setdefault(r.arm, []).extend(dataclasses.replace(e, seed=offset + e.seed) for e in r.episodes)
-    return [ArmResult(arm, POOLED, episodes) for arm, episodes in arms.items()]
+        if r.task in tasks:
+            offset = tasks.index(r.task) * _POOL_STRIDE
+            arms.setdefault(r.arm, []).extend(dataclasses.replace(e, seed=offset + e.seed) for e in r.episodes)
+    return [ArmResult(arm, label, episodes) for arm, episodes in arms.items()]
 
 
 def metric_note(cfg: Config) -> str:

@@ -30,10 +30,11 @@ class EvalActor:
 
 @ray.remote
 class EvalUnitActor:
-    """Ray shell of :class:`afil_ray.eval.workers.EvalWorker` (``afil-ray eval`` on a cluster)."""
+    """Ray shell of :class:`afil_ray.eval.workers.EvalWorker` (``afil-ray eval`` on a cluster): units of any task
+    of ``cfg.env.task``."""
 
     def __init__(self, cfg: Config, policy: torch.nn.Module, torch_threads: int) -> None:
         self.worker = EvalWorker(cfg, policy, torch_threads)
 
-    def run(self, arm: Arm, run: int, keep_snapshots: bool = False) -> list[Episode]:
-        return self.worker.run(arm, run, keep_snapshots)
+    def run(self, task: str, arm: Arm, run: int, keep_snapshots: bool = False) -> list[Episode]:
+        return self.worker.run(task, arm, run, keep_snapshots)

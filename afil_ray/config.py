@@ -392,7 +392,8 @@ class EvalConfig(_Section):
     # Guided arms run the two heads as two calls (sampler.fused_heads ignored), so that w = 0 (or lam = 0)
     # reproduces success_only bit for bit; false: honour fused_heads (faster, equal only to float32 rounding).
     exact_pairing: bool = True
-    # Evaluation units (arm, run) are spread over this many workers, each with its own env and policy copy:
+    # Evaluation units (task, arm, run), of all tasks at once, are spread over this many workers, each with its own
+    # policy copy and one env at a time (its current task's):
     # Ray eval actors when a Ray cluster is attached (RAY_ADDRESS set or Ray initialised), processes otherwise.
     # Results do not depend on the worker count or kind: a unit runs the same episodes wherever it runs.
     workers: int = 1

@@ -458,7 +458,9 @@ def run_loop(cfg: Config) -> dict[str, Any]:
 def eval_runner(cfg: Config, policy: torch.nn.Module, arms: list[Arm], units: list[Unit],
                 workers: int, keep_snapshots: bool) -> Iterator[tuple[Unit, list[Episode]]]:
     """A ``UnitRunner`` for evaluation (``afil_ray.eval.workers``): Ray eval actors when ``eval.backend`` is
-    ``ray``, or ``auto`` with a Ray cluster attached (``RAY_ADDRESS`` set or Ray initialised); processes else."""
+    ``ray``, or ``auto`` with a Ray cluster attached (``RAY_ADDRESS`` set or Ray initialised); processes else.
+    Each actor serves units of any task of ``cfg.env.task`` (one env at a time), so all tasks' units keep every
+    actor busy."""
     backend = cfg.eval.backend
     if backend == "auto":
         backend = "ray" if ray.is_initialized() or os.environ.get("RAY_ADDRESS") else "processes"
@@ -477,10 +479,11 @@ def eval_runner(cfg: Config, policy: torch.nn.Module, arms: list[Arm], units: li
     pending = list(units)
     in_flight: dict[ray.ObjectRef, tuple[Unit, Any]] = {}
 
-    def submit(actor: Any) -> None:
+    def submit(actor: Any) -> None:  # the next unit in (task-major) order: an actor rarely switches task
         if pending:
             unit = pending.pop(0)
-            in_flight[actor.run.remote(arms[unit[0]], unit[1], keep_snapshots)] = (unit, actor)
+            task, arm, run = unit
+            in_flight[actor.run.remote(task, arms[arm], run, keep_snapshots)] = (unit, actor)
 
     held: dict[Unit, list[Episode]] = {}  # finished before an earlier unit
     order = iter(units)

@@ -14,9 +14,11 @@ import torch
 from afil_ray.cli import main
 from afil_ray.config import Config, ConfigError, EnvConfig, SamplerConfig, load_config
 from afil_ray.envs.maniskill import ManiSkillVecEnv
+from afil_ray.envs.tasks import get_task
 from afil_ray.eval.arms import make_arm, parse_arm
 from afil_ray.eval.episodes import episode_noise_seed
 from afil_ray.eval.protocol import evaluate_arms, resolve_arms, write_evaluation
+from afil_ray.eval.workers import process_units, task_units
 from afil_ray.policy.checkpoint import load_policy
 from afil_ray.provenance import machine_facts
 from afil_ray.rollout import ChunkedRollout
@@ -152,7 +154,7 @@ def test_bad_arm_specs_are_clear_errors():
 
 
 def test_results_do_not_depend_on_the_worker_count(setup):
-    """Units (arm, run) spread over two spawned processes give the same episodes as one in-process worker."""
+    """Units (task, arm, run) spread over two spawned processes give the same episodes as one in-process worker."""
     cfg, policy, _ = setup
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, arms=["success_only", "static:w=0.5"]))
     alone = evaluate_arms(cfg, policy, progress=False)
@@ -171,6 +173,102 @@ def test_results_do_not_depend_on_the_worker_count(setup):
                       policy, progress=False)
 
 
+TWO_TASKS = ["PushCube-v1", "PullCube-v1"]  # the same 35-number state: the fixture's policy acts on both
+
+
+def two_tasks(cfg: Config, **eval_settings) -> Config:
+    return dataclasses.replace(cfg, env=dataclasses.replace(cfg.env, task=TWO_TASKS, paraphrase=True),
+                               eval=dataclasses.replace(cfg.eval, **eval_settings))
+
+
+def test_tasks_share_the_workers_and_give_the_same_episodes(setup, tmp_path):
+    """The units of both tasks go to two spawned workers at once (one arm and one run per task still keep both
+    busy), and the episodes and episodes.json are those of one in-process worker running task after task; an
+    other_instruction arm reads the other task's instruction in the workers too."""
+    cfg, policy, _ = setup
+    cfg = two_tasks(cfg, runs=1, episodes=2, arms=["success_only", "success_only@other_instruction"])
+    arms = resolve_arms(cfg)
+    alone = evaluate_arms(cfg, policy, progress=False, arms=arms)
+    calls = []
+
+    def recording(cfg, policy, arms, units, workers, keep_snapshots):
+        calls.append((list(units), workers))
+        yield from process_units(cfg, policy, arms, units, workers, keep_snapshots)
+
+    spread_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, workers=2, backend="processes"))
+    spread = evaluate_arms(spread_cfg, policy, progress=False, arms=arms, runner=recording)
+    assert calls == [([(t, a, 0) for t in TWO_TASKS for a in (0, 1)], 2)]  # one pool, task-major units
+    assert [(r.task, r.arm.name) for r in spread] == [(r.task, r.arm.name) for r in alone] == [
+        (t, a) for t in TWO_TASKS for a in ("success_only", "success_only@other_instruction")]
+    for a, b in zip(alone, spread, strict=True):
+        assert [(e.seed, e.extra["eval_run"]) for e in a.episodes] == [(e.seed, e.extra["eval_run"])
+                                                                       for e in b.episodes]
+        assert_same_episodes(a, b)
+        assert [e.instruction for e in a.episodes] == [e.instruction for e in b.episodes]
+    push_told = [e.instruction for e in spread[1].episodes]  # PushCube's episodes, told PullCube's phrasings
+    assert push_told == [get_task("PullCube-v1").phrasing(e.seed) for e in spread[1].episodes]
+    _, one = write_evaluation(cfg, alone, arms, "ckpt/step_0", tmp_path / "one")
+    _, two = write_evaluation(spread_cfg, spread, arms, "ckpt/step_0", tmp_path / "two")
+    assert one["episodes"].read_bytes() == two["episodes"].read_bytes()
+    assert len(json.loads(one["episodes"].read_text())["episodes"]) == 8
+
+
+def test_one_arm_and_one_run_on_two_tasks_is_two_units_for_two_workers():
+    """The usual case (one arm, eval.runs=1) on a task list: a unit per task, so two workers both get one (the
+    units of one task at a time would be one, and the second worker idle); more workers than units are not
+    started."""
+    cfg = Config()
+    cfg.env.task = TWO_TASKS
+    cfg.eval.runs = 1
+    calls = []
+
+    def recording(cfg, policy, arms, units, workers, keep_snapshots):
+        calls.append((list(units), workers))
+        for unit in units:
+            yield unit, []
+
+    for workers in (2, 5):
+        cfg.eval.workers = workers
+        results = evaluate_arms(cfg, torch.nn.Linear(1, 1), progress=False, runner=recording)
+        assert [r.task for r in results] == TWO_TASKS
+    assert calls == [([("PushCube-v1", 0, 0), ("PullCube-v1", 0, 0)], 2)] * 2
+    assert task_units(["a", "b"], 2, 2) == [("a", 0, 0), ("a", 0, 1), ("a", 1, 0), ("a", 1, 1),
+                                            ("b", 0, 0), ("b", 0, 1), ("b", 1, 0), ("b", 1, 1)]
+
+
+def test_a_worker_keeps_one_env_open_and_builds_it_for_its_units_task(monkeypatch):
+    import afil_ray.eval.workers as workers
+
+    open_envs: list[str] = []  # the tasks of the envs built and not closed yet
+
+    class CountedEnv:
+        def __init__(self, env_cfg):
+            self.task = env_cfg.task
+            open_envs.append(self.task)
+
+        def close(self):
+            open_envs.remove(self.task)
+
+    ran = []
+    monkeypatch.setattr(workers, "make_vec_env", CountedEnv)
+    monkeypatch.setattr(workers, "run_episodes", lambda env, cfg, policy, arm, run, keep_snapshots: ran.append(
+        (env.task, cfg.env.task, run, list(open_envs))) or [])
+    cfg = Config()
+    cfg.env.task = TWO_TASKS
+    worker = workers.EvalWorker(cfg, torch.nn.Linear(1, 1))
+    assert open_envs == []  # no env before a unit needs one
+    arm = resolve_arms(cfg)[0]
+    units = [("PushCube-v1", 0), ("PushCube-v1", 1), ("PullCube-v1", 0), ("PushCube-v1", 2)]
+    for task, run in units:
+        worker.run(task, arm, run)
+    # each unit on its own task's env, with a cfg naming that task alone; never two envs open at once
+    assert ran == [(task, task, run, [task]) for task, run in units]
+    worker.close()
+    assert open_envs == []
+    with pytest.raises(ConfigError, match="not one of"):
+        worker.run("StackCube-v1", arm, 0)
+
+
 @pytest.mark.timeout(1200)  # actor start-up is slow on a loaded 2-core machine
 def test_ray_eval_actors_give_the_same_episodes(setup):
     import ray
@@ -178,13 +276,15 @@ def test_ray_eval_actors_give_the_same_episodes(setup):
     from afil_ray.driver import eval_runner
 
     cfg, policy, _ = setup
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, arms=["success_only", "static:w=0.5"], runs=1))
+    # two tasks x two arms: four units on two actors, which switch task on the way
+    cfg = two_tasks(cfg, arms=["success_only", "static:w=0.5"], runs=1, episodes=2)
     alone = evaluate_arms(cfg, policy, progress=False)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         on_ray = evaluate_arms(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, workers=2)), policy,
                                progress=False, runner=eval_runner)  # backend auto: Ray is initialised: actors
-        assert [r.arm for r in on_ray] == [r.arm for r in alone]
+        assert [(r.task, r.arm) for r in on_ray] == [(r.task, r.arm) for r in alone]
+        assert [r.task for r in on_ray] == [t for t in TWO_TASKS for _ in range(2)]
         for a, b in zip(alone, on_ray, strict=True):
             assert_same_episodes(a, b)
     finally:

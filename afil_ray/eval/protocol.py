@@ -1,9 +1,10 @@
 """``afil-ray eval``: the paired evaluation protocol, every arm on the same episodes, and its files.
 
 Every arm (``eval.arms``) runs the same ``eval.episodes`` initial states x ``eval.runs`` noise draws
-(``afil_ray.eval.episodes`` says how an episode's noise is fixed); units of (arm, run) are spread over workers
-(``afil_ray.eval.workers``) and the results are written as a paired report (``afil_ray.eval.report``) plus one
-record per episode (``episodes.json``), from which later tables are rebuilt without re-running anything.
+(``afil_ray.eval.episodes`` says how an episode's noise is fixed); units of (task, arm, run), of all tasks at once,
+are spread over workers (``afil_ray.eval.workers``) and the results are written as a paired report
+(``afil_ray.eval.report``) plus one record per episode (``episodes.json``), from which later tables are rebuilt
+without re-running anything.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from afil_ray.envs.tasks import suite_of
 from afil_ray.eval.arms import Arm, parse_arms, reference_arm, sampler_arm
 from afil_ray.eval.episodes import EvalResult, run_episodes, success_at_end
 from afil_ray.eval.report import ArmResult, EpisodeOutcome, build_report, markdown_table, write_report
-from afil_ray.eval.workers import UnitRunner, run_units
+from afil_ray.eval.workers import Unit, UnitRunner, describe, run_units, task_units
 from afil_ray.provenance import machine_facts
+from afil_ray.replay.episode import Episode
 from afil_ray.rollout import ChunkPolicy
 
 EPISODES_FILE = "episodes.json"
@@ -45,31 +47,27 @@ def as_run(arms: list[Arm], cfg: Config) -> list[Arm]:
 def evaluate_arms(cfg: Config, policy: ChunkPolicy, progress: bool = True, arms: list[Arm] | None = None,
                   runner: UnitRunner | None = None) -> list[EvalResult]:
     """Every arm on the same ``eval.episodes`` seeds x ``eval.runs`` noise draws of every task in ``env.task``
-    (one task after the other, each on its own simulator); the units (arm, run) run on ``eval.workers`` workers
-    (``runner``: the composition root's Ray actors; processes when None), with the same episodes whatever the
-    worker count. Results are per (task, arm), tasks in ``env.task``'s order."""
+    (each task on its own simulator). A unit of work is one task, one arm, one run (``afil_ray.eval.workers``);
+    the units of all tasks at once run on ``eval.workers`` workers (``runner``: the composition root's Ray actors;
+    processes when None), so that workers and cluster actors stay busy across tasks (one arm and one run on five
+    tasks keeps two workers busy, where a task at a time would leave one idle), with the same episodes whatever
+    the worker count. Results are per (task, arm), tasks in ``env.task``'s order, each arm's episodes by run
+    then seed."""
     arms = resolve_arms(cfg) if arms is None else arms
     arms = [dataclasses.replace(a, foils=tuple(cfg.env.tasks)) if a.probe == "other_instruction" else a
             for a in arms]
-    results: list[EvalResult] = []
-    for task in cfg.env.tasks:
-        one = dataclasses.replace(cfg, env=cfg.env.for_task(task))
-        results += _evaluate_task(one, policy, progress, arms, runner)
-    return results
-
-
-def _evaluate_task(cfg: Config, policy: ChunkPolicy, progress: bool, arms: list[Arm],
-                   runner: UnitRunner | None) -> list[EvalResult]:
-    units = [(a, r) for a in range(len(arms)) for r in range(cfg.eval.runs)]
-    episodes = {}
-    with tqdm(total=len(units) * cfg.eval.episodes, desc=f"eval {cfg.env.task}", unit="ep", disable=not progress,
+    tasks, runs = cfg.env.tasks, cfg.eval.runs
+    units = task_units(tasks, len(arms), runs)
+    episodes: dict[Unit, list[Episode]] = {}
+    desc = f"eval {tasks[0]}" if len(tasks) == 1 else f"eval {len(tasks)} tasks"
+    with tqdm(total=len(units) * cfg.eval.episodes, desc=desc, unit="ep", disable=not progress,
               dynamic_ncols=True) as bar:
         for unit, eps in run_units(cfg, policy, arms, units, runner=runner):
             episodes[unit] = eps
             bar.update(len(eps))
-            bar.set_postfix(done=f"{arms[unit[0]].name} run {unit[1]}")
-    return [EvalResult(cfg.env.task, arm, [ep for r in range(cfg.eval.runs) for ep in episodes[(a, r)]],
-                       cfg.eval.metric) for a, arm in enumerate(arms)]
+            bar.set_postfix(done=describe(unit, arms, with_task=len(tasks) > 1))
+    return [EvalResult(task, arm, [ep for r in range(runs) for ep in episodes[(task, a, r)]], cfg.eval.metric)
+            for task in tasks for a, arm in enumerate(arms)]
 
 
 def evaluate(cfg: Config, policy: ChunkPolicy, progress: bool = True) -> EvalResult:

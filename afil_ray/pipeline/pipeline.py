@@ -57,7 +57,7 @@ from afil_ray.eval.protocol import (
     write_evaluation,
 )
 from afil_ray.eval.report import ArmResult, build_report, markdown_table, write_report
-from afil_ray.eval.workers import UnitRunner, run_units
+from afil_ray.eval.workers import UnitRunner, run_units, task_units
 from afil_ray.pipeline import plan as planning
 from afil_ray.pipeline.plan import CORRECTED_ARM, SUCCESS_ONLY, PlannedArm
 from afil_ray.pipeline.reports import main_report, mean_w_sentence, seed_spread, summary_table
@@ -206,8 +206,9 @@ class Pipeline:
         return self._train(cfg)
 
     def harvest(self, checkpoint: str) -> dict[str, Any]:
-        """Roll the success-only policy out; each (run) unit is written as soon as it finishes, so a killed
-        harvest resumes at the first unit not recorded in ``harvest/units.json``."""
+        """Roll the success-only policy out; each (task, run) unit is written as soon as it finishes, so a killed
+        harvest resumes at the first unit not recorded in ``harvest/units.json``. The units of all tasks share the
+        eval workers at once; they are written in (task, run) order whichever worker is faster."""
         rc = self.cfg.reproduce
         cfg = with_updates(self.cfg, eval={"seed_start": rc.harvest_seed_start, "episodes": rc.harvest_seeds,
                                            "runs": rc.harvest_runs},
@@ -215,29 +216,30 @@ class Pipeline:
         ledger = self.root / "harvest" / "units.json"
         done: dict[str, dict[str, int]] = json.loads(ledger.read_text()) if ledger.is_file() else {}
         policy = load_start_policy(checkpoint)
-        several = len(cfg.env.tasks) > 1
-        for task in cfg.env.tasks:
-            def key(run: int, task: str = task) -> str:  # a task list's ledger names the task too
-                return f"{task}/{run}" if several else str(run)
+        tasks = cfg.env.tasks
 
-            units = [(0, r) for r in range(rc.harvest_runs) if key(r) not in done]
-            bar = tqdm(total=len(units) * rc.harvest_seeds, desc=f"harvest {task}", unit="ep",
-                       disable=not self.progress, dynamic_ncols=True)  # advances a run (unit) at a time, as eval's
-            for (_, run), episodes in run_units(self.for_task(task, cfg), policy, [sampler_arm(cfg.sampler)], units,
-                                                keep_snapshots=True, runner=self.runner):
-                for ep in episodes:
-                    ep.source = HARVEST_SOURCE
-                    if ep.outcome != "failure":
-                        ep.snapshot_steps, ep.snapshots = [], []  # only failures are corrected
-                self.store.write_episodes(episodes, run_id=self.run_id)
-                done[key(run)] = {"episodes": len(episodes),
-                                  "failures": sum(e.outcome == "failure" for e in episodes)}
-                ledger.parent.mkdir(parents=True, exist_ok=True)
-                ledger.write_text(json.dumps(done, indent=1) + "\n")
-                bar.update(len(episodes))
-                bar.set_postfix(failures=sum(d["failures"] for d in done.values()))
-                print(f"  harvest {task} run {run}: {done[key(run)]['failures']} failures of {len(episodes)}")
-            bar.close()
+        def key(task: str, run: int) -> str:  # a task list's ledger names the task too
+            return f"{task}/{run}" if len(tasks) > 1 else str(run)
+
+        units = [u for u in task_units(tasks, 1, rc.harvest_runs) if key(u[0], u[2]) not in done]
+        desc = f"harvest {tasks[0]}" if len(tasks) == 1 else f"harvest {len(tasks)} tasks"
+        bar = tqdm(total=len(units) * rc.harvest_seeds, desc=desc, unit="ep", disable=not self.progress,
+                   dynamic_ncols=True)  # advances a run (unit) at a time, as eval's
+        for (task, _, run), episodes in run_units(cfg, policy, [sampler_arm(cfg.sampler)], units,
+                                                  keep_snapshots=True, runner=self.runner):
+            for ep in episodes:
+                ep.source = HARVEST_SOURCE
+                if ep.outcome != "failure":
+                    ep.snapshot_steps, ep.snapshots = [], []  # only failures are corrected
+            self.store.write_episodes(episodes, run_id=self.run_id)
+            done[key(task, run)] = {"episodes": len(episodes),
+                                    "failures": sum(e.outcome == "failure" for e in episodes)}
+            ledger.parent.mkdir(parents=True, exist_ok=True)
+            ledger.write_text(json.dumps(done, indent=1) + "\n")
+            bar.update(len(episodes))
+            bar.set_postfix(failures=sum(d["failures"] for d in done.values()))
+            print(f"  harvest {task} run {run}: {done[key(task, run)]['failures']} failures of {len(episodes)}")
+        bar.close()
         total = sum(d["episodes"] for d in done.values())
         failures = sum(d["failures"] for d in done.values())
         return {"episodes": total, "failures": failures, "success_rate": 1 - failures / total if total else None,

@@ -4,6 +4,11 @@ An episode is one row: episode metadata as scalar columns, per-step data as list
 (the observation *before* each action), and the observation after the last action in ``final_state``.
 Per-step vectors are ``list<list<float32>>`` rather than fixed-size lists so that tasks with different
 state or action sizes share one schema and a whole store reads as one ``pyarrow.dataset``.
+
+A ``branch`` episode is a continuation rolled out from a restored state of a stored rollout (afil_ray/branches/):
+it holds only its own steps, from the restored step on, and ``branch_step`` (the parent's step it starts from),
+``branch_index`` and ``branch_group`` (parent id and step: the branches of one state) say where it came from.
+Shards written before these columns existed read them as null.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pyarrow as pa
 
-OUTCOMES = ("demo", "success", "failure", "corrected")
+OUTCOMES = ("demo", "success", "failure", "corrected", "branch")
 
 _VEC_F32 = pa.list_(pa.list_(pa.float32()))
 _VEC_U8 = pa.list_(pa.list_(pa.uint8()))
@@ -39,7 +44,12 @@ BASE_SCHEMA = pa.schema(
         pa.field("created", pa.timestamp("us", tz="UTC")),
         pa.field("length", pa.int32()),
         pa.field("success", pa.bool_()),  # success at any step (ManiSkill's success_once)
-        pa.field("parent_episode_id", pa.string()),  # the failure a corrected episode came from
+        pa.field("parent_episode_id", pa.string()),  # the failure a corrected episode (or a branch) came from
+        # branches only (null otherwise and in older shards): the group of branches from one restored state
+        # (parent id @ step), the parent's step the branch starts from, and its index within the group
+        pa.field("branch_group", pa.string()),
+        pa.field("branch_step", pa.int32()),
+        pa.field("branch_index", pa.int32()),
         pa.field("extra", pa.string()),  # JSON object for anything a producer wants to keep
         # per-step columns, length T
         pa.field("state", _VEC_F32),
@@ -67,6 +77,11 @@ IMAGE_PREFIX = "rgb_"  # replay column (and env observation key) of a camera's i
 
 def new_episode_id() -> str:
     return uuid.uuid4().hex
+
+
+def branch_group(parent_episode_id: str, step: int) -> str:
+    """The group id of the branches from one restored state: every branch from it, whatever its index, shares it."""
+    return f"{parent_episode_id}@{int(step)}"
 
 
 @dataclass
@@ -99,6 +114,8 @@ class Episode:
     chunk_w: np.ndarray | None = None  # [C, K] guidance weight per integration step (mean over the chunk)
     chunk_cos: np.ndarray | None = None  # [C, K] cos(v_s, v_f) per integration step
     parent_episode_id: str | None = None
+    branch_step: int | None = None  # branches: the parent's step this episode was restored at (its step 0)
+    branch_index: int | None = None  # branches: which of the state's branches (its noise seed depends on it)
     extra: dict = field(default_factory=dict)
     episode_id: str = field(default_factory=new_episode_id)
     created: datetime = field(default_factory=lambda: datetime.now(UTC))
@@ -125,6 +142,15 @@ class Episode:
         if len(self.snapshot_steps) != len(self.snapshots):
             raise ValueError(f"episode {self.episode_id}: {len(self.snapshot_steps)} snapshot steps but "
                              f"{len(self.snapshots)} snapshots")
+        is_branch = self.outcome == "branch"
+        tagged = (self.parent_episode_id is not None, self.branch_step is not None, self.branch_index is not None)
+        if is_branch and not all(tagged):
+            raise ValueError(f"episode {self.episode_id}: a branch needs parent_episode_id, branch_step and "
+                             f"branch_index, got {self.parent_episode_id!r}, {self.branch_step!r}, "
+                             f"{self.branch_index!r}")
+        if not is_branch and (self.branch_step is not None or self.branch_index is not None):
+            raise ValueError(f"episode {self.episode_id}: branch_step and branch_index belong to outcome "
+                             f"'branch', not {self.outcome!r}")
 
     @property
     def length(self) -> int:
@@ -133,6 +159,13 @@ class Episode:
     @property
     def success(self) -> bool:
         return bool(np.any(self.step_success))
+
+    @property
+    def branch_group(self) -> str | None:
+        """Parent id @ step for a branch (what its group's branches share), None for other episodes."""
+        if self.branch_step is None or self.parent_episode_id is None:
+            return None
+        return branch_group(self.parent_episode_id, self.branch_step)
 
 
 def _nested_f32(arrays: list[np.ndarray]) -> pa.Array:
@@ -207,6 +240,9 @@ def episodes_to_table(episodes: list[Episode]) -> pa.Table:
         "length": pa.array([ep.length for ep in episodes], pa.int32()),
         "success": pa.array([ep.success for ep in episodes], pa.bool_()),
         "parent_episode_id": pa.array(col("parent_episode_id"), pa.string()),
+        "branch_group": pa.array(col("branch_group"), pa.string()),
+        "branch_step": pa.array(col("branch_step"), pa.int32()),
+        "branch_index": pa.array(col("branch_index"), pa.int32()),
         "extra": pa.array([json.dumps(e, sort_keys=True) for e in col("extra")], pa.string()),
         "state": _nested_f32(col("state")),
         "action": _nested_f32(col("action")),
@@ -286,6 +322,8 @@ def table_to_episodes(table: pa.Table) -> list[Episode]:
                 obs_mode=scalar("obs_mode"),
                 created=scalar("created"),
                 parent_episode_id=scalar("parent_episode_id"),
+                branch_step=scalar("branch_step") if "branch_step" in cols else None,
+                branch_index=scalar("branch_index") if "branch_index" in cols else None,
                 extra=json.loads(scalar("extra") or "{}"),
                 state=_unnest(cols["state"], i, np.float32),
                 action=_unnest(cols["action"], i, np.float32),

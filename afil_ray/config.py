@@ -24,6 +24,7 @@ FAILURE_HEAD_INITS = ("success", "random")
 EVAL_METRICS = ("success_once", "success_at_end")
 EVAL_BACKENDS = ("auto", "processes", "ray")
 CORRECT_STRATEGIES = ("backtrack", "fraction")
+BRANCH_PARENTS = ("failure", "success", "corrected")  # outcomes whose episodes carry sampled chunks to branch at
 OBS_MODES = ("state", "rgb")
 ENV_BACKENDS = ("auto", "cpu", "gpu")
 CPU_VECTORIZATIONS = ("auto", "loop", "async")
@@ -244,6 +245,39 @@ class CorrectConfig(_Section):
         _at_least("correct.max_attempts", self.max_attempts, 1)
         _at_least("correct.max_failures", self.max_failures, 1, none="every failure not tried before")
         _at_least("correct.workers", self.workers, 1)
+
+
+@dataclass
+class BranchConfig(_Section):
+    """``afil-ray branch``: matched-state branches, K continuations with fresh sampling noise from restored states
+    of stored rollouts (afil_ray/branches/), the contrast data of issue 22."""
+
+    per_state: int = 4  # K: branches rolled out from each chosen state (one group)
+    states_per_episode: int | None = 2  # states chosen per parent episode (None: every open one)
+    max_states: int | None = None  # new states branched per task and call (None: no limit)
+    # Parents: stored rollouts of these outcomes (with sampled chunks and simulator snapshots; successes keep
+    # snapshots only when their producer kept them, e.g. loop.keep_success_snapshots)
+    from_outcomes: list[str] = field(default_factory=lambda: ["failure", "success"])
+    # Open states: a scorer's estimated success probability in [open_low, open_high]; without a scorer every
+    # eligible state counts as open
+    open_low: float = 0.2
+    open_high: float = 0.8
+    seed: int = 0  # branch noise comes from (seed, parent episode, step, branch index)
+    checkpoint: str | None = None  # the policy that branches; None: the newest in run_dir
+
+    def check(self) -> None:
+        _at_least("branches.per_state", self.per_state, 1)
+        _at_least("branches.states_per_episode", self.states_per_episode, 1, none="every open state")
+        _at_least("branches.max_states", self.max_states, 1, none="no limit")
+        if not self.from_outcomes:
+            raise ConfigError(f"branches.from_outcomes must name at least one of {', '.join(BRANCH_PARENTS)}")
+        for outcome in self.from_outcomes:
+            _one_of("branches.from_outcomes", outcome, BRANCH_PARENTS)
+        _in_range("branches.open_low", self.open_low, 0.0, 1.0)
+        _in_range("branches.open_high", self.open_high, 0.0, 1.0)
+        if self.open_low > self.open_high:
+            raise ConfigError(f"branches.open_low ({self.open_low}) must be <= branches.open_high ({self.open_high})")
+        _at_least("branches.seed", self.seed, 0)
 
 
 @dataclass
@@ -522,6 +556,7 @@ class Config(_Section):
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     demos: DemoConfig = field(default_factory=DemoConfig)
     correct: CorrectConfig = field(default_factory=CorrectConfig)
+    branches: BranchConfig = field(default_factory=BranchConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -91,6 +91,32 @@ def cmd_correct(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_branch(args: argparse.Namespace) -> int:
+    from afil_ray.branches import branch_task
+    from afil_ray.envs.checks import check_policy_fits, check_tasks
+    from afil_ray.policy.checkpoint import CheckpointError, load_policy
+    from afil_ray.policy.loading import latest_checkpoint, resolve_checkpoint
+    from afil_ray.replay import ReplayStore
+
+    extra = [f"branches.max_states={args.max}"] if args.max is not None else []
+    base = _config(args, extra)
+    tasks = expand_suites_at("--task", args.task.split(",")) if args.task else base.env.tasks
+    check_tasks([("--task" if args.task else "env.task", t) for t in tasks])
+    check_writable("replay.root", base.replay.root)
+    ckpt = base.branches.checkpoint
+    path = resolve_checkpoint(ckpt) if ckpt else latest_checkpoint(base.run_dir)
+    if path is None:
+        raise CheckpointError(f"no checkpoint in {base.run_dir}/checkpoints; train first or set branches.checkpoint")
+    policy = load_policy(path)
+    check_policy_fits(policy, dataclasses.replace(base.env, task=tasks), f"checkpoint {path}")
+    store = ReplayStore.from_config(base.replay)
+    for task in tasks:
+        cfg = _config(args, [*extra, f"env.task={task}"])
+        report = branch_task(cfg, policy, store, progress=not args.quiet, extra={"checkpoint": str(path)})
+        print(report.summary())
+    return 0
+
+
 def cmd_replay_stats(args: argparse.Namespace) -> int:
     from afil_ray.replay import ReplayStore, format_stats
 
@@ -206,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--workers", type=int, help="planner processes (correct.workers)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_correct)
+
+    b = sub.add_parser("branch", help="matched-state branches: K rollouts with fresh noise from restored states of "
+                                      "stored rollouts, into the replay store (branches.*)")
+    with_config(b)
+    b.add_argument("--task", help="task id or suite, or several separated by commas (default: env.task)")
+    b.add_argument("--max", type=int, help="new states to branch per task (branches.max_states)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_branch)
 
     t = sub.add_parser("train", help="train the policy from the replay store (train.mode, replay.root)")
     with_config(t)

@@ -136,6 +136,7 @@ def test_states_are_chunk_boundaries_with_snapshots_and_the_scorer_window_filter
     parent.chunk_steps = [0, 4, 8]  # snapshots at 0, 4, 8 too
     cfg = BranchConfig(states_per_episode=None, open_low=0.2, open_high=0.8)
     assert [p.step for p in open_points(parent, cfg)] == [0, 4, 8]  # no scorer: every eligible state is open
+    assert [p.step for p in open_points(parent, cfg, limit=8)] == [0, 4]  # no steps left at the env's limit
     estimates = {0: 0.05, 4: 0.5, 8: 0.95}
     seen = []
 
@@ -228,6 +229,16 @@ def test_resume_skips_done_states_and_old_shards_still_read(setup, tmp_path, cap
     assert capsys.readouterr().out.startswith("PullCube-v1: branched 0 states of 0 episodes: 0 branches")
     rows = branch_rows(store)
     assert rows.num_rows == 8 and group_outcomes(rows)["branches"].to_pylist() == [2, 2, 2, 2]
+
+    # a scorer opens each parent's one state not branched yet: only those are added, with their estimate
+    begun = {(p, s) for p, s, _ in branched_keys(store, "PullCube-v1")}
+    wider = dataclasses.replace(cfg, branches=BranchConfig(per_state=2, states_per_episode=3))
+    scored = branch_task(wider, policy, store, progress=False,
+                         scorer=lambda pts: [0.0 if (p.parent.episode_id, p.step) in begun else 0.5 for p in pts])
+    assert (scored.states, scored.branches) == (2, 4)
+    new = [b for b in store.read_episodes(outcome="branch") if (b.parent_episode_id, b.branch_step) not in begun]
+    assert len(new) == 4 and all(b.extra["estimate"] == 0.5 for b in new)
+    assert branch_task(wider, policy, store, progress=False, scorer=lambda pts: [0.0] * len(pts)).states == 0
 
 
 def test_bad_branch_settings_are_one_line_errors(capsys):

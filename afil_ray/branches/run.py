@@ -25,6 +25,7 @@ from afil_ray.branches.rollout import BranchJob, BranchRunner
 from afil_ray.branches.states import Scorer, choose_steps, eligible_steps, open_points
 from afil_ray.config import Config, ConfigError
 from afil_ray.envs.factory import make_vec_env
+from afil_ray.envs.tasks import get_task
 from afil_ray.replay.episode import table_to_episodes
 from afil_ray.replay.shard_io import ShardFile
 from afil_ray.replay.store import ReplayStore
@@ -59,17 +60,15 @@ class BranchReport:
                 f"earlier runs; {self.seconds:.0f} s){other}")
 
 
-@dataclass
-class _Parent:
-    steps: list[int]  # eligible
-    started: dict[int, set[int]]  # step -> branch indices already in the store
+Started = dict[int, set[int]]  # a parent's step -> branch indices of it already in the store
 
 
 def _pending(cfg: Config, store: ReplayStore, task: str, done: set[tuple[str, int, int]], scorer: Scorer | None,
-             report: BranchReport) -> tuple[list[ShardFile], dict[str, _Parent]]:
-    """Shards holding parents with branches to make, and those parents (from a narrow column read)."""
+             limit: int, report: BranchReport) -> tuple[list[ShardFile], dict[str, Started]]:
+    """Shards holding parents with branches to make, and those parents with their started states (from a narrow
+    column read)."""
     bc, env = cfg.branches, cfg.env
-    started: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
+    started: dict[str, Started] = defaultdict(lambda: defaultdict(set))
     for parent, step, index in done:
         started[parent][step].add(index)
     want = set(range(bc.per_state))
@@ -81,7 +80,7 @@ def _pending(cfg: Config, store: ReplayStore, task: str, done: set[tuple[str, in
             continue
         rows = table.to_pylist()
         for row in rows:
-            steps = eligible_steps(row["snapshot_steps"] or [], row["chunk_steps"] or [], row["length"])
+            steps = eligible_steps(row["snapshot_steps"] or [], row["chunk_steps"] or [], min(row["length"], limit))
             if not steps:
                 continue
             if (row["obs_mode"], row["control_mode"]) != (env.obs_mode, env.control_mode):
@@ -96,26 +95,26 @@ def _pending(cfg: Config, store: ReplayStore, task: str, done: set[tuple[str, in
                 work = any(want - begun[s] for s in resumed) or (
                     len(resumed) < (quota or len(steps)) and len(begun) < len(steps))
             if work:
-                parents[pid] = _Parent(steps, begun)
+                parents[pid] = begun
                 if not shards or shards[-1] is not shard:
                     shards.append(shard)
     return shards, parents
 
 
-def _jobs(cfg: Config, store: ReplayStore, shards: list[ShardFile], parents: dict[str, _Parent],
-          scorer: Scorer | None, report: BranchReport) -> Iterator[BranchJob]:
+def _jobs(cfg: Config, store: ReplayStore, shards: list[ShardFile], parents: dict[str, Started],
+          scorer: Scorer | None, limit: int, report: BranchReport) -> Iterator[BranchJob]:
     """The branches to make, a parent's states in step order and each state's missing indices in order, reading
     one parent shard at a time; stops adding states at ``branches.max_states``."""
     bc = cfg.branches
     for shard in shards:
         table = store.read_checked(shard.path)
         for parent in table_to_episodes(table) if table is not None else ():
-            info = parents.get(parent.episode_id)
-            if info is None:
+            started = parents.get(parent.episode_id)
+            if started is None:
                 continue
             counted = False
-            for point in open_points(parent, bc, scorer, started=info.started):
-                missing = [k for k in range(bc.per_state) if k not in info.started.get(point.step, set())]
+            for point in open_points(parent, bc, scorer, started=started, limit=limit):
+                missing = [k for k in range(bc.per_state) if k not in started.get(point.step, set())]
                 if not missing:
                     continue
                 if bc.max_states is not None and report.states >= bc.max_states:
@@ -138,9 +137,10 @@ def branch_task(cfg: Config, policy: ChunkPolicy, store: ReplayStore | None = No
     task = cfg.env.tasks[0]
     report = BranchReport(task=task)
     t0 = time.time()
+    limit = cfg.env.max_episode_steps or get_task(task).max_episode_steps  # states at or past it have no budget
     done = branched_keys(store, task)
     report.done_before = len({(p, s) for p, s, _ in done})
-    shards, parents = _pending(cfg, store, task, done, scorer, report)
+    shards, parents = _pending(cfg, store, task, done, scorer, limit, report)
     if not parents:
         report.seconds = time.time() - t0
         return report
@@ -150,7 +150,7 @@ def branch_task(cfg: Config, policy: ChunkPolicy, store: ReplayStore | None = No
     try:
         runner = BranchRunner(env, policy, cfg.sampler, seed=cfg.branches.seed, policy_version=policy_version,
                               extra=extra)
-        for episode in runner.run(_jobs(cfg, store, shards, parents, scorer, report)):
+        for episode in runner.run(_jobs(cfg, store, shards, parents, scorer, limit, report)):
             writer.add(episode)
             report.branches += 1
             report.successes += episode.success

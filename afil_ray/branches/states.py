@@ -85,10 +85,12 @@ def choose_steps(parent_id: str, steps: Sequence[int], cfg: BranchConfig, *, sta
 
 
 def open_points(parent: Episode, cfg: BranchConfig, scorer: Scorer | None = None,
-                started: Collection[int] = ()) -> list[BranchPoint]:
-    """The chosen states of ``parent`` as restorable points (scored by ``scorer`` when given)."""
+                started: Collection[int] = (), limit: int | None = None) -> list[BranchPoint]:
+    """The chosen states of ``parent`` as restorable points (scored by ``scorer`` when given); ``limit``: the
+    branching env's episode limit, at or past which a state has no steps left."""
     snaps = dict(zip(parent.snapshot_steps, parent.snapshots, strict=True))
-    steps = eligible_steps(parent.snapshot_steps, parent.chunk_steps, parent.length)
+    end = parent.length if limit is None else min(parent.length, limit)
+    steps = eligible_steps(parent.snapshot_steps, parent.chunk_steps, end)
     points = {s: BranchPoint(parent, s, snaps[s]) for s in steps}
     is_open = None
     if scorer is not None and points:

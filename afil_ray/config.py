@@ -314,6 +314,12 @@ class PolicyConfig(_Section):
     # Instruction -> tokens: vlm (the VLM's tokenizer and embeddings; bytes for tiny) | minilm (all-MiniLM-L6-v2)
     language_encoder: str = "vlm"
     freeze_encoders: bool = True  # pretrained encoders stay fixed (their projections train); false: fine-tune them
+    # A success critic on the backbone's prefix (afil_ray/policy/critic.py): Q(s, chunk) and V(s), trained by
+    # train.mode=critic. A checkpoint started from (train.init_from, loop.init_from) that has none gets a fresh one
+    # of this width and depth; checkpoints written before critics existed load without one.
+    critic: bool = False
+    critic_width: int = 256
+    critic_depth: int = 2  # hidden layers of the Q and of the V network
 
     def check(self) -> None:
         _one_of("policy.backbone", self.backbone, BACKBONES)
@@ -326,7 +332,8 @@ class PolicyConfig(_Section):
         _one_of("policy.ddpm_schedule", self.ddpm_schedule, DDPM_SCHEDULES)
         _one_of("policy.action_norm", self.action_norm, ACTION_NORMS)
         for key in ("hidden_size", "num_layers", "num_heads", "max_text_tokens", "image_size", "patch_size",
-                    "horizon", "diffusion_steps", "head_width", "head_depth", "vision_layers"):
+                    "horizon", "diffusion_steps", "head_width", "head_depth", "vision_layers", "critic_width",
+                    "critic_depth"):
             _at_least(f"policy.{key}", getattr(self, key), 1)
         _at_least("policy.failure_head_width", self.failure_head_width, 1, none="the success head's")
         _at_least("policy.failure_head_depth", self.failure_head_depth, 1, none="the success head's")

@@ -8,11 +8,14 @@
 <dir>/backbone.safetensors
 <dir>/success_head.safetensors
 <dir>/failure_head.safetensors
+<dir>/critic.safetensors          only when the policy has a success critic (policy.critic)
 ```
 
 A checkpoint is self-contained: loading builds the architecture from ``backbone_config/`` and then reads the
 weights, without touching ``policy.pretrained_path``. Files are written atomically (temporary + rename), so a
 reader never sees half a component. Every problem raises :class:`CheckpointError` naming the file and the key.
+Checkpoints written before critics existed have no ``critic`` key in ``policy.yaml``, so they load as policies
+without a critic (``DAGPolicy.add_critic`` gives one a fresh critic).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from afil_ray.config import PolicyConfig
 from afil_ray.policy.backbone import vlm_config_of
-from afil_ray.policy.model import COMPONENTS, DAGPolicy
+from afil_ray.policy.model import COMPONENTS, OPTIONAL_COMPONENTS, DAGPolicy
 from afil_ray.policy.normalize import Normalizer
 from afil_ray.policy.tokenizer import PretrainedTokenizer
 
@@ -49,8 +52,8 @@ class CheckpointError(RuntimeError):
 
 
 def component_file(directory: str | Path, name: str) -> Path:
-    if name not in COMPONENTS:
-        raise ValueError(f"component must be one of {COMPONENTS}, got {name!r}")
+    if name not in COMPONENTS + OPTIONAL_COMPONENTS:
+        raise ValueError(f"component must be one of {COMPONENTS + OPTIONAL_COMPONENTS}, got {name!r}")
     return Path(directory) / f"{name}.safetensors"
 
 
@@ -85,7 +88,7 @@ def save_policy(policy: DAGPolicy, directory: str | Path) -> Path:
     if isinstance(policy.tokenizer, PretrainedTokenizer):
         policy.tokenizer.save_pretrained(directory / BACKBONE_CONFIG_DIR)
     _atomic_write(directory / NORMALIZER_FILE, policy.normalizer.save)
-    for name in COMPONENTS:
+    for name in policy.components:
         save_component(policy, directory, name)
     return directory
 
@@ -93,6 +96,9 @@ def save_policy(policy: DAGPolicy, directory: str | Path) -> Path:
 def load_component_state(policy: DAGPolicy, name: str, state: Mapping[str, torch.Tensor],
                          source: str = "state dict") -> None:
     """Load one component's weights after checking every key and shape (also for weights sent in memory)."""
+    if name in OPTIONAL_COMPONENTS and name not in policy.components:
+        raise CheckpointError(f"{source}: carries a {name}, the policy has none (policy.{name}=false when it was "
+                              "built)")
     module = policy.component(name)
     expected = module.state_dict()
     missing = sorted(expected.keys() - state.keys())
@@ -174,7 +180,7 @@ def load_policy(directory: str | Path, *, device: str | torch.device = "cpu", ex
         raise CheckpointError(f"{normalizer_path}: {e}") from None
     _check(normalizer_path, "action_mode", normalizer.action_mode, cfg.action_norm)
     _load_normalizer(policy, normalizer, normalizer_path)
-    for name in COMPONENTS:
+    for name in policy.components:  # a critic's file is required exactly when policy.yaml says it has one
         load_component(policy, directory, name)
     return policy
 

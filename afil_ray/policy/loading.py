@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from afil_ray.config import PolicyConfig
 from afil_ray.policy import checkpoint as ckpt
 from afil_ray.policy.checkpoint import CheckpointError
 from afil_ray.policy.heads import same_shape
@@ -48,7 +49,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_start_policy(path: str | Path, device: str | torch.device = "cpu", *,
-                      failure_head_init: str | None = None, seed: int = 0) -> DAGPolicy:
+                      failure_head_init: str | None = None, seed: int = 0,
+                      critic: PolicyConfig | None = None) -> DAGPolicy:
     """A checkpoint as the starting point of further training or of the online loop.
 
     A success-only checkpoint's failure head is still the untrained copy made when the policy was built; with
@@ -56,6 +58,10 @@ def load_start_policy(path: str | Path, device: str | torch.device = "cpu", *,
     from a generator that models the task (and guidance is a no-op, v_f = v_s, until it learns failures); with
     ``random`` it is freshly initialised (seeded), so it models failures alone. ``failure_head_init`` overrides
     the checkpoint's own setting (the config that starts the next stage decides).
+
+    ``critic``: the starting stage's policy config; with ``critic=true`` a checkpoint without a critic gets a fresh
+    one (``critic_width``, ``critic_depth``, seeded by ``seed``), so a critic trained later (train.mode=critic, or
+    versions the loop's learner ships) has a place to go.
     """
     path = resolve_checkpoint(path)
     policy = ckpt.load_policy(path, device=device)
@@ -67,4 +73,6 @@ def load_start_policy(path: str | Path, device: str | torch.device = "cpu", *,
             policy.init_failure_head_from_success()
         elif init == "random":
             policy.reset_failure_head(seed)
+    if critic is not None and critic.critic and policy.critic is None:
+        policy.add_critic(critic.critic_width, critic.critic_depth, seed)
     return policy

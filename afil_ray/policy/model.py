@@ -1,4 +1,5 @@
-"""DAG-VLA: one shared backbone, a success head and a failure head, with the normaliser that maps env units.
+"""DAG-VLA: one shared backbone, a success head and a failure head (and optionally a success critic), with the
+normaliser that maps env units.
 
 Everything numpy-shaped (replay batches, env observations) is converted and normalised here, so trainers and
 rollout actors never see normalised values. Which parameters train in which mode is decided here too, so the
@@ -7,6 +8,7 @@ trainer's ``train.mode`` has one place that gives it meaning.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -17,6 +19,7 @@ from transformers import PretrainedConfig
 
 from afil_ray.config import TRAIN_MODES, PolicyConfig, SamplerConfig
 from afil_ray.policy.backbone import Backbone, Prefix, load_vlm
+from afil_ray.policy.critic import Critic, weighted_bce
 from afil_ray.policy.encoders import language_encoder, vision_encoder
 from afil_ray.policy.heads import ActionHead, same_shape
 from afil_ray.policy.normalize import Normalizer
@@ -26,7 +29,8 @@ from afil_ray.policy.tokenizer import BYTE_VOCAB_SIZE, Tokenizer, make_tokenizer
 from afil_ray.replay.episode import IMAGE_PREFIX
 
 HEADS = ("success", "failure")
-COMPONENTS = ("backbone", "success_head", "failure_head")
+COMPONENTS = ("backbone", "success_head", "failure_head")  # every policy has these
+OPTIONAL_COMPONENTS = ("critic",)  # only policies built with them (policy.critic)
 
 
 def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -36,7 +40,8 @@ def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: to
 
 
 class DAGPolicy(nn.Module):
-    """Backbone + success head + failure head + normaliser; ``loss`` trains one head, ``sample`` acts.
+    """Backbone + success head + failure head + normaliser (+ critic); ``loss`` trains one head, ``sample`` acts,
+    ``critic_loss`` trains the critic and ``q``/``v`` score with it.
 
     Build with :meth:`from_config`; save and load with ``afil_ray.policy.checkpoint``.
     """
@@ -59,6 +64,9 @@ class DAGPolicy(nn.Module):
         self.normalizer = Normalizer(state_dim, action_dim, cfg.action_norm)
         self.objective = make_objective(cfg.objective, cfg.diffusion_steps, cfg.ddpm_schedule, cfg.flow_time)
         self.heads = HeadPair(self.success_head, self.failure_head)
+        self.critic: Critic | None = None
+        if cfg.critic:  # built last, so a policy without one draws the same initial weights as before critics
+            self.critic = Critic(backbone.width, cfg.horizon, action_dim, cfg.critic_width, cfg.critic_depth)
 
     @classmethod
     def from_config(cls, cfg: PolicyConfig, state_dim: int, action_dim: int, cameras: Sequence[str] = (), *,
@@ -89,10 +97,29 @@ class DAGPolicy(nn.Module):
             raise ValueError(f"head must be one of {HEADS}, got {name!r}")
         return self.success_head if name == "success" else self.failure_head
 
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The components this policy has: ``COMPONENTS``, then ``critic`` when it has one."""
+        return COMPONENTS + (("critic",) if self.critic is not None else ())
+
     def component(self, name: str) -> nn.Module:
-        if name not in COMPONENTS:
-            raise ValueError(f"component must be one of {COMPONENTS}, got {name!r}")
+        if name not in COMPONENTS + OPTIONAL_COMPONENTS:
+            raise ValueError(f"component must be one of {COMPONENTS + OPTIONAL_COMPONENTS}, got {name!r}")
+        if name not in self.components:
+            raise ValueError(f"this policy has no {name} (policy.{name}=false when it was built)")
         return getattr(self, name)
+
+    def add_critic(self, width: int, depth: int, seed: int = 0) -> Critic:
+        """A fresh critic (seeded) for a policy that has none, e.g. a checkpoint from before critics; the policy's
+        config then records it, so the checkpoints it writes rebuild it."""
+        if self.critic is not None:
+            raise ValueError("this policy already has a critic")
+        self.config = dataclasses.replace(self.config, critic=True, critic_width=width, critic_depth=depth)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            critic = Critic(self.backbone.width, self.horizon, self.action_dim, width, depth)
+        self.critic = critic.to(self.device)
+        return self.critic
 
     def init_failure_head_from_success(self) -> None:
         """Start the failure head from the success head (same shape only): it then learns what to avoid
@@ -116,14 +143,18 @@ class DAGPolicy(nn.Module):
     # ------------------------------------------------------------------ training
 
     def parameters_for(self, mode: str) -> list[nn.Parameter]:
-        """success_only: backbone + success head; failure_head: failure head alone; joint: everything."""
+        """success_only: backbone + success head; failure_head: failure head alone; joint: backbone and both heads;
+        critic: the critic alone (it learns on the frozen prefix the heads see)."""
         modules = {
             "success_only": [self.backbone, self.success_head],
             "failure_head": [self.failure_head],
             "joint": [self.backbone, self.success_head, self.failure_head],
+            "critic": [self.critic],
         }
         if mode not in modules:
             raise ValueError(f"train.mode must be one of {TRAIN_MODES}, got {mode!r}")
+        if mode == "critic" and self.critic is None:
+            raise ValueError("train.mode=critic needs a policy with a critic (policy.critic=true)")
         return [p for m in modules[mode] for p in m.parameters()]
 
     def set_trainable(self, mode: str) -> list[nn.Parameter]:
@@ -184,6 +215,60 @@ class DAGPolicy(nn.Module):
         loss = masked_mse(pred, target, is_pad)
         return loss, {"loss": float(loss.detach()), "pad_fraction": float(is_pad.float().mean())}
 
+    # ------------------------------------------------------------------ the critic
+
+    def _critic(self) -> Critic:
+        if self.critic is None:
+            raise ValueError("this policy has no critic (policy.critic=false when it was built)")
+        return self.critic
+
+    def critic_logits(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q, V) logits [B] for a critic batch: a chunk sampler's keys (``state``, ``action`` = the chunk [B, H, A]
+        in env units, ``images`` or ``image_features``) plus ``instruction``."""
+        critic = self._critic()
+        chunk = self._tensor(batch["action"], torch.float32)
+        if chunk.dim() != 3 or chunk.shape[1:] != (self.horizon, self.action_dim):
+            raise ValueError(f"chunk has shape {tuple(chunk.shape)}, this policy expects "
+                             f"[B, {self.horizon}, {self.action_dim}]")
+        prefix = self.encode(batch["state"], batch.get("images") or {}, batch["instruction"],
+                             batch.get("image_features"))
+        q, v = critic(prefix.hidden, prefix.mask, self.normalizer.normalize_action(chunk))
+        return q, v
+
+    def critic_loss(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        """BCE of Q and of V against ``label`` (1: the row's episode succeeded), rows weighted by ``weight``;
+        the loss is their sum, the metrics each alone (``critic_q``, ``critic_v``)."""
+        q, v = self.critic_logits(batch)
+        labels = self._tensor(batch["label"], torch.float32)
+        weights = self._tensor(batch["weight"], torch.float32) if "weight" in batch else torch.ones_like(labels)
+        loss_q, loss_v = weighted_bce(q, labels, weights), weighted_bce(v, labels, weights)
+        return loss_q + loss_v, {"critic_q": float(loss_q.detach()), "critic_v": float(loss_v.detach()),
+                                 "critic_success_rate": float(labels.mean())}
+
+    def _prefix_of(self, obs: Mapping[str, Any], instructions: Sequence[str] | str) -> Prefix:
+        images = {cam: obs[IMAGE_PREFIX + cam] for cam in self.cameras if IMAGE_PREFIX + cam in obs}
+        return self.encode(obs["state"], images, instructions)
+
+    @torch.no_grad()
+    def q(self, obs: Mapping[str, Any], instructions: Sequence[str] | str, chunks: Any) -> np.ndarray:
+        """P(success | s, chunk) for env observations (``state``, ``rgb_<camera>``) and chunks in env units:
+        [B, H, A] (one per state) -> [B], or K per state [B, K, H, A] -> [B, K] (each state encoded once)."""
+        critic = self._critic()
+        chunks = self._tensor(chunks, torch.float32)
+        prefix = self._prefix_of(obs, instructions)
+        if chunks.shape[0] != prefix.hidden.shape[0]:
+            raise ValueError(f"{chunks.shape[0]} chunk rows for {prefix.hidden.shape[0]} states")
+        q, _ = critic(prefix.hidden, prefix.mask, self.normalizer.normalize_action(chunks))
+        return torch.sigmoid(q).float().cpu().numpy()
+
+    @torch.no_grad()
+    def v(self, obs: Mapping[str, Any], instructions: Sequence[str] | str) -> np.ndarray:
+        """P(success | s) [B] for env observations, under the policy that made the critic's data."""
+        critic = self._critic()
+        prefix = self._prefix_of(obs, instructions)
+        _, v = critic(prefix.hidden, prefix.mask)
+        return torch.sigmoid(v).float().cpu().numpy()
+
     # ------------------------------------------------------------------ acting
 
     @property
@@ -203,8 +288,7 @@ class DAGPolicy(nn.Module):
 
         Diagnostics (see ``sampler.sample_chunk``): ``w``/``cos`` [B, K], ``w_mean``/``cos_mean`` [K], ``fused``.
         """
-        images = {cam: obs[IMAGE_PREFIX + cam] for cam in self.cameras if IMAGE_PREFIX + cam in obs}
-        prefix = self.encode(obs["state"], images, instructions)
+        prefix = self._prefix_of(obs, instructions)
         shape = (prefix.hidden.shape[0], self.horizon, self.action_dim)
         if noise is None:
             noise = _randn(shape, generator, self.device)
@@ -220,4 +304,4 @@ class DAGPolicy(nn.Module):
         return actions.float().cpu().numpy(), {"sampler": sampler.kind, **diagnostics}
 
     def num_parameters(self) -> dict[str, int]:
-        return {name: sum(p.numel() for p in self.component(name).parameters()) for name in COMPONENTS}
+        return {name: sum(p.numel() for p in self.component(name).parameters()) for name in self.components}

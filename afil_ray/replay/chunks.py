@@ -9,6 +9,10 @@ pairs are gathered into memory, shard by shard as ``refresh`` finds new ones.
 the latest restore point its correction found (``extra.restore_step`` of the ``corrected`` episode whose parent it
 is), i.e. the actions that turned a state the planner could still finish into one it could not. Failures without
 a correction have no such point and are skipped.
+
+Each pair also keeps its episode's ``success``, its ``group`` (a branch's ``branch_group``, "" otherwise) and its
+``origin``: the initial state it descends from (task and seed, so a parent, its branches and the other runs of
+its seed share one), which the success critic splits its held-out states by (afil_ray/replay/outcomes.py).
 """
 
 from __future__ import annotations
@@ -37,6 +41,17 @@ class _Pairs:
     partition: int
     frames: dict[str, np.ndarray] = field(default_factory=dict)  # camera -> [N, H, W, C] uint8, or its features
     instruction: np.ndarray | None = None  # [N] object: what the pair's episode read ("" where not recorded)
+    success: np.ndarray | None = None  # [N] bool: the pair's episode succeeded
+    group: np.ndarray | None = None  # [N] object: the branch group of a branch's pairs, "" otherwise
+    origin: np.ndarray | None = None  # [N] object: the initial state the pair's episode descends from (origin_of)
+
+
+def origin_of(task: str, seed: int | None, parent_episode_id: str | None, episode_id: str) -> str:
+    """The initial state an episode descends from: task and seed (every run of a seed starts there, and branches
+    carry their parent's seed), else its parent's id (a branch, a correction), else its own id."""
+    if seed is not None:
+        return f"{task}/seed={int(seed)}"
+    return parent_episode_id or episode_id
 
 
 class ChunkSampler:
@@ -82,9 +97,14 @@ class ChunkSampler:
             else:
                 mask = np.ones(len(pairs.step), bool)
             if mask.any():
-                said = pairs.instruction if pairs.instruction is not None else np.full(len(pairs.step), "", object)
+                n = len(pairs.step)
+                said = pairs.instruction if pairs.instruction is not None else np.full(n, "", object)
+                won = pairs.success if pairs.success is not None else np.zeros(n, bool)
+                group = pairs.group if pairs.group is not None else np.full(n, "", object)
+                origin = pairs.origin if pairs.origin is not None else pairs.episode_id
                 keep.append((pairs.state[mask], pairs.chunk[mask], np.full(int(mask.sum()), pairs.partition),
-                             {cam: frames[mask] for cam, frames in pairs.frames.items()}, said[mask]))
+                             {cam: frames[mask] for cam, frames in pairs.frames.items()}, said[mask],
+                             pairs.step[mask], won[mask], group[mask], origin[mask]))
         state_dim = next((p.state.shape[1] for p in self._pairs.values() if len(p.step)), 0)
         action_dim = next((p.chunk.shape[2] for p in self._pairs.values() if len(p.step)), 0)
         self.state = np.concatenate([k[0] for k in keep]) if keep else np.zeros((0, state_dim), np.float32)
@@ -93,6 +113,10 @@ class ChunkSampler:
         self.partition = np.concatenate([k[2] for k in keep]).astype(np.int32) if keep else np.zeros(0, np.int32)
         self.frames = {cam: np.concatenate([k[3][cam] for k in keep]) for cam in self.cameras or ()} if keep else {}
         self.instruction = np.concatenate([k[4] for k in keep]) if keep else np.zeros(0, object)
+        self.step = np.concatenate([k[5] for k in keep]) if keep else np.zeros(0, np.int64)
+        self.success = np.concatenate([k[6] for k in keep]) if keep else np.zeros(0, bool)
+        self.group = np.concatenate([k[7] for k in keep]) if keep else np.zeros(0, object)
+        self.origin = np.concatenate([k[8] for k in keep]) if keep else np.zeros(0, object)
 
     def encode_frames(self, encoder: Callable[[str, np.ndarray], np.ndarray]) -> None:
         """Keep ``encoder(camera, frames)`` instead of pixels, for loaded and later shards (as
@@ -117,12 +141,13 @@ class ChunkSampler:
             if missing:
                 raise ValueError(f"replay shard {self.store.abspath(shard.path)} has no images for camera(s) "
                                  f"{[c[len(IMAGE_PREFIX):] for c in missing]}; this sampler uses {list(self.cameras)}")
-        columns = ["episode_id", "instruction", "state", "action", "chunk_steps", "chunks"]
+        columns = ["episode_id", "instruction", "state", "action", "chunk_steps", "chunks", "success", "seed",
+                   "parent_episode_id"] + ["branch_group"] * (shard.outcome == "branch")  # older shards lack it
         table = self.store.read_checked(shard.path, columns)
         pixels = self.store.read_checked(shard.path, images) if images else None
         if table is None or (images and pixels is None):  # gone, or damaged and now quarantined
             return None
-        ids, steps, states, chunks, said = [], [], [], [], []
+        ids, steps, states, chunks, said, won, groups, origins = [], [], [], [], [], [], [], []
         frames: dict[str, list[np.ndarray]] = {cam: [] for cam in (self.cameras if images else ())}
         for i, row in enumerate(table.select(columns).to_pylist()):
             if not row["chunk_steps"]:
@@ -140,6 +165,9 @@ class ChunkSampler:
                                      f"{len(c)}, the policy uses {self.horizon}")
                 ids.append(row["episode_id"])
                 said.append(row["instruction"] or "")
+                won.append(bool(row["success"]))
+                groups.append(row.get("branch_group") or "")
+                origins.append(origin_of(shard.task, row["seed"], row["parent_episode_id"], row["episode_id"]))
                 steps.append(step)
                 states.append(np.asarray(row["state"][step], np.float32))
                 chunks.append(c)
@@ -148,7 +176,8 @@ class ChunkSampler:
             return _Pairs(np.zeros(0, object), np.zeros(0, np.int64), np.zeros((0, 0), np.float32),
                           np.zeros((0, self.horizon, 0), np.float32), partition)
         pairs = _Pairs(np.asarray(ids, object), np.asarray(steps, np.int64), np.stack(states), np.stack(chunks),
-                       partition, {cam: np.concatenate(f) for cam, f in frames.items()}, np.asarray(said, object))
+                       partition, {cam: np.concatenate(f) for cam, f in frames.items()}, np.asarray(said, object),
+                       np.asarray(won, bool), np.asarray(groups, object), np.asarray(origins, object))
         self._encode(pairs)
         return pairs
 

@@ -5,4 +5,5 @@
 - ``workers``: where units of (task, arm, run) run: here, in processes, or through a runner (Ray, from the driver).
 - ``protocol``: every arm on the same episodes, and the files (``afil-ray eval``).
 - ``stats`` and ``report``: Wilson intervals, paired differences and McNemar tests; JSON, Markdown and plots.
+- ``critic``: the success critic's held-out AUROCs, overall and within matched-state branch groups.
 """

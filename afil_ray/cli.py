@@ -147,6 +147,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, progress=not args.quiet)
     final = trainer.run()
     print(f"trained {cfg.train.mode} to step {trainer.step}; checkpoint {final}; TensorBoard logs {cfg.run_dir}/tb")
+    if cfg.train.mode == "critic":  # how well it ranks chunks on states it never saw, one line per task
+        report = trainer.evaluate_critic(final)
+        for line in report.lines():
+            print(line)
+        print(f"critic evaluation (held-out fraction {report.holdout}): {final}/critic_eval.json")
     return 0
 
 
@@ -241,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_branch)
 
-    t = sub.add_parser("train", help="train the policy from the replay store (train.mode, replay.root)")
+    t = sub.add_parser("train", help="train the policy from the replay store (train.mode, replay.root); "
+                                     "train.mode=critic ends with the critic's held-out evaluation")
     with_config(t)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)

@@ -19,12 +19,15 @@ from omegaconf.errors import OmegaConfBaseException
 # The choices of the keys below, defined once beside their keys; every section checks its own values when it is
 # built (a YAML file, overrides, ``dataclasses.replace``), so a bad value fails before any worker or actor starts.
 SAMPLER_KINDS = ("success_only", "static", "adaptive")
-TRAIN_MODES = ("success_only", "failure_head", "joint")
+TRAIN_MODES = ("success_only", "failure_head", "joint", "critic")
 FAILURE_HEAD_INITS = ("success", "random")
 EVAL_METRICS = ("success_once", "success_at_end")
 EVAL_BACKENDS = ("auto", "processes", "ray")
 CORRECT_STRATEGIES = ("backtrack", "fraction")
 BRANCH_PARENTS = ("failure", "success", "corrected")  # outcomes whose episodes carry sampled chunks to branch at
+# outcomes whose stored chunks are the policy's own and whose success is the policy's doing, so an episode's outcome
+# can label each of its chunks (a corrected episode's success is the planner's, a demo has no sampled chunks)
+CRITIC_MC_OUTCOMES = ("failure", "success", "branch")
 OBS_MODES = ("state", "rgb")
 ENV_BACKENDS = ("auto", "cpu", "gpu")
 CPU_VECTORIZATIONS = ("auto", "loop", "async")
@@ -363,7 +366,7 @@ class SamplerConfig(_Section):
 
 @dataclass
 class TrainConfig(_Section):
-    mode: str = "success_only"  # success_only (backbone + success head) | failure_head | joint
+    mode: str = "success_only"  # success_only (backbone + success head) | failure_head | joint | critic (critic alone)
     init_from: str | None = None  # checkpoint to start from (e.g. a success-only policy for failure_head)
     steps: int = 20000
     batch_size: int = 256
@@ -383,9 +386,14 @@ class TrainConfig(_Section):
     # A frozen vision encoder (policy.vision_encoder) encodes each stored frame once, as its shard loads, and
     # training reads those features (float16, e.g. 4 x 1280 per 64-pixel frame); false: re-encode every batch
     feature_cache: bool = True
+    # Critic mode: weight of the Monte-Carlo rows (every stored chunk of data.critic_mc_outcomes episodes, labelled
+    # with its episode's success) against the branch rows (a branch's first chunk and the branch's outcome), half a
+    # batch each; they count less by default because their label credits the whole episode, not the chunk. 0: off
+    critic_mc_weight: float = 0.5
 
     def check(self) -> None:
         _one_of("train.mode", self.mode, TRAIN_MODES)
+        _at_least("train.critic_mc_weight", self.critic_mc_weight, 0.0)
         _one_of("train.failure_targets", self.failure_targets, FAILURE_TARGETS)
         _one_of("train.balance", self.balance, BALANCES)
         _at_least("train.steps", self.steps, 1)
@@ -413,9 +421,20 @@ class DataConfig(_Section):
     # Success head on corrected episodes: true trains only on windows from the step the correction restored from
     # (the planner's suffix), not on the failed prefix the corrected trajectory keeps (docs/results.md)
     corrected_from_restore: bool = False
+    # The success critic's Monte-Carlo rows come from these outcomes' stored chunks (train.critic_mc_weight)
+    critic_mc_outcomes: list[str] = field(default_factory=lambda: ["failure", "success"])
+    # Fraction of initial states (task and seed: a parent, its branches and same-seed episodes together) that the
+    # critic never trains on and is evaluated on; the split is a hash of the state's id, the same in every run
+    critic_holdout: float = 0.2
 
     def check(self) -> None:
         _at_least("data.failure_window", self.failure_window, 0)  # 0: whole failed episodes
+        if not self.critic_mc_outcomes:
+            raise ConfigError(f"data.critic_mc_outcomes must name at least one of {', '.join(CRITIC_MC_OUTCOMES)} "
+                              "(train.critic_mc_weight=0 turns the Monte-Carlo rows off)")
+        for outcome in self.critic_mc_outcomes:
+            _one_of("data.critic_mc_outcomes", outcome, CRITIC_MC_OUTCOMES)
+        _in_range("data.critic_holdout", self.critic_holdout, 0.0, 1.0, high_open=True)
 
 
 @dataclass
@@ -459,7 +478,7 @@ class LoopConfig(_Section):
 
     address: str | None = None  # Ray cluster to join; None: RAY_ADDRESS when set (ray job submit), else local Ray
     init_from: str | None = None  # the success-only checkpoint (or a run directory: its newest) to start from
-    learner_mode: str = "failure_head"  # what the learner trains (train.mode values); failure_head ships only it
+    learner_mode: str = "failure_head"  # what the learner trains (train.mode); failure_head, critic: ships it alone
     duration_s: float = 300.0  # wall-clock budget of the loop
     max_learner_steps: int | None = None  # optional step budget (whichever comes first)
     num_rollout_actors: int = 2
@@ -574,6 +593,9 @@ class Config(_Section):
 
     def check(self) -> None:
         _at_least("seed", self.seed, 0)  # numpy and torch seeds are non-negative
+        for key, mode in (("train.mode", self.train.mode), ("loop.learner_mode", self.loop.learner_mode)):
+            if mode == "critic" and not self.policy.critic:
+                raise ConfigError(f"{key}=critic needs policy.critic=true (the critic it trains)")
 
 
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:

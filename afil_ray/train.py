@@ -2,7 +2,9 @@
 
 Modes: ``success_only`` trains backbone + success head on demo/success/corrected windows; ``failure_head`` trains
 only the failure head on failure windows (everything else frozen: what the online learner does); ``joint``
-trains everything on both. A kill loses at most ``checkpoint_every`` steps: the newest checkpoint (policy
+trains backbone and both heads on both; ``critic`` trains only the success critic (``policy.critic``) on branch
+and Monte-Carlo outcomes (afil_ray/replay/outcomes.py), without the held-out states it is evaluated on
+(:meth:`Trainer.evaluate_critic`). A kill loses at most ``checkpoint_every`` steps: the newest checkpoint (policy
 components, optimizer, step, RNG) is picked up by the next run with the same ``run_dir``.
 """
 
@@ -26,12 +28,14 @@ from tqdm import tqdm
 
 from afil_ray.config import Config, ConfigError, save_resolved
 from afil_ray.envs.checks import check_task, trained_tasks
+from afil_ray.eval.critic import CriticReport, evaluate_critic
 from afil_ray.policy import checkpoint as ckpt
 from afil_ray.policy.checkpoint import CheckpointError
 from afil_ray.policy.loading import LATEST, latest_checkpoint, load_start_policy, resolve_device
 from afil_ray.policy.model import DAGPolicy
 from afil_ray.provenance import machine_facts
 from afil_ray.replay.chunks import ChunkSampler
+from afil_ray.replay.outcomes import OutcomeSampler
 from afil_ray.replay.sampler import WindowSampler
 from afil_ray.replay.store import ReplayStore
 
@@ -45,10 +49,12 @@ class _Heads:
 
     success: bool
     failure: bool
+    critic: bool = False
 
 
 def _heads(mode: str) -> _Heads:
-    return _Heads(success=mode in ("success_only", "joint"), failure=mode in ("failure_head", "joint"))
+    return _Heads(success=mode in ("success_only", "joint"), failure=mode in ("failure_head", "joint"),
+                  critic=mode == "critic")
 
 
 class Trainer:
@@ -72,7 +78,7 @@ class Trainer:
         store = ReplayStore(cfg.replay.root)
         cameras = () if cfg.env.obs_mode == "state" else None
         h = cfg.policy.horizon
-        self.samplers: dict[str, WindowSampler | ChunkSampler] = {}
+        self.samplers: dict[str, WindowSampler | ChunkSampler | OutcomeSampler] = {}
         if self.heads.success:
             self.samplers["success"] = WindowSampler(store, h, tasks=self.tasks, outcomes=cfg.data.success_outcomes,
                                                      balance=tc.balance, cameras=cameras, seed=cfg.seed,
@@ -91,7 +97,19 @@ class Trainer:
                                                          cameras=cameras, seed=cfg.seed + 1)
             else:
                 raise ValueError(f"train.failure_targets must be sampled or executed, got {tc.failure_targets!r}")
+        if self.heads.critic:
+            if not cfg.policy.critic:  # Config checks this when built; a mode set afterwards is checked here
+                raise ConfigError("train.mode=critic needs policy.critic=true (the critic it trains)")
+            dc = cfg.data
+            self.samplers["critic"] = OutcomeSampler(store, h, tasks=self.tasks, mc_outcomes=dc.critic_mc_outcomes,
+                                                     mc_weight=tc.critic_mc_weight, holdout=dc.critic_holdout,
+                                                     split="train", seed=cfg.seed + 2, cameras=cameras)
         for name, s in self.samplers.items():
+            if name == "critic" and s.num_steps == 0:
+                raise ConfigError(f"replay.root={cfg.replay.root} holds no critic rows for tasks "
+                                  f"{', '.join(self.tasks)} outside the held-out states (data.critic_holdout="
+                                  f"{cfg.data.critic_holdout}): branch rollouts (afil-ray branch) or store rollouts "
+                                  "of data.critic_mc_outcomes with train.critic_mc_weight > 0 first")
             if s.num_steps == 0:  # a user's input (an empty or mistyped store), so one line, not a traceback
                 raise ConfigError(f"replay.root={cfg.replay.root} holds no {name} windows for tasks "
                                   f"{', '.join(self.tasks)} (outcomes {', '.join(sorted(s.outcomes))}); generate "
@@ -101,8 +119,8 @@ class Trainer:
         if resume is not None:
             self.policy = self._load_policy(resume)
         elif tc.init_from:
-            self.policy = load_start_policy(tc.init_from, self.device,
-                                            failure_head_init=cfg.policy.failure_head_init, seed=cfg.seed)
+            self.policy = load_start_policy(tc.init_from, self.device, failure_head_init=cfg.policy.failure_head_init,
+                                            seed=cfg.seed, critic=cfg.policy)
         else:
             self.policy = self._new_policy()
         self.policy.to(self.device)
@@ -221,6 +239,11 @@ class Trainer:
                 total = total + loss
                 metrics[f"losses/{head}_head"] = float(loss.detach())
                 metrics.update({f"train/{head}_{k}": float(v) for k, v in m.items()})
+        if self.heads.critic:
+            loss, m = self.policy.critic_loss(self._batch("critic"))
+            total = total + loss
+            metrics["losses/critic_q"], metrics["losses/critic_v"] = m["critic_q"], m["critic_v"]
+            metrics["train/critic_success_rate"] = m["critic_success_rate"]
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
@@ -242,7 +265,7 @@ class Trainer:
         try:
             while self.step < target:
                 metrics = self.train_step()
-                samples += tc.batch_size * (int(self.heads.success) + int(self.heads.failure))
+                samples += tc.batch_size * (int(self.heads.success) + int(self.heads.failure) + int(self.heads.critic))
                 bar.update(1)
                 if self.step % tc.log_every == 0 or self.step == target:
                     elapsed = time.perf_counter() - t0
@@ -260,6 +283,26 @@ class Trainer:
             if self.writer is not None:
                 self.writer.flush()
         return self.save()
+
+    # ---------------------------------------------------------------- the critic's held-out evaluation
+
+    def evaluate_critic(self, checkpoint: Path | None = None) -> CriticReport:
+        """The critic's held-out AUROCs (afil_ray.eval.critic.py) with the weights it acts with: to
+        TensorBoard (``critic/*`` at this step) and ``critic_eval.json`` in ``checkpoint`` (default: a new one)."""
+        if self.policy.critic is None:
+            raise ConfigError("there is no critic to evaluate (policy.critic=false)")
+        checkpoint = checkpoint or self.save()
+        dc = self.cfg.data
+        report = evaluate_critic(self.inference_policy, ReplayStore(self.cfg.replay.root), self.tasks,
+                                 mc_outcomes=dc.critic_mc_outcomes, holdout=dc.critic_holdout,
+                                 instructions=self.instructions, batch_size=self.cfg.train.batch_size)
+        report.checkpoint = str(checkpoint)
+        report.write(checkpoint)
+        if self.writer is not None:
+            for key, value in report.scalars().items():
+                self.writer.add_scalar(key, value, self.step)
+            self.writer.flush()
+        return report
 
     # ---------------------------------------------------------------- checkpoints
 

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from afil_ray.config import TRAIN_MODES as MODES
 from afil_ray.config import load_config
 from afil_ray.replay.episode import Episode
 from afil_ray.replay.store import ReplayStore
 from afil_ray.train import Trainer
 
 STATE_DIM, ACTION_DIM, LENGTH, H = 31, 8, 100, 16
+MODES = ("success_only", "failure_head", "joint")  # the action heads' modes (the critic is an MLP beside them)
 
 
 def synthetic_store(root: Path, episodes: int = 64) -> None:

@@ -1,10 +1,11 @@
 """The online learner: retrains the failure head on harvested failures and publishes weight versions.
 
 It is the offline :class:`~afil_ray.train.Trainer` in ``loop.learner_mode`` (``failure_head`` by default: the
-rest is frozen, so only the failure head is shipped), fed by a replay store that rollout workers keep growing: it
-re-reads the store every ``loop.refresh_every`` steps, publishes a version every ``loop.publish_every`` steps
-and checkpoints every ``loop.checkpoint_every``. A restarted learner resumes from its newest checkpoint and
-numbers its next version after the board's newest, so versions stay monotonic across restarts.
+rest is frozen, so only the failure head is shipped; ``critic`` likewise ships only the success critic), fed by a
+replay store that rollout workers keep growing: it re-reads the store every ``loop.refresh_every`` steps,
+publishes a version every ``loop.publish_every`` steps and checkpoints every ``loop.checkpoint_every``. A restarted
+learner resumes from its newest checkpoint and numbers its next version after the board's newest, so versions stay
+monotonic across restarts.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ SHIPPED = {
     "failure_head": ("failure_head",),
     "success_only": ("backbone", "success_head"),
     "joint": ("backbone", "success_head", "failure_head"),
+    "critic": ("critic",),
 }
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from afil_ray.policy.checkpoint import load_component_state
-from afil_ray.policy.model import COMPONENTS, DAGPolicy
+from afil_ray.policy.model import DAGPolicy
 
 
 @dataclass
@@ -34,9 +34,9 @@ class WeightPacket:
 
 def pack(policy: DAGPolicy, components: Sequence[str], version: int, learner_step: int = 0) -> WeightPacket:
     """Copy ``components`` of ``policy`` to CPU numpy (detached from the learner's live tensors)."""
-    unknown = [c for c in components if c not in COMPONENTS]
+    unknown = [c for c in components if c not in policy.components]
     if unknown:
-        raise ValueError(f"unknown component {unknown[0]!r}; components are {COMPONENTS}")
+        raise ValueError(f"unknown component {unknown[0]!r}; this policy's components are {policy.components}")
     state = {name: {k: v.detach().to("cpu", copy=True).numpy() for k, v in policy.component(name).state_dict().items()}
              for name in components}
     return WeightPacket(version=version, components=state, learner_step=learner_step)

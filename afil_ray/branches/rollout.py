@@ -24,7 +24,8 @@ import torch
 from afil_ray.branches.states import BranchPoint, id_entropy
 from afil_ray.config import SamplerConfig
 from afil_ray.envs.base import Obs, VecEnv
-from afil_ray.replay.episode import IMAGE_PREFIX, Episode
+from afil_ray.envs.collector import StepBuffer
+from afil_ray.replay.episode import Episode
 from afil_ray.rollout import ChunkPolicy
 
 SOURCE = "branch"
@@ -46,25 +47,14 @@ class BranchJob:
 
 @dataclass
 class _Branch:
-    """A job in flight in one slot: its noise and what it has done so far."""
+    """A job in flight in one slot: its noise, its current observation and the steps it has taken."""
 
     job: BranchJob
     noise_seed: int
     generator: torch.Generator
     obs: Obs  # the slot's current observation, unbatched
+    steps: StepBuffer
     queue: list[np.ndarray] = field(default_factory=list)
-    states: list[np.ndarray] = field(default_factory=list)
-    images: dict[str, list[np.ndarray]] = field(default_factory=dict)
-    actions: list[np.ndarray] = field(default_factory=list)
-    rewards: list[float] = field(default_factory=list)
-    success: list[bool] = field(default_factory=list)
-    fail: list[bool] = field(default_factory=list)
-    terminated: list[bool] = field(default_factory=list)
-    truncated: list[bool] = field(default_factory=list)
-    chunk_steps: list[int] = field(default_factory=list)
-    chunks: list[np.ndarray] = field(default_factory=list)
-    chunk_w: list[np.ndarray] = field(default_factory=list)
-    chunk_cos: list[np.ndarray] = field(default_factory=list)
 
 
 class BranchRunner:
@@ -98,7 +88,8 @@ class BranchRunner:
                              f"{self.env.slot_tasks[slot].env_id}")
         obs = self.env.restore(slot, point.snapshot, point.step)
         seed = branch_noise_seed(parent.episode_id, point.step, job.index, self.seed)
-        return _Branch(job, seed, torch.Generator().manual_seed(seed), {k: np.asarray(v) for k, v in obs.items()})
+        return _Branch(job, seed, torch.Generator().manual_seed(seed), {k: np.asarray(v) for k, v in obs.items()},
+                       StepBuffer(seed=parent.seed))
 
     def _replan(self, branches: list[_Branch]) -> None:
         obs = {k: np.stack([b.obs[k] for b in branches]) for k in branches[0].obs}
@@ -109,12 +100,7 @@ class BranchRunner:
         w, cos = diag.get("w"), diag.get("cos")
         for j, b in enumerate(branches):
             b.queue = list(actions[j, : self.sampler.execute_steps])
-            b.chunk_steps.append(len(b.actions))
-            b.chunks.append(np.asarray(actions[j], np.float32))
-            if w is not None:
-                b.chunk_w.append(np.asarray(w[j], np.float32))
-            if cos is not None:
-                b.chunk_cos.append(np.asarray(cos[j], np.float32))
+            b.steps.add_chunk(actions[j], None if w is None else w[j], None if cos is None else cos[j])
 
     def run(self, jobs: Iterable[BranchJob]) -> Iterator[Episode]:
         """Every job's branch, in the order they end (jobs are pulled lazily, as slots free up)."""
@@ -142,15 +128,7 @@ class BranchRunner:
             for i, b in enumerate(slots):
                 if b is None:
                     continue
-                b.states.append(b.obs["state"].copy())
-                for cam in self.env.cameras:
-                    b.images.setdefault(cam, []).append(b.obs[IMAGE_PREFIX + cam].copy())
-                b.actions.append(actions[i].copy())
-                b.rewards.append(float(res.reward[i]))
-                b.success.append(bool(res.success[i]))
-                b.fail.append(bool(res.fail[i]))
-                b.terminated.append(bool(res.terminated[i]))
-                b.truncated.append(bool(res.truncated[i]))
+                b.steps.add_step(b.obs, self.env.cameras, actions[i], res, i)
                 b.obs = {k: np.asarray(v[i]) for k, v in res.obs.items()}
                 if res.done[i]:
                     slots[i] = None
@@ -160,19 +138,13 @@ class BranchRunner:
     def _episode(self, b: _Branch) -> Episode:
         point, parent = b.job.point, b.job.point.parent
         extra = {**self.extra, "noise_seed": b.noise_seed, "parent_outcome": parent.outcome,
-                 "fail_once": any(b.fail), "success_at_end": b.success[-1]}
+                 "fail_once": any(b.steps.fail), "success_at_end": b.steps.success[-1]}
         if point.estimate is not None:
             extra["estimate"] = point.estimate
         return Episode(
             task=parent.task, outcome="branch", instruction=parent.instruction, seed=parent.seed, source=SOURCE,
             policy_version=self.policy_version, sampler=self.sampler.kind, sampler_params=dict(self.sampler_params),
             control_mode=self.env.control_mode, obs_mode=self.env.obs_mode,
-            state=np.stack(b.states), action=np.stack(b.actions), reward=np.asarray(b.rewards, np.float32),
-            step_success=np.asarray(b.success, bool), terminated=np.asarray(b.terminated, bool),
-            truncated=np.asarray(b.truncated, bool), final_state=np.asarray(b.obs["state"], np.float32).copy(),
-            images={cam: np.stack(v) for cam, v in b.images.items()},
-            chunk_steps=b.chunk_steps, chunks=np.stack(b.chunks),
-            chunk_w=np.stack(b.chunk_w) if len(b.chunk_w) == len(b.chunks) else None,
-            chunk_cos=np.stack(b.chunk_cos) if len(b.chunk_cos) == len(b.chunks) else None,
             parent_episode_id=parent.episode_id, branch_step=point.step, branch_index=b.job.index, extra=extra,
+            **b.steps.episode_arrays(b.obs["state"]),  # no snapshots: a branch is not restored again
         )

@@ -12,13 +12,15 @@ from typing import Any
 
 import numpy as np
 
-from afil_ray.envs.base import Obs, VecEnv
+from afil_ray.envs.base import Obs, StepResult, VecEnv
 from afil_ray.envs.tasks import Instruct, canonical_instruction
-from afil_ray.replay.episode import Episode
+from afil_ray.replay.episode import IMAGE_PREFIX, Episode
 
 
 @dataclass
-class _Buffer:
+class StepBuffer:
+    """One episode's steps as they come (the rollout collector's and a branch's): what becomes its Episode arrays."""
+
     seed: int
     states: list[np.ndarray] = field(default_factory=list)
     images: dict[str, list[np.ndarray]] = field(default_factory=dict)
@@ -41,6 +43,43 @@ class _Buffer:
             self.snapshot_steps.append(step)
             self.snapshots.append(blob)
 
+    def add_chunk(self, chunk: np.ndarray, w: np.ndarray | None = None, cos: np.ndarray | None = None) -> None:
+        """The chunk sampled at the current step (with the sampler's diagnostics)."""
+        self.chunk_steps.append(len(self.actions))
+        self.chunks.append(np.asarray(chunk, np.float32))
+        if w is not None:
+            self.chunk_w.append(np.asarray(w, np.float32))
+        if cos is not None:
+            self.chunk_cos.append(np.asarray(cos, np.float32))
+
+    def add_step(self, obs: Obs, cameras: tuple[str, ...] | list[str], action: np.ndarray, res: StepResult,
+                 i: int) -> None:
+        """Env ``i``'s step: the observation it acted on (unbatched), its action, and row ``i`` of the result."""
+        self.states.append(np.array(obs["state"], copy=True))
+        for cam in cameras:
+            self.images.setdefault(cam, []).append(np.array(obs[IMAGE_PREFIX + cam], copy=True))
+        self.actions.append(np.array(action, np.float32, copy=True))
+        self.rewards.append(float(res.reward[i]))
+        self.success.append(bool(res.success[i]))
+        self.fail.append(bool(res.fail[i]))
+        self.terminated.append(bool(res.terminated[i]))
+        self.truncated.append(bool(res.truncated[i]))
+
+    def episode_arrays(self, final_state: np.ndarray) -> dict[str, Any]:
+        """The Episode fields these steps give (the producer adds task, outcome and metadata)."""
+        whole = len(self.chunk_w) == len(self.chunks) and self.chunk_w  # diagnostics only when every chunk has them
+        return dict(
+            state=np.stack(self.states), action=np.stack(self.actions),
+            reward=np.asarray(self.rewards, np.float32), step_success=np.asarray(self.success, bool),
+            terminated=np.asarray(self.terminated, bool), truncated=np.asarray(self.truncated, bool),
+            final_state=np.asarray(final_state, np.float32).copy(),
+            images={cam: np.stack(v) for cam, v in self.images.items()},
+            snapshot_steps=self.snapshot_steps, snapshots=self.snapshots, chunk_steps=self.chunk_steps,
+            chunks=np.stack(self.chunks) if self.chunks else None,
+            chunk_w=np.stack(self.chunk_w) if whole else None,
+            chunk_cos=np.stack(self.chunk_cos) if len(self.chunk_cos) == len(self.chunks) and self.chunk_cos else None,
+        )
+
 
 class EpisodeCollector:
     """Steps ``env`` with given actions and returns episodes as they finish.
@@ -62,13 +101,13 @@ class EpisodeCollector:
         self.policy_version = policy_version
         self.sampler = sampler
         self.sampler_params = sampler_params or {}
-        self._buffers: list[_Buffer] = []
+        self._buffers: list[StepBuffer] = []
         self._meta: list[dict[str, Any]] = []
         self.obs: Obs = {}
         self.last_done = np.zeros(env.num_envs, bool)
 
     def _start(self, i: int, seed: int, snapshot: bytes | None) -> None:
-        buf = _Buffer(seed=seed)
+        buf = StepBuffer(seed=seed)
         buf.add_snapshot(0, snapshot)
         self._buffers[i] = buf
         self._meta[i] = {"policy_version": self.policy_version, "sampler": self.sampler,
@@ -86,18 +125,12 @@ class EpisodeCollector:
     def add_chunk(self, i: int, chunk: np.ndarray, w: np.ndarray | None = None,
                   cos: np.ndarray | None = None) -> None:
         """Record the chunk sampled for env ``i`` at its current step (with the sampler's diagnostics)."""
-        buf = self._buffers[i]
-        buf.chunk_steps.append(len(buf.actions))
-        buf.chunks.append(np.asarray(chunk, np.float32))
-        if w is not None:
-            buf.chunk_w.append(np.asarray(w, np.float32))
-        if cos is not None:
-            buf.chunk_cos.append(np.asarray(cos, np.float32))
+        self._buffers[i].add_chunk(chunk, w, cos)
 
     def reset(self) -> Obs:
         n = self.env.num_envs
         seeds = [next(self.seeds) for _ in range(n)]
-        self._buffers = [_Buffer(seed=s) for s in seeds]
+        self._buffers = [StepBuffer(seed=s) for s in seeds]
         self._meta = [{} for _ in range(n)]
         self.obs, snaps = self.env.reset(seeds)
         for i in range(n):
@@ -110,15 +143,7 @@ class EpisodeCollector:
         finished: list[Episode] = []
         self.last_done = res.done.copy()  # finished episodes are in ascending env order of this mask
         for i, buf in enumerate(self._buffers):
-            buf.states.append(before["state"][i].copy())
-            for cam in self.env.cameras:
-                buf.images.setdefault(cam, []).append(before[f"rgb_{cam}"][i].copy())
-            buf.actions.append(np.asarray(actions[i], np.float32).copy())
-            buf.rewards.append(float(res.reward[i]))
-            buf.success.append(bool(res.success[i]))
-            buf.fail.append(bool(res.fail[i]))
-            buf.terminated.append(bool(res.terminated[i]))
-            buf.truncated.append(bool(res.truncated[i]))
+            buf.add_step({k: v[i] for k, v in before.items()}, self.env.cameras, actions[i], res, i)
             if res.done[i]:
                 finished.append(self._finish(i, res.obs["state"][i]))
             else:
@@ -140,17 +165,8 @@ class EpisodeCollector:
         return Episode(
             task=self.env.slot_tasks[i].env_id, outcome=outcome, seed=buf.seed,
             source=self.source, control_mode=self.env.control_mode, obs_mode=self.env.obs_mode,
-            state=np.stack(buf.states), action=np.stack(buf.actions),
-            reward=np.asarray(buf.rewards, np.float32), step_success=np.asarray(buf.success),
-            terminated=np.asarray(buf.terminated), truncated=np.asarray(buf.truncated),
-            final_state=np.asarray(final_state, np.float32).copy(),
-            images={cam: np.stack(v) for cam, v in buf.images.items()},
-            snapshot_steps=buf.snapshot_steps, snapshots=buf.snapshots, chunk_steps=buf.chunk_steps,
-            chunks=np.stack(buf.chunks) if buf.chunks else None,
-            chunk_w=np.stack(buf.chunk_w) if len(buf.chunk_w) == len(buf.chunks) and buf.chunk_w else None,
-            chunk_cos=np.stack(buf.chunk_cos) if len(buf.chunk_cos) == len(buf.chunks) and buf.chunk_cos else None,
             extra={**buf.extra, "fail_once": any(buf.fail), "success_at_end": buf.success[-1]},
-            **meta,
+            **buf.episode_arrays(final_state), **meta,
         )
 
 

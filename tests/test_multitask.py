@@ -256,6 +256,7 @@ def test_an_image_policy_on_observations_without_its_camera_is_one_line_not_a_bl
         policy.sample({"state": np.zeros((1, 28), np.float32)}, ["pull the cube"], SamplerConfig(steps=2))
 
 
+@pytest.mark.slow  # five process-backed simulators: about 30 s; keeps the default suite under 15 min
 def test_a_multitask_env_of_process_backed_envs_steps_every_task_at_once_and_matches_the_loop():
     def rollout(vectorization: str) -> list[np.ndarray]:
         cfg = EnvConfig(task=["PushCube-v1", "PullCube-v1"], obs_mode="rgb", camera_size=32, num_envs=1,

@@ -179,6 +179,7 @@ def test_reproduce_runs_every_stage_then_reuses_them(tmp_path, capsys):
         Pipeline(cfg, progress=False).run()
 
 
+@pytest.mark.slow  # a whole reproduction with its online arm: about 55 s; keeps the default suite under 15 min
 @pytest.mark.timeout(900)
 def test_online_arm_is_found_again_in_a_copied_run_dir(tmp_path, monkeypatch, capsys):
     """The online stage (a real local Ray loop) records its checkpoint under run_dir as given, like every other

@@ -11,6 +11,10 @@ slot and on what the other envs sampled before) or, with ``noise_seed``, from on
 env starts an episode, ``noise_seed(episode seed)`` seeds that env's own ``torch.Generator`` and every chunk of the
 episode draws its initial noise from it, so the noise is a function of the episode alone (evaluation pairs arms
 this way). Episodes for which ``noise_seed`` returns None draw from the shared generator.
+
+With ``keep_images=False`` (an evaluation that keeps outcomes, not frames) the envs are asked to render only the
+observations a chunk is sampled from, one in ``execute_steps``: most of a rendered step's cost on a CPU simulator
+(LIBERO) is the rendering, and the observations in between are never shown to the policy.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ class ChunkedRollout:
     def __init__(self, env: VecEnv, policy: ChunkPolicy, sampler: SamplerConfig, seeds: Iterator[int], *,
                  source: str = "policy", policy_version: int = -1, generator: Any = None,
                  noise_seed: Callable[[int], int | None] | None = None, instruct: Instruct = canonical_instruction,
-                 observe: Callable[[Obs], Obs] | None = None) -> None:
+                 observe: Callable[[Obs], Obs] | None = None, keep_images: bool = True) -> None:
         self.env, self.policy, self.sampler = env, policy, sampler
         self.observe = observe  # what the policy is shown of an observation (an evaluation probe's view), if not all
         self.generator = generator
@@ -73,7 +77,7 @@ class ChunkedRollout:
         self.collector = EpisodeCollector(
             env, seeds, source=source, policy_version=policy_version, sampler=sampler.kind,
             sampler_params={"w": sampler.w, "lam": sampler.lam, "steps": sampler.steps,
-                            "execute_steps": sampler.execute_steps}, instruct=instruct)
+                            "execute_steps": sampler.execute_steps}, instruct=instruct, keep_images=keep_images)
         self.queues: list[deque[np.ndarray]] = [deque() for _ in range(env.num_envs)]
         self.stats = RolloutStats()
         self.obs = self.collector.reset()
@@ -121,7 +125,9 @@ class ChunkedRollout:
         if empty.any():
             self._replan(np.flatnonzero(empty))
         actions = np.stack([q.popleft() for q in self.queues]).astype(np.float32)
-        self.obs, finished = self.collector.step(actions)
+        # the envs that re-plan at the next step read its images (a finished episode's reset renders anyway)
+        render = None if self.collector.keep_images else np.array([not q for q in self.queues])
+        self.obs, finished = self.collector.step(actions, render)
         for i in np.flatnonzero(self.collector.last_done):
             self.queues[i].clear()  # a new episode re-plans from its first observation
             self._start_noise(int(i))

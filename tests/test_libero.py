@@ -238,3 +238,49 @@ def test_worker_processes_step_and_restore_and_a_dead_one_is_a_one_line_simulato
         assert "\n" not in str(e.value)
     finally:
         env.close()
+
+
+class _ImageDrivenPolicy:
+    """A deterministic chunk policy whose actions depend on every camera image it is shown (and records them), so
+    a black or stale frame at a re-planning step would change what it does."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, np.ndarray]] = []
+
+    def sample(self, obs, instructions, sampler, generator=None):
+        self.seen.append({k: v.copy() for k, v in obs.items()})
+        feature = sum(obs[k].reshape(len(obs[k]), -1).mean(1) for k in obs if k.startswith("rgb_"))
+        steps = np.arange(12)[None, :, None] + np.arange(7)[None, None, :]
+        chunk = 0.8 * np.sin(feature[:, None, None] / 7.0 + steps)
+        return chunk.astype(np.float32), {}
+
+
+def test_an_outcome_only_rollout_renders_just_the_frames_the_policy_samples_from(rgb_env):
+    """With keep_images=False the env renders only at re-planning steps: the policy sees the same frames and acts
+    the same, the simulator goes the same way, and episodes carry no frames."""
+    import itertools
+
+    from afil_ray.config import SamplerConfig
+    from afil_ray.rollout import ChunkedRollout
+
+    runs = {}
+    for keep in (True, False):
+        policy = _ImageDrivenPolicy()
+        rollout = ChunkedRollout(rgb_env, policy, SamplerConfig(execute_steps=4), itertools.count(100003),
+                                 keep_images=keep)
+        states = [rollout.obs["state"].copy()]
+        for _ in range(10):
+            rollout.step()
+            states.append(rollout.obs["state"].copy())
+        runs[keep] = (policy.seen, states, rollout.obs)
+    (seen_all, states_all, _), (seen_lazy, states_lazy, last_lazy) = runs[True], runs[False]
+    assert len(seen_lazy) == len(seen_all) == 3  # steps 0, 4 and 8
+    for full, lazy in zip(seen_all, seen_lazy, strict=True):
+        for k in full:
+            np.testing.assert_array_equal(lazy[k], full[k])
+        assert lazy["rgb_agentview"].std() > 10
+    np.testing.assert_array_equal(np.stack(states_lazy), np.stack(states_all))
+    assert not last_lazy["rgb_agentview"].any()  # step 10: no re-planning at step 11, so not rendered
+    with pytest.raises(ValueError, match="every frame"):
+        ChunkedRollout(rgb_env, _ImageDrivenPolicy(), SamplerConfig(), itertools.count(0)).collector.step(
+            np.zeros((1, 7), np.float32), render=np.array([False]))

@@ -64,7 +64,11 @@ class VecEnv(Protocol):
         """Reset all envs (mask None) or those where mask is True, each with its own seed (len(seeds) == N)."""
         ...
 
-    def step(self, actions: np.ndarray) -> StepResult: ...
+    def step(self, actions: np.ndarray, render: np.ndarray | None = None) -> StepResult:
+        """Step every env. ``render`` ([N] bool, None for all): the envs whose new observation must carry camera
+        images; a back-end may leave the others' images black instead of rendering them (LIBERO does, ManiSkill
+        renders them anyway). A reset or a restore always renders."""
+        ...
 
     def restore(self, index: int, snapshot: bytes, step: int) -> Obs:
         """Put env ``index`` into a stored state; ``step`` becomes its elapsed-step counter. Returns its obs."""

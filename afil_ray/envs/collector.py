@@ -86,14 +86,17 @@ class EpisodeCollector:
 
     ``seeds`` yields the seed of every new episode, so a run's episodes are reproducible from its seed stream.
     With ``auto_reset=False`` a finished env is left as it is and the caller decides what comes next.
+    With ``keep_images=False`` episodes come without camera frames (an evaluation that keeps outcomes only), and
+    :meth:`step` may be told which envs' next observations the caller reads images from (``render``).
     Producer metadata (``source``, ``policy_version``, ``sampler``...) is read when an episode starts, and so is
     its instruction: ``instruct(slot task, seed)`` (``env.paraphrase``'s choice, or an evaluation probe's).
     """
 
     def __init__(self, env: VecEnv, seeds: Iterator[int], *, source: str, policy_version: int = -1,
                  sampler: str = "", sampler_params: dict | None = None, auto_reset: bool = True,
-                 instruct: Instruct = canonical_instruction) -> None:
+                 instruct: Instruct = canonical_instruction, keep_images: bool = True) -> None:
         self.env = env
+        self.keep_images = keep_images
         self.instruct = instruct
         self.auto_reset = auto_reset
         self.seeds = seeds
@@ -137,13 +140,18 @@ class EpisodeCollector:
             self._start(i, seeds[i], snaps[i])
         return self.obs
 
-    def step(self, actions: np.ndarray) -> tuple[Obs, list[Episode]]:
+    def step(self, actions: np.ndarray, render: np.ndarray | None = None) -> tuple[Obs, list[Episode]]:
+        """Step every env; ``render`` ([N] bool, only without ``keep_images``): the envs whose next observation the
+        caller reads images from (the env may leave the others' black, :meth:`VecEnv.step`)."""
+        if render is not None and self.keep_images:
+            raise ValueError("render: a collector that keeps images needs every frame rendered")
         before = self.obs
-        res = self.env.step(actions)
+        res = self.env.step(actions) if render is None else self.env.step(actions, render=render)
         finished: list[Episode] = []
         self.last_done = res.done.copy()  # finished episodes are in ascending env order of this mask
+        cameras = self.env.cameras if self.keep_images else ()
         for i, buf in enumerate(self._buffers):
-            buf.add_step({k: v[i] for k, v in before.items()}, self.env.cameras, actions[i], res, i)
+            buf.add_step({k: v[i] for k, v in before.items()}, cameras, actions[i], res, i)
             if res.done[i]:
                 finished.append(self._finish(i, res.obs["state"][i]))
             else:

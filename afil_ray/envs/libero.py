@@ -222,6 +222,8 @@ class LiberoEnv(gym.Env):
         self.cameras = check_env(cfg, self.spec_)
         self.max_episode_steps = cfg.max_episode_steps or self.spec_.max_episode_steps
         self._t = 0
+        self.render_next = True  # whether the next step's observation renders the cameras (then back to True)
+        self._rendering = True  # whether the camera observables are enabled
         try:
             self._env, self._init_states = self._make()
             from robosuite import macros
@@ -230,6 +232,7 @@ class LiberoEnv(gym.Env):
             base = self._env.env
             for name in base.observation_names:  # sampled once per step, by regenerate_obs_from_state
                 base.modify_observable(name, "sampling_rate", _ON_DEMAND)
+            self._camera_observables = [f"{CAMERAS[cam]}_image" for cam in self.cameras]
             self._gripper = base.robots[0].gripper
             self._fixtures = np.array([base.sim.model.body_name2id(f.root_body) for f in base.fixtures_dict.values()],
                                       dtype=np.int64)
@@ -274,9 +277,12 @@ class LiberoEnv(gym.Env):
 
     # -- observations and state -------------------------------------------------------------------------------------
 
-    def _observe(self, sim_state: np.ndarray) -> Obs:
-        """Set ``sim_state``, run the forward pass and read every observable (LIBERO's set_init_state)."""
-        if self.cameras:
+    def _observe(self, sim_state: np.ndarray, render: bool = True) -> Obs:
+        """Set ``sim_state``, run the forward pass and read every observable (LIBERO's set_init_state); without
+        ``render`` the camera observables are switched off and the images are black (rendering is most of a step's
+        cost, and a policy that re-plans every few steps reads few of them)."""
+        self._set_rendering(render)
+        if self.cameras and render:
             # robosuite renders into whichever GL context is current, the last one created (or none once that one
             # is closed): with several envs in a process each must make its own current
             self._env.sim._render_context_offscreen.gl_ctx.make_current()
@@ -284,10 +290,19 @@ class LiberoEnv(gym.Env):
         proprio = np.asarray(raw["robot0_proprio-state"], np.float32)
         out: Obs = {"state": proprio if self.cfg.obs_mode == "rgb"
                     else np.concatenate([proprio, np.asarray(raw["object-state"], np.float32)])}
+        size = (self.cfg.camera_size, self.cfg.camera_size, 3)
         for cam in self.cameras:
-            image = raw[f"{CAMERAS[cam]}_image"]
-            out[f"{IMAGE_PREFIX}{cam}"] = np.ascontiguousarray(image[::-1] if self._flip else image)
+            image = raw.get(f"{CAMERAS[cam]}_image") if render else None
+            out[f"{IMAGE_PREFIX}{cam}"] = (np.zeros(size, np.uint8) if image is None
+                                           else np.ascontiguousarray(image[::-1] if self._flip else image))
         return out
+
+    def _set_rendering(self, on: bool) -> None:
+        """Switch the camera observables on or off (robosuite skips a disabled observable's sensor)."""
+        if on != self._rendering:
+            for name in self._camera_observables:
+                self._env.env.modify_observable(name, "enabled", on)
+            self._rendering = on
 
     def _state(self, sim_state: np.ndarray) -> dict[str, np.ndarray]:
         """What the next steps depend on (module docstring), taken before :meth:`_observe`: its forward pass
@@ -317,13 +332,13 @@ class LiberoEnv(gym.Env):
         return obs
 
     def _snapshot_and_observe(self, sim_state: np.ndarray | None = None, *, done: bool = False,
-                              start: bool = False) -> tuple[Obs, bytes | None]:
+                              start: bool = False, render: bool = True) -> tuple[Obs, bytes | None]:
         """The snapshot due at this step (``snapshot_every``, none at an episode's end), then the observation;
         at an episode's ``start`` the controller also takes the starting pose as its own and as its goal."""
         sim_state = self._env.get_sim_state() if sim_state is None else sim_state
         every = self.cfg.snapshot_every
         state = self._state(sim_state) if every and self._t % every == 0 and not done else None
-        obs = self._observe(sim_state)
+        obs = self._observe(sim_state, render)
         controller = self._controller
         if start:
             controller.update(force=True)
@@ -359,13 +374,15 @@ class LiberoEnv(gym.Env):
         return self._snapshot_and_observe(None if k is None else self._init_states[k], start=True)
 
     def step(self, action: np.ndarray) -> tuple[Obs, float, bool, bool, dict]:
+        """gymnasium's step; its observation renders the cameras unless ``render_next`` was set False for it."""
+        render, self.render_next = self.render_next, True
         try:
             _, reward, _, _ = self._env.step(np.asarray(action, np.float64))
             success = bool(self._env.check_success())
             self._t += 1
             terminated = success and not self.cfg.ignore_terminations
             truncated = self._t >= self.max_episode_steps and not terminated
-            obs, blob = self._snapshot_and_observe(done=terminated or truncated)
+            obs, blob = self._snapshot_and_observe(done=terminated or truncated, render=render)
         except Exception as e:
             raise SimulatorError(f"LIBERO {self.spec_.env_id} env {self.index}: step {self._t} failed: "
                                  f"{_one_line(e)}") from e
@@ -422,17 +439,18 @@ class LiberoVecEnv:
             raise ValueError(f"reset needs one seed per env ({self.num_envs}), got {len(seeds)}")
         return self._batch.reset(seeds, mask)
 
-    def step(self, actions: np.ndarray) -> StepResult:
-        self.step_async(actions)
+    def step(self, actions: np.ndarray, render: np.ndarray | None = None) -> StepResult:
+        self.step_async(actions, render)
         return self.step_wait()
 
-    def step_async(self, actions: np.ndarray) -> None:
-        """Start a step and return (the envs step while the caller goes on when they run in processes)."""
+    def step_async(self, actions: np.ndarray, render: np.ndarray | None = None) -> None:
+        """Start a step and return (the envs step while the caller goes on when they run in processes); the envs
+        not in ``render`` (when given) skip rendering their cameras, whose images come back black."""
         actions = np.asarray(actions, np.float32)
         if actions.shape != (self.num_envs, self.action_dim):
             raise ValueError(f"actions must have shape {(self.num_envs, self.action_dim)}, got {actions.shape}")
         self._pending = actions
-        self._batch.step_async(actions)
+        self._batch.step_async(actions, None if render is None else np.asarray(render, bool))
 
     def step_wait(self) -> StepResult:
         if self._pending is None:
@@ -468,8 +486,11 @@ class _LoopBatch(LoopBatch):
         self._last = [env.first_obs for env in self.envs]
         self._actions: np.ndarray | None = None
 
-    def step_async(self, actions: np.ndarray) -> None:
+    def step_async(self, actions: np.ndarray, render: np.ndarray | None) -> None:
         self._actions = actions
+        if render is not None:
+            for env, on in zip(self.envs, render, strict=True):
+                env.render_next = bool(on)
 
     def step_wait(self) -> StepResult:
         actions, self._actions = self._actions, None
@@ -527,7 +548,9 @@ class _AsyncBatch:
         self._obs = {k: v.copy() for k, v in obs.items()}
         return obs, [s if m else None for s, m in zip(self._snapshots(infos, self.n), mask, strict=True)]
 
-    def step_async(self, actions: np.ndarray) -> None:
+    def step_async(self, actions: np.ndarray, render: np.ndarray | None) -> None:
+        if render is not None and not render.all():  # each env goes back to rendering after its step
+            self._guard("a step", lambda: self.venv.set_attr("render_next", [bool(r) for r in render]))
         self._guard("a step", lambda: self.venv.step_async(actions))
 
     def step_wait(self) -> StepResult:

@@ -285,10 +285,12 @@ class ManiSkillVecEnv:
             raise ValueError(f"reset needs one seed per env ({self.num_envs}), got {len(seeds)}")
         return self._impl.reset(seeds, mask)
 
-    def step(self, actions: np.ndarray) -> StepResult:
+    def step(self, actions: np.ndarray, render: np.ndarray | None = None) -> StepResult:
+        """A step of every env. ``render`` is accepted and ignored: ManiSkill renders each observation's sensors
+        inside its step, so every observation carries its images."""
         return self._impl.step(self._checked(actions))
 
-    def step_async(self, actions: np.ndarray) -> None:
+    def step_async(self, actions: np.ndarray, render: np.ndarray | None = None) -> None:
         """Start a step and return: with the processes back-end the envs step while the caller goes on (a
         multi-task env starts every task's step before it waits for any); :meth:`step_wait` finishes it."""
         self._pending = self._checked(actions)

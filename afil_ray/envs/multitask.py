@@ -76,13 +76,18 @@ class MultiTaskVecEnv:
             snaps[part] = sub_snaps
         return self._join(), snaps
 
-    def step(self, actions: np.ndarray) -> StepResult:
+    def step(self, actions: np.ndarray, render: np.ndarray | None = None) -> StepResult:
         actions = np.asarray(actions, np.float32)
         pairs = list(zip(self.envs, self._parts, strict=True))
+
+        def kw(part: slice) -> dict[str, np.ndarray]:  # the plain call for envs that render every step anyway
+            return {} if render is None else {"render": np.asarray(render, bool)[part]}
+
         for env, part in pairs:  # every task's envs step at once where they run in processes
             if hasattr(env, "step_async"):
-                env.step_async(actions[part])
-        results = [env.step_wait() if hasattr(env, "step_async") else env.step(actions[part]) for env, part in pairs]
+                env.step_async(actions[part], **kw(part))
+        results = [env.step_wait() if hasattr(env, "step_async") else env.step(actions[part], **kw(part))
+                   for env, part in pairs]
         self._last = [r.obs for r in results]
 
         def cat(name: str) -> np.ndarray:

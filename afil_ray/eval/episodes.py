@@ -86,8 +86,9 @@ def episode_noise_seed(seed: int, run: int, base_seed: int) -> int:
 def run_episodes(env: VecEnv, cfg: Config, policy: ChunkPolicy, arm: Arm, run: int,
                  bar: tqdm | None = None, keep_snapshots: bool = False) -> list[Episode]:
     """Episodes ``(seed, run)`` for the seeds of ``cfg.eval`` with ``arm`` (its sampler, and its probe's view and
-    instruction), ordered by seed (simulator snapshots kept only when asked: harvesting failures to correct needs
-    them, a report does not)."""
+    instruction), ordered by seed. ``keep_snapshots`` keeps the episodes whole, simulator snapshots and every camera
+    frame: a harvest stores them and corrects its failures from the snapshots. A report needs outcomes only, so
+    without it the envs render only the frames the policy samples from (:class:`ChunkedRollout`)."""
     n, s0 = cfg.eval.episodes, cfg.eval.seed_start
     wanted = range(s0, s0 + n)
 
@@ -97,7 +98,7 @@ def run_episodes(env: VecEnv, cfg: Config, policy: ChunkPolicy, arm: Arm, run: i
     instruct, observe = probe_inputs(arm.probe, arm.foils, cfg.env.paraphrase)
     rollout = ChunkedRollout(env, policy, arm.sampler, itertools.count(s0), source="eval",
                              generator=torch.Generator().manual_seed(cfg.seed), noise_seed=noise_seed,
-                             instruct=instruct, observe=observe)
+                             instruct=instruct, observe=observe, keep_images=keep_snapshots)
     kept: list[Episode] = []
     while len(kept) < n:
         for ep in rollout.step():

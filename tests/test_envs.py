@@ -109,6 +109,25 @@ def test_rgb_mode_images_and_restore(rgb_env):
     assert np.abs(restored[cam].astype(int) - obs[cam][0].astype(int)).mean() < 1.0
 
 
+def test_a_step_told_not_to_render_skips_only_its_images(rgb_env):
+    """render=[True, False] on every other step: env 1's images are black on those steps and the same as a fully
+    rendered run's on the others, and neither env's simulation changes."""
+    cam = f"rgb_{rgb_env.cameras[0]}"
+    actions = _actions(rgb_env, 4, seed=3)
+    runs = []
+    for lazy in (False, True):
+        rgb_env.reset([5, 6])
+        runs.append([rgb_env.step(a, render=np.array([True, not (lazy and t % 2 == 0)])).obs
+                     for t, a in enumerate(actions)])
+    for t, (full, lazy) in enumerate(zip(*runs, strict=True)):
+        np.testing.assert_array_equal(lazy["state"], full["state"])
+        np.testing.assert_array_equal(lazy[cam][0], full[cam][0])
+        if t % 2 == 0:
+            assert not lazy[cam][1].any() and full[cam][1].std() > 1
+        else:
+            np.testing.assert_array_equal(lazy[cam][1], full[cam][1])
+
+
 def test_collector_builds_episodes(state_env):
     seeds = itertools.count(100)
     col = EpisodeCollector(state_env, seeds, source="test", policy_version=7, sampler="random")
@@ -156,3 +175,16 @@ def test_asset_task_fails_fast_instead_of_prompting():
 
 def test_simulator_error_type_is_exported():
     assert issubclass(SimulatorError, RuntimeError)
+
+
+def test_worker_processes_skip_rendering_when_told():
+    env = ManiSkillVecEnv(EnvConfig(task=TASK, obs_mode="rgb", num_envs=1, camera_size=64, backend="cpu",
+                                    cpu_vectorization="async"))
+    try:
+        cam = f"rgb_{env.cameras[0]}"
+        env.reset([0])
+        zero = np.zeros((1, env.action_dim), np.float32)
+        assert not env.step(zero, render=np.array([False])).obs[cam].any()
+        assert env.step(zero).obs[cam].std() > 1  # the next step renders again without being told
+    finally:
+        env.close()

@@ -485,16 +485,14 @@ class _LoopBatch(LoopBatch):
         self.observation_space, self.action_space = self.envs[0].observation_space, self.envs[0].action_space
         self._last = [env.first_obs for env in self.envs]
         self._actions: np.ndarray | None = None
+        self._render: np.ndarray | None = None
 
     def step_async(self, actions: np.ndarray, render: np.ndarray | None) -> None:
-        self._actions = actions
-        if render is not None:
-            for env, on in zip(self.envs, render, strict=True):
-                env.render_next = bool(on)
+        self._actions, self._render = actions, render
 
     def step_wait(self) -> StepResult:
         actions, self._actions = self._actions, None
-        return self.step(actions)
+        return self.step(actions, self._render)
 
 
 def _info(infos: dict, key: str, n: int, default: Any) -> np.ndarray:

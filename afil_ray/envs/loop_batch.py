@@ -1,6 +1,7 @@
 """N single-scene envs stepped one after the other in this process: the cheapest vectorisation, shared by the
 simulator adapters whose single envs speak one small protocol (``reset(seed)``, ``step(action)`` and
-``restore_from``, each info carrying ``success``, ``fail``, ``elapsed_steps`` and ``snapshot``)."""
+``restore_from``, each info carrying ``success``, ``fail``, ``elapsed_steps`` and ``snapshot``; a
+``render_next`` attribute, when False, lets the next step's observation skip rendering its cameras)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,10 @@ class LoopBatch:
                 snaps[i] = info["snapshot"]
         return self._batch(), snaps
 
-    def step(self, actions: np.ndarray) -> StepResult:
+    def step(self, actions: np.ndarray, render: np.ndarray | None = None) -> StepResult:
+        if render is not None:  # each env goes back to rendering after its step
+            for env, on in zip(self.envs, render, strict=True):
+                env.render_next = bool(on)
         out = [env.step(a) for env, a in zip(self.envs, actions, strict=True)]
         self._last = [o[0] for o in out]
         infos = [o[4] for o in out]

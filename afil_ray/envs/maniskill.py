@@ -12,9 +12,11 @@ far too short for these tasks, and ``set_state_dict`` does not restore its elaps
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -184,8 +186,10 @@ class ManiSkillCpuEnv(gym.Env):
         self._env = _make_maniskill(self.spec_, cfg, 1, "physx_cpu")
         self._base = self._env.unwrapped
         self._t = 0
+        self.render_next = True  # whether the next step's observation renders the cameras (then back to True)
         raw, _ = self._env.reset(seed=0)
         first = self._unbatch(convert_obs(raw, cfg))
+        self._black = {k: np.zeros_like(v) for k, v in first.items() if k.startswith(IMAGE_PREFIX)}
         self.observation_space = gym.spaces.Dict({
             k: gym.spaces.Box(0, 255, v.shape, np.uint8) if v.dtype == np.uint8
             else gym.spaces.Box(-np.inf, np.inf, v.shape, np.float32)
@@ -204,7 +208,21 @@ class ManiSkillCpuEnv(gym.Env):
         return {k: v[0] for k, v in obs.items()}
 
     def _obs(self, raw: Any) -> Obs:
+        if self._black and "sensor_data" not in raw:  # a step that skipped rendering: black images
+            return {"state": rgb_state(raw, self.spec_)[0], **self._black}
         return self._unbatch(convert_obs(raw, self.cfg))
+
+    @contextlib.contextmanager
+    def _sensors(self, render: bool) -> Iterator[None]:
+        """Without ``render``, the step's observation reads the state only (ManiSkill's ``state_dict`` path) and
+        renders no camera: rendering is most of an rgb step's cost on the CPU."""
+        mode = self._base._obs_mode
+        if not render and self._black:
+            self._base._obs_mode = "state_dict"
+        try:
+            yield
+        finally:
+            self._base._obs_mode = mode
 
     def _snapshot(self) -> bytes | None:
         every = self.cfg.snapshot_every
@@ -224,9 +242,12 @@ class ManiSkillCpuEnv(gym.Env):
         return self._obs(raw), {"snapshot": self._snapshot()}
 
     def step(self, action: np.ndarray) -> tuple[Obs, float, bool, bool, dict]:
+        """gymnasium's step; its observation renders the cameras unless ``render_next`` was set False for it."""
+        render, self.render_next = self.render_next, True
         try:
             # the unwrapped env: the adapter owns the time limit, so gym.make's wrappers are only overhead
-            raw, reward, _, _, info = self._base.step(np.asarray(action, np.float32)[None])
+            with self._sensors(render):
+                raw, reward, _, _, info = self._base.step(np.asarray(action, np.float32)[None])
         except Exception as e:
             raise SimulatorError(f"{self.spec_.env_id} env {self.index}: step {self._t} failed: {e}") from e
         self._t += 1
@@ -279,6 +300,7 @@ class ManiSkillVecEnv:
         self.cameras = self._impl.cameras
         self.action_low, self.action_high = self._impl.action_low, self._impl.action_high
         self._pending: np.ndarray | None = None
+        self._render: np.ndarray | None = None
 
     def reset(self, seeds: list[int], mask: np.ndarray | None = None) -> tuple[Obs, list[bytes | None]]:
         if len(seeds) != self.num_envs:
@@ -286,22 +308,28 @@ class ManiSkillVecEnv:
         return self._impl.reset(seeds, mask)
 
     def step(self, actions: np.ndarray, render: np.ndarray | None = None) -> StepResult:
-        """A step of every env. ``render`` is accepted and ignored: ManiSkill renders each observation's sensors
-        inside its step, so every observation carries its images."""
-        return self._impl.step(self._checked(actions))
+        """A step of every env; the CPU envs not in ``render`` (when given) skip rendering their cameras, whose
+        images come back black (the GPU back-end renders every env's)."""
+        self.step_async(actions, render)
+        return self.step_wait()
 
     def step_async(self, actions: np.ndarray, render: np.ndarray | None = None) -> None:
         """Start a step and return: with the processes back-end the envs step while the caller goes on (a
         multi-task env starts every task's step before it waits for any); :meth:`step_wait` finishes it."""
         self._pending = self._checked(actions)
+        self._render = None if render is None else np.asarray(render, bool)
         if isinstance(self._impl, _AsyncBatch):
-            self._impl.venv.step_async(self._pending)
+            self._impl.step_async(self._pending, self._render)
 
     def step_wait(self) -> StepResult:
         actions, self._pending = self._pending, None
         if actions is None:
             raise RuntimeError("step_wait without step_async")
-        return self._impl.step_wait() if isinstance(self._impl, _AsyncBatch) else self._impl.step(actions)
+        if isinstance(self._impl, _AsyncBatch):
+            return self._impl.step_wait()
+        if isinstance(self._impl, _LoopBatch):
+            return self._impl.step(actions, self._render)
+        return self._impl.step(actions)
 
     def _checked(self, actions: np.ndarray) -> np.ndarray:
         actions = np.asarray(actions, np.float32)
@@ -391,9 +419,14 @@ class _AsyncBatch:
             snaps = [s if m else None for s, m in zip(snaps, mask, strict=True)]
         return dict(obs), snaps
 
-    def step(self, actions: np.ndarray) -> StepResult:
-        self.venv.step_async(actions)
+    def step(self, actions: np.ndarray, render: np.ndarray | None = None) -> StepResult:
+        self.step_async(actions, render)
         return self.step_wait()
+
+    def step_async(self, actions: np.ndarray, render: np.ndarray | None = None) -> None:
+        if render is not None and not render.all():  # each env goes back to rendering after its step
+            self.venv.set_attr("render_next", [bool(r) for r in render])
+        self.venv.step_async(actions)
 
     def step_wait(self) -> StepResult:
         obs, reward, terminated, truncated, infos = self.venv.step_wait()

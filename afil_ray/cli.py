@@ -92,7 +92,7 @@ def cmd_correct(args: argparse.Namespace) -> int:
 
 
 def cmd_branch(args: argparse.Namespace) -> int:
-    from afil_ray.branches import branch_task
+    from afil_ray.branches import branch_task, critic_scorer
     from afil_ray.envs.checks import check_policy_fits, check_tasks
     from afil_ray.policy.checkpoint import CheckpointError, load_policy
     from afil_ray.policy.loading import latest_checkpoint, resolve_checkpoint
@@ -110,9 +110,12 @@ def cmd_branch(args: argparse.Namespace) -> int:
     policy = load_policy(path)
     check_policy_fits(policy, dataclasses.replace(base.env, task=tasks), f"checkpoint {path}")
     store = ReplayStore.from_config(base.replay)
+    # a policy trained with a success critic picks open states by its V (branches.open_low..open_high)
+    scorer = critic_scorer(policy.v) if getattr(policy, "critic", None) is not None else None
     for task in tasks:
         cfg = _config(args, [*extra, f"env.task={task}"])
-        report = branch_task(cfg, policy, store, progress=not args.quiet, extra={"checkpoint": str(path)})
+        report = branch_task(cfg, policy, store, scorer=scorer, progress=not args.quiet,
+                             extra={"checkpoint": str(path)})
         print(report.summary())
     return 0
 
@@ -242,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "stored rollouts, into the replay store (branches.*)")
     with_config(b)
     b.add_argument("--task", help="task id or suite, or several separated by commas (default: env.task)")
-    b.add_argument("--max", type=int, help="new states to branch per task (branches.max_states)")
+    b.add_argument("--max", type=int, help="states to branch per task, resumed ones included (branches.max_states)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_branch)
 

@@ -257,12 +257,12 @@ class BranchConfig(_Section):
 
     per_state: int = 4  # K: branches rolled out from each chosen state (one group)
     states_per_episode: int | None = 2  # states chosen per parent episode (None: every open one)
-    max_states: int | None = None  # new states branched per task and call (None: no limit)
+    max_states: int | None = None  # states branched per task and call, resumed ones included (None: no limit)
     # Parents: stored rollouts of these outcomes (with sampled chunks and simulator snapshots; successes keep
     # snapshots only when their producer kept them, e.g. loop.keep_success_snapshots)
     from_outcomes: list[str] = field(default_factory=lambda: ["failure", "success"])
-    # Open states: a scorer's estimated success probability in [open_low, open_high]; without a scorer every
-    # eligible state counts as open
+    # Open states: the policy's success critic (V, when it has one) estimates success in [open_low, open_high];
+    # without a critic every eligible state counts as open
     open_low: float = 0.2
     open_high: float = 0.8
     seed: int = 0  # branch noise comes from (seed, parent episode, step, branch index)

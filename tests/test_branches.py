@@ -22,6 +22,7 @@ from afil_ray.branches import (
     branch_task,
     branched_keys,
     choose_steps,
+    critic_scorer,
     eligible_steps,
     group_outcomes,
     open_points,
@@ -154,6 +155,17 @@ def test_states_are_chunk_boundaries_with_snapshots_and_the_scorer_window_filter
     assert [p.step for p in open_points(parent, cfg, scorer, started={8})] == [4, 8]
     with pytest.raises(ValueError, match="2 estimates for 3 states"):
         open_points(parent, cfg, lambda pts: [0.5, 0.5])
+    # the critic's V as the scorer: one batched call on what the parent saw at each state and its instruction
+    calls = []
+
+    def value(obs, instructions):
+        calls.append((obs["state"].copy(), list(instructions)))
+        return np.array([estimates[next(t for t in estimates if np.array_equal(parent.state[t], row))]
+                         for row in obs["state"]])
+
+    assert [p.step for p in open_points(parent, cfg, critic_scorer(value))] == [4]
+    np.testing.assert_array_equal(calls[0][0], parent.state[[0, 4, 8]])
+    assert calls[0][1] == [parent.instruction] * 3
     # uniform without a scorer: the parent's own order, a quota's states a prefix of a larger quota's
     steps = list(range(0, 200, 8))
     one = choose_steps("a", steps, BranchConfig(states_per_episode=1))

@@ -70,27 +70,32 @@ def _both_arms(task: str, wins: set[int], guided_wins: set[int]) -> list[ArmResu
     return [_arm("success_only", task, wins), _arm("adaptive", task, guided_wins)]
 
 
+OBJECT_2, SPATIAL_2 = "libero_object (2 of 10 tasks)", "libero_spatial (2 of 10 tasks)"
+
+
 def test_tasks_from_several_suites_get_a_pooled_row_per_suite_then_one_over_all():
     per_task = (_both_arms("libero_object/0", {0, 1}, {0, 1, 2}) + _both_arms("libero_object/1", {0}, {0})
                 + _both_arms("libero_spatial/0", set(), {3}) + _both_arms("libero_spatial/1", {1, 2}, {1, 2})
                 + _both_arms("libero_goal/5", {0}, set()))  # one task of its suite: its row is the suite's
     rows = pooled(per_task)
     assert [(r.task, r.arm, len(r.episodes)) for r in rows] == [
-        ("libero_object", "success_only", 16), ("libero_object", "adaptive", 16),
-        ("libero_spatial", "success_only", 16), ("libero_spatial", "adaptive", 16),
+        (OBJECT_2, "success_only", 16), (OBJECT_2, "adaptive", 16),
+        (SPATIAL_2, "success_only", 16), (SPATIAL_2, "adaptive", 16),
         (POOLED, "success_only", 40), (POOLED, "adaptive", 40)]
     report = build_report(per_task + rows, reference_arm="success_only", resamples=200)
-    assert list(report["tasks"])[-3:] == ["libero_object", "libero_spatial", POOLED]
-    spatial = {a["arm"]: a for a in report["tasks"]["libero_spatial"]["arms"]}
+    assert list(report["tasks"])[-3:] == [OBJECT_2, SPATIAL_2, POOLED]
+    spatial = {a["arm"]: a for a in report["tasks"][SPATIAL_2]["arms"]}
     assert spatial["success_only"]["successes"] == 4 and spatial["adaptive"]["successes"] == 6
     paired = spatial["adaptive"]["comparison"]  # the same paired statistics as every other row
     assert paired["n"] == 16 and paired["only_arm"] == 2 and paired["only_reference"] == 0
     assert [a["successes"] for a in report["tasks"][POOLED]["arms"]] == [12, 14]
 
 
-def test_one_suites_tasks_pool_under_the_suites_name_and_other_tasks_stay_as_they_were():
+def test_one_whole_suite_pools_under_the_suites_name_and_other_tasks_stay_as_they_were():
+    whole = pooled([arm for i in range(10) for arm in _both_arms(f"libero_object/{i}", {i % 4}, {0})])
+    assert {r.task for r in whole} == {"libero_object"} and [len(r.episodes) for r in whole] == [80, 80]
     rows = pooled(_both_arms("libero_object/0", {0}, {0, 1}) + _both_arms("libero_object/7", {2}, {2}))
-    assert {r.task for r in rows} == {"libero_object"} and [len(r.episodes) for r in rows] == [16, 16]
+    assert {r.task for r in rows} == {POOLED} and [len(r.episodes) for r in rows] == [16, 16]  # not the suite's row
     maniskill = pooled(_both_arms("PushCube-v1", {0}, {1}) + _both_arms("PullCube-v1", {2}, {3}))
     assert [(r.task, r.arm) for r in maniskill] == [(POOLED, "success_only"), (POOLED, "adaptive")]
     assert pooled(_both_arms("libero_object/0", {0}, {0})) == []  # one task: nothing to pool

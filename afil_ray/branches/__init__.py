@@ -14,7 +14,14 @@ restored state) gets the branch's outcome, so a group is K chunks for the same o
 from afil_ray.branches.records import branch_outcomes, branch_rows, branched_keys, group_outcomes
 from afil_ray.branches.rollout import BranchJob, BranchRunner, branch_noise_seed
 from afil_ray.branches.run import BranchReport, branch_task
-from afil_ray.branches.states import BranchPoint, Scorer, choose_steps, eligible_steps, open_points
+from afil_ray.branches.states import (
+    BranchPoint,
+    Scorer,
+    choose_steps,
+    critic_scorer,
+    eligible_steps,
+    open_points,
+)
 
 __all__ = [
     "BranchJob",
@@ -28,6 +35,7 @@ __all__ = [
     "branch_task",
     "branched_keys",
     "choose_steps",
+    "critic_scorer",
     "eligible_steps",
     "group_outcomes",
     "open_points",

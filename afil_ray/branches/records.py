@@ -1,4 +1,5 @@
-"""What the replay store holds of branches: which are done, and the rows a trainer groups.
+"""What the replay store holds of branches: which are done, and their rows grouped by state (for analysis; the
+critic's trainer reads them through afil_ray/replay/outcomes.py).
 
 Branches live in each task's ``outcome=branch`` partition. A branch's steps are its own, from the restored state
 on: ``state[0]`` is the observation it was restored to and ``chunks[0]`` (sampled at ``chunk_steps[0] == 0``) its

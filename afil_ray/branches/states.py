@@ -48,8 +48,20 @@ class BranchPoint:
         return obs
 
 
-# states -> one estimated success probability per state (the success critic of a later part plugs in here)
+# states -> one estimated success probability per state (the success critic's V: :func:`critic_scorer`)
 Scorer = Callable[[Sequence[BranchPoint]], Sequence[float]]
+
+
+def critic_scorer(value: Callable[[Obs, list[str]], np.ndarray]) -> Scorer:
+    """A scorer from a state-value function (``DAGPolicy.v``: P(success | s) for batched observations and
+    instructions): each state is scored on what the parent saw there and the instruction it read."""
+    def score(points: Sequence[BranchPoint]) -> Sequence[float]:
+        if not points:
+            return []
+        views = [p.observation() for p in points]
+        obs = {k: np.stack([v[k] for v in views]) for k in views[0]}
+        return [float(x) for x in value(obs, [p.parent.instruction or "" for p in points])]
+    return score
 
 
 def eligible_steps(snapshot_steps: Iterable[int], chunk_steps: Iterable[int], length: int) -> list[int]:

@@ -104,6 +104,11 @@ def expand_suites(tasks: list[str]) -> list[str]:
     return out
 
 
+def suite_size(suite: str) -> int:
+    """How many tasks a benchmark suite has (``libero_object``: 10)."""
+    return len(expand_suites([suite]))
+
+
 def find_task(env_id: str) -> TaskSpec | None:
     """The spec of ``env_id``, or None if it is unknown. A suite task (``libero_object/3``) is registered on first
     use; an unknown suite or task index of a known benchmark is a KeyError naming the valid ones, and so is a whole

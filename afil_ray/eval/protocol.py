@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from afil_ray.config import Config
 from afil_ray.envs.factory import make_vec_env
-from afil_ray.envs.tasks import suite_of
+from afil_ray.envs.tasks import suite_of, suite_size
 from afil_ray.eval.arms import Arm, parse_arms, reference_arm, sampler_arm
 from afil_ray.eval.episodes import EvalResult, run_episodes, success_at_end
 from afil_ray.eval.report import ArmResult, EpisodeOutcome, build_report, markdown_table, write_report
@@ -103,10 +103,11 @@ _POOL_STRIDE = 10**9  # pooled episodes are keyed (task index * stride + seed, r
 
 def pooled(results: list[ArmResult]) -> list[ArmResult]:
     """Every arm's episodes over all tasks as one more "task", still paired episode by episode; nothing when there
-    is only one task. The pool is labelled :data:`POOLED`, or with the suite's name when every task comes from one
-    benchmark suite (``libero_object``: the suite's row of the standard LIBERO protocol). Tasks from several suites
-    also get one pool per suite (of those with two tasks or more; one task's pool would repeat its row), before the
-    pool of all tasks."""
+    is only one task. The pool is labelled :data:`POOLED`, or with the suite's name when the tasks are the whole of
+    one benchmark suite (``libero_object``: the suite's row of the standard LIBERO protocol; some of its tasks are
+    only :data:`POOLED`). Tasks from several suites also get one pool per suite (of those with two tasks or more;
+    one task's pool would repeat its row; named after the suite when all of its tasks are there, ``<suite> (k of
+    n tasks)`` otherwise), before the pool of all tasks."""
     tasks = list(dict.fromkeys(r.task for r in results))
     if len(tasks) < 2:
         return []
@@ -114,9 +115,11 @@ def pooled(results: list[ArmResult]) -> list[ArmResult]:
     for task in tasks:
         suites.setdefault(suite_of(task), []).append(task)
     if len(suites) == 1:
-        return _pool(results, tasks, next(iter(suites)) or POOLED)
+        suite = next(iter(suites))
+        return _pool(results, tasks, suite if suite is not None and len(tasks) == suite_size(suite) else POOLED)
     per_suite = [row for suite, members in suites.items() if suite is not None and len(members) > 1
-                 for row in _pool(results, members, suite)]
+                 for row in _pool(results, members, suite if len(members) == suite_size(suite)
+                                  else f"{suite} ({len(members)} of {suite_size(suite)} tasks)")]
     return per_suite + _pool(results, tasks, POOLED)
 
 

@@ -39,7 +39,8 @@ class LoopEvaluator:
         if cfg.loop.torch_threads:
             torch.set_num_threads(cfg.loop.torch_threads)
         self.cfg, self.weights = cfg, weights
-        self.policy = load_start_policy(cfg.loop.init_from, resolve_device(cfg.train.device), critic=cfg.policy)
+        self.policy = load_start_policy(cfg.loop.init_from, resolve_device(cfg.train.device), critic=cfg.policy,
+                                        seed=cfg.seed)
         self.policy.eval()
         self.version = 0
         self.evaluated = -1

@@ -71,7 +71,8 @@ class RolloutWorker:
         if cfg.loop.torch_threads:
             torch.set_num_threads(cfg.loop.torch_threads)
         self.cfg, self.index, self.weights, self.make_env = cfg, index, weights, make_env
-        self.policy = load_start_policy(cfg.loop.init_from, resolve_device(cfg.train.device), critic=cfg.policy)
+        self.policy = load_start_policy(cfg.loop.init_from, resolve_device(cfg.train.device), critic=cfg.policy,
+                                        seed=cfg.seed)
         self.policy.eval()
         self.version = 0
         self.store = ReplayStore.from_config(cfg.replay)

@@ -3,8 +3,9 @@
 It reads the same prefix tokens the action heads cross-attend to, pooled into one vector by a learned query (it
 starts as the masked mean over real tokens, and learns which tokens carry the outcome), so a critic costs one
 small MLP per estimate on top of an encode that sampling does anyway. Q also reads the normalised chunk, flattened
-(H x A). Its purpose is to rank chunks sampled for one state (a ``rank:K`` sampler: K chunks of B states in one
-call, the prefix pooled once per state) and to pick undecided states to branch at (V).
+(H x A). Its purposes: picking undecided states to branch at (V: ``afil-ray branch`` scores states with it,
+afil_ray/branches/states.py ``critic_scorer``) and ranking chunks sampled for one state (Q takes K chunks of B
+states in one call, the prefix pooled once per state; no sampler ranks with it yet).
 
 Both are logits here; :class:`~afil_ray.policy.model.DAGPolicy` turns them into probabilities and trains them
 with binary cross-entropy on branch and Monte-Carlo outcomes (train.mode=critic).

@@ -165,7 +165,8 @@ class ChunkSampler:
                                      f"{len(c)}, the policy uses {self.horizon}")
                 ids.append(row["episode_id"])
                 said.append(row["instruction"] or "")
-                won.append(bool(row["success"]))
+                # the episode's outcome: a "failure" episode may have succeeded at some step and failed at another
+                won.append(bool(row["success"]) and shard.outcome != "failure")
                 groups.append(row.get("branch_group") or "")
                 origins.append(origin_of(shard.task, row["seed"], row["parent_episode_id"], row["episode_id"]))
                 steps.append(step)

@@ -81,7 +81,7 @@ class OutcomeSampler:
         side = {"train": ~held, "test": held, "all": np.ones(len(held), bool)}[self.split]
         is_branch = outcome == BRANCH
         self.branch_rows = np.flatnonzero(side & is_branch & (p.step == 0))
-        mc = np.isin(outcome, self.mc_outcomes) | (is_branch & self.mc_from_branches)
+        mc = np.isin(outcome, self.mc_outcomes) | (is_branch & self.mc_from_branches & (p.step > 0))
         self.mc_rows = np.flatnonzero(side & mc)
         self.task = np.array([t for t, _ in p.partitions], object)[p.partition]
 

@@ -477,24 +477,29 @@ def eval_runner(cfg: Config, policy: torch.nn.Module, arms: list[Arm], units: li
     actors = [EvalUnitActor.options(num_cpus=cfg.eval.worker_cpus, num_gpus=cfg.eval.worker_gpus)
               .remote(cfg, policy_ref, threads) for _ in range(workers)]
     pending = list(units)
-    in_flight: dict[ray.ObjectRef, tuple[Unit, Any]] = {}
+    in_flight: dict[ray.ObjectRef, tuple[Unit, int]] = {}
+    last_task: dict[int, str] = {}  # actor index -> the task whose env it holds
 
-    def submit(actor: Any) -> None:  # the next unit in (task-major) order: an actor rarely switches task
+    def submit(k: int) -> None:
+        """Actor ``k``'s next unit: a pending one of the task it holds the env of, else the next in (task-major)
+        order, so that an actor rebuilds its env (ten processes for a LIBERO task) only when it must."""
         if pending:
-            unit = pending.pop(0)
+            mine = next((i for i, u in enumerate(pending) if u[0] == last_task.get(k)), 0)
+            unit = pending.pop(mine)
             task, arm, run = unit
-            in_flight[actor.run.remote(task, arms[arm], run, keep_snapshots)] = (unit, actor)
+            last_task[k] = task
+            in_flight[actors[k].run.remote(task, arms[arm], run, keep_snapshots)] = (unit, k)
 
     held: dict[Unit, list[Episode]] = {}  # finished before an earlier unit
     order = iter(units)
     next_unit = next(order, None)
     try:
-        for actor in actors:
-            submit(actor)
+        for k in range(len(actors)):
+            submit(k)
         while in_flight:
             [done], _ = ray.wait(list(in_flight), num_returns=1)
-            unit, actor = in_flight.pop(done)
-            submit(actor)
+            unit, k = in_flight.pop(done)
+            submit(k)
             held[unit] = ray.get(done)
             while next_unit is not None and next_unit in held:
                 yield next_unit, held.pop(next_unit)

@@ -40,6 +40,8 @@ def test_every_command_sees_the_expanded_task_list():
     mixed = _loaded("env.task=[libero_10/4,libero_spatial]", "data.tasks=[libero_spatial]")
     assert mixed.env.tasks == ["libero_10/4", *[f"libero_spatial/{i}" for i in range(10)]]
     assert mixed.data.tasks == [f"libero_spatial/{i}" for i in range(10)]
+    ood = _loaded("env.task=libero_object", "reproduce.ood_tasks=[libero_goal,libero_10/3]").reproduce.ood_tasks
+    assert ood == [*[f"libero_goal/{i}" for i in range(10)], "libero_10/3"]
     plain = load_config(None, ["env.task=PullCube-v1"])
     assert with_suites_expanded(plain) is plain  # no suite: the config as loaded, task still a plain name
     assert _loaded("env.task=PullCube-v1", "data.tasks=[libero_goal]").env.task == "PullCube-v1"

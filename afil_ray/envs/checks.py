@@ -55,15 +55,18 @@ def expand_suites_at(key: str, tasks: list[str]) -> list[str]:
 
 
 def with_suites_expanded(cfg: Config) -> Config:
-    """``cfg`` with each whole benchmark suite in ``env.task`` and ``data.tasks`` (``libero_object``) replaced by its
-    tasks in order (``libero_object/0`` .. ``/9``): what every command runs, trains on and records in its resolved
-    config. The CLI applies it when it loads a config; a config without suite names comes back as it is."""
+    """``cfg`` with each whole benchmark suite in ``env.task``, ``data.tasks`` and ``reproduce.ood_tasks``
+    (``libero_object``) replaced by its tasks in order (``libero_object/0`` .. ``/9``): what every command runs,
+    trains on and records in its resolved config. The CLI applies it when it loads a config; a config without suite
+    names comes back as it is."""
     tasks = expand_suites_at("env.task", cfg.env.tasks)
     data = expand_suites_at("data.tasks", list(cfg.data.tasks))
-    if tasks == cfg.env.tasks and data == list(cfg.data.tasks):
+    ood = expand_suites_at("reproduce.ood_tasks", list(cfg.reproduce.ood_tasks))
+    if tasks == cfg.env.tasks and data == list(cfg.data.tasks) and ood == list(cfg.reproduce.ood_tasks):
         return cfg
     env = cfg.env if tasks == cfg.env.tasks else dataclasses.replace(cfg.env, task=tasks)
-    return dataclasses.replace(cfg, env=env, data=dataclasses.replace(cfg.data, tasks=data))
+    return dataclasses.replace(cfg, env=env, data=dataclasses.replace(cfg.data, tasks=data),
+                               reproduce=dataclasses.replace(cfg.reproduce, ood_tasks=ood))
 
 
 def check_runnable(key: str, task: str, *, planner: bool = False) -> TaskSpec:

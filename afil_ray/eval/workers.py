@@ -5,7 +5,8 @@ seeds with that run's noise) of one task of ``env.task``: ``(task, arm index, ru
 spread over the workers at once, not one task after another, so that the workers (spawned processes, or Ray eval
 actors on a cluster) stay busy across tasks: one arm and one run on five tasks is five units that two workers
 share, where units of one task at a time would be one unit and an idle worker per task. Units come task-major
-(every unit of the first task, then the next task's), so a worker rarely switches task.
+(every unit of the first task, then the next task's), and a Ray eval actor takes a pending unit of the task whose
+env it holds before any other (afil_ray/driver.py), so a worker switches task only when it must.
 
 A unit is the same computation wherever it runs (its task's own env, the same seeds in the same slots,
 per-episode noise), so results do not depend on how many workers there are or what kind: the paired protocol
@@ -42,7 +43,7 @@ UnitRunner = Callable[[Config, torch.nn.Module, list[Arm], list[Unit], int, bool
 
 def task_units(tasks: list[str], arms: int, runs: int) -> list[Unit]:
     """Every ``(task, arm index, run)`` of ``tasks`` x ``arms`` arms x ``runs`` runs, task-major (then arm, then
-    run): the order results are reported in, and one in which a worker rarely switches task."""
+    run): the order results are reported in."""
     return [(task, a, r) for task in tasks for a in range(arms) for r in range(runs)]
 
 

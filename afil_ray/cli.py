@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from afil_ray.config import Config, ConfigError, check_writable, load_config, save_resolved
-from afil_ray.envs.checks import expand_suites_at, with_suites_expanded
+from afil_ray.envs.checks import check_tasks, expand_suites_at, with_suites_expanded
 from afil_ray.run_id import new_run_id
 
 
@@ -33,6 +33,15 @@ def _config(args: argparse.Namespace, extra: list[str]) -> Config:
     return cfg
 
 
+def _checked_tasks(args: argparse.Namespace, cfg: Config, *, planner: bool = False) -> list[str]:
+    """The tasks a per-task command runs: ``--task a,b`` (suite names expanded) or else ``env.task``, each checked
+    (a one-line error naming the key that held it; with ``planner``, a demonstrator too)."""
+    key = "--task" if args.task else "env.task"
+    tasks = expand_suites_at(key, args.task.split(",")) if args.task else cfg.env.tasks
+    check_tasks([(key, t) for t in tasks], planner=planner)
+    return tasks
+
+
 def _eval_runner(cfg: Config):
     """The composition root's evaluation runner when units are spread over workers (it imports Ray)."""
     if cfg.eval.workers <= 1:
@@ -44,16 +53,15 @@ def _eval_runner(cfg: Config):
 
 def cmd_demos(args: argparse.Namespace) -> int:
     from afil_ray.demos.generate import generate_demos
-    from afil_ray.envs.checks import check_cameras, check_tasks
+    from afil_ray.envs.checks import check_cameras
     from afil_ray.provenance import machine_facts
     from afil_ray.replay import ReplayStore, format_stats
 
     extra = [f"demos.num={args.num}"] if args.num is not None else []
     extra += [f"demos.workers={args.workers}"] if args.workers is not None else []
     base = _config(args, extra)
-    tasks = expand_suites_at("--task", args.task.split(",")) if args.task else base.env.tasks
     # every task and the store's root before any worker starts or anything is written to the store
-    check_tasks([("--task" if args.task else "env.task", t) for t in tasks], planner=True)
+    tasks = _checked_tasks(args, base, planner=True)
     check_cameras(dataclasses.replace(base.env, task=tasks))
     check_writable("replay.root", base.replay.root)
     store = ReplayStore.from_config(base.replay)
@@ -72,14 +80,12 @@ def cmd_demos(args: argparse.Namespace) -> int:
 
 def cmd_correct(args: argparse.Namespace) -> int:
     from afil_ray.correction import correct_failures
-    from afil_ray.envs.checks import check_tasks
     from afil_ray.replay import ReplayStore, format_stats
 
     extra = [f"correct.max_failures={args.max}"] if args.max is not None else []
     extra += [f"correct.workers={args.workers}"] if args.workers is not None else []
     base = _config(args, extra)
-    tasks = expand_suites_at("--task", args.task.split(",")) if args.task else base.env.tasks
-    check_tasks([("--task" if args.task else "env.task", t) for t in tasks], planner=True)
+    tasks = _checked_tasks(args, base, planner=True)
     check_writable("replay.root", base.replay.root)
     store = ReplayStore.from_config(base.replay)
     for task in tasks:
@@ -93,15 +99,14 @@ def cmd_correct(args: argparse.Namespace) -> int:
 
 def cmd_branch(args: argparse.Namespace) -> int:
     from afil_ray.branches import branch_task, critic_scorer
-    from afil_ray.envs.checks import check_policy_fits, check_tasks
+    from afil_ray.envs.checks import check_policy_fits
     from afil_ray.policy.checkpoint import CheckpointError, load_policy
     from afil_ray.policy.loading import latest_checkpoint, resolve_checkpoint
     from afil_ray.replay import ReplayStore
 
     extra = [f"branches.max_states={args.max}"] if args.max is not None else []
     base = _config(args, extra)
-    tasks = expand_suites_at("--task", args.task.split(",")) if args.task else base.env.tasks
-    check_tasks([("--task" if args.task else "env.task", t) for t in tasks])
+    tasks = _checked_tasks(args, base)
     check_writable("replay.root", base.replay.root)
     ckpt = base.branches.checkpoint
     path = resolve_checkpoint(ckpt) if ckpt else latest_checkpoint(base.run_dir)
@@ -140,7 +145,7 @@ def cmd_replay_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from afil_ray.envs.checks import check_tasks, trained_tasks
+    from afil_ray.envs.checks import trained_tasks
 
     cfg = _config(args, [])  # bad input fails before torch is imported
     check_tasks(trained_tasks(cfg), simulate=False)  # training reads the store; it simulates nothing
@@ -160,7 +165,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
 
-    from afil_ray.envs.checks import check_cameras, check_one_action_space, check_policy_fits, check_tasks, env_tasks
+    from afil_ray.envs.checks import check_cameras, check_one_action_space, check_policy_fits, env_tasks
     from afil_ray.eval.protocol import evaluate_arms, resolve_arms, write_evaluation
     from afil_ray.policy.checkpoint import CheckpointError, load_policy
     from afil_ray.policy.loading import latest_checkpoint

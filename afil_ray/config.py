@@ -356,6 +356,10 @@ class SamplerConfig(_Section):
     # up to a batch size measured in docs/benchmarks.md); false: always two calls.
     fused_heads: bool = True
 
+    def params(self) -> dict[str, float | int]:
+        """What an episode records of how its chunks were sampled (besides ``kind``)."""
+        return {"w": self.w, "lam": self.lam, "steps": self.steps, "execute_steps": self.execute_steps}
+
     def check(self) -> None:
         _one_of("sampler.kind", self.kind, SAMPLER_KINDS)
         _at_least("sampler.w", self.w, 0.0)  # 0: success_only's velocity (the paired protocol's check)

@@ -76,8 +76,7 @@ class ChunkedRollout:
         self._fallback_generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.collector = EpisodeCollector(
             env, seeds, source=source, policy_version=policy_version, sampler=sampler.kind,
-            sampler_params={"w": sampler.w, "lam": sampler.lam, "steps": sampler.steps,
-                            "execute_steps": sampler.execute_steps}, instruct=instruct, keep_images=keep_images)
+            sampler_params=sampler.params(), instruct=instruct, keep_images=keep_images)
         self.queues: list[deque[np.ndarray]] = [deque() for _ in range(env.num_envs)]
         self.stats = RolloutStats()
         self.obs = self.collector.reset()

@@ -73,8 +73,6 @@ class BranchRunner:
         self.env, self.policy, self.sampler, self.seed = env, policy, sampler, seed
         self.policy_version = policy_version
         self.extra = dict(extra or {})
-        self.sampler_params = {"w": sampler.w, "lam": sampler.lam, "steps": sampler.steps,
-                               "execute_steps": sampler.execute_steps}
         self.env_steps = 0
 
     def _start(self, slot: int, job: BranchJob) -> _Branch:
@@ -138,12 +136,12 @@ class BranchRunner:
     def _episode(self, b: _Branch) -> Episode:
         point, parent = b.job.point, b.job.point.parent
         extra = {**self.extra, "noise_seed": b.noise_seed, "parent_outcome": parent.outcome,
-                 "fail_once": any(b.steps.fail), "success_at_end": b.steps.success[-1]}
+                 **b.steps.outcome_extras()}
         if point.estimate is not None:
             extra["estimate"] = point.estimate
         return Episode(
             task=parent.task, outcome="branch", instruction=parent.instruction, seed=parent.seed, source=SOURCE,
-            policy_version=self.policy_version, sampler=self.sampler.kind, sampler_params=dict(self.sampler_params),
+            policy_version=self.policy_version, sampler=self.sampler.kind, sampler_params=self.sampler.params(),
             control_mode=self.env.control_mode, obs_mode=self.env.obs_mode,
             parent_episode_id=parent.episode_id, branch_step=point.step, branch_index=b.job.index, extra=extra,
             **b.steps.episode_arrays(b.obs["state"]),  # no snapshots: a branch is not restored again

@@ -65,6 +65,10 @@ class StepBuffer:
         self.terminated.append(bool(res.terminated[i]))
         self.truncated.append(bool(res.truncated[i]))
 
+    def outcome_extras(self) -> dict[str, bool]:
+        """What an Episode's ``extra`` records of how it ended: ``fail_once`` and ``success_at_end``."""
+        return {"fail_once": any(self.fail), "success_at_end": self.success[-1]}
+
     def episode_arrays(self, final_state: np.ndarray) -> dict[str, Any]:
         """The Episode fields these steps give (the producer adds task, outcome and metadata)."""
         whole = len(self.chunk_w) == len(self.chunks) and self.chunk_w  # diagnostics only when every chunk has them
@@ -173,7 +177,7 @@ class EpisodeCollector:
         return Episode(
             task=self.env.slot_tasks[i].env_id, outcome=outcome, seed=buf.seed,
             source=self.source, control_mode=self.env.control_mode, obs_mode=self.env.obs_mode,
-            extra={**buf.extra, "fail_once": any(buf.fail), "success_at_end": buf.success[-1]},
+            extra={**buf.extra, **buf.outcome_extras()},
             **buf.episode_arrays(final_state), **meta,
         )
 

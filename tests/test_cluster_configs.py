@@ -161,9 +161,14 @@ def _gcp_scheduling_as_list(cfg: Config) -> None:
     ("gcp.yaml", _gcp_scheduling_as_list, "onHostMaintenance"),
 ])
 def test_launcher_checks_catch_broken_configs(name: str, mutate: Mutation, expect: str) -> None:
+    _assert_caught(launcher_problems, name, mutate, expect)
+
+
+def _assert_caught(problems: Callable[[Config], list[str]], name: str, mutate: Mutation, expect: str) -> None:
+    """``problems`` finds ``expect`` in config ``name`` once ``mutate`` broke it."""
     cfg = _load(name)
     mutate(cfg)
-    assert any(expect in p for p in launcher_problems(cfg)), launcher_problems(cfg)
+    assert any(expect in p for p in problems(cfg)), problems(cfg)
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
@@ -396,9 +401,7 @@ def _no_cpu_worker(cfg: Config) -> None:
     ("aws.yaml", _no_cpu_worker, "no CPU-only worker type"),
 ])
 def test_libero_launcher_checks_catch_broken_configs(name: str, mutate: Mutation, expect: str) -> None:
-    cfg = _load(name)
-    mutate(cfg)
-    assert any(expect in p for p in libero_launcher_problems(cfg)), libero_launcher_problems(cfg)
+    _assert_caught(libero_launcher_problems, name, mutate, expect)
 
 
 def test_libero_setup_checks_catch_a_broken_image() -> None:

@@ -29,6 +29,8 @@ BRANCH_PARENTS = ("failure", "success", "corrected")  # outcomes whose episodes 
 # can label each of its chunks (a corrected episode's success is the planner's, a demo has no sampled chunks)
 CRITIC_MC_OUTCOMES = ("failure", "success", "branch")
 OBS_MODES = ("state", "rgb")
+# ManiSkill robots the task registry's demonstrators, state layout and action space are written for
+ROBOTS = ("panda", "panda_wristcam")
 ENV_BACKENDS = ("auto", "cpu", "gpu")
 CPU_VECTORIZATIONS = ("auto", "loop", "async")
 COMPRESSIONS = ("none", "lz4", "zstd")
@@ -160,6 +162,9 @@ class EnvConfig(_Section):
     snapshot_every: int = 10  # simulator state snapshot every k steps (0 disables)
     camera_size: int = 128  # width and height of each camera image in rgb mode
     cameras: list[str] = field(default_factory=list)  # rgb mode: the task's cameras to record (empty: all)
+    # ManiSkill's robot (robot_uids); None: the task's own, the Panda. panda_wristcam is the same arm with a camera
+    # on the hand (camera hand_camera). LIBERO tasks have their own robot (None only).
+    robot: str | None = None
     ignore_terminations: bool = False  # run to the limit after success/fail (success_at_end evaluation)
 
     @property
@@ -187,6 +192,8 @@ class EnvConfig(_Section):
         _at_least("env.max_episode_steps", self.max_episode_steps, 1, none="the task's limit")
         _at_least("env.snapshot_every", self.snapshot_every, 0)  # 0: no snapshots
         _at_least("env.camera_size", self.camera_size, 1)
+        if self.robot is not None:
+            _one_of("env.robot", self.robot, ROBOTS)
         if self.cameras and self.obs_mode == "state":
             raise ConfigError(f"env.cameras={list(self.cameras)} needs env.obs_mode=rgb (state observations have no "
                               "cameras)")

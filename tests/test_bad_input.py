@@ -110,6 +110,7 @@ def test_an_empty_store_is_one_line(capsys, tmp_path):
     ("env.num_envs=0", "env.num_envs must be >= 1"),
     ("env.max_episode_steps=0", r"env.max_episode_steps must be >= 1 or null \(the task's limit\)"),
     ("env.obs_mode=depth", "env.obs_mode must be one of state, rgb"),
+    ("env.robot=fetch", "env.robot must be one of panda, panda_wristcam, got 'fetch'"),
     ("replay.episodes_per_shard=0", "replay.episodes_per_shard must be >= 1"),
     ("demos.workers=0", "demos.workers must be >= 1"),
     ("correct.fraction=1.5", r"correct.fraction must be in \[0.0, 1.0\]"),

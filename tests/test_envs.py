@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 
@@ -188,3 +189,15 @@ def test_worker_processes_skip_rendering_when_told():
         assert env.step(zero).obs[cam].std() > 1  # the next step renders again without being told
     finally:
         env.close()
+
+
+def test_the_wrist_camera_panda_adds_a_hand_camera_and_keeps_the_state_and_actions():
+    cfg = EnvConfig(task="LiftPegUpright-v1", obs_mode="rgb", num_envs=1, camera_size=64, backend="cpu",
+                    cpu_vectorization="loop")
+    with ManiSkillVecEnv(cfg) as plain, ManiSkillVecEnv(dataclasses.replace(cfg, robot="panda_wristcam")) as wrist:
+        assert plain.cameras == ("base_camera",) and set(wrist.cameras) == {"base_camera", "hand_camera"}
+        assert (wrist.state_dim, wrist.action_dim) == (plain.state_dim, plain.action_dim)
+        obs, _ = wrist.reset([0])
+        hand = obs["rgb_hand_camera"][0]
+        assert hand.shape == (64, 64, 3) and hand.std() > 1
+        assert not np.array_equal(hand, obs["rgb_base_camera"][0])

@@ -174,6 +174,8 @@ def test_settings_libero_cannot_run_are_one_line_errors():
         LiberoVecEnv(_cfg(OBJECT, obs_mode="rgb", cameras=["wrist"]))
     with pytest.raises(ConfigError, match="simulates on the CPU"):
         LiberoVecEnv(_cfg(OBJECT, backend="gpu"))
+    with pytest.raises(ConfigError, match="has its own robot"):
+        LiberoVecEnv(_cfg(OBJECT, robot="panda_wristcam"))
 
 
 def test_a_missing_libero_package_names_what_to_install(monkeypatch):

@@ -196,6 +196,9 @@ def check_env(cfg: EnvConfig, spec: TaskSpec) -> tuple[str, ...]:
                           f"pose and gripper, 7 numbers in [-1, 1]), got {cfg.control_mode!r}")
     if cfg.backend == "gpu":
         raise ConfigError(f"env.backend=gpu: LIBERO task {spec.env_id} simulates on the CPU (MuJoCo); use auto or cpu")
+    if cfg.robot is not None:
+        raise ConfigError(f"env.robot={cfg.robot}: LIBERO task {spec.env_id} has its own robot (robosuite's Panda); "
+                          "leave env.robot unset")
     missing = [cam for cam in cfg.cameras if cam not in CAMERAS]
     if missing:
         raise ConfigError(f"env.cameras: LIBERO task {spec.env_id} has no camera {missing[0]!r}; its cameras are "

@@ -116,6 +116,8 @@ def _make_maniskill(spec: TaskSpec, cfg: EnvConfig, num_envs: int, sim_backend: 
         raise ValueError(f"env.obs_mode must be one of {OBS_MODES}, got {cfg.obs_mode!r}")
     check_assets(spec.env_id)
     kwargs: dict[str, Any] = dict(spec.env_kwargs)
+    if cfg.robot is not None:
+        kwargs["robot_uids"] = cfg.robot
     if cfg.obs_mode == "rgb":
         kwargs["sensor_configs"] = dict(width=cfg.camera_size, height=cfg.camera_size)
     try:

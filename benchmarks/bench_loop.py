@@ -81,8 +81,8 @@ def main() -> None:
           "thread(s) per actor)\n")
     print("| in-process (before) | loop, 1 actor + learner | in-process (after) | loop / in-process |")
     print("|---|---|---|---|")
-    print(f"| {first:.0f} steps/s | {loop_rate:.0f} steps/s (learner at step {one['learner_step']}) | "
-          f"{second:.0f} steps/s | **{loop_rate / np.mean([first, second]):.2f}** |\n")
+    print(f"| {first:.1f} steps/s | {loop_rate:.1f} steps/s (learner at step {one['learner_step']}) | "
+          f"{second:.1f} steps/s | **{loop_rate / np.mean([first, second]):.2f}** |\n")
 
     runs = {1: one}
     for n in [int(a) for a in args.actors.split(",") if int(a) != 1]:

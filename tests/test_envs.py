@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 
@@ -178,6 +177,7 @@ def test_simulator_error_type_is_exported():
     assert issubclass(SimulatorError, RuntimeError)
 
 
+@pytest.mark.slow  # 30 s of process start-up; the loop back-end's test above covers the rendering itself
 def test_worker_processes_skip_rendering_when_told():
     env = ManiSkillVecEnv(EnvConfig(task=TASK, obs_mode="rgb", num_envs=1, camera_size=64, backend="cpu",
                                     cpu_vectorization="async"))
@@ -191,12 +191,12 @@ def test_worker_processes_skip_rendering_when_told():
         env.close()
 
 
-def test_the_wrist_camera_panda_adds_a_hand_camera_and_keeps_the_state_and_actions():
-    cfg = EnvConfig(task="LiftPegUpright-v1", obs_mode="rgb", num_envs=1, camera_size=64, backend="cpu",
-                    cpu_vectorization="loop")
-    with ManiSkillVecEnv(cfg) as plain, ManiSkillVecEnv(dataclasses.replace(cfg, robot="panda_wristcam")) as wrist:
-        assert plain.cameras == ("base_camera",) and set(wrist.cameras) == {"base_camera", "hand_camera"}
-        assert (wrist.state_dim, wrist.action_dim) == (plain.state_dim, plain.action_dim)
+def test_the_wrist_camera_panda_adds_a_hand_camera_and_keeps_the_state_and_actions(rgb_env):
+    cfg = EnvConfig(task=TASK, obs_mode="rgb", num_envs=1, camera_size=64, backend="cpu", cpu_vectorization="loop",
+                    robot="panda_wristcam")
+    with ManiSkillVecEnv(cfg) as wrist:  # rgb_env: the same task on the plain Panda
+        assert rgb_env.cameras == ("base_camera",) and set(wrist.cameras) == {"base_camera", "hand_camera"}
+        assert (wrist.state_dim, wrist.action_dim) == (rgb_env.state_dim, rgb_env.action_dim)
         obs, _ = wrist.reset([0])
         hand = obs["rgb_hand_camera"][0]
         assert hand.shape == (64, 64, 3) and hand.std() > 1

@@ -295,7 +295,7 @@ class LiberoEnv(gym.Env):
                     else np.concatenate([proprio, np.asarray(raw["object-state"], np.float32)])}
         size = (self.cfg.camera_size, self.cfg.camera_size, 3)
         for cam in self.cameras:
-            image = raw.get(f"{CAMERAS[cam]}_image") if render else None
+            image = raw.get(f"{CAMERAS[cam]}_image")  # absent when its observable is switched off
             out[f"{IMAGE_PREFIX}{cam}"] = (np.zeros(size, np.uint8) if image is None
                                            else np.ascontiguousarray(image[::-1] if self._flip else image))
         return out

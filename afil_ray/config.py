@@ -397,6 +397,9 @@ class TrainConfig(_Section):
     # A frozen vision encoder (policy.vision_encoder) encodes each stored frame once, as its shard loads, and
     # training reads those features (float16, e.g. 4 x 1280 per 64-pixel frame); false: re-encode every batch
     feature_cache: bool = True
+    # where those features are kept between runs (keyed by frames and encoder, so every stage reading one store
+    # encodes each frame once); None: $XDG_CACHE_HOME/afil-ray/features (~/.cache/afil-ray/features)
+    feature_cache_dir: str | None = None
     # Critic mode: weight of the Monte-Carlo rows (every stored chunk of data.critic_mc_outcomes episodes, labelled
     # with its episode's success) against the branch rows (a branch's first chunk and the branch's outcome), half a
     # batch each; they count less by default because their label credits the whole episode, not the chunk. 0: off

@@ -35,6 +35,7 @@ from afil_ray.policy.loading import LATEST, latest_checkpoint, load_start_policy
 from afil_ray.policy.model import DAGPolicy
 from afil_ray.provenance import machine_facts
 from afil_ray.replay.chunks import ChunkSampler
+from afil_ray.replay.feature_cache import FrameFeatureCache, default_cache_dir
 from afil_ray.replay.outcomes import OutcomeSampler
 from afil_ray.replay.sampler import WindowSampler
 from afil_ray.replay.store import ReplayStore
@@ -206,6 +207,9 @@ class Trainer:
         if encode is None:
             self._frames_encoded = True
             return
+        cache_dir = self.cfg.train.feature_cache_dir
+        cache = FrameFeatureCache(cache_dir or default_cache_dir(), self.policy.frame_features_id())
+        encode = cache.wrap(encode)
         with tqdm(desc="encode stored frames", unit="frame", disable=not self.progress, dynamic_ncols=True) as bar:
             def counted(camera: str, frames: np.ndarray) -> np.ndarray:
                 features = encode(camera, frames)
@@ -216,6 +220,7 @@ class Trainer:
                 if s.cameras:
                     s.encode_frames(counted)
         self._frames_encoded = True  # only once every sampler holds features (an error here is retried)
+        log.info("stored frames: %d features read from %s, %d encoded", cache.hits, cache.dir, cache.misses)
 
     def _batch(self, name: str) -> dict[str, Any]:
         if not self._frames_encoded:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -52,3 +53,10 @@ def build_episode(
 @pytest.fixture
 def make_episode() -> Callable[..., Episode]:
     return build_episode
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _feature_cache_outside_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Training with a frozen vision encoder keeps frame features under ``$XDG_CACHE_HOME`` by default
+    (``train.feature_cache_dir``); the suite's stay in its own temporary directory."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))

@@ -237,6 +237,58 @@ def test_a_frozen_vision_encoder_encodes_each_stored_frame_once(tmp_path, make_e
         is None  # a fine-tuned encoder must see pixels
 
 
+def test_stored_frame_features_are_encoded_once_across_training_runs(tmp_path, make_episode):
+    """A later stage on the same store (another run_dir) reads the features the first one wrote instead of running
+    the encoder again, and trains exactly as from fresh ones; a damaged cache file is encoded again and replaced,
+    another encoder setting or other frames miss."""
+    from afil_ray.config import Config
+    from afil_ray.replay import ReplayStore
+    from afil_ray.replay.feature_cache import FrameFeatureCache, frames_key
+    from afil_ray.train import Trainer
+
+    store = ReplayStore(tmp_path / "replay", episodes_per_shard=2)
+    store.write_episodes([make_episode("PullCube-v1", "demo", length=10, state_dim=STATE_DIM, action_dim=ACTION_DIM,
+                                       cameras=("base",), image_shape=(40, 40, 3), seed=i) for i in range(3)])
+    cfg = Config(run_dir=str(tmp_path / "first"))
+    cfg.replay.root = str(tmp_path / "replay")
+    cfg.env.obs_mode = "rgb"
+    cfg.policy = config()
+    cfg.train.steps, cfg.train.batch_size, cfg.train.device, cfg.train.warmup_steps = 2, 4, "cpu", 1
+    cfg.train.feature_cache_dir = str(tmp_path / "features")
+
+    def trained(run_dir: str) -> tuple[Trainer, list[int]]:
+        cfg.run_dir = run_dir
+        torch.manual_seed(0)
+        trainer = Trainer(cfg, progress=False, tensorboard=False)
+        vision = trainer.policy.backbone.vision
+        calls: list[int] = []
+        encode = vision.frame_features
+        vision.frame_features = lambda frames: (calls.append(len(frames)), encode(frames))[1]
+        trainer.run()
+        return trainer, calls
+
+    first, calls = trained(str(tmp_path / "first"))
+    assert sum(calls) == 30  # every stored frame, once
+    files = sorted((tmp_path / "features").rglob("*.npy"))
+    assert len(files) >= 2 and files[0].parent.name == first.policy.frame_features_id()  # one per loaded part
+    second, calls = trained(str(tmp_path / "second"))
+    assert calls == []  # a later stage reads them all
+    for a, b in zip(first.samplers["success"]._segments, second.samplers["success"]._segments, strict=True):
+        np.testing.assert_array_equal(a.features["base"], b.features["base"])
+    for name, tensor in first.policy.state_dict().items():  # trained identically from read features
+        torch.testing.assert_close(tensor, second.policy.state_dict()[name], msg=name)
+    files[0].write_bytes(files[0].read_bytes()[:100])  # truncated, as by a full disk
+    _, calls = trained(str(tmp_path / "third"))
+    assert 0 < sum(calls) < 30  # that part's frames only, and its file is whole again
+    assert np.load(files[0]).shape[1:] == (4, 1280)
+    frames = np.zeros((3, 40, 40, 3), np.uint8)
+    assert frames_key(frames) != frames_key(frames[:2]) and frames_key(frames) != frames_key(frames + 1)
+    stride16 = EfficientNetLite0(64, 32, frozen=True, stride=16)
+    assert stride16.features_id() != first.policy.frame_features_id()
+    assert FrameFeatureCache(tmp_path / "features", stride16.features_id()).wrap(
+        lambda _cam, f: np.ones((len(f), 1))).__call__("base", frames).shape == (3, 1)  # a miss, not a stale hit
+
+
 def test_frozen_minilm_runs_once_per_distinct_instruction():
     from afil_ray.policy.tokenizer import make_tokenizer
 

@@ -13,6 +13,7 @@ cluster: ``policy.backbone=pretrained``), through the same backbone.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import math
 from pathlib import Path
@@ -163,6 +164,16 @@ class EfficientNetLite0(PretrainedEncoder):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.tokens(self.features(image))
+
+    def features_id(self) -> str:
+        """Names what ``features`` computes (the network's weights, the feature map, the input size): stored
+        features are reused only under the same id (``afil_ray.replay.feature_cache``)."""
+        h = hashlib.blake2b(digest_size=12)
+        h.update(f"{type(self).__name__}|stride={self.stride}|image_size={self.image_size}|".encode())
+        for name, tensor in self.net.state_dict().items():
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return f"efficientnet_lite0-s{self.stride}-{self.image_size}px-{h.hexdigest()}"
 
     def frame_features(self, frames: np.ndarray, chunk: int = 256) -> np.ndarray:
         """Features of stored frames (uint8 [S, H, W, 3]) as float16 [S, N, C]: computed once when a replay

@@ -192,6 +192,14 @@ class DAGPolicy(nn.Module):
             return None
         return lambda _camera, frames: vision.frame_features(frames)
 
+    def frame_features_id(self) -> str:
+        """What ``frame_features`` computes, as a name (the frozen encoder's weights and settings): the directory
+        of a feature cache on disk."""
+        vision = self.backbone.vision
+        if vision is None or not vision.frozen:
+            raise ValueError("only a frozen vision encoder's frame features are cached")
+        return vision.features_id()
+
     def loss(self, batch: Mapping[str, Any], head: str = "success",
              generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """The generative loss of one head on a WindowSampler batch plus ``instruction`` (list of str).

@@ -18,7 +18,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 # The choices of the keys below, defined once beside their keys; every section checks its own values when it is
 # built (a YAML file, overrides, ``dataclasses.replace``), so a bad value fails before any worker or actor starts.
-SAMPLER_KINDS = ("success_only", "static", "adaptive")
+SAMPLER_KINDS = ("success_only", "static", "adaptive", "rank")
+RANK_PICKS = ("critic", "random")
 TRAIN_MODES = ("success_only", "failure_head", "joint", "critic")
 FAILURE_HEAD_INITS = ("success", "random")
 EVAL_METRICS = ("success_once", "success_at_end")
@@ -354,18 +355,28 @@ class PolicyConfig(_Section):
 class SamplerConfig(_Section):
     """How action chunks are sampled: v = v_s + w * (v_s - v_f), w per sample and step for ``adaptive``."""
 
-    kind: str = "success_only"  # success_only | static | adaptive
+    kind: str = "success_only"  # success_only | static | adaptive | rank
     w: float = 0.05  # static guidance weight
     lam: float = 1.0  # adaptive guidance scale: w = lam * (1 - cos(v_s, v_f)) / 2
+    # rank: k chunks from the success head per state, the one executed picked by the critic's Q (highest) or, as
+    # the control that spends the same compute without the critic, at random; k = 1 is success only
+    k: int = 8
+    pick: str = "critic"  # critic | random
     steps: int = 10  # K integration (flow) or denoising (ddpm, DDIM) steps
     execute_steps: int = 8  # actions executed from each chunk before re-planning
     # Same-shape success and failure heads as one stacked call where that is the faster path (on CUDA, and on CPU
     # up to a batch size measured in docs/benchmarks.md); false: always two calls.
     fused_heads: bool = True
 
-    def params(self) -> dict[str, float | int]:
+    @property
+    def candidates(self) -> int:
+        """Chunks sampled per state: ``k`` for ``rank``, one for every other sampler."""
+        return self.k if self.kind == "rank" else 1
+
+    def params(self) -> dict[str, float | int | str]:
         """What an episode records of how its chunks were sampled (besides ``kind``)."""
-        return {"w": self.w, "lam": self.lam, "steps": self.steps, "execute_steps": self.execute_steps}
+        ranked: dict[str, int | str] = {"k": self.k, "pick": self.pick} if self.kind == "rank" else {}
+        return {"w": self.w, "lam": self.lam, "steps": self.steps, "execute_steps": self.execute_steps, **ranked}
 
     def check(self) -> None:
         _one_of("sampler.kind", self.kind, SAMPLER_KINDS)
@@ -373,6 +384,8 @@ class SamplerConfig(_Section):
         _at_least("sampler.lam", self.lam, 0.0)
         _at_least("sampler.steps", self.steps, 1)
         _at_least("sampler.execute_steps", self.execute_steps, 1)
+        _at_least("sampler.k", self.k, 1)
+        _one_of("sampler.pick", self.pick, RANK_PICKS)
 
 
 @dataclass

@@ -59,6 +59,14 @@ class RolloutStats:
         return self.successes / self.episodes if self.episodes else 0.0
 
 
+def draw_noise(shape: tuple[int, ...], sampler: SamplerConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """One state's initial noise: ``shape`` (the policy's ``noise_shape``), or [K, *shape] for ``rank``'s K
+    candidates, drawn as K draws in a row, so candidate 0 is the draw success only makes and K = 1 is its noise."""
+    if sampler.kind != "rank":
+        return torch.randn(shape, generator=generator)
+    return torch.stack([torch.randn(shape, generator=generator) for _ in range(sampler.candidates)])
+
+
 class ChunkedRollout:
     """Drives ``env`` with ``policy``: samples chunks, executes ``execute_steps`` of each, returns episodes."""
 
@@ -104,9 +112,8 @@ class ChunkedRollout:
             actions, diag = self.policy.sample(obs, instructions, self.sampler, self.generator)
         else:
             shape = tuple(self.policy.noise_shape)  # type: ignore[attr-defined]
-            noise = torch.stack([
-                torch.randn(shape, generator=self._episode_generators[i] or self._fallback_generator)
-                for i in idx])
+            noise = torch.stack([draw_noise(shape, self.sampler, self._episode_generators[i]
+                                            or self._fallback_generator) for i in idx])
             actions, diag = self.policy.sample(obs, instructions, self.sampler, noise=noise)  # type: ignore[call-arg]
         w, cos = diag.get("w"), diag.get("cos")
         self.stats.chunks += len(idx)

@@ -26,7 +26,7 @@ from afil_ray.config import SamplerConfig
 from afil_ray.envs.base import Obs, VecEnv
 from afil_ray.envs.collector import StepBuffer
 from afil_ray.replay.episode import Episode
-from afil_ray.rollout import ChunkPolicy
+from afil_ray.rollout import ChunkPolicy, draw_noise
 
 SOURCE = "branch"
 
@@ -93,7 +93,7 @@ class BranchRunner:
         obs = {k: np.stack([b.obs[k] for b in branches]) for k in branches[0].obs}
         instructions = [b.job.point.parent.instruction for b in branches]
         shape = tuple(self.policy.noise_shape)  # type: ignore[attr-defined]
-        noise = torch.stack([torch.randn(shape, generator=b.generator) for b in branches])
+        noise = torch.stack([draw_noise(shape, self.sampler, b.generator) for b in branches])
         actions, diag = self.policy.sample(obs, instructions, self.sampler, noise=noise)  # type: ignore[call-arg]
         w, cos = diag.get("w"), diag.get("cos")
         for j, b in enumerate(branches):

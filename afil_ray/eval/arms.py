@@ -17,10 +17,13 @@ from typing import Any
 from afil_ray.config import SAMPLER_KINDS, ConfigError, SamplerConfig
 
 # The parameter that distinguishes arms of a kind (always shown in the name), and the keys an arm may set.
-MAIN_KEY: dict[str, str | None] = {"success_only": None, "static": "w", "adaptive": "lam"}
+MAIN_KEY: dict[str, str | None] = {"success_only": None, "static": "w", "adaptive": "lam", "rank": "k"}
 COMMON_KEYS = ("steps", "execute_steps", "fused_heads")
-ARM_KEYS: dict[str, tuple[str, ...]] = {kind: (*((MAIN_KEY[kind],) if MAIN_KEY[kind] else ()), *COMMON_KEYS)
+EXTRA_KEYS: dict[str, tuple[str, ...]] = {"rank": ("pick",)}
+ARM_KEYS: dict[str, tuple[str, ...]] = {kind: (*((MAIN_KEY[kind],) if MAIN_KEY[kind] else ()),
+                                               *EXTRA_KEYS.get(kind, ()), *COMMON_KEYS)
                                         for kind in SAMPLER_KINDS}
+TITLES = {"static": "static FIL", "adaptive": "adaptive FIL", "rank": "rank"}  # success_only: "success only"
 REFERENCE_ARM = "success_only"
 _SYMBOL = {"lam": "λ"}  # how the tables write a key
 
@@ -55,12 +58,13 @@ class Arm:
 
     @property
     def title(self) -> str:
-        """``success only``, ``static FIL w=0.05``, ``adaptive FIL λ=1``: the name the result tables print."""
+        """``success only``, ``static FIL w=0.05``, ``adaptive FIL λ=1``, ``rank k=8 pick=random``: the name the
+        result tables print."""
         probe = f", {self.probe.replace('_', ' ')}" if self.probe else ""
         if self.kind == REFERENCE_ARM and not self.set_keys:
             return "success only" + probe
-        return " ".join([f"{self.kind} FIL", *(f"{_SYMBOL.get(k, k)}={_fmt(getattr(self.sampler, k))}"
-                                               for k in self.shown_keys)]) + probe
+        return " ".join([TITLES.get(self.kind, self.kind), *(f"{_SYMBOL.get(k, k)}={_fmt(getattr(self.sampler, k))}"
+                                                               for k in self.shown_keys)]) + probe
 
     def exact(self) -> Arm:
         """The same arm with the heads run as two calls, so w = 0 reproduces success only bit for bit."""
@@ -121,6 +125,16 @@ def parse_arms(specs: list[str], base: SamplerConfig) -> list[Arm]:
     if duplicates:
         raise ConfigError(f"eval.arms: arm {duplicates[0]!r} is listed more than once")
     return arms
+
+
+def check_policy_fits(arms: list[Arm], policy: Any) -> None:
+    """ConfigError, before any episode, for an arm the policy cannot run: ranking by a critic it does not have."""
+    for arm in arms:
+        s = arm.sampler
+        if s.kind == "rank" and s.pick == "critic" and s.k > 1 and getattr(policy, "critic", None) is None:
+            raise ConfigError(f"eval.arms: arm {arm.name!r} ranks chunks by the success critic, and this policy has "
+                              "none (train one: afil-ray branch, then afil-ray train train.mode=critic), or use "
+                              "pick=random")
 
 
 def reference_arm(arms: list[Arm]) -> str:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from afil_ray.config import Config
 from afil_ray.envs.factory import make_vec_env
 from afil_ray.envs.tasks import suite_of, suite_size
-from afil_ray.eval.arms import Arm, parse_arms, reference_arm, sampler_arm
+from afil_ray.eval.arms import Arm, check_policy_fits, parse_arms, reference_arm, sampler_arm
 from afil_ray.eval.episodes import EvalResult, run_episodes, success_at_end
 from afil_ray.eval.report import ArmResult, EpisodeOutcome, build_report, markdown_table, write_report
 from afil_ray.eval.workers import Unit, UnitRunner, describe, run_units, task_units
@@ -56,6 +56,7 @@ def evaluate_arms(cfg: Config, policy: ChunkPolicy, progress: bool = True, arms:
     arms = resolve_arms(cfg) if arms is None else arms
     arms = [dataclasses.replace(a, foils=tuple(cfg.env.tasks)) if a.probe == "other_instruction" else a
             for a in arms]
+    check_policy_fits(arms, policy)
     tasks, runs = cfg.env.tasks, cfg.eval.runs
     units = task_units(tasks, len(arms), runs)
     episodes: dict[Unit, list[Episode]] = {}

@@ -1,8 +1,9 @@
 """The loop's evaluator: the newest weights on a fixed, seeded set of initial states, per sampler side by side.
 
 Every version is evaluated on the same seeds (``eval.seed_start`` ..) and the same sampling noise, so two
-versions' numbers differ by the weights alone. ``success_only`` does not read the failure head, so while only
-the failure head is trained its result is computed once and reused.
+versions' numbers differ by the weights alone. A sampler's result is reused while none of the components it reads
+changed (``success_only`` does not read the failure head, so while only the failure head is trained its result is
+computed once).
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from afil_ray.loop.board import WeightSource
 from afil_ray.loop.weights import apply
 from afil_ray.policy.loading import load_start_policy, resolve_device
 
-READS_FAILURE_HEAD = {"success_only": False, "static": True, "adaptive": True}
+# the policy components each sampler's result depends on: it is reused while none of them changed
+_SUCCESS_SIDE = frozenset({"backbone", "success_head"})
+READS: dict[str, frozenset[str]] = {"success_only": _SUCCESS_SIDE, "static": _SUCCESS_SIDE | {"failure_head"},
+                                    "adaptive": _SUCCESS_SIDE | {"failure_head"}, "rank": _SUCCESS_SIDE | {"critic"}}
 
 
 @dataclass
@@ -44,8 +48,8 @@ class LoopEvaluator:
         self.policy.eval()
         self.version = 0
         self.evaluated = -1
-        self._cache: dict[str, float] = {}  # results that only the success side determines
-        self._success_side_changed = True
+        self._cache: dict[str, float] = {}  # sampler -> its result at the last evaluation
+        self._changed: set[str] = set()  # components updated since the last evaluation
 
     def evaluate_latest(self) -> EvalReport | None:
         """Evaluate the newest version, or return None when it was evaluated already."""
@@ -53,14 +57,13 @@ class LoopEvaluator:
         if packet is not None:
             apply(self.policy, packet)
             self.version = packet.version
-            if set(packet.components) & {"backbone", "success_head"}:
-                self._success_side_changed = True
+            self._changed |= set(packet.components)
         if self.version == self.evaluated:
             return None
         t0 = time.perf_counter()
         report = EvalReport(version=self.version, episodes=self.cfg.loop.eval_episodes)
         for kind in self.cfg.loop.eval_samplers:
-            if not READS_FAILURE_HEAD[kind] and kind in self._cache and not self._success_side_changed:
+            if kind in self._cache and not READS[kind] & self._changed:
                 report.success_rate[kind] = self._cache[kind]
                 report.reused.append(kind)
                 continue
@@ -70,9 +73,8 @@ class LoopEvaluator:
             results = [evaluate(dataclasses.replace(cfg, env=cfg.env.for_task(task)), self.policy, progress=False)
                        for task in cfg.env.tasks]  # a task list: the same seeds on each task, pooled
             report.success_rate[kind] = sum(r.successes for r in results) / sum(len(r.episodes) for r in results)
-            if not READS_FAILURE_HEAD[kind]:
-                self._cache[kind] = report.success_rate[kind]
-        self._success_side_changed = False
+            self._cache[kind] = report.success_rate[kind]
+        self._changed = set()
         self.evaluated = self.version
         report.seconds = time.perf_counter() - t0
         return report

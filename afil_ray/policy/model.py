@@ -24,7 +24,7 @@ from afil_ray.policy.encoders import language_encoder, vision_encoder
 from afil_ray.policy.heads import ActionHead, same_shape
 from afil_ray.policy.normalize import Normalizer
 from afil_ray.policy.objectives import make_objective, masked_mse
-from afil_ray.policy.sampler import HeadPair, sample_chunk
+from afil_ray.policy.sampler import HeadPair, rank_chunks, sample_chunk
 from afil_ray.policy.tokenizer import BYTE_VOCAB_SIZE, Tokenizer, make_tokenizer
 from afil_ray.replay.episode import IMAGE_PREFIX
 
@@ -289,15 +289,18 @@ class DAGPolicy(nn.Module):
                generator: torch.Generator | None = None, noise: Any = None) -> tuple[np.ndarray, dict[str, Any]]:
         """An action chunk [B, H, A] in env units for env observations (``state``, ``rgb_<camera>``).
 
-        The initial noise is ``noise`` ([B, H, A], tensor or array, standard normal) when given, else drawn from
+        The initial noise is ``noise`` ([B, H, A], or [B, K, H, A] for ``rank``'s K candidates; tensor or array,
+        standard normal; ``sampler.draw_noise`` draws one state's) when given, else drawn from
         ``generator`` (or torch's global RNG). Both samplers are deterministic after that draw (Euler steps for
         flow, DDIM with eta = 0 for ddpm), so the initial noise is all the sampling randomness: equal noise means
         equal chunks for equal observations and weights. Pass one of ``generator`` and ``noise``, not both.
 
-        Diagnostics (see ``sampler.sample_chunk``): ``w``/``cos`` [B, K], ``w_mean``/``cos_mean`` [K], ``fused``.
+        Diagnostics (see ``sampler.sample_chunk``): ``w``/``cos`` [B, K], ``w_mean``/``cos_mean`` [K], ``fused``;
+        ``rank`` adds ``pick`` and ``q`` (``sampler.rank_chunks``).
         """
         prefix = self._prefix_of(obs, instructions)
-        shape = (prefix.hidden.shape[0], self.horizon, self.action_dim)
+        ranked = sampler.kind == "rank"
+        shape = (prefix.hidden.shape[0], *((sampler.k,) if ranked else ()), self.horizon, self.action_dim)
         if noise is None:
             noise = _randn(shape, generator, self.device)
         else:
@@ -306,8 +309,16 @@ class DAGPolicy(nn.Module):
             noise = torch.as_tensor(noise, dtype=torch.float32).to(self.device)
             if tuple(noise.shape) != shape:
                 raise ValueError(f"noise has shape {tuple(noise.shape)}, this batch needs {shape}")
-        chunk, diagnostics = sample_chunk(self.heads, self.objective, prefix, noise, sampler,
-                                          clip=self.config.action_clip)
+        if ranked:
+            score = None
+            if sampler.pick == "critic" and sampler.k > 1:
+                critic = self._critic()
+                score = lambda chunks: torch.sigmoid(critic(prefix.hidden, prefix.mask, chunks)[0])  # noqa: E731
+            chunk, diagnostics = rank_chunks(self.heads, self.objective, prefix, noise, sampler, score,
+                                             clip=self.config.action_clip)
+        else:
+            chunk, diagnostics = sample_chunk(self.heads, self.objective, prefix, noise, sampler,
+                                              clip=self.config.action_clip)
         actions = self.normalizer.unnormalize_action(chunk)
         return actions.float().cpu().numpy(), {"sampler": sampler.kind, **diagnostics}
 

@@ -5,11 +5,16 @@ The caller encodes the prefix once per chunk; each head projects its cross-atten
 The guided samplers evaluate both heads on the same noisy chunk in one stacked call where that is the faster path
 (same-shape heads, and CUDA or a CPU batch of at most ``FUSE_CPU_MAX_BATCH``: on CPU the stacked call's batched
 matmuls lose to two plain calls at large batches, docs/benchmarks.md), else in two calls; the diagnostics record
-which.
+which. ``rank`` samples K chunks per state from the success head in one batched call and executes the one with the
+highest critic Q (value-guided policy steering, arXiv 2410.13816; RoboMonkey, arXiv 2506.17811), or a random one
+(the control that spends the same compute without the critic).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -114,3 +119,35 @@ def sample_chunk(heads: HeadPair, objective: Objective, prefix: Prefix, noise: t
         "fused": fused, "failure_head_evals": steps if guided else 0,
     }
     return x, diagnostics
+
+
+@torch.no_grad()
+def rank_chunks(heads: HeadPair, objective: Objective, prefix: Prefix, noise: torch.Tensor, cfg: SamplerConfig,
+                score: Callable[[torch.Tensor], torch.Tensor] | None,
+                clip: float | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """K candidates per state from the success head (one batched call over B x K), the one executed picked by
+    ``score`` (normalised chunks [B, K, H, A] -> success probabilities [B, K]; highest wins) or, with ``score``
+    None (``pick=random``), uniformly at random with a seed taken from the noise, so an episode's picks repeat with
+    its noise. ``noise`` is [B, K, H, A]. K = 1 returns success only's chunk bit for bit.
+
+    Diagnostics as ``sample_chunk``'s for success only (w = 0, no cosine), plus ``pick`` [B] (the candidate index)
+    and ``q`` [B, K] (the scores; None for a random pick)."""
+    batch, k = noise.shape[:2]
+    wide = Prefix(prefix.hidden.repeat_interleave(k, 0), prefix.mask.repeat_interleave(k, 0))
+    plain = dataclasses.replace(cfg, kind="success_only")
+    chunks, diagnostics = sample_chunk(heads, objective, wide, noise.flatten(0, 1), plain, clip)
+    chunks = chunks.view(batch, k, *chunks.shape[1:])
+    q = None
+    if k == 1:
+        pick = torch.zeros(batch, dtype=torch.long, device=chunks.device)
+    elif score is not None:
+        q = score(chunks)
+        pick = q.argmax(dim=1)
+    else:
+        seed = int.from_bytes(hashlib.blake2b(noise.cpu().numpy().tobytes(), digest_size=8).digest(), "little")
+        pick = torch.randint(k, (batch,), generator=torch.Generator().manual_seed(seed >> 1)).to(chunks.device)
+    chosen = chunks[torch.arange(batch, device=chunks.device), pick]
+    w = diagnostics["w"].reshape(batch, k, -1)[:, 0]
+    diagnostics = {**diagnostics, "w": w, "w_mean": w.mean(0), "pick": pick.cpu().numpy(),
+                   "q": None if q is None else q.float().cpu().numpy()}
+    return chosen, diagnostics

@@ -104,16 +104,52 @@ def build(cfg: PolicyConfig, cameras: tuple[str, ...] = ()) -> DAGPolicy:
     return DAGPolicy.from_config(cfg, STATE_DIM, ACTION_DIM, cameras).eval()
 
 
+RANK_SAMPLERS = {
+    "success_only": SamplerConfig(kind="success_only"),
+    "rank k=1": SamplerConfig(kind="rank", k=1),
+    "rank k=4": SamplerConfig(kind="rank", k=4),
+    "rank k=8": SamplerConfig(kind="rank", k=8),
+    "rank k=8 pick=random": SamplerConfig(kind="rank", k=8, pick="random"),
+    "adaptive": SamplerConfig(kind="adaptive", lam=1.0),
+}
+
+
+def rank_table(args: argparse.Namespace) -> None:
+    """``rank``: K candidates in one batched success-head call plus one critic call, against success only and the
+    paper's adaptive rule (issue 22's compute control: what ranking costs per chunk)."""
+    cfg = dataclasses.replace(PolicyConfig(), critic=True)
+    policy = build(cfg)
+    print(f"## Ranking K candidates per state (default policy with its critic, {torch.get_num_threads()} threads)\n")
+    names = list(RANK_SAMPLERS)
+    print("| batch | " + " | ".join(f"{n} ms" for n in names) + " | "
+          + " | ".join(f"{n} / success_only" for n in names[1:]) + " |")
+    print("|---" * (2 * len(names)) + "|")
+    for batch in args.batches:
+        obs = observation(batch, (), 0)
+        start = time.perf_counter()
+        policy.sample(obs, INSTRUCTION, RANK_SAMPLERS["rank k=8"])
+        calls = max(1, int(args.budget / (time.perf_counter() - start)))
+        t = time_samplers(policy, obs, RANK_SAMPLERS, args.rounds, calls)
+        print(f"| {batch} | " + " | ".join(f"{statistics.median(t[n]):.2f}" for n in names) + " | "
+              + " | ".join(f"{ratio(t, n):.2f}" for n in names[1:]) + " |", flush=True)
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64])
     parser.add_argument("--no-variants", action="store_true", help="only the first table")
+    parser.add_argument("--rank", action="store_true", help="also the rank sampler's table (K candidates)")
+    parser.add_argument("--rank-only", action="store_true", help="only the rank sampler's table")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--budget", type=float, default=0.25, help="seconds per (sampler, round) measurement")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.rank_only:
+        rank_table(args)
+        return
 
     cfg = PolicyConfig()
     policy = build(cfg)
@@ -143,6 +179,8 @@ def main() -> None:
           f"{counts['failure_head']:,} (+{100 * counts['failure_head'] / (total - counts['failure_head']):.1f}% over "
           f"backbone + success head).\n")
 
+    if args.rank:
+        rank_table(args)
     if args.no_variants:
         return
     batch = max(args.batches)

@@ -587,10 +587,16 @@ class ReproduceConfig(_Section):
     # Study variants (names in ``variants``) given the same treatment: re-trained with each of ``train_seeds``
     # next to that seed's "+ failure correction" and evaluated with ``variant_arms`` (results/seed_variants/).
     seed_variants: list[str] = field(default_factory=list)
+    # Issue 22's failure signal: matched-state branches (``branches.*``) from the harvested rollouts with the
+    # corrected policy, a success critic trained on them from that policy (``critic_steps``), and these arms on
+    # its checkpoint, paired with the main ones (the rank arms share "+ failure correction"'s success head).
+    # Empty: no branch, critic or critic-arm stages (the paper's pipeline alone).
+    critic_arms: list[str] = field(default_factory=lambda: ["rank:k=8", "rank:k=8,pick=random"])
+    critic_steps: int = 2000
 
     def check(self) -> None:
         _at_least("reproduce.harvest_seed_start", self.harvest_seed_start, 0)
-        for key in ("harvest_seeds", "harvest_runs", "correction_steps", "failure_head_steps"):
+        for key in ("harvest_seeds", "harvest_runs", "correction_steps", "failure_head_steps", "critic_steps"):
             _at_least(f"reproduce.{key}", getattr(self, key), 1)
         _at_least("reproduce.online_s", self.online_s, 0.0)  # 0: no online arm
         _each_at_least("reproduce.static_w", self.static_w, 0.0)

@@ -29,7 +29,12 @@ def tiny_args(tmp: Path) -> list[str]:
             "train.batch_size=16", "train.warmup_steps=2", "train.checkpoint_every=10", "train.device=cpu",
             "reproduce.harvest_seeds=3", "reproduce.harvest_runs=1", "reproduce.correction_steps=10",
             "reproduce.failure_head_steps=10", "reproduce.static_w=[0.05]", "reproduce.lams=[1.0,5.0]",
-            "correct.workers=1", "eval.episodes=2", "eval.runs=1", "eval.seed_start=900"]
+            "correct.workers=1", "eval.episodes=2", "eval.runs=1", "eval.seed_start=900", "reproduce.critic_arms=[]"]
+
+
+# issue 22's stages: branches from the harvest, a critic on them, its arms beside the paper's
+CRITIC_ARGS = ["reproduce.critic_arms=['rank:k=4', 'rank:k=4,pick=random']", "reproduce.critic_steps=10",
+               "branches.per_state=2", "branches.states_per_episode=1"]
 
 
 def test_summary_table_puts_both_paired_comparisons_in_one_row():
@@ -57,11 +62,11 @@ def test_summary_table_puts_both_paired_comparisons_in_one_row():
 
 @pytest.mark.timeout(900)
 def test_reproduce_runs_every_stage_then_reuses_them(tmp_path, capsys):
-    args = tiny_args(tmp_path)
+    args = [*tiny_args(tmp_path), *CRITIC_ARGS]
     assert main(["reproduce", "--quiet", *args]) == 0
     out = capsys.readouterr().out
     root = tmp_path / "run"
-    stages = ["demos", "success_only", "harvest", "correct", "corrected", "dag", "eval"]
+    stages = ["demos", "success_only", "harvest", "correct", "corrected", "dag", "branch", "critic", "eval"]
     for stage in stages:
         assert f"[{stage}] done" in out, stage
         assert (root / "stages" / f"{stage}.json").is_file()
@@ -76,7 +81,23 @@ def test_reproduce_runs_every_stage_then_reuses_them(tmp_path, capsys):
     results = json.loads((root / "results" / "report.json").read_text())
     arms = [a["arm"] for a in results["tasks"][TASK]["arms"]]
     assert arms == ["success only", "+ failure correction", "static FIL w=0.05", "adaptive FIL λ=1",
-                    "adaptive FIL λ=5"]
+                    "adaptive FIL λ=5", "rank k=4", "rank k=4 pick=random"]
+    # the branches start from harvested states (successes keep their snapshots for them), rolled out by the
+    # corrected policy; the critic trained on them beside that policy's heads, and its arms ran on its checkpoint
+    branch = json.loads((root / "stages" / "branch.json").read_text())["outputs"]
+    assert branch["branches"] == 2 * branch["states"] > 0
+    branches = store.read_episodes(task=TASK, outcome="branch")
+    harvested = {e.episode_id for e in store.read_episodes(task=TASK) if e.source == "harvest"}
+    assert len(branches) == branch["branches"] and {e.parent_episode_id for e in branches} <= harvested
+    critic = json.loads((root / "stages" / "critic.json").read_text())["outputs"]
+    assert critic["steps"] == 10 and critic["critic_rows"] > 0
+    critic_policy = load_start_policy(critic["checkpoint"])
+    corrected_policy = load_start_policy(json.loads((root / "stages" / "corrected.json").read_text())
+                                         ["outputs"]["checkpoint"])
+    assert critic_policy.critic is not None
+    for name, tensor in corrected_policy.heads.success.state_dict().items():
+        assert torch.equal(tensor, critic_policy.heads.success.state_dict()[name]), name  # rank samples from it
+    assert list((root / "critic" / "eval").glob("*/episodes.json"))
     assert all(a["episodes"] == 2 for a in results["tasks"][TASK]["arms"])
     md = (root / "results" / "report.md").read_text()
     assert "paper (%)" in md and "| + failure correction |" in md and "Stage wall times" in md

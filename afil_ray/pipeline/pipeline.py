@@ -1,6 +1,6 @@
 """``afil-ray reproduce``: the paper's ManiSkill pipeline for one task as resumable, cached stages.
 
-    demos -> success_only -> harvest -> correct -> corrected -> dag -> [online] -> eval
+    demos -> success_only -> harvest -> correct -> corrected -> dag -> [branch -> critic] -> [online] -> eval
 
 - ``demos``: motion-planner demonstrations into the store (``demos.num``).
 - ``success_only``: backbone + success head on the demos alone (``train.*``).
@@ -9,6 +9,9 @@
 - ``correct``: the motion planner finishes the harvested failures (``afil-ray correct``).
 - ``corrected``: "success + failure correction", the success-only policy fine-tuned on demos + corrections.
 - ``dag``: DAG-VLA, a failure head trained on the raw failures next to the corrected policy's success head.
+- ``branch``, ``critic`` (``reproduce.critic_arms`` not empty; issue 22): matched-state branches from the harvested
+  rollouts by the corrected policy, then a success critic trained on them beside that policy's heads; its arms
+  (``rank`` and its random-pick control) join the evaluation.
 - ``online`` (``reproduce.online_s`` > 0): the distributed loop run for that long from the corrected policy.
 - ``eval``: the paired protocol (``eval.*``) on every arm: success only, + failure correction, static FIL for
   each ``reproduce.static_w``, adaptive FIL for each ``reproduce.lams`` (the paper's λ ablation), the online arm.
@@ -42,6 +45,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from afil_ray.branches import branch_task
 from afil_ray.config import Config, ConfigError, check_writable, save_resolved, with_overrides
 from afil_ray.correction import correct_failures
 from afil_ray.demos.generate import generate_demos
@@ -61,7 +65,7 @@ from afil_ray.eval.workers import UnitRunner, run_units, task_units
 from afil_ray.pipeline import plan as planning
 from afil_ray.pipeline.plan import CORRECTED_ARM, SUCCESS_ONLY, PlannedArm
 from afil_ray.pipeline.reports import main_report, mean_w_sentence, seed_spread, summary_table
-from afil_ray.pipeline.stages import DEPENDS, StageCache, select, with_updates
+from afil_ray.pipeline.stages import CRITIC_EVAL_DEPENDS, DEPENDS, StageCache, select, with_updates
 from afil_ray.policy.loading import load_start_policy
 from afil_ray.replay.store import ReplayStore
 from afil_ray.run_id import with_run_id
@@ -111,6 +115,7 @@ class Pipeline:
                               f"{', '.join(unknown) or 'none'}), and reproduce.train_seeds must not be empty "
                               "(reproduce.seed_variants=[] skips the seed treatment)")
         # every task and path before the first stage: an out-of-domain typo must not wait for hours of training
+        planning.critic_arms(self.cfg)  # a mistyped arm, too
         check_tasks(env_tasks(self.cfg.env), planner=True)  # demos and corrections plan them
         check_one_action_space(self.cfg.env)
         studies = [k for k in ("variants", "ood_tasks", "train_seeds", "seed_variants") if getattr(rc, k)]
@@ -130,11 +135,16 @@ class Pipeline:
         dag_ckpt = self._stage("dag", lambda: self.dag(corrected_ckpt))["checkpoint"]
         # before the online loop adds failures, so every seed's failure head sees what the main one saw
         seed_ckpts = {seed: self.seed_stages(seed, success_ckpt) for seed in seeds}
+        critic_ckpt = None
+        if rc.critic_arms:  # issue 22's failure signal: branches from the harvest, a critic on them
+            self._stage("branch", lambda: self.branch(corrected_ckpt))
+            critic_ckpt = self._stage("critic", lambda: self.critic(corrected_ckpt))["checkpoint"]
         online_ckpt = None
         if self.cfg.reproduce.online_s > 0:
             online_ckpt = self._stage("online", lambda: self.online(corrected_ckpt))["checkpoint"]
-        main = planning.main_plan(self.cfg, success_ckpt, dag_ckpt, online_ckpt)
-        self._stage("eval", lambda: self.evaluate(main))
+        main = planning.main_plan(self.cfg, success_ckpt, dag_ckpt, online_ckpt, critic_ckpt)
+        eval_keys = (*DEPENDS["eval"], *(CRITIC_EVAL_DEPENDS if rc.critic_arms else ()))
+        self._stage("eval", lambda: self.evaluate(main), select(self.cfg, tuple(dict.fromkeys(eval_keys))))
         variant_ckpts = {name: self.variant_stage(name, corrected_ckpt) for name in rc.variants}
         seed_variant_ckpts = {(seed, name): self.variant_stage(name, seed_ckpts[seed][0], seed)
                               for seed in seeds for name in rc.seed_variants}
@@ -229,8 +239,8 @@ class Pipeline:
                                                   keep_snapshots=True, runner=self.runner):
             for ep in episodes:
                 ep.source = HARVEST_SOURCE
-                if ep.outcome != "failure":
-                    ep.snapshot_steps, ep.snapshots = [], []  # only failures are corrected
+                if ep.outcome != "failure" and not rc.critic_arms:
+                    ep.snapshot_steps, ep.snapshots = [], []  # only failures are corrected (successes: branched)
             self.store.write_episodes(episodes, run_id=self.run_id)
             done[key(task, run)] = {"episodes": len(episodes),
                                     "failures": sum(e.outcome == "failure" for e in episodes)}
@@ -274,6 +284,37 @@ class Pipeline:
                                   "steps": cfg.reproduce.failure_head_steps},
                            data={"failure_outcomes": list(cfg.reproduce.failure_outcomes)})
         return self._train(cfg)
+
+    def branch(self, corrected_ckpt: str) -> dict[str, Any]:
+        """Matched-state branches (``branches.*``) from the harvested rollouts, rolled out by the corrected policy's
+        success head, the one the critic's arms sample from: the critic's contrast data. Resumable per branch."""
+        cfg = with_updates(self.cfg, sampler={"kind": "success_only"})
+        policy = load_start_policy(corrected_ckpt)
+        reports = [branch_task(self.for_task(t, cfg), policy, self.store, progress=self.progress,
+                               extra={"checkpoint": corrected_ckpt}) for t in self.cfg.env.tasks]
+        for report in reports:
+            print(report.summary())
+        branches = sum(r.branches for r in reports)
+        return {"states": sum(r.states for r in reports), "branches": branches,
+                "success_rate": sum(r.successes for r in reports) / branches if branches else None,
+                "mixed_groups": sum(r.mixed for r in reports), "groups_before": sum(r.done_before for r in reports)}
+
+    def critic(self, corrected_ckpt: str) -> dict[str, Any]:
+        """The success critic trained alone on the branches (and Monte-Carlo rows) on top of the corrected policy,
+        whose backbone and heads it keeps; its held-out AUROCs go into the stage's record."""
+        cfg = with_updates(self.cfg, run_dir=str(self.root / "critic"), policy={"critic": True},
+                           train={"mode": "critic", "init_from": corrected_ckpt,
+                                  "steps": self.cfg.reproduce.critic_steps})
+        trainer = Trainer(cfg, progress=self.progress)
+        final = trainer.run()
+        report = trainer.evaluate_critic(final)
+        for line in report.lines():
+            print(line)
+        o = report.overall if len(report.tasks) > 1 else report.tasks[0]
+        return {"checkpoint": str(final), "steps": trainer.step, "run_dir": cfg.run_dir,
+                "critic_rows": trainer.samplers["critic"].num_steps, "auroc_q": o.auroc_q,
+                "auroc_q_within_group": o.auroc_q_within_group, "auroc_v": o.auroc_v,
+                "held_out_branches": o.branches, "mixed_groups": o.mixed_groups}
 
     def online(self, corrected_ckpt: str) -> dict[str, Any]:
         cfg = with_updates(self.cfg, run_dir=str(self.root / "online"),

@@ -29,6 +29,23 @@ BRANCH_PARENTS = ("failure", "success", "corrected")  # outcomes whose episodes 
 # outcomes whose stored chunks are the policy's own and whose success is the policy's doing, so an episode's outcome
 # can label each of its chunks (a corrected episode's success is the planner's, a demo has no sampled chunks)
 CRITIC_MC_OUTCOMES = ("failure", "success", "branch")
+STORED_OUTCOMES = ("demo", "success", "failure", "corrected", "branch")  # the store's partitions (replay/episode.py)
+# Branch episodes by how they ended (issue 22): a head can learn from the branches that succeeded, the other from
+# those that failed from the same states, so the paper's v_s - v_f becomes a same-state contrast
+BRANCH_SPLITS: dict[str, bool] = {"branch_success": True, "branch_failure": False}
+TRAIN_OUTCOMES = (*STORED_OUTCOMES, *BRANCH_SPLITS)
+
+
+def stored_outcomes(outcomes: list[str] | tuple[str, ...]) -> list[str]:
+    """The store partitions a training selection reads (``branch_success``/``branch_failure`` read ``branch``)."""
+    return list(dict.fromkeys("branch" if o in BRANCH_SPLITS else o for o in outcomes))
+
+
+def branch_success_filter(outcomes: list[str] | tuple[str, ...] | None) -> bool | None:
+    """The ``success`` value a selection's branch episodes must have: True or False for one split alone, None
+    for every branch episode (``branch``, both splits, or none selected)."""
+    splits = {BRANCH_SPLITS[o] for o in outcomes or () if o in BRANCH_SPLITS}
+    return splits.pop() if len(splits) == 1 and "branch" not in (outcomes or ()) else None
 OBS_MODES = ("state", "rgb")
 # ManiSkill robots the task registry's demonstrators, state layout and action space are written for
 ROBOTS = ("panda", "panda_wristcam")
@@ -440,6 +457,8 @@ class DataConfig(_Section):
     """What training reads from the replay store (``replay.root``)."""
 
     tasks: list[str] = field(default_factory=list)  # empty: env.task
+    # The store's outcomes each head learns from; branch_success / branch_failure: the branch episodes that
+    # succeeded / failed (issue 22: both heads from the same states, the paper's rule as a same-state contrast)
     success_outcomes: list[str] = field(default_factory=lambda: ["demo", "success", "corrected"])
     failure_outcomes: list[str] = field(default_factory=lambda: ["failure"])
     # Failure head on sampled chunks: 0 learns from whole failed episodes; N > 0 only from the N steps after the
@@ -455,6 +474,9 @@ class DataConfig(_Section):
     critic_holdout: float = 0.2
 
     def check(self) -> None:
+        for key in ("success_outcomes", "failure_outcomes"):
+            for outcome in getattr(self, key):
+                _one_of(f"data.{key}", outcome, TRAIN_OUTCOMES)
         _at_least("data.failure_window", self.failure_window, 0)  # 0: whole failed episodes
         if not self.critic_mc_outcomes:
             raise ConfigError(f"data.critic_mc_outcomes must name at least one of {', '.join(CRITIC_MC_OUTCOMES)} "
@@ -599,6 +621,8 @@ class ReproduceConfig(_Section):
         for key in ("harvest_seeds", "harvest_runs", "correction_steps", "failure_head_steps", "critic_steps"):
             _at_least(f"reproduce.{key}", getattr(self, key), 1)
         _at_least("reproduce.online_s", self.online_s, 0.0)  # 0: no online arm
+        for outcome in self.failure_outcomes:
+            _one_of("reproduce.failure_outcomes", outcome, TRAIN_OUTCOMES)
         _each_at_least("reproduce.static_w", self.static_w, 0.0)
         _each_at_least("reproduce.lams", self.lams, 0.0)
         _each_at_least("reproduce.train_seeds", self.train_seeds, 0)

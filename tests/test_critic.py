@@ -341,3 +341,36 @@ def test_bad_critic_settings_are_one_line_errors(tmp_path, capsys):
     ReplayStore(empty).write_episodes(_demos())
     with pytest.raises(ConfigError, match="holds no critic rows"):
         Trainer(_cfg(empty, tmp_path / "run"), progress=False)
+
+
+def test_branch_splits_give_each_head_one_outcome_of_the_same_states(tmp_path):
+    """``branch_success`` / ``branch_failure`` select the branch episodes that succeeded / failed (the paper's rule
+    as a same-state contrast: the success head on one, the failure head on the other); ``branch`` or both splits
+    select every branch, and a misspelt outcome is a config error."""
+    from afil_ray.replay.chunks import ChunkSampler
+    from afil_ray.replay.sampler import WindowSampler
+
+    store = ReplayStore(tmp_path)
+    eps = _action_decides(groups=6, k=4)
+    store.write_episodes(eps)
+    won = {e.episode_id: e.success for e in eps}
+    assert 0 < sum(won.values()) < len(eps)
+    by_action = {e.action[0].tobytes(): e.success for e in eps}  # branches share their state, not their chunk
+
+    def window_outcomes(outcomes: list[str]) -> set[bool]:
+        s = WindowSampler(store, H, tasks=[TASK], outcomes=outcomes)
+        return {by_action[a[0].tobytes()] for a in s.sample(200)["action"]}
+
+    def chunk_outcomes(outcomes: list[str]) -> tuple[int, set[bool]]:
+        s = ChunkSampler(store, H, tasks=[TASK], outcomes=outcomes)
+        assert s.partitions == [(TASK, "branch")]
+        return s.num_steps, set(s.success.tolist())
+
+    assert window_outcomes(["branch_success"]) == {True} and window_outcomes(["branch_failure"]) == {False}
+    assert window_outcomes(["branch"]) == window_outcomes(["branch_success", "branch_failure"]) == {True, False}
+    wins = sum(won.values())
+    assert chunk_outcomes(["branch_success"]) == (wins, {True})
+    assert chunk_outcomes(["branch_failure"]) == (len(won) - wins, {False})
+    assert chunk_outcomes(["branch"]) == (len(won), {True, False})
+    with pytest.raises(ConfigError, match=r"data\.success_outcomes must be one of"):
+        load_config(None, ["data.success_outcomes=[demos]"])

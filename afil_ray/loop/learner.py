@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from afil_ray.config import Config
+from afil_ray.config import Config, stored_outcomes
 from afil_ray.loop.weights import WeightPacket, pack
 from afil_ray.replay.store import ReplayStore
 from afil_ray.train import Trainer
@@ -78,8 +78,8 @@ class OnlineLearner:
         self._steps_since_publish = 0
 
     def failure_episodes(self) -> int:
-        rows = self.store.stats()
-        return sum(r.episodes for r in rows if r.task in self.tasks and r.outcome in self.cfg.data.failure_outcomes)
+        rows, outcomes = self.store.stats(), stored_outcomes(self.cfg.data.failure_outcomes)
+        return sum(r.episodes for r in rows if r.task in self.tasks and r.outcome in outcomes)
 
     def _start(self) -> int:
         """Build the trainer once enough failures are stored (it needs data to sample from); returns how many

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from afil_ray.config import branch_success_filter, stored_outcomes
 from afil_ray.replay.episode import IMAGE_PREFIX
 from afil_ray.replay.sampler import restore_step, sync_shards
 from afil_ray.replay.shard_io import ShardCorruptError, ShardFile
@@ -70,7 +71,8 @@ class ChunkSampler:
         self.store, self.horizon, self.window = store, horizon, window
         self.cameras: tuple[str, ...] | None = tuple(cameras) if cameras is not None else None  # None: the shards'
         self.frame_encoder: Callable[[str, np.ndarray], np.ndarray] | None = None
-        self.tasks, self.outcomes = list(tasks), list(outcomes)
+        self.tasks, self.outcomes = list(tasks), stored_outcomes(list(outcomes))
+        self.branch_success = branch_success_filter(list(outcomes))  # one outcome of the branches, or None
         self.rng = np.random.default_rng(seed)
         self.partitions = [(t, o) for t in self.tasks for o in self.outcomes]
         self._pairs: dict[str, _Pairs] = {}  # shard path -> its pairs
@@ -151,6 +153,9 @@ class ChunkSampler:
         frames: dict[str, list[np.ndarray]] = {cam: [] for cam in (self.cameras if images else ())}
         for i, row in enumerate(table.select(columns).to_pylist()):
             if not row["chunk_steps"]:
+                continue
+            if shard.outcome == "branch" and self.branch_success is not None \
+                    and bool(row["success"]) != self.branch_success:
                 continue
             action_dim = len(row["action"][0])
             for cam in self.cameras:

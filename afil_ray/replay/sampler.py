@@ -16,8 +16,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from afil_ray.config import BALANCES
+from afil_ray.config import BALANCES, branch_success_filter, stored_outcomes
 from afil_ray.replay.episode import IMAGE_PREFIX
 from afil_ray.replay.shard_io import CORRUPTION_ERRORS, Selection, ShardCorruptError, ShardFile, selection_set
 from afil_ray.replay.store import ReplayStore
@@ -128,7 +129,9 @@ class WindowSampler:
             raise ValueError(f"horizon must be >= 1, got {horizon}")
         self.store = store
         self.horizon = horizon
-        self.tasks, self.outcomes = selection_set(tasks), selection_set(outcomes)
+        self.tasks = selection_set(tasks)
+        self.outcomes = None if outcomes is None else selection_set(stored_outcomes(list(selection_set(outcomes))))
+        self.branch_success = branch_success_filter(None if outcomes is None else list(selection_set(outcomes)))
         if balance not in BALANCES:
             raise ValueError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}")
         self.balance = balance if weights is None else "partitions"
@@ -184,10 +187,13 @@ class WindowSampler:
                              f"{missing}; this sampler uses cameras {list(self.cameras)}")
         columns = ["state", "action"] + [IMAGE_PREFIX + c for c in self.cameras]
         from_restore = self.corrected_from_restore and shard.outcome == "corrected"
-        table = self.store.read_checked(shard.path, columns + ["instruction"] + ["extra"] * from_restore,
-                                        verify=False)
+        split = self.branch_success is not None and shard.outcome == "branch"  # one outcome of the branches
+        table = self.store.read_checked(shard.path, columns + ["instruction"] + ["extra"] * from_restore
+                                        + ["success"] * split, verify=False)
         if table is None:
             return None
+        if split:
+            table = table.filter(pc.equal(table["success"], self.branch_success)).drop_columns(["success"])
         index = len(self.shard_paths)
         try:
             segments = self._segments_of(shard, index, table)

@@ -615,6 +615,10 @@ class ReproduceConfig(_Section):
     # Empty: no branch, critic or critic-arm stages (the paper's pipeline alone).
     critic_arms: list[str] = field(default_factory=lambda: ["rank:k=8", "rank:k=8,pick=random"])
     critic_steps: int = 2000
+    # The paper's rule as a same-state contrast: the corrected policy's success head fine-tuned with the branches
+    # that succeeded (correction_steps), then a failure head on the branches that failed from the same states
+    # (failure_head_steps); evaluated with success only and these arms. Empty: no such stage.
+    branch_rule_arms: list[str] = field(default_factory=lambda: ["adaptive:lam=1"])
 
     def check(self) -> None:
         _at_least("reproduce.harvest_seed_start", self.harvest_seed_start, 0)

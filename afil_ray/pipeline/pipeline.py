@@ -1,6 +1,7 @@
 """``afil-ray reproduce``: the paper's ManiSkill pipeline for one task as resumable, cached stages.
 
-    demos -> success_only -> harvest -> correct -> corrected -> dag -> [branch -> critic] -> [online] -> eval
+    demos -> success_only -> harvest -> correct -> corrected -> dag -> [branch -> critic, branch_heads] -> [online]
+          -> eval
 
 - ``demos``: motion-planner demonstrations into the store (``demos.num``).
 - ``success_only``: backbone + success head on the demos alone (``train.*``).
@@ -9,9 +10,10 @@
 - ``correct``: the motion planner finishes the harvested failures (``afil-ray correct``).
 - ``corrected``: "success + failure correction", the success-only policy fine-tuned on demos + corrections.
 - ``dag``: DAG-VLA, a failure head trained on the raw failures next to the corrected policy's success head.
-- ``branch``, ``critic`` (``reproduce.critic_arms`` not empty; issue 22): matched-state branches from the harvested
-  rollouts by the corrected policy, then a success critic trained on them beside that policy's heads; its arms
-  (``rank`` and its random-pick control) join the evaluation.
+- ``branch``, ``critic``, ``branch_heads`` (issue 22): matched-state branches from the harvested rollouts by the
+  corrected policy; a success critic trained on them beside that policy's heads, whose arms (``rank`` and its
+  random-pick control, ``reproduce.critic_arms``) join the evaluation; and the paper's two heads trained on the
+  branches' two outcomes (``reproduce.branch_rule_arms``, rows ``branch heads: <arm>``). Empty lists leave them out.
 - ``online`` (``reproduce.online_s`` > 0): the distributed loop run for that long from the corrected policy.
 - ``eval``: the paired protocol (``eval.*``) on every arm: success only, + failure correction, static FIL for
   each ``reproduce.static_w``, adaptive FIL for each ``reproduce.lams`` (the paper's λ ablation), the online arm.
@@ -65,7 +67,14 @@ from afil_ray.eval.workers import UnitRunner, run_units, task_units
 from afil_ray.pipeline import plan as planning
 from afil_ray.pipeline.plan import CORRECTED_ARM, SUCCESS_ONLY, PlannedArm
 from afil_ray.pipeline.reports import main_report, mean_w_sentence, seed_spread, summary_table
-from afil_ray.pipeline.stages import CRITIC_EVAL_DEPENDS, DEPENDS, StageCache, select, with_updates
+from afil_ray.pipeline.stages import (
+    BRANCH_RULE_EVAL_DEPENDS,
+    CRITIC_EVAL_DEPENDS,
+    DEPENDS,
+    StageCache,
+    select,
+    with_updates,
+)
 from afil_ray.policy.loading import load_start_policy
 from afil_ray.replay.store import ReplayStore
 from afil_ray.run_id import with_run_id
@@ -115,7 +124,7 @@ class Pipeline:
                               f"{', '.join(unknown) or 'none'}), and reproduce.train_seeds must not be empty "
                               "(reproduce.seed_variants=[] skips the seed treatment)")
         # every task and path before the first stage: an out-of-domain typo must not wait for hours of training
-        planning.critic_arms(self.cfg)  # a mistyped arm, too
+        planning.critic_arms(self.cfg), planning.branch_rule_arms(self.cfg)  # a mistyped arm, too
         check_tasks(env_tasks(self.cfg.env), planner=True)  # demos and corrections plan them
         check_one_action_space(self.cfg.env)
         studies = [k for k in ("variants", "ood_tasks", "train_seeds", "seed_variants") if getattr(rc, k)]
@@ -135,15 +144,19 @@ class Pipeline:
         dag_ckpt = self._stage("dag", lambda: self.dag(corrected_ckpt))["checkpoint"]
         # before the online loop adds failures, so every seed's failure head sees what the main one saw
         seed_ckpts = {seed: self.seed_stages(seed, success_ckpt) for seed in seeds}
-        critic_ckpt = None
-        if rc.critic_arms:  # issue 22's failure signal: branches from the harvest, a critic on them
+        critic_ckpt = branch_heads_ckpt = None
+        if rc.critic_arms or rc.branch_rule_arms:  # issue 22's failure signal: branches from the harvest ...
             self._stage("branch", lambda: self.branch(corrected_ckpt))
+        if rc.critic_arms:  # ... a critic on them
             critic_ckpt = self._stage("critic", lambda: self.critic(corrected_ckpt))["checkpoint"]
+        if rc.branch_rule_arms:  # ... and the paper's two heads on their two outcomes
+            branch_heads_ckpt = self._stage("branch_heads", lambda: self.branch_heads(corrected_ckpt))["checkpoint"]
         online_ckpt = None
         if self.cfg.reproduce.online_s > 0:
             online_ckpt = self._stage("online", lambda: self.online(corrected_ckpt))["checkpoint"]
-        main = planning.main_plan(self.cfg, success_ckpt, dag_ckpt, online_ckpt, critic_ckpt)
-        eval_keys = (*DEPENDS["eval"], *(CRITIC_EVAL_DEPENDS if rc.critic_arms else ()))
+        main = planning.main_plan(self.cfg, success_ckpt, dag_ckpt, online_ckpt, critic_ckpt, branch_heads_ckpt)
+        eval_keys = (*DEPENDS["eval"], *(CRITIC_EVAL_DEPENDS if rc.critic_arms else ()),
+                     *(BRANCH_RULE_EVAL_DEPENDS if rc.branch_rule_arms else ()))
         self._stage("eval", lambda: self.evaluate(main), select(self.cfg, tuple(dict.fromkeys(eval_keys))))
         variant_ckpts = {name: self.variant_stage(name, corrected_ckpt) for name in rc.variants}
         seed_variant_ckpts = {(seed, name): self.variant_stage(name, seed_ckpts[seed][0], seed)
@@ -315,6 +328,22 @@ class Pipeline:
                 "critic_rows": trainer.samplers["critic"].num_steps, "auroc_q": o.auroc_q,
                 "auroc_q_within_group": o.auroc_q_within_group, "auroc_v": o.auroc_v,
                 "held_out_branches": o.branches, "mixed_groups": o.mixed_groups}
+
+    def branch_heads(self, corrected_ckpt: str) -> dict[str, Any]:
+        """The paper's two heads on the two outcomes of the same states: the corrected policy's success head
+        fine-tuned with the branches that succeeded (beside its demos and corrections), then a failure head on
+        the branches that failed, so v_s - v_f contrasts chunks from the same states."""
+        rc, sub = self.cfg.reproduce, self.root / "branch_heads"
+        success = self._train(with_updates(
+            self.cfg, run_dir=str(sub / "success"),
+            train={"mode": "success_only", "init_from": corrected_ckpt, "steps": rc.correction_steps},
+            data={"success_outcomes": ["demo", "corrected", "branch_success"]}))
+        failure = self._train(with_updates(
+            self.cfg, run_dir=str(sub / "failure"),
+            train={"mode": "failure_head", "init_from": success["checkpoint"], "steps": rc.failure_head_steps},
+            data={"failure_outcomes": ["branch_failure"]}))
+        return {"checkpoint": failure["checkpoint"], "success_checkpoint": success["checkpoint"],
+                "success_windows": success["success_windows"], "failure_windows": failure["failure_windows"]}
 
     def online(self, corrected_ckpt: str) -> dict[str, Any]:
         cfg = with_updates(self.cfg, run_dir=str(self.root / "online"),

@@ -56,15 +56,25 @@ def critic_arms(cfg: Config) -> list[Arm]:
     return [parse_arm(spec, cfg.sampler) for spec in cfg.reproduce.critic_arms]
 
 
+BRANCH_RULE = "branch heads"
+
+
+def branch_rule_arms(cfg: Config) -> list[Arm]:
+    """Success only, then ``reproduce.branch_rule_arms``: the rows of the heads trained on branch outcomes."""
+    return [success_only_arm(cfg), *(parse_arm(spec, cfg.sampler) for spec in cfg.reproduce.branch_rule_arms)]
+
+
 def main_plan(cfg: Config, success_ckpt: str, dag_ckpt: str, online_ckpt: str | None,
-              critic_ckpt: str | None = None) -> list[PlannedArm]:
+              critic_ckpt: str | None = None, branch_heads_ckpt: str | None = None) -> list[PlannedArm]:
     """Every arm of the main table, success only first; the critic's arms (on ``critic_ckpt``, whose success head
-    is the corrected one) after the paper's."""
+    is the corrected one) and the branch-trained heads' (``branch_heads: <arm>``) after the paper's."""
     plan = [PlannedArm(SUCCESS_ONLY, success_ckpt, success_only_arm(cfg)),
             PlannedArm(CORRECTED_ARM, dag_ckpt, success_only_arm(cfg))]  # the DAG's success head is the corrected
     plan += [PlannedArm(arm.title, dag_ckpt, arm) for arm in static_arms(cfg) + adaptive_arms(cfg)]
     if critic_ckpt is not None:
         plan += [PlannedArm(arm.title, critic_ckpt, arm) for arm in critic_arms(cfg)]
+    if branch_heads_ckpt is not None:
+        plan += [PlannedArm(f"{BRANCH_RULE}: {arm.title}", branch_heads_ckpt, arm) for arm in branch_rule_arms(cfg)]
     if online_ckpt is not None:
         lam = cfg.reproduce.lams[0] if cfg.reproduce.lams else 1.0
         arm = make_arm(cfg.sampler, "adaptive", lam=float(lam))

@@ -554,6 +554,13 @@ class LoopConfig(_Section):
     rolling_window: int = 50  # episodes per task in the rolling success / failure rate
     max_restarts: int = 3  # Ray restarts per actor before the loop gives up on it
     keep_success_snapshots: bool = False  # simulator snapshots are for correcting failures; successes drop them
+    # Branch actors (issue 22): matched-state branches (branches.*) from the stored rollouts with the newest
+    # weights, at most branch_states_per_round states per task and call, for a learner in train.mode=critic
+    # (keep_success_snapshots=true lets them branch successes too)
+    num_branch_actors: int = 0
+    branch_cpus: float = 0.5
+    branch_gpus: float = 0.0
+    branch_states_per_round: int = 4
 
     def check(self) -> None:
         _one_of("loop.learner_mode", self.learner_mode, TRAIN_MODES)
@@ -562,7 +569,10 @@ class LoopConfig(_Section):
         _positive("loop.duration_s", self.duration_s)
         _at_least("loop.max_learner_steps", self.max_learner_steps, 1, none="no step budget")
         _at_least("loop.num_rollout_actors", self.num_rollout_actors, 1)
-        for key in ("rollout_cpus", "rollout_gpus", "learner_cpus", "learner_gpus", "eval_cpus", "eval_gpus"):
+        _at_least("loop.num_branch_actors", self.num_branch_actors, 0)
+        _at_least("loop.branch_states_per_round", self.branch_states_per_round, 1)
+        for key in ("rollout_cpus", "rollout_gpus", "learner_cpus", "learner_gpus", "eval_cpus", "eval_gpus",
+                    "branch_cpus", "branch_gpus"):
             _at_least(f"loop.{key}", getattr(self, key), 0.0)
         _at_least("loop.torch_threads", self.torch_threads, 1)
         _at_least("loop.local_num_cpus", self.local_num_cpus, 1, none="all cores")

@@ -1,7 +1,8 @@
 """The composition root: the one library module that starts Ray and places the actors of ``actors/`` and
 ``learners/`` (the CLI is the only other one that knows them). Everything below it is Ray-free.
 
-``afil-ray run`` (:class:`LoopDriver`) places the board, the learner, N rollout actors and the evaluator on Ray
+``afil-ray run`` (:class:`LoopDriver`) places the board, the learner, N rollout actors, M branch actors (issue 22's
+matched-state branches, ``loop.num_branch_actors``) and the evaluator on Ray
 and keeps them busy; :func:`eval_runner` places ``afil-ray eval``'s and the pipeline's evaluation units on Ray eval
 actors when a cluster is attached (``afil_ray.eval.workers`` runs them in processes otherwise).
 
@@ -31,6 +32,7 @@ import torch
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from tqdm import tqdm
 
+from actors.branch import BranchActor
 from actors.evaluator import EvalActor, EvalUnitActor
 from actors.rollout import RolloutActor
 from actors.weight_board import WeightBoardActor
@@ -146,6 +148,8 @@ class LoopDriver:
                                             ).remote(cfg, board)
         self.rollouts = [RolloutActor.options(**self._options(lc.rollout_cpus, lc.rollout_gpus, lc.max_restarts)
                                               ).remote(cfg, i, board) for i in range(lc.num_rollout_actors)]
+        self.branchers = [BranchActor.options(**self._options(lc.branch_cpus, lc.branch_gpus, lc.max_restarts)
+                                              ).remote(cfg, i, board) for i in range(lc.num_branch_actors)]
         self.evaluator = (EvalActor.options(**self._options(lc.eval_cpus, lc.eval_gpus, lc.max_restarts)
                                             ).remote(cfg, board) if lc.eval_every_s > 0 else None)
         self._wait_ready()
@@ -156,6 +160,8 @@ class LoopDriver:
         actors = [("learner", {"CPU": lc.learner_cpus, "GPU": lc.learner_gpus})]
         actors += [(f"rollout {i}", {"CPU": lc.rollout_cpus, "GPU": lc.rollout_gpus})
                    for i in range(lc.num_rollout_actors)]
+        actors += [(f"branch {i}", {"CPU": lc.branch_cpus, "GPU": lc.branch_gpus})
+                   for i in range(lc.num_branch_actors)]
         if lc.eval_every_s > 0:
             actors.append(("evaluator", {"CPU": lc.eval_cpus, "GPU": lc.eval_gpus}))
         return actors
@@ -182,7 +188,8 @@ class LoopDriver:
     def _wait_ready(self, timeout_s: float = 600.0) -> None:
         """Block until every actor is constructed (simulators built, policy loaded): the budget starts after.
         A constructor that raises (bad checkpoint, missing assets) ends the run here with its message."""
-        actors = {"learner 0": self.learner, **{f"rollout {i}": a for i, a in enumerate(self.rollouts)}}
+        actors = {"learner 0": self.learner, **{f"rollout {i}": a for i, a in enumerate(self.rollouts)},
+                  **{f"branch {i}": a for i, a in enumerate(self.branchers)}}
         if self.evaluator is not None:
             actors["eval 0"] = self.evaluator
         refs = {a.pid.remote(): name for name, a in actors.items()}
@@ -210,6 +217,8 @@ class LoopDriver:
         lc = self.cfg.loop
         if kind == "rollout":
             ref = self.rollouts[index].run.remote(lc.round_s)
+        elif kind == "branch":
+            ref = self.branchers[index].run.remote(lc.round_s)
         elif kind == "learner":
             ref = self.learner.train.remote(lc.round_s)
         else:
@@ -217,8 +226,8 @@ class LoopDriver:
         self.inflight[ref] = (kind, index)
 
     def _actor(self, kind: str, index: int) -> Any:
-        return {"rollout": lambda: self.rollouts[index], "learner": lambda: self.learner,
-                "eval": lambda: self.evaluator}[kind]()
+        return {"rollout": lambda: self.rollouts[index], "branch": lambda: self.branchers[index],
+                "learner": lambda: self.learner, "eval": lambda: self.evaluator}[kind]()
 
     def _count_failure(self, key: tuple[str, int], error: BaseException) -> None:
         self.failures[key] = self.failures.get(key, 0) + 1
@@ -251,6 +260,8 @@ class LoopDriver:
         self.restarting.discard(key)
         if kind == "rollout":
             self.metrics.rollout(result)
+        elif kind == "branch":
+            self.metrics.branch(result)
         elif kind == "learner":
             self.metrics.learner(result)
         elif result is not None:
@@ -303,6 +314,8 @@ class LoopDriver:
         deadline = start + lc.duration_s
         for i in range(len(self.rollouts)):
             self._submit("rollout", i)
+        for i in range(len(self.branchers)):
+            self._submit("branch", i)
         self._submit("learner")
         next_eval = time.monotonic()
         with self._progress_bar() as bar:
@@ -354,6 +367,7 @@ class LoopDriver:
                     log.error("%s", e)
         summary = self.metrics.summary()
         steps = [(a, "close", f"rollout {i} writer flush") for i, a in enumerate(self.rollouts)]
+        steps += [(a, "close", f"branch {i} simulators") for i, a in enumerate(self.branchers)]
         steps.append((self.learner, "stop", "learner checkpoint"))
         for actor, method, what in steps:
             try:

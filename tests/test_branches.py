@@ -286,3 +286,36 @@ def test_groups_with_both_outcomes_are_mixed(tmp_path, make_episode):
     groups = {g["branch_group"]: (g["branches"], g["successes"], g["mixed"]) for g in group_outcomes(rows).to_pylist()}
     assert groups == {"p@0": (3, 1, True), "p@8": (2, 0, False), "q@4": (2, 2, False)}
     assert branch_rows(store, "StackCube-v1").num_rows == 0 and group_outcomes(branch_rows(store, "x")).num_rows == 0
+
+
+def test_the_loops_branch_worker_branches_new_rollouts_with_the_newest_weights(setup, tmp_path):
+    """``loop.num_branch_actors``' worker (Ray-free): each round branches at most ``loop.branch_states_per_round``
+    states per task with the newest published weights, into the store the learner reads; rollouts stored later
+    are branched in later rounds, and a round with nothing left says so (idle)."""
+    from afil_ray.loop.board import LocalWeightSource, WeightBoard
+    from afil_ray.loop.branching import BranchWorker
+    from afil_ray.loop.weights import pack
+
+    cfg, policy, path, parents = setup
+    cfg = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, init_from=str(path),
+                                                            branch_states_per_round=1),
+                              branches=dataclasses.replace(cfg.branches, per_state=2, states_per_episode=1))
+    store = store_with(tmp_path, cfg, parents[:1])
+    board = WeightBoard()
+    worker = BranchWorker(cfg, 0, LocalWeightSource(board))
+    try:
+        first = worker.run(60.0)  # one state of the one parent, then nothing left: the round ends early
+        assert (first.states, first.branches, first.idle) == (1, 2, True) and first.seconds < 60
+        stored = store.read_episodes(outcome="branch")
+        assert len(stored) == 2 and {e.parent_episode_id for e in stored} == {parents[0].episode_id}
+        assert {e.policy_version for e in stored} == {0}
+        packet = pack(policy, ("failure_head",), 7, 70)
+        board.publish(7, packet, 70, packet.nbytes, ("failure_head",))  # a newer version, then a new rollout
+        store.write_episodes(parents[1:])
+        second = worker.run(60.0)
+        assert (second.version, second.branches, second.per_task) == (7, 2, {cfg.env.task: 2})
+        new = [e for e in store.read_episodes(outcome="branch") if e.parent_episode_id == parents[1].episode_id]
+        assert len(new) == 2 and {e.policy_version for e in new} == {7}
+        assert {e.extra.get("branch_worker") for e in new} == {0}
+    finally:
+        worker.close()

@@ -162,3 +162,44 @@ def test_placement_problem_names_the_demand_and_the_capacity():
     problem = _placement_problem([("learner", {"CPU": 3.0, "GPU": 0.0})], two_small)
     assert problem == ("the learner actor asks for 3 CPU, 0 GPU but no node has that much (the largest: 2 CPU, "
                        "0 GPU)")
+
+
+def _stop_when(driver: LoopDriver, condition, timeout_s: float = 500) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not (driver.metrics is not None and condition(driver.metrics)):
+        time.sleep(0.5)
+    driver.stopping = True
+
+
+@pytest.mark.timeout(900)
+def test_the_loop_branches_trains_the_critic_and_ranks_with_it(tmp_path):
+    """Issue 22's loop: a branch actor branches the rollouts the rank-sampling actor stores, the learner trains the
+    critic on those branches and ships it, and the actor ranks its candidates with the shipped critic; TensorBoard
+    gets the branch counts and the critic's loss and held-out AUROC."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = loop_config(tmp_path, duration_s=600, local_num_cpus=4, rollout_cpus=1, learner_cpus=1, branch_cpus=1,
+                      num_rollout_actors=1, num_branch_actors=1, eval_every_s=0, learner_mode="critic",
+                      keep_success_snapshots=True, min_failures=2, branch_states_per_round=2)
+    cfg.env.snapshot_every = 4
+    cfg.policy.critic = True
+    cfg.sampler.kind, cfg.sampler.k = "rank", 2
+    cfg.train.mode = "critic"
+    cfg.branches.per_state, cfg.branches.states_per_episode = 2, 1
+    make_start_checkpoint(cfg)
+    driver = LoopDriver(cfg)
+    stopper = threading.Thread(target=_stop_when, daemon=True, args=(
+        driver, lambda m: m.newest_version >= 2 and m.branches >= 4 and any(m.versions_applied.values())))
+    stopper.start()
+    summary = driver.run()
+    stopper.join(timeout=5)
+    assert summary["branches"]["branches"] >= 4 and summary["versions_published"] >= 2
+    assert summary["versions_applied_per_worker"].get(0, 0) >= 1  # the rank actor acts with a shipped critic
+    store = ReplayStore(cfg.replay.root)
+    branches = store.read_episodes(outcome="branch")
+    rollouts = {e.episode_id for e in store.read_episodes() if e.source == "rollout"}
+    assert branches and {e.parent_episode_id for e in branches} <= rollouts
+    assert {e.sampler for e in store.read_episodes() if e.source == "rollout"} == {"rank"}
+    tags = EventAccumulator(str(Path(cfg.run_dir) / "tb" / summary["run_id"])).Reload().Tags()["scalars"]
+    assert {"branches/total", "branches/success_rate", "learner/loss_critic_q"} <= set(tags)
+    assert any(t.startswith("critic/") for t in tags)  # held-out AUROC at the learner's checkpoints

@@ -24,6 +24,7 @@ from afil_ray.branches.records import branch_outcomes, branched_keys, group_outc
 from afil_ray.branches.rollout import BranchJob, BranchRunner
 from afil_ray.branches.states import Scorer, choose_steps, eligible_steps, open_points
 from afil_ray.config import Config, ConfigError
+from afil_ray.envs.base import VecEnv
 from afil_ray.envs.factory import make_vec_env
 from afil_ray.envs.tasks import get_task
 from afil_ray.replay.episode import table_to_episodes
@@ -129,8 +130,11 @@ def _jobs(cfg: Config, store: ReplayStore, shards: list[ShardFile], parents: dic
 
 
 def branch_task(cfg: Config, policy: ChunkPolicy, store: ReplayStore | None = None, *, scorer: Scorer | None = None,
-                progress: bool = True, policy_version: int = -1, extra: dict[str, Any] | None = None) -> BranchReport:
-    """Branch the stored rollouts of ``cfg.env.task`` (one task) with ``policy``; returns what was done."""
+                progress: bool = True, policy_version: int = -1, extra: dict[str, Any] | None = None,
+                env: VecEnv | None = None) -> BranchReport:
+    """Branch the stored rollouts of ``cfg.env.task`` (one task) with ``policy``; returns what was done.
+    ``env``: a simulator of that task to branch in, which the caller keeps (the loop's branch worker reuses one
+    across calls); None: one is built and closed here."""
     if len(cfg.env.tasks) != 1:
         raise ConfigError(f"env.task: branch_task runs one task, got {cfg.env.tasks}")
     store = store or ReplayStore.from_config(cfg.replay)
@@ -145,7 +149,8 @@ def branch_task(cfg: Config, policy: ChunkPolicy, store: ReplayStore | None = No
         report.seconds = time.time() - t0
         return report
     bar = tqdm(desc=f"branch {task}", unit="branch", disable=not progress, dynamic_ncols=True)
-    env = make_vec_env(cfg.env)
+    owned = env is None
+    env = make_vec_env(cfg.env) if owned else env
     writer = store.writer(run_id=cfg.run_id or new_run_id("branch"))
     try:
         runner = BranchRunner(env, policy, cfg.sampler, seed=cfg.branches.seed, policy_version=policy_version,
@@ -160,7 +165,8 @@ def branch_task(cfg: Config, policy: ChunkPolicy, store: ReplayStore | None = No
             bar.set_postfix(states=report.states, success=f"{report.successes / report.branches:.2f}")
     finally:
         writer.close()
-        env.close()
+        if owned:
+            env.close()
         bar.close()
     if report.groups:
         groups = group_outcomes(branch_outcomes(store, task))

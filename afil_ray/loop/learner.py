@@ -78,7 +78,10 @@ class OnlineLearner:
         self._steps_since_publish = 0
 
     def failure_episodes(self) -> int:
-        rows, outcomes = self.store.stats(), stored_outcomes(self.cfg.data.failure_outcomes)
+        """Episodes of what this mode learns from: failures (the failure head), branches (the critic's contrast
+        data, ``train.mode=critic``)."""
+        critic = self.cfg.train.mode == "critic"
+        rows, outcomes = self.store.stats(), ["branch"] if critic else stored_outcomes(self.cfg.data.failure_outcomes)
         return sum(r.episodes for r in rows if r.task in self.tasks and r.outcome in outcomes)
 
     def _start(self) -> int:
@@ -124,10 +127,12 @@ class OnlineLearner:
                 report.published.append(self.publish())
             if trainer.step % lc.checkpoint_every == 0:
                 report.checkpoint = str(trainer.save())
+                if trainer.policy.critic is not None and self.cfg.train.mode == "critic":  # how it ranks, held out
+                    report.metrics.update(trainer.evaluate_critic(Path(report.checkpoint)).scalars())
         report.seconds = time.perf_counter() - t0
         report.step = trainer.step
         report.failure_episodes = self.failure_episodes()
-        report.metrics = {k: float(np.mean(v)) for k, v in sums.items()}
+        report.metrics = {**{k: float(np.mean(v)) for k, v in sums.items()}, **report.metrics}
         if report.steps:
             report.metrics["learner/steps_per_s"] = report.steps / report.seconds
         return report

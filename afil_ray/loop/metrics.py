@@ -4,8 +4,9 @@ for its event files and every dashboard reads one run directory.
 Tags: ``rollout/`` success and failure rates per task (rolling window and cumulative), episodes/s, env
 steps/s; ``replay/`` episodes by outcome; ``learner/`` loss per head, grad norm, steps/s; ``sync/`` weight
 version, staleness per actor, publish time, bytes per version, publish-to-applied latency; ``sampler/`` mean w
-and cos; ``eval/`` success rate per sampler. Rollout-side scalars are indexed by total env steps, learner
-scalars by learner step.
+and cos; ``eval/`` success rate per sampler; ``branches/`` branch actors' states, branches, success rate and mixed
+states; ``critic/`` the learner's held-out AUROCs (train.mode=critic). Rollout-side scalars are indexed by total
+env steps, learner scalars by learner step.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
+from afil_ray.loop.branching import BranchRoundReport
 from afil_ray.loop.evaluator import EvalReport
 from afil_ray.loop.harvest import RolloutReport
 from afil_ray.loop.learner import LearnerReport
@@ -56,6 +58,10 @@ class LoopMetrics:
     last_eval: EvalReport | None = None
     simulator_errors: int = 0
     actor_restarts: int = 0
+    branches: int = 0  # branch rollouts stored by the branch actors
+    branch_successes: int = 0
+    branch_states: int = 0
+    branch_mixed: int = 0  # branched states whose branches have both outcomes
 
     def __post_init__(self) -> None:
         self.tb_dir.mkdir(parents=True, exist_ok=True)
@@ -107,6 +113,20 @@ class LoopMetrics:
             self._scalar("sampler/w_mean", r.w_mean)
         if r.cos_mean is not None:
             self._scalar("sampler/cos_mean", r.cos_mean)
+
+    def branch(self, r: BranchRoundReport) -> None:
+        """Branch counts, indexed by env steps like the rollouts they come from."""
+        self.branches += r.branches
+        self.branch_successes += r.successes
+        self.branch_states += r.states
+        self.branch_mixed += r.mixed
+        self._scalar("branches/total", self.branches)
+        self._scalar("branches/states", self.branch_states)
+        self._scalar("branches/mixed_states", self.branch_mixed)
+        if self.branches:
+            self._scalar("branches/success_rate", self.branch_successes / self.branches)
+        if r.seconds > 0:
+            self._scalar(f"branches/per_s/worker{r.worker}", r.branches / r.seconds)
 
     def learner(self, r: LearnerReport) -> None:
         self.learner_step = r.step
@@ -162,6 +182,8 @@ class LoopMetrics:
                                                          **self.last_eval.success_rate},
             "simulator_errors": self.simulator_errors,
             "actor_restarts": self.actor_restarts,
+            "branches": {"states": self.branch_states, "branches": self.branches, "successes": self.branch_successes,
+                         "mixed_states": self.branch_mixed},
         }
 
     def close(self) -> None:

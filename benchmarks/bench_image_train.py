@@ -1,6 +1,8 @@
 """Training throughput of the image-and-language policy against the state policy: samples/s of
 ``Trainer.train_step`` with frozen pretrained encoders (EfficientNet-Lite0, MiniLM) re-run on every batch, with
-the frame-feature cache (``train.feature_cache``), and for the state policy on the same episodes.
+the frame-feature cache (``train.feature_cache``), and for the state policy on the same episodes; and the set-up
+of a second trainer on the same store, which reads the features the first wrote to disk
+(``train.feature_cache_dir``) instead of encoding every stored frame again.
 
 Run: ``.venv/bin/python benchmarks/bench_image_train.py`` (about 3 minutes on 2 cores; prints markdown). The data
 is a synthetic store of PullCube-sized rgb episodes (state 28, action 8, 60 steps, one 128-pixel camera), since
@@ -29,6 +31,8 @@ VARIANTS = {
     "state policy": ["env.obs_mode=state"],
     "image + language, encoders every batch": ["env.obs_mode=rgb", *ENCODERS, "train.feature_cache=false"],
     "image + language, cached frame features": ["env.obs_mode=rgb", *ENCODERS, "train.feature_cache=true"],
+    # built after the one above, in another run_dir: a later stage on the same store reads what it wrote
+    "image + language, features from the disk cache": ["env.obs_mode=rgb", *ENCODERS, "train.feature_cache=true"],
 }
 
 
@@ -64,7 +68,8 @@ def main() -> None:
             cfg = load_config("configs/state_cpu.yaml", [
                 *overrides, f"replay.root={tmp / 'store'}", f"run_dir={tmp / name.replace(' ', '_')}",
                 f"train.batch_size={args.batch}", f"train.num_threads={args.threads}",
-                f"policy.image_size={args.image_size}", "train.ema_decay=0"])
+                f"policy.image_size={args.image_size}", "train.ema_decay=0",
+                f"train.feature_cache_dir={tmp / 'features'}"])
             trainers[name] = Trainer(cfg, progress=False, tensorboard=False)
             trainers[name].train_step()  # warm-up
             setup[name] = time.perf_counter() - t0

@@ -18,9 +18,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 # The choices of the keys below, defined once beside their keys; every section checks its own values when it is
 # built (a YAML file, overrides, ``dataclasses.replace``), so a bad value fails before any worker or actor starts.
-SAMPLER_KINDS = ("success_only", "static", "adaptive", "rank")
+SAMPLER_KINDS = ("success_only", "static", "adaptive", "rank", "outcome")
 RANK_PICKS = ("critic", "random")
-TRAIN_MODES = ("success_only", "failure_head", "joint", "critic")
+TRAIN_MODES = ("success_only", "failure_head", "joint", "critic", "outcome")
 FAILURE_HEAD_INITS = ("success", "random")
 EVAL_METRICS = ("success_once", "success_at_end")
 EVAL_BACKENDS = ("auto", "processes", "ray")
@@ -348,6 +348,10 @@ class PolicyConfig(_Section):
     critic: bool = False
     critic_width: int = 256
     critic_depth: int = 2  # hidden layers of the Q and of the V network
+    # Outcome-conditioned guidance (issue 22; CFGRL, arXiv 2505.23458): an outcome token c in {none, success,
+    # failure} added to the success head's time embedding, trained with train.mode=outcome and sampled with
+    # sampler.kind=outcome. It starts at zero (none stays zero), so a policy given one acts exactly as before.
+    outcome_conditioning: bool = False
 
     def check(self) -> None:
         _one_of("policy.backbone", self.backbone, BACKBONES)
@@ -372,8 +376,10 @@ class PolicyConfig(_Section):
 class SamplerConfig(_Section):
     """How action chunks are sampled: v = v_s + w * (v_s - v_f), w per sample and step for ``adaptive``."""
 
-    kind: str = "success_only"  # success_only | static | adaptive | rank
-    w: float = 0.05  # static guidance weight
+    kind: str = "success_only"  # success_only | static | adaptive | rank | outcome
+    # guidance weight: static v = v_s + w (v_s - v_f); outcome v = v_none + w (v_success - v_none) (CFG: 1 is the
+    # success-conditioned head, above 1 extrapolates; 0 is success only)
+    w: float = 0.05
     lam: float = 1.0  # adaptive guidance scale: w = lam * (1 - cos(v_s, v_f)) / 2
     # rank: k chunks from the success head per state, the one executed picked by the critic's Q (highest) or, as
     # the control that spends the same compute without the critic, at random; k = 1 is success only
@@ -430,6 +436,9 @@ class TrainConfig(_Section):
     # where those features are kept between runs (keyed by frames and encoder, so every stage reading one store
     # encodes each frame once); None: $XDG_CACHE_HOME/afil-ray/features (~/.cache/afil-ray/features)
     feature_cache_dir: str | None = None
+    # train.mode=outcome: the success head learns success windows with the token "success" and failure windows
+    # (train.failure_targets) with "failure", each replaced by "none" with this probability (CFG's unconditional)
+    outcome_dropout: float = 0.2
     # Critic mode: weight of the Monte-Carlo rows (every stored chunk of data.critic_mc_outcomes episodes, labelled
     # with its episode's success) against the branch rows (a branch's first chunk and the branch's outcome), half a
     # batch each; they count less by default because their label credits the whole episode, not the chunk. 0: off
@@ -438,6 +447,7 @@ class TrainConfig(_Section):
     def check(self) -> None:
         _one_of("train.mode", self.mode, TRAIN_MODES)
         _at_least("train.critic_mc_weight", self.critic_mc_weight, 0.0)
+        _in_range("train.outcome_dropout", self.outcome_dropout, 0.0, 1.0, high_open=True)
         _one_of("train.failure_targets", self.failure_targets, FAILURE_TARGETS)
         _one_of("train.balance", self.balance, BALANCES)
         _at_least("train.steps", self.steps, 1)
@@ -667,6 +677,8 @@ class Config(_Section):
         for key, mode in (("train.mode", self.train.mode), ("loop.learner_mode", self.loop.learner_mode)):
             if mode == "critic" and not self.policy.critic:
                 raise ConfigError(f"{key}=critic needs policy.critic=true (the critic it trains)")
+            if mode == "outcome" and not self.policy.outcome_conditioning:
+                raise ConfigError(f"{key}=outcome needs policy.outcome_conditioning=true (the token it trains)")
 
 
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:

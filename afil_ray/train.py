@@ -4,7 +4,8 @@ Modes: ``success_only`` trains backbone + success head on demo/success/corrected
 only the failure head on failure windows (everything else frozen: what the online learner does); ``joint``
 trains backbone and both heads on both; ``critic`` trains only the success critic (``policy.critic``) on branch
 and Monte-Carlo outcomes (afil_ray/replay/outcomes.py), without the held-out states it is evaluated on
-(:meth:`Trainer.evaluate_critic`). A kill loses at most ``checkpoint_every`` steps: the newest checkpoint (policy
+(:meth:`Trainer.evaluate_critic`); ``outcome`` trains the success head (and its outcome tokens,
+``policy.outcome_conditioning``) on both kinds of windows, each told its outcome (CFGRL). A kill loses at most ``checkpoint_every`` steps: the newest checkpoint (policy
 components, optimizer, step, RNG) is picked up by the next run with the same ``run_dir``.
 """
 
@@ -31,6 +32,7 @@ from afil_ray.envs.checks import check_task, trained_tasks
 from afil_ray.eval.critic import CriticReport, evaluate_critic
 from afil_ray.policy import checkpoint as ckpt
 from afil_ray.policy.checkpoint import CheckpointError
+from afil_ray.policy.heads import OUTCOME_TOKENS
 from afil_ray.policy.loading import LATEST, latest_checkpoint, load_start_policy, resolve_device
 from afil_ray.policy.model import DAGPolicy
 from afil_ray.provenance import machine_facts
@@ -51,11 +53,13 @@ class _Heads:
     success: bool
     failure: bool
     critic: bool = False
+    outcome: bool = False  # both kinds of windows train the success head, each with its outcome token
 
 
 def _heads(mode: str) -> _Heads:
-    return _Heads(success=mode in ("success_only", "joint"), failure=mode in ("failure_head", "joint"),
-                  critic=mode == "critic")
+    return _Heads(success=mode in ("success_only", "joint", "outcome"),
+                  failure=mode in ("failure_head", "joint", "outcome"), critic=mode == "critic",
+                  outcome=mode == "outcome")
 
 
 class Trainer:
@@ -239,7 +243,14 @@ class Trainer:
         metrics: dict[str, float] = {}
         total = torch.zeros((), device=self.device)
         for head, on in (("success", self.heads.success), ("failure", self.heads.failure)):
-            if on:
+            if on and self.heads.outcome:  # the success head on both, told which outcome each window had
+                batch = self._batch(head)
+                keep = torch.rand(len(batch["state"])) >= self.cfg.train.outcome_dropout  # else "none" (CFG)
+                batch["outcome"] = torch.where(keep, OUTCOME_TOKENS[head], OUTCOME_TOKENS["none"])
+                loss, m = self.policy.loss(batch, head="success")
+                total = total + loss
+                metrics[f"losses/outcome_{head}"] = float(loss.detach())
+            elif on:
                 loss, m = self.policy.loss(self._batch(head), head=head)
                 total = total + loss
                 metrics[f"losses/{head}_head"] = float(loss.detach())

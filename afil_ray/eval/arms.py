@@ -17,13 +17,15 @@ from typing import Any
 from afil_ray.config import SAMPLER_KINDS, ConfigError, SamplerConfig
 
 # The parameter that distinguishes arms of a kind (always shown in the name), and the keys an arm may set.
-MAIN_KEY: dict[str, str | None] = {"success_only": None, "static": "w", "adaptive": "lam", "rank": "k"}
+MAIN_KEY: dict[str, str | None] = {"success_only": None, "static": "w", "adaptive": "lam", "rank": "k",
+                                   "outcome": "w"}
 COMMON_KEYS = ("steps", "execute_steps", "fused_heads")
 EXTRA_KEYS: dict[str, tuple[str, ...]] = {"rank": ("pick",)}
 ARM_KEYS: dict[str, tuple[str, ...]] = {kind: (*((MAIN_KEY[kind],) if MAIN_KEY[kind] else ()),
                                                *EXTRA_KEYS.get(kind, ()), *COMMON_KEYS)
                                         for kind in SAMPLER_KINDS}
-TITLES = {"static": "static FIL", "adaptive": "adaptive FIL", "rank": "rank"}  # success_only: "success only"
+TITLES = {"static": "static FIL", "adaptive": "adaptive FIL", "rank": "rank",  # success_only: "success only"
+          "outcome": "outcome-conditioned"}
 REFERENCE_ARM = "success_only"
 _SYMBOL = {"lam": "λ"}  # how the tables write a key
 
@@ -128,9 +130,13 @@ def parse_arms(specs: list[str], base: SamplerConfig) -> list[Arm]:
 
 
 def check_policy_fits(arms: list[Arm], policy: Any) -> None:
-    """ConfigError, before any episode, for an arm the policy cannot run: ranking by a critic it does not have."""
+    """ConfigError, before any episode, for an arm the policy cannot run: ranking by a critic it does not have,
+    conditioning on outcome tokens it does not have."""
     for arm in arms:
         s = arm.sampler
+        if s.kind == "outcome" and getattr(policy, "outcome", None) is None:
+            raise ConfigError(f"eval.arms: arm {arm.name!r} conditions on outcome tokens, and this policy has none "
+                              "(train one: afil-ray train train.mode=outcome policy.outcome_conditioning=true)")
         if s.kind == "rank" and s.pick == "critic" and s.k > 1 and getattr(policy, "critic", None) is None:
             raise ConfigError(f"eval.arms: arm {arm.name!r} ranks chunks by the success critic, and this policy has "
                               "none (train one: afil-ray branch, then afil-ray train train.mode=critic), or use "

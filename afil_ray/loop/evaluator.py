@@ -24,7 +24,8 @@ from afil_ray.policy.loading import load_start_policy, resolve_device
 # the policy components each sampler's result depends on: it is reused while none of them changed
 _SUCCESS_SIDE = frozenset({"backbone", "success_head"})
 READS: dict[str, frozenset[str]] = {"success_only": _SUCCESS_SIDE, "static": _SUCCESS_SIDE | {"failure_head"},
-                                    "adaptive": _SUCCESS_SIDE | {"failure_head"}, "rank": _SUCCESS_SIDE | {"critic"}}
+                                    "adaptive": _SUCCESS_SIDE | {"failure_head"}, "rank": _SUCCESS_SIDE | {"critic"},
+                                    "outcome": _SUCCESS_SIDE | {"outcome"}}
 
 
 @dataclass

@@ -32,6 +32,7 @@ SHIPPED = {
     "success_only": ("backbone", "success_head"),
     "joint": ("backbone", "success_head", "failure_head"),
     "critic": ("critic",),
+    "outcome": ("success_head", "outcome"),
 }
 
 

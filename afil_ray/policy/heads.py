@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+OUTCOME_TOKENS = {"none": 0, "success": 1, "failure": 2}
+
 
 class Linear(nn.Linear):
     """``nn.Linear``; with weights stacked over M heads ([M, out, in]) it maps [M, ..., in] -> [M, ..., out]."""
@@ -138,19 +140,37 @@ class ActionHead(nn.Module):
         return self.memory(hidden.expand(*self._members(), *hidden.shape))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, memory: tuple[torch.Tensor, ...],
-                prefix_mask: torch.Tensor) -> torch.Tensor:
-        """``memory`` is ``self.prefix_memory(prefix.hidden)``, reused across the steps of one chunk."""
+                prefix_mask: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """``memory`` is ``self.prefix_memory(prefix.hidden)``, reused across the steps of one chunk;
+        ``condition`` [B, width] (an outcome token, ``OutcomeToken``) is added to the time embedding."""
         members = self._members()
         time = self.time_mlp(time_embedding(t, self.width).expand(*members, -1, -1))
+        if condition is not None:
+            time = time + condition
         tokens = self.action_in(x.expand(*members, *x.shape)) + self.position.unsqueeze(-3) + time.unsqueeze(-2)
         for i, block in enumerate(self.blocks):
             tokens = block(tokens, memory[2 * i], memory[2 * i + 1], prefix_mask)
         return self.action_out(self.norm_out(tokens))
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor,
-                prefix_mask: torch.Tensor) -> torch.Tensor:
+                prefix_mask: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """One-shot call (training): project the prefix and run the head."""
-        return self(x, t, self.prefix_memory(hidden), prefix_mask)
+        return self(x, t, self.prefix_memory(hidden), prefix_mask, condition)
+
+
+class OutcomeToken(nn.Module):
+    """The outcome a chunk is conditioned on, c in {none, success, failure} (``OUTCOME_TOKENS``), as a vector added
+    to the head's time embedding. ``none`` is fixed at zero and the others start there, so a head given tokens
+    acts exactly as it did until it is trained with them (``train.mode=outcome``)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.table = nn.Embedding(len(OUTCOME_TOKENS), width, padding_idx=OUTCOME_TOKENS["none"])
+        nn.init.zeros_(self.table.weight)
+
+    def forward(self, outcome: torch.Tensor) -> torch.Tensor:
+        """[B] token ids -> [B, width]."""
+        return self.table(outcome)
 
 
 def empty_like(head: ActionHead) -> ActionHead:

@@ -61,7 +61,8 @@ def load_start_policy(path: str | Path, device: str | torch.device = "cpu", *,
 
     ``critic``: the starting stage's policy config; with ``critic=true`` a checkpoint without a critic gets a fresh
     one (``critic_width``, ``critic_depth``, seeded by ``seed``), so a critic trained later (train.mode=critic, or
-    versions the loop's learner ships) has a place to go.
+    versions the loop's learner ships) has a place to go; with ``outcome_conditioning=true`` one without outcome
+    tokens gets zero ones.
     """
     path = resolve_checkpoint(path)
     policy = ckpt.load_policy(path, device=device)
@@ -75,4 +76,6 @@ def load_start_policy(path: str | Path, device: str | torch.device = "cpu", *,
             policy.reset_failure_head(seed)
     if critic is not None and critic.critic and policy.critic is None:
         policy.add_critic(critic.critic_width, critic.critic_depth, seed)
+    if critic is not None and critic.outcome_conditioning and policy.outcome is None:
+        policy.add_outcome()  # zero tokens: the policy acts as before until train.mode=outcome trains them
     return policy

@@ -21,7 +21,7 @@ from afil_ray.config import TRAIN_MODES, PolicyConfig, SamplerConfig
 from afil_ray.policy.backbone import Backbone, Prefix, load_vlm
 from afil_ray.policy.critic import Critic, weighted_bce
 from afil_ray.policy.encoders import language_encoder, vision_encoder
-from afil_ray.policy.heads import ActionHead, same_shape
+from afil_ray.policy.heads import OUTCOME_TOKENS, ActionHead, OutcomeToken, same_shape
 from afil_ray.policy.normalize import Normalizer
 from afil_ray.policy.objectives import make_objective, masked_mse
 from afil_ray.policy.sampler import HeadPair, rank_chunks, sample_chunk
@@ -30,7 +30,7 @@ from afil_ray.replay.episode import IMAGE_PREFIX
 
 HEADS = ("success", "failure")
 COMPONENTS = ("backbone", "success_head", "failure_head")  # every policy has these
-OPTIONAL_COMPONENTS = ("critic",)  # only policies built with them (policy.critic)
+OPTIONAL_COMPONENTS = ("critic", "outcome")  # only policies built with them (policy.critic, .outcome_conditioning)
 
 
 def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -67,6 +67,7 @@ class DAGPolicy(nn.Module):
         self.critic: Critic | None = None
         if cfg.critic:  # built last, so a policy without one draws the same initial weights as before critics
             self.critic = Critic(backbone.width, cfg.horizon, action_dim, cfg.critic_width, cfg.critic_depth)
+        self.outcome: OutcomeToken | None = OutcomeToken(cfg.head_width) if cfg.outcome_conditioning else None
 
     @classmethod
     def from_config(cls, cfg: PolicyConfig, state_dim: int, action_dim: int, cameras: Sequence[str] = (), *,
@@ -99,8 +100,8 @@ class DAGPolicy(nn.Module):
 
     @property
     def components(self) -> tuple[str, ...]:
-        """The components this policy has: ``COMPONENTS``, then ``critic`` when it has one."""
-        return COMPONENTS + (("critic",) if self.critic is not None else ())
+        """The components this policy has: ``COMPONENTS``, then ``critic`` and ``outcome`` when it has them."""
+        return COMPONENTS + tuple(name for name in OPTIONAL_COMPONENTS if getattr(self, name) is not None)
 
     def component(self, name: str) -> nn.Module:
         if name not in COMPONENTS + OPTIONAL_COMPONENTS:
@@ -120,6 +121,21 @@ class DAGPolicy(nn.Module):
             critic = Critic(self.backbone.width, self.horizon, self.action_dim, width, depth)
         self.critic = critic.to(self.device)
         return self.critic
+
+    def add_outcome(self) -> OutcomeToken:
+        """Outcome tokens (zero, so nothing changes until trained) for a policy built without them, e.g. the
+        corrected policy an outcome-conditioned stage starts from; the config then records them."""
+        if self.outcome is not None:
+            raise ValueError("this policy already has outcome tokens")
+        self.config = dataclasses.replace(self.config, outcome_conditioning=True)
+        self.outcome = OutcomeToken(self.success_head.width).to(self.device)
+        return self.outcome
+
+    def outcome_condition(self, outcome: Any) -> torch.Tensor:
+        """Token ids [B] (``OUTCOME_TOKENS``) -> the success head's condition [B, width]."""
+        if self.outcome is None:
+            raise ValueError("this policy has no outcome tokens (policy.outcome_conditioning=false when it was built)")
+        return self.outcome(self._tensor(outcome, torch.long))
 
     def init_failure_head_from_success(self) -> None:
         """Start the failure head from the success head (same shape only): it then learns what to avoid
@@ -150,11 +166,14 @@ class DAGPolicy(nn.Module):
             "failure_head": [self.failure_head],
             "joint": [self.backbone, self.success_head, self.failure_head],
             "critic": [self.critic],
+            "outcome": [self.success_head, self.outcome],
         }
         if mode not in modules:
             raise ValueError(f"train.mode must be one of {TRAIN_MODES}, got {mode!r}")
         if mode == "critic" and self.critic is None:
             raise ValueError("train.mode=critic needs a policy with a critic (policy.critic=true)")
+        if mode == "outcome" and self.outcome is None:
+            raise ValueError("train.mode=outcome needs a policy with outcome tokens (policy.outcome_conditioning=true)")
         return [p for m in modules[mode] for p in m.parameters()]
 
     def set_trainable(self, mode: str) -> list[nn.Parameter]:
@@ -219,7 +238,13 @@ class DAGPolicy(nn.Module):
         noise = _randn(tuple(actions.shape), generator, self.device)
         t = self.objective.sample_time(actions.shape[0], generator, self.device)
         x_t, t_head, target = self.objective.training_pair(actions, noise, t)
-        pred = self.head(head).predict(x_t, t_head, prefix.hidden, prefix.mask)
+        # outcome-conditioned training (train.mode=outcome): the success head reads each window's outcome token
+        condition = None
+        if "outcome" in batch:
+            if head != "success":
+                raise ValueError("outcome tokens condition the success head only")
+            condition = self.outcome_condition(batch["outcome"])
+        pred = self.head(head).predict(x_t, t_head, prefix.hidden, prefix.mask, condition)
         loss = masked_mse(pred, target, is_pad)
         return loss, {"loss": float(loss.detach()), "pad_fraction": float(is_pad.float().mean())}
 
@@ -317,8 +342,11 @@ class DAGPolicy(nn.Module):
             chunk, diagnostics = rank_chunks(self.heads, self.objective, prefix, noise, sampler, score,
                                              clip=self.config.action_clip)
         else:
+            # outcome-conditioned guidance reads the success head once more per step, with the token "success"
+            condition = (self.outcome_condition(torch.full(shape[:1], OUTCOME_TOKENS["success"]))
+                         if sampler.kind == "outcome" else None)
             chunk, diagnostics = sample_chunk(self.heads, self.objective, prefix, noise, sampler,
-                                              clip=self.config.action_clip)
+                                              clip=self.config.action_clip, condition=condition)
         actions = self.normalizer.unnormalize_action(chunk)
         return actions.float().cpu().numpy(), {"sampler": sampler.kind, **diagnostics}
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from afil_ray.config import SamplerConfig
 from afil_ray.policy.backbone import Prefix
-from afil_ray.policy.guidance import adaptive_weight, cosine, guide, static_weight
+from afil_ray.policy.guidance import adaptive_weight, classifier_free, cosine, guide, static_weight
 from afil_ray.policy.heads import ActionHead, empty_like, same_shape
 from afil_ray.policy.objectives import Objective
 
@@ -80,14 +80,19 @@ def fusing_pays(x: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def sample_chunk(heads: HeadPair, objective: Objective, prefix: Prefix, noise: torch.Tensor,
-                 cfg: SamplerConfig, clip: float | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+                 cfg: SamplerConfig, clip: float | None = None,
+                 condition: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """Denoise ``noise`` [B, H, A] into a normalised action chunk.
 
     Diagnostics: ``w`` and ``cos`` [B, K] per sample and step (rollouts store them per chunk), their per-step
     means ``w_mean``/``cos_mean`` [K], ``fused`` and ``failure_head_evals``. ``success_only`` reports w = 0 and
-    ``cos = None`` (the failure head is not evaluated, so there is no cosine).
+    ``cos = None`` (the failure head is not evaluated, so there is no cosine). ``outcome`` (``condition``: the
+    success token's [B, width]) reports its constant w and cos(v_success, v_none).
     """
-    guided = cfg.kind != "success_only"
+    conditioned = cfg.kind == "outcome"  # v_none + w (v_success - v_none): the success head twice, no failure head
+    if conditioned and condition is None:
+        raise ValueError("sampler.kind=outcome needs the success token's condition (a policy with outcome tokens)")
+    guided = cfg.kind in ("static", "adaptive")
     fused = guided and cfg.fused_heads and heads.can_fuse and fusing_pays(noise)
     memory = heads.prefix_memory(prefix.hidden, fused) if guided else heads.success.prefix_memory(prefix.hidden)
     batch = noise.shape[0]
@@ -96,7 +101,14 @@ def sample_chunk(heads: HeadPair, objective: Objective, prefix: Prefix, noise: t
     x = noise
     for step in objective.steps(cfg.steps):
         t = torch.full((batch,), step.t_head, dtype=x.dtype, device=x.device)
-        if not guided:
+        if conditioned:
+            v_none = heads.success(x, t, memory, prefix.mask)
+            v_success = heads.success(x, t, memory, prefix.mask, condition)
+            w = static_weight(v_none, cfg.w)
+            v = classifier_free(v_none, v_success, w)
+            w_steps.append(w)
+            cos_steps.append(cosine(v_success, v_none))
+        elif not guided:
             v = heads.success(x, t, memory, prefix.mask)
         else:
             v_s, v_f = heads(x, t, memory, prefix.mask, fused)
@@ -109,7 +121,7 @@ def sample_chunk(heads: HeadPair, objective: Objective, prefix: Prefix, noise: t
     if clip is not None:
         x = x.clamp(-clip, clip)
     steps = len(objective.steps(cfg.steps))
-    if guided:
+    if guided or conditioned:
         w_all, cos_all = torch.stack(w_steps, 1).cpu().numpy(), torch.stack(cos_steps, 1).cpu().numpy()
     else:
         w_all, cos_all = np.zeros((batch, steps), np.float32), None

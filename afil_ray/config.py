@@ -639,6 +639,10 @@ class ReproduceConfig(_Section):
     # that succeeded (correction_steps), then a failure head on the branches that failed from the same states
     # (failure_head_steps); evaluated with success only and these arms. Empty: no such stage.
     branch_rule_arms: list[str] = field(default_factory=lambda: ["adaptive:lam=1"])
+    # Outcome-conditioned guidance (CFGRL): the corrected policy's success head trained with outcome tokens on its
+    # successes and failures (failure_head_steps; train.outcome_dropout), evaluated with success only (the token
+    # "none") and these arms, rows "outcome head: <arm>". Empty: no such stage.
+    outcome_arms: list[str] = field(default_factory=lambda: ["outcome:w=1", "outcome:w=2"])
 
     def check(self) -> None:
         _at_least("reproduce.harvest_seed_start", self.harvest_seed_start, 0)

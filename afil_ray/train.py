@@ -5,8 +5,9 @@ only the failure head on failure windows (everything else frozen: what the onlin
 trains backbone and both heads on both; ``critic`` trains only the success critic (``policy.critic``) on branch
 and Monte-Carlo outcomes (afil_ray/replay/outcomes.py), without the held-out states it is evaluated on
 (:meth:`Trainer.evaluate_critic`); ``outcome`` trains the success head (and its outcome tokens,
-``policy.outcome_conditioning``) on both kinds of windows, each told its outcome (CFGRL). A kill loses at most ``checkpoint_every`` steps: the newest checkpoint (policy
-components, optimizer, step, RNG) is picked up by the next run with the same ``run_dir``.
+``policy.outcome_conditioning``) on both kinds of windows, each told its outcome (CFGRL). A kill loses at most
+``checkpoint_every`` steps: the newest checkpoint (policy components, optimizer, step, RNG) is picked up by the next
+run with the same ``run_dir``.
 """
 
 from __future__ import annotations

@@ -30,12 +30,13 @@ def tiny_args(tmp: Path) -> list[str]:
             "reproduce.harvest_seeds=3", "reproduce.harvest_runs=1", "reproduce.correction_steps=10",
             "reproduce.failure_head_steps=10", "reproduce.static_w=[0.05]", "reproduce.lams=[1.0,5.0]",
             "correct.workers=1", "eval.episodes=2", "eval.runs=1", "eval.seed_start=900", "reproduce.critic_arms=[]",
-            "reproduce.branch_rule_arms=[]"]
+            "reproduce.branch_rule_arms=[]", "reproduce.outcome_arms=[]"]
 
 
 # issue 22's stages: branches from the harvest, a critic on them, its arms beside the paper's
 CRITIC_ARGS = ["reproduce.critic_arms=['rank:k=4', 'rank:k=4,pick=random']", "reproduce.critic_steps=10",
-               "branches.per_state=2", "branches.states_per_episode=1", "reproduce.branch_rule_arms=['adaptive:lam=1']"]
+               "branches.per_state=2", "branches.states_per_episode=1", "reproduce.branch_rule_arms=['adaptive:lam=1']",
+               "reproduce.outcome_arms=['outcome:w=2']"]
 
 
 def test_summary_table_puts_both_paired_comparisons_in_one_row():
@@ -67,8 +68,8 @@ def test_reproduce_runs_every_stage_then_reuses_them(tmp_path, capsys):
     assert main(["reproduce", "--quiet", *args]) == 0
     out = capsys.readouterr().out
     root = tmp_path / "run"
-    stages = ["demos", "success_only", "harvest", "correct", "corrected", "dag", "branch", "critic", "branch_heads",
-              "eval"]
+    stages = ["demos", "success_only", "harvest", "correct", "corrected", "dag", "outcome_head", "branch", "critic",
+              "branch_heads", "eval"]
     for stage in stages:
         assert f"[{stage}] done" in out, stage
         assert (root / "stages" / f"{stage}.json").is_file()
@@ -83,7 +84,8 @@ def test_reproduce_runs_every_stage_then_reuses_them(tmp_path, capsys):
     results = json.loads((root / "results" / "report.json").read_text())
     arms = [a["arm"] for a in results["tasks"][TASK]["arms"]]
     assert arms == ["success only", "+ failure correction", "static FIL w=0.05", "adaptive FIL λ=1",
-                    "adaptive FIL λ=5", "rank k=4", "rank k=4 pick=random", "branch heads: success only",
+                    "adaptive FIL λ=5", "rank k=4", "rank k=4 pick=random", "outcome head: success only",
+                    "outcome head: outcome-conditioned w=2", "branch heads: success only",
                     "branch heads: adaptive FIL λ=1"]
     # the branches start from harvested states (successes keep their snapshots for them), rolled out by the
     # corrected policy; the critic trained on them beside that policy's heads, and its arms ran on its checkpoint

@@ -1,7 +1,7 @@
 """``afil-ray reproduce``: the paper's ManiSkill pipeline for one task as resumable, cached stages.
 
-    demos -> success_only -> harvest -> correct -> corrected -> dag -> [branch -> critic, branch_heads] -> [online]
-          -> eval
+    demos -> success_only -> harvest -> correct -> corrected -> dag -> [outcome_head] -> [branch -> critic,
+          branch_heads] -> [online] -> eval
 
 - ``demos``: motion-planner demonstrations into the store (``demos.num``).
 - ``success_only``: backbone + success head on the demos alone (``train.*``).
@@ -10,6 +10,8 @@
 - ``correct``: the motion planner finishes the harvested failures (``afil-ray correct``).
 - ``corrected``: "success + failure correction", the success-only policy fine-tuned on demos + corrections.
 - ``dag``: DAG-VLA, a failure head trained on the raw failures next to the corrected policy's success head.
+- ``outcome_head`` (``reproduce.outcome_arms`` not empty; issue 22): the corrected success head trained with
+  outcome tokens on its successes and failures (CFGRL), evaluated as rows ``outcome head: <arm>``.
 - ``branch``, ``critic``, ``branch_heads`` (issue 22): matched-state branches from the harvested rollouts by the
   corrected policy; a success critic trained on them beside that policy's heads, whose arms (``rank`` and its
   random-pick control, ``reproduce.critic_arms``) join the evaluation; and the paper's two heads trained on the
@@ -71,6 +73,7 @@ from afil_ray.pipeline.stages import (
     BRANCH_RULE_EVAL_DEPENDS,
     CRITIC_EVAL_DEPENDS,
     DEPENDS,
+    OUTCOME_EVAL_DEPENDS,
     StageCache,
     select,
     with_updates,
@@ -124,7 +127,8 @@ class Pipeline:
                               f"{', '.join(unknown) or 'none'}), and reproduce.train_seeds must not be empty "
                               "(reproduce.seed_variants=[] skips the seed treatment)")
         # every task and path before the first stage: an out-of-domain typo must not wait for hours of training
-        planning.critic_arms(self.cfg), planning.branch_rule_arms(self.cfg)  # a mistyped arm, too
+        for arms in (planning.critic_arms, planning.branch_rule_arms, planning.outcome_arms):
+            arms(self.cfg)  # a mistyped arm, too
         check_tasks(env_tasks(self.cfg.env), planner=True)  # demos and corrections plan them
         check_one_action_space(self.cfg.env)
         studies = [k for k in ("variants", "ood_tasks", "train_seeds", "seed_variants") if getattr(rc, k)]
@@ -144,7 +148,9 @@ class Pipeline:
         dag_ckpt = self._stage("dag", lambda: self.dag(corrected_ckpt))["checkpoint"]
         # before the online loop adds failures, so every seed's failure head sees what the main one saw
         seed_ckpts = {seed: self.seed_stages(seed, success_ckpt) for seed in seeds}
-        critic_ckpt = branch_heads_ckpt = None
+        critic_ckpt = branch_heads_ckpt = outcome_ckpt = None
+        if rc.outcome_arms:  # CFGRL: the success head told each window's outcome
+            outcome_ckpt = self._stage("outcome_head", lambda: self.outcome_head(corrected_ckpt))["checkpoint"]
         if rc.critic_arms or rc.branch_rule_arms:  # issue 22's failure signal: branches from the harvest ...
             self._stage("branch", lambda: self.branch(corrected_ckpt))
         if rc.critic_arms:  # ... a critic on them
@@ -154,9 +160,11 @@ class Pipeline:
         online_ckpt = None
         if self.cfg.reproduce.online_s > 0:
             online_ckpt = self._stage("online", lambda: self.online(corrected_ckpt))["checkpoint"]
-        main = planning.main_plan(self.cfg, success_ckpt, dag_ckpt, online_ckpt, critic_ckpt, branch_heads_ckpt)
+        main = planning.main_plan(self.cfg, success_ckpt, dag_ckpt, online_ckpt, critic_ckpt, branch_heads_ckpt,
+                                  outcome_ckpt)
         eval_keys = (*DEPENDS["eval"], *(CRITIC_EVAL_DEPENDS if rc.critic_arms else ()),
-                     *(BRANCH_RULE_EVAL_DEPENDS if rc.branch_rule_arms else ()))
+                     *(BRANCH_RULE_EVAL_DEPENDS if rc.branch_rule_arms else ()),
+                     *(OUTCOME_EVAL_DEPENDS if rc.outcome_arms else ()))
         self._stage("eval", lambda: self.evaluate(main), select(self.cfg, tuple(dict.fromkeys(eval_keys))))
         variant_ckpts = {name: self.variant_stage(name, corrected_ckpt) for name in rc.variants}
         seed_variant_ckpts = {(seed, name): self.variant_stage(name, seed_ckpts[seed][0], seed)
@@ -328,6 +336,17 @@ class Pipeline:
                 "critic_rows": trainer.samplers["critic"].num_steps, "auroc_q": o.auroc_q,
                 "auroc_q_within_group": o.auroc_q_within_group, "auroc_v": o.auroc_v,
                 "held_out_branches": o.branches, "mixed_groups": o.mixed_groups}
+
+    def outcome_head(self, corrected_ckpt: str) -> dict[str, Any]:
+        """CFGRL: the corrected policy's success head (backbone frozen) trained with outcome tokens on its demos and
+        corrections ("success") and the raw failures ("failure"), so v_none + w (v_success - v_none) steers by
+        what succeeded, from one head."""
+        rc = self.cfg.reproduce
+        out = self._train(with_updates(
+            self.cfg, run_dir=str(self.root / "outcome_head"), policy={"outcome_conditioning": True},
+            train={"mode": "outcome", "init_from": corrected_ckpt, "steps": rc.failure_head_steps},
+            data={"success_outcomes": ["demo", "corrected"], "failure_outcomes": list(rc.failure_outcomes)}))
+        return out
 
     def branch_heads(self, corrected_ckpt: str) -> dict[str, Any]:
         """The paper's two heads on the two outcomes of the same states: the corrected policy's success head

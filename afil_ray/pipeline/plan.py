@@ -57,6 +57,7 @@ def critic_arms(cfg: Config) -> list[Arm]:
 
 
 BRANCH_RULE = "branch heads"
+OUTCOME_HEAD = "outcome head"
 
 
 def branch_rule_arms(cfg: Config) -> list[Arm]:
@@ -64,8 +65,14 @@ def branch_rule_arms(cfg: Config) -> list[Arm]:
     return [success_only_arm(cfg), *(parse_arm(spec, cfg.sampler) for spec in cfg.reproduce.branch_rule_arms)]
 
 
+def outcome_arms(cfg: Config) -> list[Arm]:
+    """Success only (the token "none"), then ``reproduce.outcome_arms``: the outcome-conditioned head's rows."""
+    return [success_only_arm(cfg), *(parse_arm(spec, cfg.sampler) for spec in cfg.reproduce.outcome_arms)]
+
+
 def main_plan(cfg: Config, success_ckpt: str, dag_ckpt: str, online_ckpt: str | None,
-              critic_ckpt: str | None = None, branch_heads_ckpt: str | None = None) -> list[PlannedArm]:
+              critic_ckpt: str | None = None, branch_heads_ckpt: str | None = None,
+              outcome_ckpt: str | None = None) -> list[PlannedArm]:
     """Every arm of the main table, success only first; the critic's arms (on ``critic_ckpt``, whose success head
     is the corrected one) and the branch-trained heads' (``branch_heads: <arm>``) after the paper's."""
     plan = [PlannedArm(SUCCESS_ONLY, success_ckpt, success_only_arm(cfg)),
@@ -73,6 +80,8 @@ def main_plan(cfg: Config, success_ckpt: str, dag_ckpt: str, online_ckpt: str | 
     plan += [PlannedArm(arm.title, dag_ckpt, arm) for arm in static_arms(cfg) + adaptive_arms(cfg)]
     if critic_ckpt is not None:
         plan += [PlannedArm(arm.title, critic_ckpt, arm) for arm in critic_arms(cfg)]
+    if outcome_ckpt is not None:
+        plan += [PlannedArm(f"{OUTCOME_HEAD}: {arm.title}", outcome_ckpt, arm) for arm in outcome_arms(cfg)]
     if branch_heads_ckpt is not None:
         plan += [PlannedArm(f"{BRANCH_RULE}: {arm.title}", branch_heads_ckpt, arm) for arm in branch_rule_arms(cfg)]
     if online_ckpt is not None:

@@ -21,8 +21,8 @@ from omegaconf import OmegaConf
 from afil_ray.config import Config, ConfigError
 from afil_ray.provenance import describe_differences, machine_facts
 
-STAGES = ("demos", "success_only", "harvest", "correct", "corrected", "dag", "branch", "critic", "branch_heads",
-          "online", "eval")
+STAGES = ("demos", "success_only", "harvest", "correct", "corrected", "dag", "outcome_head", "branch", "critic",
+          "branch_heads", "online", "eval")
 
 # The config sections each stage's outputs depend on (a change there after the stage completed is an error).
 DEPENDS: dict[str, tuple[str, ...]] = {
@@ -39,9 +39,11 @@ DEPENDS["critic"] = (*DEPENDS["branch"], "reproduce.critic_steps", "data.critic_
 DEPENDS["online"] = (*DEPENDS["dag"], "loop", "reproduce.online_s")
 DEPENDS["eval"] = (*DEPENDS["online"], "eval", "reproduce.static_w", "reproduce.lams")
 DEPENDS["branch_heads"] = DEPENDS["branch"]
+DEPENDS["outcome_head"] = DEPENDS["dag"]
 # the eval stage's too, when it has these arms
 CRITIC_EVAL_DEPENDS = (*DEPENDS["critic"], "reproduce.critic_arms")
 BRANCH_RULE_EVAL_DEPENDS = (*DEPENDS["branch_heads"], "reproduce.branch_rule_arms")
+OUTCOME_EVAL_DEPENDS = (*DEPENDS["outcome_head"], "reproduce.outcome_arms")
 
 
 def select(cfg: Config, keys: tuple[str, ...]) -> dict[str, Any]:

@@ -5,12 +5,16 @@ initializer. Results come back in submission order (``ordered``, the default), s
 and so what a seeded training run later samples, does not depend on which worker happened to finish first; a
 killed run keeps everything written. A bounded number of results wait for a slower earlier one. A worker that
 dies (a segfault or abort inside the simulator or the planner) breaks the whole pool; that becomes one
-:class:`SimulatorCrash` that names the work in flight.
+:class:`SimulatorCrash` that names the work in flight. Workers end with the process that spawned them, also when
+it is killed.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -48,7 +52,8 @@ def spawn_map(
     source = iter(items)
     limit = max_in_flight or float("inf")
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=initializer, initargs=initargs) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_worker,
+                             initargs=(os.getpid(), initializer, initargs)) as pool:
         in_flight: dict[Future, tuple[int, Item]] = {}
         held: dict[int, tuple[Item, Result]] = {}  # finished, waiting for an earlier item (ordered)
         submitted = yielded = 0
@@ -83,3 +88,17 @@ def spawn_map(
 
 
 _END: Any = object()
+PARENT_POLL_S = 1.0
+
+
+def _start_worker(parent: int, initializer: Callable[..., None], initargs: tuple[Any, ...]) -> None:
+    """A worker ends when the process that spawned it is gone: a driver killed by a signal runs no clean-up, and
+    its workers would otherwise go on simulating for nobody (orphans holding the cores a re-run needs)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    initializer(*initargs)

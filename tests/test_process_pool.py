@@ -61,3 +61,42 @@ def test_results_come_back_in_item_order_however_the_workers_finish():
     done = [x for x, _ in spawn_map(_work, items, workers=2, initializer=_init, initargs=(0,), crash_message=str,
                                     max_in_flight=4, ordered=False)]
     assert sorted(done) == sorted(items) and done[0] != -1  # the slow first item really finished later
+
+
+def _pid_then_sleep(directory: str) -> None:
+    with open(os.path.join(directory, f"{os.getpid()}.pid"), "w") as f:
+        f.write("running")
+    time.sleep(120)
+
+
+def test_workers_end_when_their_driver_is_killed(tmp_path):
+    """A driver killed by a signal runs no clean-up: its workers notice and exit instead of simulating on."""
+    import signal
+    import subprocess
+    import sys
+
+    script = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+              "from afil_ray.process_pool import spawn_map\n"
+              "from test_process_pool import _init, _pid_then_sleep\n"
+              "list(spawn_map(_pid_then_sleep, [sys.argv[2]] * 2, workers=2, initializer=_init, initargs=(0,),"
+              " crash_message=str))\n")
+    driver = subprocess.Popen([sys.executable, "-c", script, os.path.dirname(__file__), str(tmp_path)])
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("*.pid"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    pids = [int(p.stem) for p in tmp_path.glob("*.pid")]
+    assert len(pids) == 2
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=30)
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        with open(f"/proc/{pid}/stat") as f:  # a zombie (exited, not yet reaped by init) counts as gone
+            return f.read().split(")")[-1].split()[0] != "Z"
+
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(p) for p in pids)

@@ -110,16 +110,18 @@ RANK_SAMPLERS = {
     "rank k=4": SamplerConfig(kind="rank", k=4),
     "rank k=8": SamplerConfig(kind="rank", k=8),
     "rank k=8 pick=random": SamplerConfig(kind="rank", k=8, pick="random"),
+    "outcome w=1": SamplerConfig(kind="outcome", w=1.0),
     "adaptive": SamplerConfig(kind="adaptive", lam=1.0),
 }
 
 
 def rank_table(args: argparse.Namespace) -> None:
-    """``rank``: K candidates in one batched success-head call plus one critic call, against success only and the
-    paper's adaptive rule (issue 22's compute control: what ranking costs per chunk)."""
-    cfg = dataclasses.replace(PolicyConfig(), critic=True)
+    """Issue 22's samplers per chunk against success only and the paper's adaptive rule: ``rank`` (K candidates in
+    one batched success-head call plus one critic call) and ``outcome`` (the success head twice per step)."""
+    cfg = dataclasses.replace(PolicyConfig(), critic=True, outcome_conditioning=True)
     policy = build(cfg)
-    print(f"## Ranking K candidates per state (default policy with its critic, {torch.get_num_threads()} threads)\n")
+    print(f"## Issue 22's samplers (default policy with a critic and outcome tokens, {torch.get_num_threads()} "
+          "threads)\n")
     names = list(RANK_SAMPLERS)
     print("| batch | " + " | ".join(f"{n} ms" for n in names) + " | "
           + " | ".join(f"{n} / success_only" for n in names[1:]) + " |")
@@ -139,8 +141,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64])
     parser.add_argument("--no-variants", action="store_true", help="only the first table")
-    parser.add_argument("--rank", action="store_true", help="also the rank sampler's table (K candidates)")
-    parser.add_argument("--rank-only", action="store_true", help="only the rank sampler's table")
+    parser.add_argument("--rank", action="store_true", help="also the table of issue 22's samplers (rank, outcome)")
+    parser.add_argument("--rank-only", action="store_true", help="only the table of issue 22's samplers")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--budget", type=float, default=0.25, help="seconds per (sampler, round) measurement")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

@@ -260,7 +260,7 @@ class Pipeline:
                                                   keep_snapshots=True, runner=self.runner):
             for ep in episodes:
                 ep.source = HARVEST_SOURCE
-                if ep.outcome != "failure" and not rc.critic_arms:
+                if ep.outcome != "failure" and not (rc.critic_arms or rc.branch_rule_arms):
                     ep.snapshot_steps, ep.snapshots = [], []  # only failures are corrected (successes: branched)
             self.store.write_episodes(episodes, run_id=self.run_id)
             done[key(task, run)] = {"episodes": len(episodes),

@@ -159,14 +159,18 @@ def test_reproduce_runs_every_stage_then_reuses_them(tmp_path, capsys):
     assert main(["reproduce", "--quiet", *args, "reproduce.train_seeds=[1]"]) == 0
     out = capsys.readouterr().out
     assert "[seed1_corrected] done" in out and "[seed1_dag] done" in out
+    assert all(f"[seed1_{s}] done" in out for s in ("outcome_head", "critic", "branch_heads"))  # issue 22's too
     seed1 = json.loads((root / "stages" / "seed1_corrected.json").read_text())
     assert seed1["settings"]["seed"] == 1 and seed1["outputs"]["run_dir"].endswith("seeds/1/corrected")
     spread = json.loads((root / "results" / "seeds" / "spread.json").read_text())
     assert list(spread["per_seed"]) == ["0", "1"]
-    assert list(spread["per_seed"]["1"]) == ["+ failure correction", "static FIL w=0.05", "adaptive FIL λ=1"]
+    assert list(spread["per_seed"]["1"]) == ["+ failure correction", "static FIL w=0.05", "adaptive FIL λ=1",
+                                             "rank k=4", "rank k=4 pick=random", "outcome head: success only",
+                                             "outcome head: outcome-conditioned w=2", "branch heads: success only",
+                                             "branch heads: adaptive FIL λ=1"]
     seed_arms = json.loads((root / "results" / "seeds" / "report.json").read_text())["tasks"][TASK]["arms"]
     assert [a["arm"] for a in seed_arms][:2] == ["success only", "seed 0: + failure correction"]
-    assert all(a["episodes"] == 2 for a in seed_arms) and len(seed_arms) == 7
+    assert all(a["episodes"] == 2 for a in seed_arms) and len(seed_arms) == 1 + 2 * 9
     assert "| mean ± sd |" in (root / "results" / "seeds" / "report.md").read_text()
     assert (root / "results" / "seeds" / "spread.png").stat().st_size > 0
     # a different seed really trained something else

@@ -148,20 +148,15 @@ class Pipeline:
         dag_ckpt = self._stage("dag", lambda: self.dag(corrected_ckpt))["checkpoint"]
         # before the online loop adds failures, so every seed's failure head sees what the main one saw
         seed_ckpts = {seed: self.seed_stages(seed, success_ckpt) for seed in seeds}
-        critic_ckpt = branch_heads_ckpt = outcome_ckpt = None
-        if rc.outcome_arms:  # CFGRL: the success head told each window's outcome
-            outcome_ckpt = self._stage("outcome_head", lambda: self.outcome_head(corrected_ckpt))["checkpoint"]
-        if rc.critic_arms or rc.branch_rule_arms:  # issue 22's failure signal: branches from the harvest ...
+        if rc.critic_arms or rc.branch_rule_arms:  # issue 22's failure signal: branches from the harvest
             self._stage("branch", lambda: self.branch(corrected_ckpt))
-        if rc.critic_arms:  # ... a critic on them
-            critic_ckpt = self._stage("critic", lambda: self.critic(corrected_ckpt))["checkpoint"]
-        if rc.branch_rule_arms:  # ... and the paper's two heads on their two outcomes
-            branch_heads_ckpt = self._stage("branch_heads", lambda: self.branch_heads(corrected_ckpt))["checkpoint"]
+        signal = self.signal_stages(corrected_ckpt)
+        # each training seed's, on the same branches (made by the main corrected policy)
+        seed_signal = {seed: self.signal_stages(seed_ckpts[seed][0], seed) for seed in seeds}
         online_ckpt = None
         if self.cfg.reproduce.online_s > 0:
             online_ckpt = self._stage("online", lambda: self.online(corrected_ckpt))["checkpoint"]
-        main = planning.main_plan(self.cfg, success_ckpt, dag_ckpt, online_ckpt, critic_ckpt, branch_heads_ckpt,
-                                  outcome_ckpt)
+        main = planning.main_plan(self.cfg, success_ckpt, dag_ckpt, online_ckpt, signal)
         eval_keys = (*DEPENDS["eval"], *(CRITIC_EVAL_DEPENDS if rc.critic_arms else ()),
                      *(BRANCH_RULE_EVAL_DEPENDS if rc.branch_rule_arms else ()),
                      *(OUTCOME_EVAL_DEPENDS if rc.outcome_arms else ()))
@@ -177,7 +172,7 @@ class Pipeline:
         if self.cfg.reproduce.ood_tasks:
             summary["ood"] = self.evaluate_ood(main)
         if seed_ckpts:
-            summary["seeds"] = self.evaluate_seeds({seed: dag for seed, (_, dag) in seed_ckpts.items()})
+            summary["seeds"] = self.evaluate_seeds({seed: dag for seed, (_, dag) in seed_ckpts.items()}, seed_signal)
         if seed_variant_ckpts:
             summary["seed_variants"] = self.evaluate_seed_variants(seed_variant_ckpts)
         return summary
@@ -191,6 +186,23 @@ class Pipeline:
                                 select(scfg, DEPENDS["corrected"]))["checkpoint"]
         return corrected, self._stage(f"seed{seed}_dag", lambda: self.dag(corrected, scfg, f"{sub}/dag"),
                                       select(scfg, DEPENDS["dag"]))["checkpoint"]
+
+    def signal_stages(self, corrected_ckpt: str, seed: int | None = None) -> dict[str, str]:
+        """Issue 22's trained stages from ``corrected_ckpt`` (the main one, or training seed ``seed``'s): the
+        outcome-conditioned head, the critic and the branch-trained heads, those whose arms are configured;
+        returns their checkpoints by ``signal_rows`` key."""
+        rc = self.cfg.reproduce
+        cfg = self.cfg if seed is None else with_updates(self.cfg, seed=seed)
+        prefix, sub = ("", "") if seed is None else (f"seed{seed}_", f"seeds/{seed}/")
+        stages = {"outcome": ("outcome_head", self.outcome_head, rc.outcome_arms),
+                  "critic": ("critic", self.critic, rc.critic_arms),
+                  "branch_heads": ("branch_heads", self.branch_heads, rc.branch_rule_arms)}
+        out = {}
+        for key, (stage, train, arms) in stages.items():
+            if arms:
+                out[key] = self._stage(prefix + stage, lambda t=train, s=stage: t(corrected_ckpt, cfg, sub + s),
+                                       select(cfg, DEPENDS[stage]))["checkpoint"]
+        return out
 
     def variant_stage(self, name: str, corrected_ckpt: str, seed: int | None = None) -> str:
         """Study variant ``name``'s failure head next to ``corrected_ckpt``'s success head, trained with the main
@@ -320,12 +332,13 @@ class Pipeline:
                 "success_rate": sum(r.successes for r in reports) / branches if branches else None,
                 "mixed_groups": sum(r.mixed for r in reports), "groups_before": sum(r.done_before for r in reports)}
 
-    def critic(self, corrected_ckpt: str) -> dict[str, Any]:
+    def critic(self, corrected_ckpt: str, cfg: Config | None = None, sub: str = "critic") -> dict[str, Any]:
         """The success critic trained alone on the branches (and Monte-Carlo rows) on top of the corrected policy,
         whose backbone and heads it keeps; its held-out AUROCs go into the stage's record."""
-        cfg = with_updates(self.cfg, run_dir=str(self.root / "critic"), policy={"critic": True},
+        cfg = cfg or self.cfg
+        cfg = with_updates(cfg, run_dir=str(self.root / sub), policy={"critic": True},
                            train={"mode": "critic", "init_from": corrected_ckpt,
-                                  "steps": self.cfg.reproduce.critic_steps})
+                                  "steps": cfg.reproduce.critic_steps})
         trainer = Trainer(cfg, progress=self.progress)
         final = trainer.run()
         report = trainer.evaluate_critic(final)
@@ -337,28 +350,30 @@ class Pipeline:
                 "auroc_q_within_group": o.auroc_q_within_group, "auroc_v": o.auroc_v,
                 "held_out_branches": o.branches, "mixed_groups": o.mixed_groups}
 
-    def outcome_head(self, corrected_ckpt: str) -> dict[str, Any]:
+    def outcome_head(self, corrected_ckpt: str, cfg: Config | None = None, sub: str = "outcome_head") -> dict[str, Any]:
         """CFGRL: the corrected policy's success head (backbone frozen) trained with outcome tokens on its demos and
         corrections ("success") and the raw failures ("failure"), so v_none + w (v_success - v_none) steers by
         what succeeded, from one head."""
-        rc = self.cfg.reproduce
+        cfg = cfg or self.cfg
+        rc = cfg.reproduce
         out = self._train(with_updates(
-            self.cfg, run_dir=str(self.root / "outcome_head"), policy={"outcome_conditioning": True},
+            cfg, run_dir=str(self.root / sub), policy={"outcome_conditioning": True},
             train={"mode": "outcome", "init_from": corrected_ckpt, "steps": rc.failure_head_steps},
             data={"success_outcomes": ["demo", "corrected"], "failure_outcomes": list(rc.failure_outcomes)}))
         return out
 
-    def branch_heads(self, corrected_ckpt: str) -> dict[str, Any]:
+    def branch_heads(self, corrected_ckpt: str, cfg: Config | None = None, sub: str = "branch_heads") -> dict[str, Any]:
         """The paper's two heads on the two outcomes of the same states: the corrected policy's success head
         fine-tuned with the branches that succeeded (beside its demos and corrections), then a failure head on
         the branches that failed, so v_s - v_f contrasts chunks from the same states."""
-        rc, sub = self.cfg.reproduce, self.root / "branch_heads"
+        cfg = cfg or self.cfg
+        rc, root = cfg.reproduce, self.root / sub
         success = self._train(with_updates(
-            self.cfg, run_dir=str(sub / "success"),
+            cfg, run_dir=str(root / "success"),
             train={"mode": "success_only", "init_from": corrected_ckpt, "steps": rc.correction_steps},
             data={"success_outcomes": ["demo", "corrected", "branch_success"]}))
         failure = self._train(with_updates(
-            self.cfg, run_dir=str(sub / "failure"),
+            cfg, run_dir=str(root / "failure"),
             train={"mode": "failure_head", "init_from": success["checkpoint"], "steps": rc.failure_head_steps},
             data={"failure_outcomes": ["branch_failure"]}))
         return {"checkpoint": failure["checkpoint"], "success_checkpoint": success["checkpoint"],
@@ -443,14 +458,17 @@ class Pipeline:
                          "rates": {e["arm"]: e["rate"] for e in report["tasks"][task]["arms"]}}
         return out
 
-    def evaluate_seeds(self, ckpts: dict[int, str]) -> dict[str, Any]:
+    def evaluate_seeds(self, ckpts: dict[int, str], signal: dict[int, dict[str, str]] | None = None
+                       ) -> dict[str, Any]:
         """``results/seeds/``: per training seed (the main stages' first), "+ failure correction" against success
-        only, and the first static and adaptive arms against that seed's "+ failure correction"; then the mean
-        and spread over seeds of each rate and paired difference."""
-        roles = [CORRECTED_ARM, *(a.title for a in planning.paper_fil_arms(self.cfg))]
+        only, and the first static and adaptive arms and issue 22's rows against that seed's "+ failure
+        correction"; then the mean and spread over seeds of each rate and paired difference."""
+        first = next(iter(signal.values()), {}) if signal else {}
+        roles = [CORRECTED_ARM, *(a.title for a in planning.paper_fil_arms(self.cfg)),
+                 *(title for title, _, _ in planning.signal_rows(self.cfg, first))]
         main = {r.arm: r for r in self.results}
         by_seed = {self.cfg.seed: {a: main[a] for a in roles}}
-        self._evaluate_by_seed(planning.seed_plan(self.cfg, ckpts), by_seed)
+        self._evaluate_by_seed(planning.seed_plan(self.cfg, ckpts, signal), by_seed)
         self.seed_results = by_seed
         return self._spread(by_seed, roles, "seeds", f"`{CORRECTED_ARM}` and its failure head re-trained with each "
                             "seed from the same success-only policy and store.")

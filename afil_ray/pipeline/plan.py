@@ -70,20 +70,27 @@ def outcome_arms(cfg: Config) -> list[Arm]:
     return [success_only_arm(cfg), *(parse_arm(spec, cfg.sampler) for spec in cfg.reproduce.outcome_arms)]
 
 
+def signal_rows(cfg: Config, ckpts: dict[str, str]) -> list[tuple[str, str, Arm]]:
+    """(title, checkpoint, arm) of issue 22's stages that ran: ``ckpts`` maps ``critic``, ``outcome`` and
+    ``branch_heads`` to their checkpoints (the critic's arms share the corrected success head, so they carry no
+    prefix; the other two heads' rows are named after them)."""
+    rows: list[tuple[str, str, Arm]] = []
+    if "critic" in ckpts:
+        rows += [(arm.title, ckpts["critic"], arm) for arm in critic_arms(cfg)]
+    if "outcome" in ckpts:
+        rows += [(f"{OUTCOME_HEAD}: {arm.title}", ckpts["outcome"], arm) for arm in outcome_arms(cfg)]
+    if "branch_heads" in ckpts:
+        rows += [(f"{BRANCH_RULE}: {arm.title}", ckpts["branch_heads"], arm) for arm in branch_rule_arms(cfg)]
+    return rows
+
+
 def main_plan(cfg: Config, success_ckpt: str, dag_ckpt: str, online_ckpt: str | None,
-              critic_ckpt: str | None = None, branch_heads_ckpt: str | None = None,
-              outcome_ckpt: str | None = None) -> list[PlannedArm]:
-    """Every arm of the main table, success only first; the critic's arms (on ``critic_ckpt``, whose success head
-    is the corrected one) and the branch-trained heads' (``branch_heads: <arm>``) after the paper's."""
+              signal: dict[str, str] | None = None) -> list[PlannedArm]:
+    """Every arm of the main table, success only first; issue 22's rows (``signal_rows``) after the paper's."""
     plan = [PlannedArm(SUCCESS_ONLY, success_ckpt, success_only_arm(cfg)),
             PlannedArm(CORRECTED_ARM, dag_ckpt, success_only_arm(cfg))]  # the DAG's success head is the corrected
     plan += [PlannedArm(arm.title, dag_ckpt, arm) for arm in static_arms(cfg) + adaptive_arms(cfg)]
-    if critic_ckpt is not None:
-        plan += [PlannedArm(arm.title, critic_ckpt, arm) for arm in critic_arms(cfg)]
-    if outcome_ckpt is not None:
-        plan += [PlannedArm(f"{OUTCOME_HEAD}: {arm.title}", outcome_ckpt, arm) for arm in outcome_arms(cfg)]
-    if branch_heads_ckpt is not None:
-        plan += [PlannedArm(f"{BRANCH_RULE}: {arm.title}", branch_heads_ckpt, arm) for arm in branch_rule_arms(cfg)]
+    plan += [PlannedArm(title, ckpt, arm) for title, ckpt, arm in signal_rows(cfg, signal or {})]
     if online_ckpt is not None:
         lam = cfg.reproduce.lams[0] if cfg.reproduce.lams else 1.0
         arm = make_arm(cfg.sampler, "adaptive", lam=float(lam))
@@ -113,8 +120,13 @@ def variant_plan(cfg: Config, ckpts: dict[str, str], seed: int | None = None) ->
             for name, ckpt in ckpts.items() for arm in variant_arms(cfg)]
 
 
-def seed_plan(cfg: Config, ckpts: dict[int, str]) -> list[PlannedArm]:
-    """Per training seed: that seed's "+ failure correction" and its paper FIL arms."""
+def seed_plan(cfg: Config, ckpts: dict[int, str],
+              signal: dict[int, dict[str, str]] | None = None) -> list[PlannedArm]:
+    """Per training seed: that seed's "+ failure correction", its paper FIL arms and its issue-22 rows."""
     rows = [(CORRECTED_ARM, success_only_arm(cfg))] + [(a.title, a) for a in paper_fil_arms(cfg)]
-    return [PlannedArm(f"seed {seed}: {title}", ckpt, arm, seed=seed)
-            for seed, ckpt in ckpts.items() for title, arm in rows]
+    plan = []
+    for seed, ckpt in ckpts.items():
+        plan += [PlannedArm(f"seed {seed}: {title}", ckpt, arm, seed=seed) for title, arm in rows]
+        plan += [PlannedArm(f"seed {seed}: {title}", c, arm, seed=seed)
+                 for title, c, arm in signal_rows(cfg, (signal or {}).get(seed, {}))]
+    return plan

@@ -16,15 +16,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from afil_ray.branches import branch_task, critic_scorer
 from afil_ray.config import Config
 from afil_ray.envs.base import VecEnv
 from afil_ray.envs.factory import make_vec_env
 from afil_ray.loop.board import WeightSource
-from afil_ray.loop.weights import apply
-from afil_ray.policy.loading import load_start_policy, resolve_device
+from afil_ray.loop.weights import actor_policy, apply
 from afil_ray.replay.store import ReplayStore
 
 
@@ -47,14 +44,8 @@ class BranchWorker:
     """Plain class; ``actors.branch.BranchActor`` is its Ray shell."""
 
     def __init__(self, cfg: Config, index: int, weights: WeightSource, *, make_env: Any = make_vec_env) -> None:
-        if not cfg.loop.init_from:
-            raise ValueError("loop.init_from must name the checkpoint the loop starts from")
-        if cfg.loop.torch_threads:
-            torch.set_num_threads(cfg.loop.torch_threads)
         self.cfg, self.index, self.weights, self.make_env = cfg, index, weights, make_env
-        self.policy = load_start_policy(cfg.loop.init_from, resolve_device(cfg.train.device), critic=cfg.policy,
-                                        seed=cfg.seed)
-        self.policy.eval()
+        self.policy = actor_policy(cfg)
         self.version = 0
         self.store = ReplayStore.from_config(cfg.replay)
         # branches roll out the success head as it is (the contrast of its own chunks), whatever the actors use

@@ -13,13 +13,10 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from afil_ray.config import Config
 from afil_ray.eval.protocol import evaluate
 from afil_ray.loop.board import WeightSource
-from afil_ray.loop.weights import apply
-from afil_ray.policy.loading import load_start_policy, resolve_device
+from afil_ray.loop.weights import actor_policy, apply
 
 # the policy components each sampler's result depends on: it is reused while none of them changed
 _SUCCESS_SIDE = frozenset({"backbone", "success_head"})
@@ -41,12 +38,8 @@ class LoopEvaluator:
     """Plain class; ``actors.evaluator.EvalActor`` is its Ray shell."""
 
     def __init__(self, cfg: Config, weights: WeightSource) -> None:
-        if cfg.loop.torch_threads:
-            torch.set_num_threads(cfg.loop.torch_threads)
         self.cfg, self.weights = cfg, weights
-        self.policy = load_start_policy(cfg.loop.init_from, resolve_device(cfg.train.device), critic=cfg.policy,
-                                        seed=cfg.seed)
-        self.policy.eval()
+        self.policy = actor_policy(cfg)
         self.version = 0
         self.evaluated = -1
         self._cache: dict[str, float] = {}  # sampler -> its result at the last evaluation

@@ -24,8 +24,7 @@ from afil_ray.envs.base import SimulatorError, VecEnv
 from afil_ray.envs.factory import make_vec_env
 from afil_ray.envs.tasks import episode_instruction
 from afil_ray.loop.board import WeightSource
-from afil_ray.loop.weights import WeightPacket, apply
-from afil_ray.policy.loading import load_start_policy, resolve_device
+from afil_ray.loop.weights import WeightPacket, actor_policy, apply
 from afil_ray.replay.episode import Episode
 from afil_ray.replay.store import ReplayStore
 from afil_ray.rollout import ChunkedRollout, RolloutStats
@@ -66,14 +65,8 @@ class RolloutWorker:
 
     def __init__(self, cfg: Config, index: int, weights: WeightSource, *, seed_start: int | None = None,
                  make_env: Any = make_vec_env) -> None:
-        if not cfg.loop.init_from:
-            raise ValueError("loop.init_from must name the success-only checkpoint the loop starts from")
-        if cfg.loop.torch_threads:
-            torch.set_num_threads(cfg.loop.torch_threads)
         self.cfg, self.index, self.weights, self.make_env = cfg, index, weights, make_env
-        self.policy = load_start_policy(cfg.loop.init_from, resolve_device(cfg.train.device), critic=cfg.policy,
-                                        seed=cfg.seed)
-        self.policy.eval()
+        self.policy = actor_policy(cfg)
         self.version = 0
         self.store = ReplayStore.from_config(cfg.replay)
         self.writer = self.store.writer(f"rollout{index}-{np.random.SeedSequence().entropy % 2**32:08x}",

@@ -14,8 +14,22 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from afil_ray.config import Config
 from afil_ray.policy.checkpoint import load_component_state
+from afil_ray.policy.loading import load_start_policy, resolve_device
 from afil_ray.policy.model import DAGPolicy
+
+
+def actor_policy(cfg: Config) -> DAGPolicy:
+    """The policy an actor of the loop acts with until the first version arrives: ``loop.init_from`` (with the
+    critic or outcome tokens the config asks for), on ``loop.torch_threads`` threads, in eval mode."""
+    if not cfg.loop.init_from:
+        raise ValueError("loop.init_from must name the checkpoint the loop starts from (a success-only one)")
+    if cfg.loop.torch_threads:
+        torch.set_num_threads(cfg.loop.torch_threads)
+    policy = load_start_policy(cfg.loop.init_from, resolve_device(cfg.train.device), critic=cfg.policy,
+                               seed=cfg.seed)
+    return policy.eval()
 
 
 @dataclass

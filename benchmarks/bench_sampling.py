@@ -82,6 +82,13 @@ def time_samplers(policy: DAGPolicy, obs: dict, samplers: dict[str, SamplerConfi
     return times
 
 
+def calls_per_round(policy: DAGPolicy, obs: dict, slowest: SamplerConfig, budget: float) -> int:
+    """Calls per (sampler, round) measurement: as many as the slowest sampler makes in ``budget`` seconds."""
+    start = time.perf_counter()
+    policy.sample(obs, INSTRUCTION, slowest)
+    return max(1, int(budget / (time.perf_counter() - start)))
+
+
 def ratio(times: dict[str, list[float]], over: str, under: str = "success_only") -> float:
     """Median of the per-round ratios: both were measured side by side, so machine drift cancels."""
     return statistics.median(a / b for a, b in zip(times[over], times[under], strict=True))
@@ -128,9 +135,7 @@ def rank_table(args: argparse.Namespace) -> None:
     print("|---" * (2 * len(names)) + "|")
     for batch in args.batches:
         obs = observation(batch, (), 0)
-        start = time.perf_counter()
-        policy.sample(obs, INSTRUCTION, RANK_SAMPLERS["rank k=8"])
-        calls = max(1, int(args.budget / (time.perf_counter() - start)))
+        calls = calls_per_round(policy, obs, RANK_SAMPLERS["rank k=8"], args.budget)
         t = time_samplers(policy, obs, RANK_SAMPLERS, args.rounds, calls)
         print(f"| {batch} | " + " | ".join(f"{statistics.median(t[n]):.2f}" for n in names) + " | "
               + " | ".join(f"{ratio(t, n):.2f}" for n in names[1:]) + " |", flush=True)
@@ -166,9 +171,7 @@ def main() -> None:
     print("|---" * (len(SAMPLERS) + 6) + "|")
     for batch in args.batches:
         obs = observation(batch, (), 0)
-        start = time.perf_counter()
-        policy.sample(obs, INSTRUCTION, SAMPLERS["adaptive"])
-        calls = max(1, int(args.budget / (time.perf_counter() - start)))
+        calls = calls_per_round(policy, obs, SAMPLERS["adaptive"], args.budget)
         t = time_samplers(policy, obs, SAMPLERS, args.rounds, calls)
         prefix = time_prefix(policy, obs, args.rounds, calls)
         print(f"| {batch} | {prefix:.2f} | " + " | ".join(f"{statistics.median(t[n]):.2f}" for n in SAMPLERS)

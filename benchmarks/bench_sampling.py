@@ -205,9 +205,7 @@ def main() -> None:
     for name, vcfg, cameras in variants:
         vpolicy = build(vcfg, cameras)
         obs = observation(batch, cameras, 128)
-        start = time.perf_counter()
-        vpolicy.sample(obs, INSTRUCTION, SAMPLERS["adaptive"])
-        calls = max(1, int(args.budget / (time.perf_counter() - start)))
+        calls = calls_per_round(vpolicy, obs, SAMPLERS["adaptive"], args.budget)
         t = time_samplers(vpolicy, obs, samplers, args.rounds, calls)
         prefix = time_prefix(vpolicy, obs, args.rounds, calls)
         c = vpolicy.num_parameters()

@@ -1,0 +1,1 @@
+"""Failure detection (issue 23): runtime failure scores and the calibrated alarm that reads them."""

@@ -40,6 +40,7 @@ def _positive(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
 
 
+@pytest.mark.slow  # the whole device check on CPU, about a minute: run before a device session (scripts/gpu_check.sh)
 @pytest.mark.timeout(600)
 def test_cpu_smoke_measures_every_part(tmp_path):
     out = tmp_path / "figures.json"

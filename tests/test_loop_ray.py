@@ -78,6 +78,7 @@ def _no_ray_left():
         ray.shutdown()
 
 
+@pytest.mark.slow  # about 45 s (the clean stop on SIGTERM); test_ray_job runs the same command line end to end
 @pytest.mark.timeout(1200)
 def test_sigterm_stops_the_loop_cleanly(tmp_path):
     """`afil-ray run` as users start it; SIGTERM (what `ray job stop` and schedulers send) ends it cleanly."""

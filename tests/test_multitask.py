@@ -129,6 +129,7 @@ class RecordingPolicy(torch.nn.Module):
         return np.zeros((len(instructions), 4, 8), np.float32), {}
 
 
+@pytest.mark.slow  # ten rgb simulators built in turn: about a minute (the probes themselves are tested above)
 def test_probe_arms_in_the_paired_protocol_per_task_and_pooled(tmp_path):
     cfg = load_config(None, [
         "env.task=[PushCube-v1,PullCube-v1]", "env.obs_mode=rgb", "env.camera_size=32", "env.num_envs=1",

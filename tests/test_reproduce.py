@@ -261,3 +261,21 @@ def test_reproduce_from_scratch_twice_trains_identical_policies(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), stage
     reports = [json.loads((r / "results" / "report.json").read_text()) for r in runs]
     assert reports[0] == reports[1]
+
+
+def test_a_stage_recorded_before_a_key_existed_is_reused_while_the_key_keeps_its_default(tmp_path):
+    """Adding a config key with a default that keeps the old behaviour must not invalidate finished stages; setting
+    it to something else must."""
+    from afil_ray.pipeline.stages import StageCache
+
+    cache = StageCache(tmp_path)
+    ran = []
+    cache.run("harvest", lambda: ran.append(1) or {"n": 1}, {"train": {"steps": 5}})  # recorded without "new_key"
+    defaults = {"train": {"steps": 20000, "new_key": 0.2}}
+    assert cache.run("harvest", lambda: ran.append(2) or {}, {"train": {"steps": 5, "new_key": 0.2}},
+                     defaults=defaults) == {"n": 1}
+    with pytest.raises(ConfigError, match=r"train\.new_key"):
+        cache.run("harvest", lambda: {}, {"train": {"steps": 5, "new_key": 0.5}}, defaults=defaults)
+    with pytest.raises(ConfigError, match=r"train\.steps"):  # a recorded key still counts as before
+        cache.run("harvest", lambda: {}, {"train": {"steps": 6, "new_key": 0.2}}, defaults=defaults)
+    assert ran == [1]

@@ -110,7 +110,9 @@ class Pipeline:
 
     def _stage(self, stage: str, fn: Callable[[], dict[str, Any]],
                settings: dict[str, Any] | None = None) -> dict[str, Any]:
-        return self.stages.run(stage, fn, select(self.cfg, DEPENDS[stage]) if settings is None else settings)
+        settings = select(self.cfg, DEPENDS[stage]) if settings is None else settings
+        keys = tuple(k for k in settings if k != "overrides")  # a study variant's record adds its overrides
+        return self.stages.run(stage, fn, settings, defaults=select(Config(), keys))
 
     # ---------------------------------------------------------------- stages
 

@@ -58,10 +58,20 @@ def select(cfg: Config, keys: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two settings trees."""
+_ABSENT = object()
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "", default: Any = None) -> list[str]:
+    """Dotted keys whose values differ between two settings trees. A key the old tree lacks (a stage recorded
+    before the key existed) counts as unchanged when the new value is the key's default in ``default`` (the same
+    tree of defaults), since a key added with a default that keeps the old behaviour changes no outputs."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new)) for d in changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")]
+        default = default if isinstance(default, dict) else {}
+        return [d for k in sorted(set(old) | set(new))
+                for d in changed_keys(old.get(k, _ABSENT), new.get(k, _ABSENT), f"{prefix}{k}.",
+                                      default.get(k, _ABSENT))]
+    if old is _ABSENT:
+        old = default
     return [] if old == new else [prefix.rstrip(".")]
 
 
@@ -90,12 +100,15 @@ class StageCache:
     def marker(self, stage: str) -> Path:
         return self.root / "stages" / f"{stage}.json"
 
-    def run(self, stage: str, fn: Callable[[], dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
-        """The stage's outputs: cached, or from ``fn()`` (then recorded atomically)."""
+    def run(self, stage: str, fn: Callable[[], dict[str, Any]], settings: dict[str, Any],
+            defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The stage's outputs: cached, or from ``fn()`` (then recorded atomically). ``defaults``: the same keys'
+        default values (keys added since a stage was recorded are compared with them)."""
         marker = self.marker(stage)
         if marker.is_file():
             record = json.loads(marker.read_text())
-            changed = changed_keys(record["settings"], json.loads(json.dumps(settings)))
+            changed = changed_keys(record["settings"], json.loads(json.dumps(settings)),
+                                   default=json.loads(json.dumps(defaults or {})))
             if changed:
                 raise ConfigError(
                     f"stage {stage!r} of {self.root} was completed with other settings ({', '.join(changed[:8])}); "

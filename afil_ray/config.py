@@ -29,7 +29,7 @@ BRANCH_PARENTS = ("failure", "success", "corrected")  # outcomes whose episodes 
 # outcomes whose stored chunks are the policy's own and whose success is the policy's doing, so an episode's outcome
 # can label each of its chunks (a corrected episode's success is the planner's, a demo has no sampled chunks)
 CRITIC_MC_OUTCOMES = ("failure", "success", "branch")
-STORED_OUTCOMES = ("demo", "success", "failure", "corrected", "branch")  # the store's partitions (replay/episode.py)
+STORED_OUTCOMES = ("demo", "success", "failure", "corrected", "branch")  # the replay store's partitions
 # Branch episodes by how they ended (issue 22): a head can learn from the branches that succeeded, the other from
 # those that failed from the same states, so the paper's v_s - v_f becomes a same-state contrast
 BRANCH_SPLITS: dict[str, bool] = {"branch_success": True, "branch_failure": False}

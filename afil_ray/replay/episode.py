@@ -21,7 +21,9 @@ from datetime import UTC, datetime
 import numpy as np
 import pyarrow as pa
 
-OUTCOMES = ("demo", "success", "failure", "corrected", "branch")
+from afil_ray.config import STORED_OUTCOMES
+
+OUTCOMES = STORED_OUTCOMES  # one list of the store's partitions, the config's (afil_ray/config.py)
 
 _VEC_F32 = pa.list_(pa.list_(pa.float32()))
 _VEC_U8 = pa.list_(pa.list_(pa.uint8()))

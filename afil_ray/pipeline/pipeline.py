@@ -358,11 +358,10 @@ class Pipeline:
         what succeeded, from one head."""
         cfg = cfg or self.cfg
         rc = cfg.reproduce
-        out = self._train(with_updates(
+        return self._train(with_updates(
             cfg, run_dir=str(self.root / sub), policy={"outcome_conditioning": True},
             train={"mode": "outcome", "init_from": corrected_ckpt, "steps": rc.failure_head_steps},
             data={"success_outcomes": ["demo", "corrected"], "failure_outcomes": list(rc.failure_outcomes)}))
-        return out
 
     def branch_heads(self, corrected_ckpt: str, cfg: Config | None = None, sub: str = "branch_heads") -> dict[str, Any]:
         """The paper's two heads on the two outcomes of the same states: the corrected policy's success head

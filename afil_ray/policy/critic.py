@@ -5,7 +5,7 @@ starts as the masked mean over real tokens, and learns which tokens carry the ou
 small MLP per estimate on top of an encode that sampling does anyway. Q also reads the normalised chunk, flattened
 (H x A). Its purposes: picking undecided states to branch at (V: ``afil-ray branch`` scores states with it,
 afil_ray/branches/states.py ``critic_scorer``) and ranking chunks sampled for one state (Q takes K chunks of B
-states in one call, the prefix pooled once per state; no sampler ranks with it yet).
+states in one call, the prefix pooled once per state: the `rank` sampler, ``sampler.rank_chunks``).
 
 Both are logits here; :class:`~afil_ray.policy.model.DAGPolicy` turns them into probabilities and trains them
 with binary cross-entropy on branch and Monte-Carlo outcomes (train.mode=critic).

@@ -315,7 +315,7 @@ class DAGPolicy(nn.Module):
         """An action chunk [B, H, A] in env units for env observations (``state``, ``rgb_<camera>``).
 
         The initial noise is ``noise`` ([B, H, A], or [B, K, H, A] for ``rank``'s K candidates; tensor or array,
-        standard normal; ``sampler.draw_noise`` draws one state's) when given, else drawn from
+        standard normal; ``afil_ray.rollout.draw_noise`` draws one state's) when given, else drawn from
         ``generator`` (or torch's global RNG). Both samplers are deterministic after that draw (Euler steps for
         flow, DDIM with eta = 0 for ddpm), so the initial noise is all the sampling randomness: equal noise means
         equal chunks for equal observations and weights. Pass one of ``generator`` and ``noise``, not both.

@@ -210,6 +210,17 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_alarm(args: argparse.Namespace) -> int:
+    from afil_ray.detect.study import OUTPUT_DIR, alarm_study
+
+    cfg = _config(args, [])
+    alarm_study(cfg, progress=not args.quiet)
+    report = Path(cfg.run_dir) / OUTPUT_DIR / "alarm.md"
+    print(report.read_text(), end="")
+    print(f"results: {report}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     extra = [f"loop.duration_s={args.duration}"] if args.duration is not None else []
     cfg = _config(args, extra)  # a bad value fails before Ray and torch are imported
@@ -271,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(rp)
     rp.add_argument("--quiet", action="store_true", help="no progress bars")
     rp.set_defaults(func=cmd_reproduce)
+
+    a = sub.add_parser("alarm", help="the runtime failure alarm on a reproduction's harvest: each signal "
+                                     "(detect.signals) and their combination, early AUROC, failures flagged before "
+                                     "their point of no return, and the failures' causes")
+    with_config(a)
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
+    a.set_defaults(func=cmd_alarm)
 
     u = sub.add_parser("run", help="the harvest-learn loop on Ray (local Ray unless RAY_ADDRESS/loop.address)")
     with_config(u)

@@ -656,6 +656,29 @@ class ReproduceConfig(_Section):
         _each_at_least("reproduce.train_seeds", self.train_seeds, 0)
 
 
+DETECT_SIGNALS = ("critic", "spread", "disagreement")  # afil_ray/detect/signals.py
+
+
+@dataclass
+class DetectConfig(_Section):
+    """Failure detection (afil_ray/detect/): the runtime alarm's signals and the false-alarm rate it is set for."""
+
+    # per-state failure scores: 1 - V(s) of the success critic, the spread of sampled chunks, the success/failure
+    # head disagreement; with more than one, their combination is reported too
+    signals: list[str] = field(default_factory=lambda: list(DETECT_SIGNALS))
+    alpha: float = 0.05  # the alarm's false-alarm rate on successful episodes (split-conformal threshold)
+    spread_k: int = 8  # chunks sampled per state for the spread
+
+    def check(self) -> None:
+        if not self.signals:
+            raise ConfigError("detect.signals must name at least one signal")
+        for signal in self.signals:
+            _one_of("detect.signals", signal, DETECT_SIGNALS)
+        _in_range("detect.alpha", self.alpha, 0.0, 1.0, high_open=True)
+        _positive("detect.alpha", self.alpha)
+        _at_least("detect.spread_k", self.spread_k, 2)
+
+
 @dataclass
 class Config(_Section):
     run_dir: str = "runs/default"
@@ -675,6 +698,7 @@ class Config(_Section):
     eval: EvalConfig = field(default_factory=EvalConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     reproduce: ReproduceConfig = field(default_factory=ReproduceConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
 
     def check(self) -> None:
         _at_least("seed", self.seed, 0)  # numpy and torch seeds are non-negative

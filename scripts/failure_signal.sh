@@ -17,10 +17,19 @@ read -ra OVERRIDES <<< "${OVERRIDES:-}"
 TASKS=("${@:-PullCube-v1 LiftPegUpright-v1 StackCube-v1}")
 read -ra TASKS <<< "${TASKS[*]}"
 
+# each task's success-only policy as docs/results.md trained it, so that it sits well below 100% (PullCube with
+# 300 demos and 15,000 steps reached 0.97: 12 failures in 450 harvest rollouts, nothing left to gain)
+declare -A TASK_OVERRIDES=(
+  [PullCube-v1]="demos.num=20 train.steps=5000"
+  [StackCube-v1]="train.ema_decay=0.999"
+  [LiftPegUpright-v1]=""
+)
+
 for task in "${TASKS[@]}"; do
   run="runs/fs_${task%-v1}"
+  read -ra per_task <<< "${TASK_OVERRIDES[$task]:-}"
   "$AFIL" reproduce --config configs/reproduce.yaml env.task="$task" run_dir="$run" replay.root="$run/replay" \
     "reproduce.static_w=[0.05]" "reproduce.lams=[1.0]" "reproduce.train_seeds=[1,2]" "reproduce.variants={}" \
     "reproduce.seed_variants=[]" reproduce.online_s=0 branches.states_per_episode=1 branches.per_state=4 \
-    "${OVERRIDES[@]}"
+    "${per_task[@]}" "${OVERRIDES[@]}"
 done

@@ -86,6 +86,16 @@ def with_updates(cfg: Config, **sections: Any) -> Config:
     return out
 
 
+def recorded_outputs(root: str | Path, stage: str) -> dict[str, Any]:
+    """The outputs a completed stage recorded under ``root`` (a run directory), for commands that build on a
+    reproduction; a stage that has not completed there is a one-line error."""
+    marker = Path(root) / "stages" / f"{stage}.json"
+    if not marker.is_file():
+        raise ConfigError(f"stage {stage!r} has not completed in {root} (no {marker}); run `afil-ray reproduce` "
+                          "with this config first")
+    return json.loads(marker.read_text())["outputs"]
+
+
 class StageCache:
     """Runs a stage unless ``root/stages/<stage>.json`` says it completed under the same settings.
 

@@ -1,0 +1,158 @@
+"""How good a runtime alarm is: early AUROC, failures flagged before their point of no return, lead time.
+
+Episodes are split in two folds by a hash of their id (cross-fitting): what needs fitting (the combination of
+signals, the conformal threshold on successes) is fitted on one fold and measured on the other, then the other way
+round, and the two halves are pooled, so every number is on episodes nothing was fitted on.
+
+- AUROC at a fraction f of the episode: each episode scored by its largest score over its first f of steps
+  (what the alarm has seen by then), failures against successes.
+- The alarm fires at the first step above the threshold calibrated on the other fold's successes for false-alarm
+  rate ``alpha`` (afil_ray/detect/conformal.py); the false-alarm rate is measured on this fold's successes.
+- A failure's point of no return is the latest step from which the planner still completed it (the correction's
+  restore point): it counts as flagged in time when its alarm fires at or before that step, and its lead time is
+  the number of steps between the two.
+
+The combination is a logistic regression on the signals' per-step scores (standardised; labels: the episode
+failed), scikit-learn's, as FIPER combines its two scores with a learned rule rather than a fixed one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from afil_ray.detect.conformal import calibrate, first_alarm
+from afil_ray.eval.critic import auroc
+
+FRACTIONS = (0.25, 0.5, 0.75)
+COMBINED = "combined"
+
+
+@dataclass(frozen=True)
+class ScoredEpisode:
+    episode_id: str
+    success: bool
+    scores: dict[str, np.ndarray]  # signal -> per-step scores [T]
+    point_of_no_return: int | None = None  # failures the planner corrected: the latest step it could still win from
+
+    @property
+    def length(self) -> int:
+        return len(next(iter(self.scores.values())))
+
+
+def fold_of(episode_id: str) -> int:
+    return hashlib.blake2b(episode_id.encode(), digest_size=1).digest()[0] % 2
+
+
+def early_score(scores: np.ndarray, fraction: float) -> float:
+    """The largest score over the first ``fraction`` of the steps (at least one step)."""
+    return float(np.max(scores[: max(1, int(np.ceil(fraction * len(scores))))]))
+
+
+class Combination:
+    """Logistic regression from the signals' standardised per-step scores to P(the episode fails)."""
+
+    def __init__(self, signals: Sequence[str]) -> None:
+        self.signals = tuple(signals)
+
+    def fit(self, episodes: Sequence[ScoredEpisode]) -> Combination:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        x = np.concatenate([self._features(e) for e in episodes])
+        y = np.concatenate([np.full(e.length, not e.success) for e in episodes])
+        # every episode weighs the same, however long it ran (failures run to the time limit)
+        w = np.concatenate([np.full(e.length, 1.0 / e.length) for e in episodes])
+        if len(np.unique(y)) < 2:
+            raise ValueError("combining signals needs failures and successes in the fitting fold")
+        self.model = make_pipeline(StandardScaler(), LogisticRegression())
+        self.model.fit(x, y, logisticregression__sample_weight=w)
+        return self
+
+    def _features(self, episode: ScoredEpisode) -> np.ndarray:
+        return np.stack([episode.scores[s] for s in self.signals], axis=1)
+
+    def __call__(self, episode: ScoredEpisode) -> np.ndarray:
+        return self.model.decision_function(self._features(episode))
+
+    @property
+    def coefficients(self) -> dict[str, float]:
+        coef = self.model[-1].coef_[0]
+        return {s: float(c) for s, c in zip(self.signals, coef, strict=True)}
+
+
+@dataclass
+class SignalReport:
+    signal: str
+    auroc: dict[float, float | None]  # fraction of the episode -> AUROC
+    false_alarm_rate: float  # on held-out successes
+    detected: float  # share of failures whose alarm fires at all
+    flagged_in_time: float | None  # share of failures with a point of no return flagged at or before it
+    with_point: int  # failures with a point of no return
+    median_lead: float | None  # steps from alarm to point of no return, over the failures flagged in time
+
+    def row(self) -> list[str]:
+        def show(x: float | None, fmt: str = "{:.3f}") -> str:
+            return "—" if x is None else fmt.format(x)
+
+        return [self.signal, *(show(self.auroc[f]) for f in FRACTIONS), show(self.false_alarm_rate),
+                show(self.detected), show(self.flagged_in_time), str(self.with_point),
+                show(self.median_lead, "{:.0f}")]
+
+
+def _with_combined(episodes: Sequence[ScoredEpisode], fit_on: Sequence[ScoredEpisode],
+                   signals: Sequence[str]) -> list[ScoredEpisode]:
+    combination = Combination(signals).fit(fit_on)
+    return [ScoredEpisode(e.episode_id, e.success, {**e.scores, COMBINED: combination(e)}, e.point_of_no_return)
+            for e in episodes]
+
+
+def evaluate_alarm(episodes: Sequence[ScoredEpisode], signals: Sequence[str], alpha: float = 0.05,
+                   combine: bool = True) -> list[SignalReport]:
+    """One report per signal (and their combination), each measured on the fold nothing was fitted on."""
+    folds = [[e for e in episodes if fold_of(e.episode_id) == k] for k in (0, 1)]
+    if combine and len(signals) > 1:
+        folds = [_with_combined(folds[k], folds[1 - k], signals) for k in (0, 1)]
+        signals = [*signals, COMBINED]
+    reports = []
+    for signal in signals:
+        early: dict[float, list[tuple[bool, float]]] = {f: [] for f in FRACTIONS}
+        false_alarms, detected, in_time, leads, failures = [], [], [], [], 0
+        for k in (0, 1):
+            calibration = [e.scores[signal] for e in folds[1 - k] if e.success]
+            threshold = calibrate(calibration, alpha)
+            for e in folds[k]:
+                scores = e.scores[signal]
+                for f in FRACTIONS:
+                    early[f].append((not e.success, early_score(scores, f)))
+                alarm = first_alarm(scores, threshold)
+                if e.success:
+                    false_alarms.append(alarm is not None)
+                    continue
+                failures += 1
+                detected.append(alarm is not None)
+                if e.point_of_no_return is not None:
+                    in_time.append(alarm is not None and alarm <= e.point_of_no_return)
+                    if in_time[-1]:
+                        leads.append(e.point_of_no_return - alarm)
+        reports.append(SignalReport(
+            signal,
+            {f: auroc([y for y, _ in early[f]], [s for _, s in early[f]]) for f in FRACTIONS},
+            float(np.mean(false_alarms)) if false_alarms else float("nan"),
+            float(np.mean(detected)) if detected else float("nan"),
+            float(np.mean(in_time)) if in_time else None, len(in_time),
+            float(np.median(leads)) if leads else None,
+        ))
+    return reports
+
+
+def markdown_table(reports: Sequence[SignalReport], alpha: float) -> str:
+    header = ["signal", *(f"AUROC @{int(100 * f)}%" for f in FRACTIONS), f"false alarms (α={alpha})",
+              "failures flagged", "flagged before point of no return", "failures with one", "median lead (steps)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r.row()) + " |" for r in reports]
+    return "\n".join(lines)

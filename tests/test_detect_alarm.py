@@ -1,0 +1,121 @@
+"""The runtime alarm: scores of a policy depend on the state alone and batch like single calls; the early-AUROC,
+point-of-no-return and lead-time measures on synthetic episodes; a combination catches failures that each single
+signal misses half of; the measured false-alarm rate stays near alpha."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from afil_ray.config import PolicyConfig, SamplerConfig
+from afil_ray.detect.alarm import COMBINED, FRACTIONS, ScoredEpisode, early_score, evaluate_alarm, markdown_table
+from afil_ray.detect.signals import SIGNALS, FailureSignals, hold, score_episodes
+from afil_ray.policy import DAGPolicy
+from afil_ray.replay.episode import Episode
+
+STATE_DIM, ACTION_DIM, H = 4, 2, 4
+
+
+def _policy() -> DAGPolicy:
+    torch.manual_seed(0)
+    cfg = PolicyConfig(hidden_size=32, num_layers=1, num_heads=2, max_text_tokens=10, horizon=H, head_width=32,
+                       head_depth=1, critic=True, critic_width=32, critic_depth=2)
+    policy = DAGPolicy.from_config(cfg, STATE_DIM, ACTION_DIM)
+    rng = np.random.default_rng(0)
+    policy.fit_normalizer(rng.normal(1, 2, (64, STATE_DIM)), rng.uniform(-2, 3, (64, ACTION_DIM)))
+    policy.reset_failure_head(seed=1)  # heads that differ, so that their disagreement is not zero
+    return policy.eval()
+
+
+def _episode(length: int, seed: int, chunk_steps: list[int] | None = None) -> Episode:
+    rng = np.random.default_rng(seed)
+    return Episode(task="PullCube-v1", outcome="failure", state=rng.normal(0, 1, (length, STATE_DIM)).astype("f4"),
+                   action=np.zeros((length, ACTION_DIM), np.float32), reward=np.zeros(length, np.float32),
+                   step_success=np.zeros(length, bool), terminated=np.zeros(length, bool),
+                   truncated=np.zeros(length, bool), final_state=np.zeros(STATE_DIM, np.float32),
+                   instruction="pull the cube", chunk_steps=chunk_steps or [])
+
+
+def test_signals_depend_on_the_state_alone_and_batch_like_single_calls():
+    policy = _policy()
+    signals = FailureSignals(policy, SamplerConfig(steps=4), k=6)
+    obs = {"state": np.random.default_rng(2).normal(0, 1, (5, STATE_DIM)).astype(np.float32)}
+    first, again = signals(obs, ["pull the cube"] * 5), signals(obs, ["pull the cube"] * 5)
+    assert set(first) == set(SIGNALS)
+    for name in SIGNALS:
+        assert first[name].shape == (5,) and np.all(np.isfinite(first[name]))
+        np.testing.assert_array_equal(first[name], again[name])
+    np.testing.assert_allclose(first["critic"], 1.0 - policy.v(obs, "pull the cube"), rtol=1e-6)
+    assert np.all(first["spread"] > 0) and np.all(first["disagreement"] > 0)
+    policy.init_failure_head_from_success()  # identical heads: cos = 1, no disagreement
+    np.testing.assert_allclose(signals(obs, ["pull the cube"] * 5)["disagreement"], 0.0, atol=1e-5)
+
+
+def test_episode_scores_hold_between_replans_and_batch_across_episodes():
+    policy = _policy()
+    signals = FailureSignals(policy, SamplerConfig(steps=4), k=4, signals=("critic", "spread"))
+    episodes = [_episode(20, 0, [0, 8, 16]), _episode(13, 1)]
+    together = score_episodes(signals, episodes, every=5, batch_size=3)
+    alone = [score_episodes(signals, [e], every=5)[0] for e in episodes]
+    for got, want, ep in zip(together, alone, episodes, strict=True):
+        assert got["critic"].shape == (ep.length,)
+        np.testing.assert_allclose(got["critic"], want["critic"], rtol=1e-5)
+    critic = together[0]["critic"]
+    assert len(np.unique(critic[0:8])) == 1 and len(np.unique(critic[8:16])) == 1 and critic[8] != critic[0]
+    assert len(np.unique(together[1]["critic"][0:5])) == 1  # no recorded re-planning steps: every 5
+
+
+def test_hold_fills_from_each_scored_step_to_the_next():
+    np.testing.assert_array_equal(hold(np.array([1.0, 2.0]), np.array([0, 3]), 5), [1, 1, 1, 2, 2])
+
+
+def test_signals_refuse_a_policy_without_critic_and_a_single_sample():
+    policy = _policy()
+    policy.critic = None
+    with pytest.raises(ValueError, match="needs a policy with a trained critic"):
+        FailureSignals(policy, SamplerConfig())
+    with pytest.raises(ValueError, match="k >= 2"):
+        FailureSignals(_policy(), SamplerConfig(), k=1)
+
+
+def _synthetic(n: int, rng: np.random.Generator, channel: int | None = None, success: bool = False,
+               onset: int = 40, length: int = 100) -> ScoredEpisode:
+    """Two noise signals; a failure raises ``channel``'s score by 3 from ``onset`` on (its point of no return is
+    20 steps after the onset)."""
+    scores = {name: rng.normal(0, 1, length) for name in ("a", "b")}
+    if not success:
+        scores["ab"[channel]][onset:] += 3.0
+    return ScoredEpisode(f"ep{n}", success, scores, None if success else onset + 20)
+
+
+def test_failures_that_announce_themselves_are_flagged_before_the_point_of_no_return():
+    rng = np.random.default_rng(0)
+    episodes = [_synthetic(i, rng, success=True) for i in range(300)]
+    episodes += [_synthetic(300 + i, rng, channel=0) for i in range(200)]
+    (report,) = evaluate_alarm(episodes, ["a"], alpha=0.05, combine=False)
+    assert report.false_alarm_rate == pytest.approx(0.05, abs=0.03)
+    assert report.flagged_in_time > 0.8 and report.with_point == 200
+    assert 5 <= report.median_lead <= 20  # the alarm fires after the onset, before the point of no return
+    assert report.auroc[0.25] == pytest.approx(0.5, abs=0.1)  # nothing to see before the onset (step 40)
+    assert report.auroc[0.75] > 0.9
+
+
+def test_the_combination_beats_each_signal_when_each_sees_half_the_failures():
+    rng = np.random.default_rng(1)
+    episodes = [_synthetic(i, rng, success=True, length=60, onset=20) for i in range(300)]
+    episodes += [_synthetic(300 + i, rng, channel=i % 2, length=60, onset=20) for i in range(200)]
+    reports = {r.signal: r for r in evaluate_alarm(episodes, ["a", "b"], alpha=0.05)}
+    assert set(reports) == {"a", "b", COMBINED}
+    for single in ("a", "b"):
+        assert reports[single].flagged_in_time < 0.6
+        assert reports[COMBINED].auroc[0.75] > reports[single].auroc[0.75] + 0.05
+    assert reports[COMBINED].flagged_in_time > 0.6
+    assert reports[COMBINED].false_alarm_rate < 0.1
+    table = markdown_table(list(reports.values()), 0.05)
+    assert table.count("\n") == 4 and "combined" in table
+
+
+def test_early_score_reads_only_the_first_fraction():
+    scores = np.array([0.0, 1.0, 0.0, 9.0])
+    assert [early_score(scores, f) for f in FRACTIONS] == [0.0, 1.0, 1.0]

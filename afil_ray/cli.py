@@ -221,6 +221,34 @@ def cmd_alarm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from afil_ray.detect.explain import DETECT_DIR, explain_episodes, explainer_study
+    from afil_ray.replay import ReplayStore
+
+    cfg = _config(args, [])
+    if args.study:
+        explainer_study(cfg, progress=not args.quiet)
+        report = Path(cfg.run_dir) / DETECT_DIR / "explain.md"
+        print(report.read_text(), end="")
+        print(f"results: {report}")
+        return 0
+    store = ReplayStore.from_config(cfg.replay)
+    episodes = store.read_episodes(cfg.env.tasks, args.outcome.split(",") if args.outcome else None)
+    if args.episode:
+        wanted = set(args.episode)
+        episodes = [e for e in episodes if e.episode_id in wanted]
+        missing = wanted - {e.episode_id for e in episodes}
+        if missing:
+            raise ConfigError(f"--episode: no episode {sorted(missing)[0]} of {', '.join(cfg.env.tasks)} in "
+                              f"replay.root={cfg.replay.root}")
+    table = explain_episodes(cfg, episodes, progress=not args.quiet)
+    for row in table.to_pylist():
+        verdict = "failure" if row["detected_failure"] else "success"
+        print(f"{row['episode_id']}  {verdict} (p={row['failure_probability']:.2f})  {row['explanation']}")
+    print(f"{table.num_rows} answers written into {cfg.replay.root}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     extra = [f"loop.duration_s={args.duration}"] if args.duration is not None else []
     cfg = _config(args, extra)  # a bad value fails before Ray and torch are imported
@@ -289,6 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(a)
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.set_defaults(func=cmd_alarm)
+
+    x = sub.add_parser("explain", help="ARMOR's detector-explainer on a reproduction: whether episodes failed and "
+                                       "why, in words, written into the store (detect.*); --study: its ablation")
+    with_config(x)
+    x.add_argument("--episode", action="append", help="an episode id to explain (repeatable; default: all)")
+    x.add_argument("--outcome", help="partitions to explain, separated by commas (default: all)")
+    x.add_argument("--study", action="store_true", help="ARMOR's ablation rows at detect.study_ratios instead")
+    x.add_argument("--quiet", action="store_true", help="no progress bars")
+    x.set_defaults(func=cmd_explain)
 
     u = sub.add_parser("run", help="the harvest-learn loop on Ray (local Ray unless RAY_ADDRESS/loop.address)")
     with_config(u)

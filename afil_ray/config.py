@@ -657,6 +657,8 @@ class ReproduceConfig(_Section):
 
 
 DETECT_SIGNALS = ("critic", "spread", "disagreement")  # afil_ray/detect/signals.py
+# ARMOR's ablation rows (afil_ray/detect/armor.py RECIPES)
+EXPLAINER_RECIPES = ("multitask", "refine_only", "offline", "online", "armor")
 
 
 @dataclass
@@ -668,6 +670,22 @@ class DetectConfig(_Section):
     signals: list[str] = field(default_factory=lambda: list(DETECT_SIGNALS))
     alpha: float = 0.05  # the alarm's false-alarm rate on successful episodes (split-conformal threshold)
     spread_k: int = 8  # chunks sampled per state for the spread
+    # The detector-explainer (ARMOR, afil_ray/detect/armor.py) on a reproduction's policies (`afil-ray explain`):
+    # rollouts of these checkpoints of run_dir ("<stage>" or "<stage>@<step>": an earlier checkpoint fails more)
+    # on collect_seeds initial states from collect_seed_start, into run_dir/detect/replay
+    collect_policies: list[str] = field(default_factory=lambda: [
+        "success_only@1000", "success_only@2000", "success_only@3000", "success_only", "corrected"])
+    collect_seeds: int = 200
+    collect_seed_start: int = 200000  # disjoint from demos (0..), harvest (50000..) and evaluation (100000..)
+    test_share: float = 0.25  # initial states held out for measuring (by a hash of the seed)
+    backbone: str = "success_only"  # the stage whose policy's backbone encodes the frames
+    frames: int = 16  # evenly spaced observations per episode
+    recipe: str = "armor"  # ARMOR's training and inference (or one of its ablation rows) for `afil-ray explain`
+    sparse_per_dense: float = 2.0  # episodes with an outcome only, per episode with an explanation
+    study_recipes: list[str] = field(default_factory=lambda: list(EXPLAINER_RECIPES))  # `explain --study` rows
+    study_ratios: list[float] = field(default_factory=lambda: [2.0, 30.0])  # ... at these sparse:dense ratios
+    warmup_epochs: int = 40
+    online_epochs: int = 10
 
     def check(self) -> None:
         if not self.signals:
@@ -677,6 +695,18 @@ class DetectConfig(_Section):
         _in_range("detect.alpha", self.alpha, 0.0, 1.0, high_open=True)
         _positive("detect.alpha", self.alpha)
         _at_least("detect.spread_k", self.spread_k, 2)
+        _at_least("detect.collect_seeds", self.collect_seeds, 1)
+        _at_least("detect.collect_seed_start", self.collect_seed_start, 0)
+        _in_range("detect.test_share", self.test_share, 0.0, 1.0, high_open=True)
+        _positive("detect.test_share", self.test_share)
+        _at_least("detect.frames", self.frames, 2)
+        _one_of("detect.recipe", self.recipe, EXPLAINER_RECIPES)
+        for recipe in self.study_recipes:
+            _one_of("detect.study_recipes", recipe, EXPLAINER_RECIPES)
+        _at_least("detect.sparse_per_dense", self.sparse_per_dense, 0.0)
+        _each_at_least("detect.study_ratios", self.study_ratios, 0.0)
+        _at_least("detect.warmup_epochs", self.warmup_epochs, 1)
+        _at_least("detect.online_epochs", self.online_epochs, 0)
 
 
 @dataclass

@@ -119,3 +119,57 @@ def test_the_combination_beats_each_signal_when_each_sees_half_the_failures():
 def test_early_score_reads_only_the_first_fraction():
     scores = np.array([0.0, 1.0, 0.0, 9.0])
     assert [early_score(scores, f) for f in FRACTIONS] == [0.0, 1.0, 1.0]
+
+
+def test_afil_ray_alarm_on_a_tiny_reproduction(tmp_path, capsys):
+    """The command reads the harvest and the corrections' restore points from the store, each signal's policy
+    from its stage's record, and writes the table and the failures' causes; a missing stage is one line."""
+    import json
+
+    from afil_ray.cli import main
+    from afil_ray.detect.causes import TAXONOMY
+    from afil_ray.policy.checkpoint import save_policy
+    from afil_ray.replay import ReplayStore
+
+    state_dim = max(s.stop for s in TAXONOMY["PullCube-v1"].layout.values())
+    torch.manual_seed(0)
+    cfg = PolicyConfig(hidden_size=32, num_layers=1, num_heads=2, max_text_tokens=10, horizon=H, head_width=32,
+                       head_depth=1, critic=True, critic_width=32, critic_depth=2)
+    policy = DAGPolicy.from_config(cfg, state_dim, ACTION_DIM)
+    rng = np.random.default_rng(0)
+    policy.fit_normalizer(rng.normal(0, 1, (64, state_dim)), rng.uniform(-1, 1, (64, ACTION_DIM)))
+    policy.reset_failure_head(seed=1)
+    run = tmp_path / "run"
+    save_policy(policy, run / "ckpt")
+    (run / "stages").mkdir(parents=True)
+    for stage in ("success_only", "critic"):  # no dag record yet
+        (run / "stages" / f"{stage}.json").write_text(json.dumps({"outputs": {"checkpoint": str(run / "ckpt")}}))
+    store = ReplayStore(run / "replay")
+    episodes, corrected = [], []
+    for i in range(40):
+        won = i % 2 == 0
+        length = 24 if won else 40
+        ep = Episode(task="PullCube-v1", outcome="success" if won else "failure", source="harvest",
+                     state=rng.normal(0, 0.1, (length, state_dim)).astype("f4"),
+                     action=np.zeros((length, ACTION_DIM), np.float32), reward=np.zeros(length, np.float32),
+                     step_success=np.arange(length) == length - 1 if won else np.zeros(length, bool),
+                     terminated=np.zeros(length, bool), truncated=np.zeros(length, bool),
+                     final_state=np.zeros(state_dim, np.float32), instruction="pull the cube", seed=i)
+        episodes.append(ep)
+        if not won and i % 4 == 1:
+            corrected.append(Episode(**{**ep.__dict__, "episode_id": f"c{i}", "outcome": "corrected",
+                                        "source": "correction", "parent_episode_id": ep.episode_id,
+                                        "extra": {"restore_step": 16}}))
+    store.write_episodes(episodes + corrected)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"run_dir: {run}\nreplay:\n  root: {run / 'replay'}\nenv:\n  task: PullCube-v1\n"
+                      "sampler:\n  steps: 2\n  execute_steps: 8\ndetect:\n  spread_k: 3\n")
+    assert main(["alarm", "--config", str(config), "--quiet"]) == 2
+    assert "stage 'dag' has not completed" in capsys.readouterr().err
+    (run / "stages" / "dag.json").write_text(json.dumps({"outputs": {"checkpoint": str(run / "ckpt")}}))
+    assert main(["alarm", "--config", str(config), "--quiet"]) == 0
+    result = json.loads((run / "detect" / "alarm.json").read_text())
+    assert (result["episodes"], result["failures"], result["failures_with_point_of_no_return"]) == (40, 20, 10)
+    assert [r["signal"] for r in result["reports"]] == ["critic", "spread", "disagreement", COMBINED]
+    assert sum(row["failures"] for row in result["causes"]) == 20
+    assert "| combined |" in (run / "detect" / "alarm.md").read_text()

@@ -1,0 +1,75 @@
+"""``afil-ray explain`` on a tiny reproduction: it trains the detector-explainer on the detector's store on first
+use, answers for the episodes asked, writes the answers into the replay store beside them (and keeps the trained
+explainer for the next call); a missing episode or stage is one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from afil_ray.cli import main
+from afil_ray.config import EXPLAINER_RECIPES, PolicyConfig
+from afil_ray.detect.armor import RECIPES
+from afil_ray.detect.causes import TAXONOMY
+from afil_ray.detect.explain import read_explanations
+from afil_ray.policy import DAGPolicy
+from afil_ray.policy.checkpoint import save_policy
+from afil_ray.replay import ReplayStore
+from afil_ray.replay.episode import Episode
+
+STATE_DIM = max(s.stop for s in TAXONOMY["PullCube-v1"].layout.values())
+
+
+def _episodes(n: int, rng: np.random.Generator, source: str) -> list[Episode]:
+    out = []
+    for i in range(n):
+        won, length = i % 2 == 0, 20
+        out.append(Episode(task="PullCube-v1", outcome="success" if won else "failure", source=source,
+                           state=rng.normal(0, 0.1, (length, STATE_DIM)).astype("f4"),
+                           action=np.zeros((length, 8), np.float32), reward=np.zeros(length, np.float32),
+                           step_success=(np.arange(length) == length - 1) & won, terminated=np.zeros(length, bool),
+                           truncated=np.zeros(length, bool), final_state=np.zeros(STATE_DIM, np.float32),
+                           instruction="pull the cube", seed=1000 + i))
+    return out
+
+
+def test_recipes_are_the_configs():
+    assert tuple(RECIPES) == EXPLAINER_RECIPES
+
+
+def test_afil_ray_explain_on_a_tiny_store(tmp_path, capsys):
+    torch.manual_seed(0)
+    cfg = PolicyConfig(hidden_size=32, num_layers=1, num_heads=2, max_text_tokens=10, horizon=4, head_width=32,
+                       head_depth=1)
+    policy = DAGPolicy.from_config(cfg, STATE_DIM, 8)
+    rng = np.random.default_rng(0)
+    policy.fit_normalizer(rng.normal(0, 1, (64, STATE_DIM)), rng.uniform(-1, 1, (64, 8)))
+    run = tmp_path / "run"
+    save_policy(policy, run / "ckpt")
+    (run / "stages").mkdir(parents=True)
+    (run / "stages" / "success_only.json").write_text(json.dumps({"outputs": {"checkpoint": str(run / "ckpt")}}))
+    ReplayStore(run / "detect" / "replay").write_episodes(_episodes(24, rng, "detect:success_only"))
+    asked = _episodes(6, rng, "harvest")
+    ReplayStore(run / "replay").write_episodes(asked)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"run_dir: {run}\nreplay:\n  root: {run / 'replay'}\nenv:\n  task: PullCube-v1\n"
+                      "detect:\n  collect_policies: [success_only]\n  frames: 4\n  warmup_epochs: 2\n"
+                      "  online_epochs: 1\n")
+    assert main(["explain", "--config", str(config), "--quiet", "--episode", "nope"]) == 2
+    assert "--episode: no episode nope" in capsys.readouterr().err
+    assert main(["explain", "--config", str(config), "--quiet", "--outcome", "failure"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 answers written" in printed
+    table = read_explanations(run / "replay")
+    failures = {e.episode_id for e in asked if not e.success}
+    assert set(table.column("episode_id").to_pylist()) == failures
+    assert all(0.0 <= p <= 1.0 for p in table.column("failure_probability").to_pylist())
+    assert (run / "detect" / "explainer" / "explainer.json").is_file()
+    spec = json.loads((run / "detect" / "explainer" / "explainer.json").read_text())
+    assert (spec["recipe"], spec["episodes"]) == ("armor", 24)
+    # a second call answers with the kept explainer; another recipe asked of it is a clear error
+    assert main(["explain", "--config", str(config), "--quiet", "--episode", asked[0].episode_id]) == 0
+    assert main(["explain", "--config", str(config), "--quiet", "detect.recipe=multitask"]) == 2
+    assert "was trained with recipe 'armor'" in capsys.readouterr().err

@@ -73,8 +73,11 @@ class ChunkedRollout:
     def __init__(self, env: VecEnv, policy: ChunkPolicy, sampler: SamplerConfig, seeds: Iterator[int], *,
                  source: str = "policy", policy_version: int = -1, generator: Any = None,
                  noise_seed: Callable[[int], int | None] | None = None, instruct: Instruct = canonical_instruction,
-                 observe: Callable[[Obs], Obs] | None = None, keep_images: bool = True) -> None:
+                 observe: Callable[[Obs], Obs] | None = None, keep_images: bool = True,
+                 monitor: Callable[[Obs, list[str]], np.ndarray] | None = None) -> None:
         self.env, self.policy, self.sampler = env, policy, sampler
+        # a runtime failure monitor (afil_ray/detect/monitor.py): scores each re-planning state, kept per episode
+        self.monitor = monitor
         self.observe = observe  # what the policy is shown of an observation (an evaluation probe's view), if not all
         self.generator = generator
         self.noise_seed = noise_seed
@@ -121,7 +124,10 @@ class ChunkedRollout:
             self.stats.w.append(float(np.mean(w)))
         if cos is not None:
             self.stats.cos.append(float(np.mean(cos)))
+        scores = None if self.monitor is None else self.monitor(obs, instructions)
         for j, i in enumerate(idx):
+            if scores is not None:
+                self.collector.add_failure_score(int(i), float(scores[j]))
             self.queues[i] = deque(actions[j, : self.sampler.execute_steps])
             self.collector.add_chunk(int(i), actions[j], None if w is None else w[j], None if cos is None else cos[j])
 

@@ -173,3 +173,22 @@ def test_afil_ray_alarm_on_a_tiny_reproduction(tmp_path, capsys):
     assert [r["signal"] for r in result["reports"]] == ["critic", "spread", "disagreement", COMBINED]
     assert sum(row["failures"] for row in result["causes"]) == 20
     assert "| combined |" in (run / "detect" / "alarm.md").read_text()
+
+
+def test_the_live_monitor_scores_with_the_fitted_combination():
+    from afil_ray.detect.alarm import Combination
+    from afil_ray.detect.monitor import FailureMonitor
+
+    rng = np.random.default_rng(3)
+    fit_on = [ScoredEpisode(f"e{i}", i % 2 == 0, {"critic": rng.normal(i % 2, 1, 30),
+                                                   "spread": rng.normal(0, 1, 30)}) for i in range(40)]
+    combination = Combination(["critic", "spread"]).fit(fit_on)
+    assert combination.coefficients["critic"] > abs(combination.coefficients["spread"])  # the informative one
+    signals = FailureSignals(_policy(), SamplerConfig(steps=4), k=3, signals=("critic", "spread"))
+    obs = {"state": rng.normal(0, 1, (4, STATE_DIM)).astype(np.float32)}
+    monitor = FailureMonitor(signals, threshold=0.0, combination=combination)
+    scores = monitor(obs, ["pull the cube"] * 4)
+    np.testing.assert_allclose(scores, combination.rows(signals(obs, ["pull the cube"] * 4)))
+    np.testing.assert_array_equal(monitor.alarms(scores), scores > 0.0)
+    with pytest.raises(ValueError, match="needs their fitted combination"):
+        FailureMonitor(signals, threshold=0.0)

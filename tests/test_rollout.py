@@ -66,3 +66,28 @@ def test_evaluate_uses_exactly_the_seeded_episodes():
     result = evaluate(cfg, ScriptedPolicy(), progress=False)
     assert [e.seed for e in result.episodes] == [500, 501, 502]
     assert result.success_rate == 0.0 and "0/3" in result.summary()
+
+
+def test_a_monitor_scores_every_replanning_state_and_the_episode_keeps_the_scores():
+    env = ManiSkillVecEnv(EnvConfig(task="PushCube-v1", num_envs=2, max_episode_steps=10, backend="cpu",
+                                    cpu_vectorization="loop"))
+    seen = []
+
+    def monitor(obs, instructions):
+        seen.append(len(instructions))
+        return obs["state"][:, 0] + len(seen)  # a score the test can recompute
+
+    rollout = ChunkedRollout(env, ScriptedPolicy(), SamplerConfig(execute_steps=4), itertools.count(0),
+                             monitor=monitor)
+    episodes = []
+    for _ in range(10):
+        episodes += rollout.step()
+    env.close()
+    assert seen == [2, 2, 2]  # once per re-planning, for the envs that re-plan
+    for ep in episodes:
+        steps = [s for s, _ in ep.extra["failure_scores"]]
+        assert steps == ep.chunk_steps == [0, 4, 8]
+        np.testing.assert_allclose([v for _, v in ep.extra["failure_scores"]],
+                                   ep.state[[0, 4, 8], 0] + np.array([1, 2, 3]), rtol=1e-6)
+    back = table_to_episodes(episodes_to_table(episodes))[0]
+    assert back.extra["failure_scores"] == episodes[0].extra["failure_scores"]

@@ -79,6 +79,10 @@ class Combination:
     def __call__(self, episode: ScoredEpisode) -> np.ndarray:
         return self.model.decision_function(self._features(episode))
 
+    def rows(self, scores: dict[str, np.ndarray]) -> np.ndarray:
+        """The combined score of rows of signal scores ({signal: [B]}), as a live monitor computes it."""
+        return self.model.decision_function(np.stack([scores[s] for s in self.signals], axis=1))
+
     @property
     def coefficients(self) -> dict[str, float]:
         coef = self.model[-1].coef_[0]

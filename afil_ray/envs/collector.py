@@ -134,6 +134,12 @@ class EpisodeCollector:
         """Record the chunk sampled for env ``i`` at its current step (with the sampler's diagnostics)."""
         self._buffers[i].add_chunk(chunk, w, cos)
 
+    def add_failure_score(self, i: int, score: float) -> None:
+        """A runtime failure score for env ``i`` at its current step (``afil_ray/detect/monitor.py``), kept in
+        its episode's ``extra["failure_scores"]`` as [step, score] pairs."""
+        buf = self._buffers[i]
+        buf.extra.setdefault("failure_scores", []).append([len(buf.actions), float(score)])
+
     def reset(self) -> Obs:
         n = self.env.num_envs
         seeds = [next(self.seeds) for _ in range(n)]

@@ -139,6 +139,22 @@ class Corrector:
         reason = reasons.most_common(1)[0][0] if reasons else "no_restore_point_fits"
         return CorrectionResult(failure.episode_id, None, reason, None, attempts, time.time() - t0)
 
+    def handover(self, episode: Episode, step: int) -> tuple[bool, int | None, str]:
+        """What handing ``episode`` to the demonstrator at ``step`` (an alarm's) would have given: it takes over at
+        the last snapshot at or before ``step``, plans, and its plan is replayed in the policy's control mode
+        (as a correction is). Returns (succeeded within the episode limit, the step it took over, reason)."""
+        pairs = [(s, b) for s, b in zip(episode.snapshot_steps, episode.snapshots, strict=True) if s <= step]
+        if not pairs:
+            return False, None, "no_snapshot"
+        at, blob = max(pairs, key=lambda p: p[0])
+        plan = self.planner.plan(int(episode.seed or 0), start_state=blob)
+        if plan.reason != "ok":
+            return False, at, plan.reason.split(":")[0]
+        if at + plan.first_success > self.limit:
+            return False, at, "over_limit"
+        replayed = self._splice(episode, at, blob, plan.targets)
+        return replayed is not None, at, "ok" if replayed is not None else "replay_failed"
+
     def _splice(self, failure: Episode, step: int, blob: bytes, targets: list[np.ndarray]) -> Episode | None:
         """The failure's first ``step`` steps, then the plan replayed from the restored snapshot."""
         obs = {k: v[None] for k, v in self.env.restore(0, blob, step).items()}  # batched like step's obs

@@ -173,6 +173,11 @@ def test_afil_ray_alarm_on_a_tiny_reproduction(tmp_path, capsys):
     assert [r["signal"] for r in result["reports"]] == ["critic", "spread", "disagreement", COMBINED]
     assert sum(row["failures"] for row in result["causes"]) == 20
     assert "| combined |" in (run / "detect" / "alarm.md").read_text()
+    # no snapshots stored: no hand-over can take over, and the table says why
+    for row in result["handovers"]:
+        assert set(row["reasons"]) <= {"no_snapshot"} and row["handovers_won"] == 0
+    assert (run / "detect" / "scores_critic.npz").is_file()  # the scores are kept for the next call
+    assert main(["alarm", "--config", str(config), "--quiet"]) == 0
 
 
 def test_the_live_monitor_scores_with_the_fitted_combination():

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -98,6 +98,7 @@ class SignalReport:
     flagged_in_time: float | None  # share of failures with a point of no return flagged at or before it
     with_point: int  # failures with a point of no return
     median_lead: float | None  # steps from alarm to point of no return, over the failures flagged in time
+    alarms: dict[str, int | None] = field(default_factory=dict, repr=False)  # episode id -> first alarm step
 
     def row(self) -> list[str]:
         def show(x: float | None, fmt: str = "{:.3f}") -> str:
@@ -126,6 +127,7 @@ def evaluate_alarm(episodes: Sequence[ScoredEpisode], signals: Sequence[str], al
     for signal in signals:
         early: dict[float, list[tuple[bool, float]]] = {f: [] for f in FRACTIONS}
         false_alarms, detected, in_time, leads, failures = [], [], [], [], 0
+        alarms: dict[str, int | None] = {}
         for k in (0, 1):
             calibration = [e.scores[signal] for e in folds[1 - k] if e.success]
             threshold = calibrate(calibration, alpha)
@@ -134,6 +136,7 @@ def evaluate_alarm(episodes: Sequence[ScoredEpisode], signals: Sequence[str], al
                 for f in FRACTIONS:
                     early[f].append((not e.success, early_score(scores, f)))
                 alarm = first_alarm(scores, threshold)
+                alarms[e.episode_id] = alarm
                 if e.success:
                     false_alarms.append(alarm is not None)
                     continue
@@ -150,6 +153,7 @@ def evaluate_alarm(episodes: Sequence[ScoredEpisode], signals: Sequence[str], al
             float(np.mean(detected)) if detected else float("nan"),
             float(np.mean(in_time)) if in_time else None, len(in_time),
             float(np.median(leads)) if leads else None,
+            alarms,
         ))
     return reports
 

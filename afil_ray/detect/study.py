@@ -17,6 +17,7 @@ failures (``afil_ray/detect/labels.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,10 @@ from typing import Any
 import numpy as np
 
 from afil_ray.config import Config, ConfigError
+from afil_ray.correction import Corrector
 from afil_ray.detect.alarm import ScoredEpisode, evaluate_alarm, markdown_table
+from afil_ray.detect.intervention import Handovers
+from afil_ray.detect.intervention import markdown_table as handover_table
 from afil_ray.detect.labels import diagnose
 from afil_ray.detect.signals import FailureSignals, score_episodes
 from afil_ray.pipeline.stages import recorded_outputs
@@ -63,9 +67,10 @@ def cause_table(failures: list[Episode], points: dict[str, int]) -> list[dict[st
     return rows
 
 
-def alarm_study(cfg: Config, progress: bool = True) -> dict[str, Any]:
-    """Score the harvest of ``cfg.run_dir``'s reproduction with ``cfg.detect.signals`` and report the alarm;
-    writes ``run_dir/detect/alarm.{json,md}`` and returns the JSON's content."""
+def alarm_study(cfg: Config, progress: bool = True, handover: bool = True) -> dict[str, Any]:
+    """Score the harvest of ``cfg.run_dir``'s reproduction with ``cfg.detect.signals`` and report the alarm and
+    (``handover``) what handing each alarmed episode to the demonstrator would have given; writes
+    ``run_dir/detect/alarm.{json,md}`` and returns the JSON's content."""
     if len(cfg.env.tasks) != 1:
         raise ConfigError(f"env.task: the alarm study reads one task's harvest, got {', '.join(cfg.env.tasks)}")
     task, root = cfg.env.tasks[0], Path(cfg.run_dir)
@@ -77,33 +82,55 @@ def alarm_study(cfg: Config, progress: bool = True) -> dict[str, Any]:
     for signal in cfg.detect.signals:
         checkpoint = recorded_outputs(root, SIGNAL_STAGES[signal])["checkpoint"]
         sources[signal] = checkpoint
-        signals = FailureSignals(load_policy(checkpoint).eval(), cfg.sampler, k=cfg.detect.spread_k,
-                                 seed=cfg.seed, signals=(signal,))
-        for mine, new in zip(scores, score_episodes(signals, episodes, every, progress=progress), strict=True):
-            mine.update(new)
+        cache = root / OUTPUT_DIR / f"scores_{signal}.npz"  # scoring is the slow part: kept for re-runs
+        key = json.dumps([checkpoint, cfg.detect.spread_k, cfg.seed, every, [e.episode_id for e in episodes]])
+        if cache.is_file() and str(np.load(cache)["key"]) == key:
+            with np.load(cache) as saved:
+                new = [{signal: saved[f"e{i}"]} for i in range(len(episodes))]
+        else:
+            signals = FailureSignals(load_policy(checkpoint).eval(), cfg.sampler, k=cfg.detect.spread_k,
+                                     seed=cfg.seed, signals=(signal,))
+            new = score_episodes(signals, episodes, every, progress=progress)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cache, key=key, **{f"e{i}": s[signal] for i, s in enumerate(new)})
+        for mine, part in zip(scores, new, strict=True):
+            mine.update(part)
     scored = [ScoredEpisode(e.episode_id, e.success, s, points.get(e.episode_id))
               for e, s in zip(episodes, scores, strict=True)]
     reports = evaluate_alarm(scored, list(cfg.detect.signals), alpha=cfg.detect.alpha)
     failures = [e for e in episodes if not e.success]
+    handovers = []
+    if handover:
+        corrector = Corrector(cfg.env, cfg.correct, cfg.demos)
+        try:
+            planner = Handovers(corrector)
+            handovers = [planner.report(r.signal, episodes, r.alarms, progress) for r in reports]
+        finally:
+            corrector.close()
     result = {
         "task": task, "alpha": cfg.detect.alpha, "signal_checkpoints": sources,
         "episodes": len(episodes), "failures": len(failures),
         "failures_with_point_of_no_return": sum(e.episode_id in points for e in failures),
-        "reports": [{**r.__dict__, "auroc": {str(f): a for f, a in r.auroc.items()}} for r in reports],
+        "reports": [{**{k: v for k, v in r.__dict__.items() if k != "alarms"},
+                     "auroc": {str(f): a for f, a in r.auroc.items()}} for r in reports],
+        "handovers": [{"signal": h.signal, **dataclasses.asdict(h.comparison), "handovers": h.handovers,
+                       "handovers_of_successes": h.handovers_of_successes, "handovers_won": h.handovers_won,
+                       "reasons": h.reasons} for h in handovers],
         "causes": cause_table(failures, points),
     }
     out = root / OUTPUT_DIR
     out.mkdir(parents=True, exist_ok=True)
     (out / "alarm.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "alarm.md").write_text(markdown(result, reports) + "\n")
+    (out / "alarm.md").write_text(markdown(result, reports, handovers) + "\n")
     return result
 
 
-def markdown(result: dict[str, Any], reports: list) -> str:
+def markdown(result: dict[str, Any], reports: list, handovers: list) -> str:
     lines = [f"{result['task']}: {result['episodes']} harvested episodes, {result['failures']} failures, "
              f"{result['failures_with_point_of_no_return']} of them with a point of no return (corrected).", "",
-             markdown_table(reports, result["alpha"]), "", "| cause | failures | corrected | median point of no "
-             "return (share of the episode) |", "|---|---|---|---|"]
+             markdown_table(reports, result["alpha"]), "",
+             *([handover_table(handovers), ""] if handovers else []),
+             "| cause | failures | corrected | median point of no return (share of the episode) |", "|---|---|---|---|"]
     for row in result["causes"]:
         point = row["median_point_of_no_return"]
         lines.append(f"| {row['cause']} | {row['failures']} | {row['corrected']} | "

@@ -1,0 +1,80 @@
+"""Acting on the alarm: hand the episode to the task's demonstrator when the alarm fires.
+
+For stored rollouts with simulator snapshots this is measured exactly, without re-running the policy: the episode is
+what it was up to the alarm, and from there the demonstrator takes over (``Corrector.handover``: at the last
+snapshot at or before the alarm, planned and replayed in the policy's control mode). An episode without an alarm
+keeps its outcome. Paired with the episodes as they were, this gives the success gained by the alarm's hand-overs,
+and what its false alarms cost (a success handed to a planner that then fails).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from afil_ray.correction import Corrector
+from afil_ray.eval.stats import PairedComparison, compare_paired
+from afil_ray.replay.episode import Episode
+
+
+@dataclass
+class HandoverReport:
+    signal: str
+    comparison: PairedComparison  # reference: as they ran; arm: with the alarm's hand-overs
+    handovers: int
+    handovers_of_successes: int  # false alarms acted on
+    handovers_won: int  # hand-overs after which the episode succeeded
+    reasons: dict[str, int]  # why hand-overs did not succeed
+
+    def row(self) -> list[str]:
+        c = self.comparison
+        return [self.signal, f"{c.reference_successes}/{c.n}", f"{c.arm_successes}/{c.n}",
+                f"{c.difference:+.3f} [{c.diff_low:+.3f}, {c.diff_high:+.3f}]", f"{c.mcnemar_p:.3f}",
+                f"{self.handovers / c.n:.3f}", f"{self.handovers_won}/{self.handovers}",
+                str(self.handovers_of_successes)]
+
+
+class Handovers:
+    """The demonstrator's outcomes from alarm points, each (episode, take-over step) planned once."""
+
+    def __init__(self, corrector: Corrector) -> None:
+        self.corrector = corrector
+        self.cache: dict[tuple[str, int], tuple[bool, str]] = {}
+
+    def outcome(self, episode: Episode, alarm: int) -> tuple[bool, str]:
+        at = max((s for s in episode.snapshot_steps if s <= alarm), default=None)
+        if at is None:
+            return False, "no_snapshot"
+        key = (episode.episode_id, at)
+        if key not in self.cache:
+            won, _, reason = self.corrector.handover(episode, alarm)
+            self.cache[key] = (won, reason)
+        return self.cache[key]
+
+    def report(self, signal: str, episodes: Sequence[Episode], alarms: dict[str, int | None],
+               progress: bool = False) -> HandoverReport:
+        with_handover, handovers, of_successes, won = [], 0, 0, 0
+        reasons: dict[str, int] = {}
+        for e in tqdm(episodes, desc=f"hand-overs ({signal})", unit="ep", disable=not progress):
+            alarm = alarms.get(e.episode_id)
+            if alarm is None:
+                with_handover.append(e.success)
+                continue
+            success, reason = self.outcome(e, alarm)
+            handovers += 1
+            of_successes += e.success
+            won += success
+            if not success:
+                reasons[reason] = reasons.get(reason, 0) + 1
+            with_handover.append(success)
+        comparison = compare_paired([e.success for e in episodes], with_handover)
+        return HandoverReport(signal, comparison, handovers, of_successes, won, reasons)
+
+
+def markdown_table(reports: Sequence[HandoverReport]) -> str:
+    header = ["alarm signal", "success as run", "success with hand-over", "Δ [95% paired bootstrap]", "McNemar p",
+              "hand-overs per episode", "hand-overs that succeeded", "false alarms handed over"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r.row()) + " |" for r in reports])

@@ -109,30 +109,29 @@ class SignalReport:
                 show(self.median_lead, "{:.0f}")]
 
 
-def _with_combined(episodes: Sequence[ScoredEpisode], fit_on: Sequence[ScoredEpisode],
-                   signals: Sequence[str]) -> list[ScoredEpisode]:
-    combination = Combination(signals).fit(fit_on)
-    return [ScoredEpisode(e.episode_id, e.success, {**e.scores, COMBINED: combination(e)}, e.point_of_no_return)
-            for e in episodes]
-
-
 def evaluate_alarm(episodes: Sequence[ScoredEpisode], signals: Sequence[str], alpha: float = 0.05,
                    combine: bool = True) -> list[SignalReport]:
-    """One report per signal (and their combination), each measured on the fold nothing was fitted on."""
+    """One report per signal (and their combination), each measured on the fold nothing was fitted on: for fold k,
+    the combination is fitted on the other fold, and the threshold is calibrated on the other fold's successes
+    scored by that same combination."""
     folds = [[e for e in episodes if fold_of(e.episode_id) == k] for k in (0, 1)]
+    combinations: list[Combination] = []
     if combine and len(signals) > 1:
-        folds = [_with_combined(folds[k], folds[1 - k], signals) for k in (0, 1)]
+        combinations = [Combination(signals).fit(folds[1 - k]) for k in (0, 1)]
         signals = [*signals, COMBINED]
+
+    def scores_of(e: ScoredEpisode, signal: str, k: int) -> np.ndarray:
+        return combinations[k](e) if signal == COMBINED else e.scores[signal]
+
     reports = []
     for signal in signals:
         early: dict[float, list[tuple[bool, float]]] = {f: [] for f in FRACTIONS}
-        false_alarms, detected, in_time, leads, failures = [], [], [], [], 0
+        false_alarms, detected, in_time, leads = [], [], [], []
         alarms: dict[str, int | None] = {}
         for k in (0, 1):
-            calibration = [e.scores[signal] for e in folds[1 - k] if e.success]
-            threshold = calibrate(calibration, alpha)
+            threshold = calibrate([scores_of(e, signal, k) for e in folds[1 - k] if e.success], alpha)
             for e in folds[k]:
-                scores = e.scores[signal]
+                scores = scores_of(e, signal, k)
                 for f in FRACTIONS:
                     early[f].append((not e.success, early_score(scores, f)))
                 alarm = first_alarm(scores, threshold)
@@ -140,7 +139,6 @@ def evaluate_alarm(episodes: Sequence[ScoredEpisode], signals: Sequence[str], al
                 if e.success:
                     false_alarms.append(alarm is not None)
                     continue
-                failures += 1
                 detected.append(alarm is not None)
                 if e.point_of_no_return is not None:
                     in_time.append(alarm is not None and alarm <= e.point_of_no_return)

@@ -163,18 +163,22 @@ def test_afil_ray_alarm_on_a_tiny_reproduction(tmp_path, capsys):
     store.write_episodes(episodes + corrected)
     config = tmp_path / "config.yaml"
     config.write_text(f"run_dir: {run}\nreplay:\n  root: {run / 'replay'}\nenv:\n  task: PullCube-v1\n"
-                      "sampler:\n  steps: 2\n  execute_steps: 8\ndetect:\n  spread_k: 3\n")
+                      "sampler:\n  steps: 2\n  execute_steps: 8\ndetect:\n  spread_k: 3\n"
+                      "data:\n  critic_holdout: 0.5\n")
     assert main(["alarm", "--config", str(config), "--quiet"]) == 2
     assert "stage 'dag' has not completed" in capsys.readouterr().err
     (run / "stages" / "dag.json").write_text(json.dumps({"outputs": {"checkpoint": str(run / "ckpt")}}))
     assert main(["alarm", "--config", str(config), "--quiet"]) == 0
     result = json.loads((run / "detect" / "alarm.json").read_text())
-    assert (result["episodes"], result["failures"], result["failures_with_point_of_no_return"]) == (40, 20, 10)
-    assert [r["signal"] for r in result["reports"]] == ["critic", "spread", "disagreement", COMBINED]
+    everything = result["all"]
+    assert (everything["episodes"], everything["failures"], everything["failures_with_point_of_no_return"]) == \
+        (40, 20, 10)
+    assert [r["signal"] for r in everything["reports"]] == ["critic", "spread", "disagreement", COMBINED]
+    assert 0 < result["critic_unseen"]["episodes"] < 40  # the states the critic held out (data.critic_holdout)
     assert sum(row["failures"] for row in result["causes"]) == 20
     assert "| combined |" in (run / "detect" / "alarm.md").read_text()
     # no snapshots stored: no hand-over can take over, and the table says why
-    for row in result["handovers"]:
+    for row in everything["handovers"]:
         assert set(row["reasons"]) <= {"no_snapshot"} and row["handovers_won"] == 0
     assert (run / "detect" / "scores_critic.npz").is_file()  # the scores are kept for the next call
     assert main(["alarm", "--config", str(config), "--quiet"]) == 0

@@ -116,7 +116,8 @@ def evaluate_alarm(episodes: Sequence[ScoredEpisode], signals: Sequence[str], al
     scored by that same combination."""
     folds = [[e for e in episodes if fold_of(e.episode_id) == k] for k in (0, 1)]
     combinations: list[Combination] = []
-    if combine and len(signals) > 1:
+    both = all(len({e.success for e in fold}) == 2 for fold in folds)  # a fit needs failures and successes
+    if combine and len(signals) > 1 and both:
         combinations = [Combination(signals).fit(folds[1 - k]) for k in (0, 1)]
         signals = [*signals, COMBINED]
 

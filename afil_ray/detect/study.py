@@ -34,7 +34,9 @@ from afil_ray.detect.signals import FailureSignals, score_episodes
 from afil_ray.pipeline.stages import recorded_outputs
 from afil_ray.policy.checkpoint import load_policy
 from afil_ray.replay import ReplayStore
+from afil_ray.replay.chunks import origin_of
 from afil_ray.replay.episode import Episode
+from afil_ray.replay.outcomes import held_out
 
 HARVEST_SOURCE = "harvest"
 SIGNAL_STAGES = {"spread": "success_only", "critic": "critic", "disagreement": "dag"}
@@ -97,18 +99,44 @@ def alarm_study(cfg: Config, progress: bool = True, handover: bool = True) -> di
             mine.update(part)
     scored = [ScoredEpisode(e.episode_id, e.success, s, points.get(e.episode_id))
               for e, s in zip(episodes, scores, strict=True)]
-    reports = evaluate_alarm(scored, list(cfg.detect.signals), alpha=cfg.detect.alpha)
-    failures = [e for e in episodes if not e.success]
-    handovers = []
-    if handover:
-        corrector = Corrector(cfg.env, cfg.correct, cfg.demos)
-        try:
-            planner = Handovers(corrector)
-            handovers = [planner.report(r.signal, episodes, r.alarms, progress) for r in reports]
-        finally:
+    # The critic trained on these episodes' outcomes (Monte-Carlo rows) except on the initial states it held out
+    # (data.critic_holdout): its score is in-sample elsewhere, so the study is repeated on those states alone.
+    unseen = [held_out(origin_of(e.task, e.seed, e.parent_episode_id, e.episode_id), cfg.data.critic_holdout)
+              for e in episodes]
+    corrector = Corrector(cfg.env, cfg.correct, cfg.demos) if handover else None
+    planner = Handovers(corrector) if corrector is not None else None
+    try:
+        result = {"task": task, "alpha": cfg.detect.alpha, "signal_checkpoints": sources, "causes": cause_table(
+            [e for e in episodes if not e.success], points)}
+        parts = {"all": (scored, episodes), "critic_unseen": (
+            [s for s, u in zip(scored, unseen, strict=True) if u], [e for e, u in zip(episodes, unseen, strict=True)
+                                                                    if u])}
+        tables = []
+        for name, (part, part_episodes) in parts.items():
+            reports = evaluate_alarm(part, list(cfg.detect.signals), alpha=cfg.detect.alpha)
+            handovers = [] if planner is None else [planner.report(r.signal, part_episodes, r.alarms, progress)
+                                                    for r in reports]
+            result[name] = _part(part_episodes, points, reports, handovers)
+            tables.append(markdown(result[name], task, cfg.detect.alpha, reports, handovers, name))
+    finally:
+        if corrector is not None:
             corrector.close()
-    result = {
-        "task": task, "alpha": cfg.detect.alpha, "signal_checkpoints": sources,
+    out = root / OUTPUT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "alarm.json").write_text(json.dumps(result, indent=1) + "\n")
+    causes = ["| cause | failures | corrected | median point of no return (share of the episode) |",
+              "|---|---|---|---|"]
+    for row in result["causes"]:
+        point = row["median_point_of_no_return"]
+        causes.append(f"| {row['cause']} | {row['failures']} | {row['corrected']} | "
+                      f"{'—' if point is None else f'{point:.2f}'} |")
+    (out / "alarm.md").write_text("\n\n".join([*tables, "\n".join(causes)]) + "\n")
+    return result
+
+
+def _part(episodes: list[Episode], points: dict[str, int], reports: list, handovers: list) -> dict[str, Any]:
+    failures = [e for e in episodes if not e.success]
+    return {
         "episodes": len(episodes), "failures": len(failures),
         "failures_with_point_of_no_return": sum(e.episode_id in points for e in failures),
         "reports": [{**{k: v for k, v in r.__dict__.items() if k != "alarms"},
@@ -116,23 +144,17 @@ def alarm_study(cfg: Config, progress: bool = True, handover: bool = True) -> di
         "handovers": [{"signal": h.signal, **dataclasses.asdict(h.comparison), "handovers": h.handovers,
                        "handovers_of_successes": h.handovers_of_successes, "handovers_won": h.handovers_won,
                        "reasons": h.reasons} for h in handovers],
-        "causes": cause_table(failures, points),
     }
-    out = root / OUTPUT_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "alarm.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "alarm.md").write_text(markdown(result, reports, handovers) + "\n")
-    return result
 
 
-def markdown(result: dict[str, Any], reports: list, handovers: list) -> str:
-    lines = [f"{result['task']}: {result['episodes']} harvested episodes, {result['failures']} failures, "
-             f"{result['failures_with_point_of_no_return']} of them with a point of no return (corrected).", "",
-             markdown_table(reports, result["alpha"]), "",
-             *([handover_table(handovers), ""] if handovers else []),
-             "| cause | failures | corrected | median point of no return (share of the episode) |", "|---|---|---|---|"]
-    for row in result["causes"]:
-        point = row["median_point_of_no_return"]
-        lines.append(f"| {row['cause']} | {row['failures']} | {row['corrected']} | "
-                     f"{'—' if point is None else f'{point:.2f}'} |")
+PART_TITLES = {"all": "every harvested episode",
+               "critic_unseen": "the initial states the critic held out (its score is out-of-sample)"}
+
+
+def markdown(part: dict[str, Any], task: str, alpha: float, reports: list, handovers: list, name: str) -> str:
+    lines = [f"{task}, {PART_TITLES[name]}: {part['episodes']} episodes, {part['failures']} failures, "
+             f"{part['failures_with_point_of_no_return']} of them with a point of no return (corrected).", "",
+             markdown_table(reports, alpha)]
+    if handovers:
+        lines += ["", handover_table(handovers)]
     return "\n".join(lines)

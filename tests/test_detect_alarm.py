@@ -17,13 +17,13 @@ from afil_ray.replay.episode import Episode
 STATE_DIM, ACTION_DIM, H = 4, 2, 4
 
 
-def _policy() -> DAGPolicy:
+def _policy(state_dim: int = STATE_DIM) -> DAGPolicy:
     torch.manual_seed(0)
     cfg = PolicyConfig(hidden_size=32, num_layers=1, num_heads=2, max_text_tokens=10, horizon=H, head_width=32,
                        head_depth=1, critic=True, critic_width=32, critic_depth=2)
-    policy = DAGPolicy.from_config(cfg, STATE_DIM, ACTION_DIM)
+    policy = DAGPolicy.from_config(cfg, state_dim, ACTION_DIM)
     rng = np.random.default_rng(0)
-    policy.fit_normalizer(rng.normal(1, 2, (64, STATE_DIM)), rng.uniform(-2, 3, (64, ACTION_DIM)))
+    policy.fit_normalizer(rng.normal(1, 2, (64, state_dim)), rng.uniform(-2, 3, (64, ACTION_DIM)))
     policy.reset_failure_head(seed=1)  # heads that differ, so that their disagreement is not zero
     return policy.eval()
 
@@ -132,13 +132,8 @@ def test_afil_ray_alarm_on_a_tiny_reproduction(tmp_path, capsys):
     from afil_ray.replay import ReplayStore
 
     state_dim = max(s.stop for s in TAXONOMY["PullCube-v1"].layout.values())
-    torch.manual_seed(0)
-    cfg = PolicyConfig(hidden_size=32, num_layers=1, num_heads=2, max_text_tokens=10, horizon=H, head_width=32,
-                       head_depth=1, critic=True, critic_width=32, critic_depth=2)
-    policy = DAGPolicy.from_config(cfg, state_dim, ACTION_DIM)
+    policy = _policy(state_dim)
     rng = np.random.default_rng(0)
-    policy.fit_normalizer(rng.normal(0, 1, (64, state_dim)), rng.uniform(-1, 1, (64, ACTION_DIM)))
-    policy.reset_failure_head(seed=1)
     run = tmp_path / "run"
     save_policy(policy, run / "ckpt")
     (run / "stages").mkdir(parents=True)

@@ -1,1 +1,4 @@
-"""Failure detection (issue 23): runtime failure scores and the calibrated alarm that reads them."""
+"""Failure understanding (issue 23): why episodes fail (causes, labels), a runtime alarm that warns while an
+episode can still be saved (signals, conformal, alarm, monitor, intervention, study: ``afil-ray alarm``), and
+ARMOR's detector-explainer that says whether and why an episode failed (explainer, armor, dataset, quality,
+explain: ``afil-ray explain``)."""

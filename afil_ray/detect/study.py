@@ -31,6 +31,7 @@ from afil_ray.detect.intervention import Handovers
 from afil_ray.detect.intervention import markdown_table as handover_table
 from afil_ray.detect.labels import diagnose
 from afil_ray.detect.signals import FailureSignals, score_episodes
+from afil_ray.pipeline.pipeline import HARVEST_SOURCE
 from afil_ray.pipeline.stages import recorded_outputs
 from afil_ray.policy.checkpoint import load_policy
 from afil_ray.replay import ReplayStore
@@ -38,7 +39,6 @@ from afil_ray.replay.chunks import origin_of
 from afil_ray.replay.episode import Episode
 from afil_ray.replay.outcomes import held_out
 
-HARVEST_SOURCE = "harvest"
 SIGNAL_STAGES = {"spread": "success_only", "critic": "critic", "disagreement": "dag"}
 OUTPUT_DIR = "detect"
 

@@ -33,6 +33,7 @@ from afil_ray.detect.explainer import (
     load_explainer,
     save_explainer,
 )
+from afil_ray.detect.labels import check_labelled_task
 from afil_ray.detect.quality import quality
 from afil_ray.pipeline.stages import recorded_outputs
 from afil_ray.policy.checkpoint import load_policy
@@ -65,6 +66,7 @@ def _detector_data(cfg: Config, progress: bool) -> tuple[Labelled, torch.Tensor,
     if len(cfg.env.tasks) != 1:
         raise ConfigError(f"env.task: the detector-explainer runs on one reproduction's task, got "
                           f"{', '.join(cfg.env.tasks)}")
+    check_labelled_task("env.task", cfg.env.tasks[0])  # before hours of rollouts and training
     root = Path(cfg.run_dir)
     store = ReplayStore(root / DETECT_DIR / "replay")
     checkpoints = {spec: stage_checkpoint(root, spec) for spec in cfg.detect.collect_policies}

@@ -45,6 +45,16 @@ def is_dense(episode_id: str, sparse_per_dense: float) -> bool:
     return _unit(episode_id, "dense") < 1.0 / (1.0 + sparse_per_dense)
 
 
+def check_labelled_task(key: str, task: str) -> None:
+    """A one-line config error before any work when ``task`` (named by config ``key``) has no cause taxonomy."""
+    from afil_ray.config import ConfigError
+
+    try:
+        task_causes(task)
+    except KeyError as e:
+        raise ConfigError(f"{key}: {e.args[0]}") from None
+
+
 def trajectory(episode: Episode) -> dict[str, np.ndarray]:
     """The task's privileged quantities over the episode, [T+1, n] each (the observations before every action
     and after the last), decoded from its state-mode observations."""

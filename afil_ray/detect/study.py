@@ -29,7 +29,7 @@ from afil_ray.correction import Corrector
 from afil_ray.detect.alarm import ScoredEpisode, evaluate_alarm, markdown_table
 from afil_ray.detect.intervention import Handovers
 from afil_ray.detect.intervention import markdown_table as handover_table
-from afil_ray.detect.labels import diagnose
+from afil_ray.detect.labels import check_labelled_task, diagnose
 from afil_ray.detect.signals import FailureSignals, score_episodes
 from afil_ray.pipeline.pipeline import HARVEST_SOURCE
 from afil_ray.pipeline.stages import recorded_outputs
@@ -76,6 +76,7 @@ def alarm_study(cfg: Config, progress: bool = True, handover: bool = True) -> di
     if len(cfg.env.tasks) != 1:
         raise ConfigError(f"env.task: the alarm study reads one task's harvest, got {', '.join(cfg.env.tasks)}")
     task, root = cfg.env.tasks[0], Path(cfg.run_dir)
+    check_labelled_task("env.task", task)  # the causes table labels every failure
     store = ReplayStore.from_config(cfg.replay)
     episodes, points = harvest_episodes(store, task)
     every = cfg.sampler.execute_steps

@@ -571,9 +571,17 @@ class LoopConfig(_Section):
     branch_cpus: float = 0.5
     branch_gpus: float = 0.0
     branch_states_per_round: int = 4
+    # The live alarm (issue 23): the failure signal (detect.signals' names) the rollout actors score at every
+    # re-planning step, kept with each episode; every episode is judged against a threshold calibrated on the
+    # actor's last monitor_window successes for detect.alpha (TensorBoard detect/). None: no monitor.
+    monitor: str | None = None
+    monitor_window: int = 200
 
     def check(self) -> None:
         _one_of("loop.learner_mode", self.learner_mode, TRAIN_MODES)
+        if self.monitor is not None:
+            _one_of("loop.monitor", self.monitor, DETECT_SIGNALS)
+        _at_least("loop.monitor_window", self.monitor_window, 1)
         for kind in self.eval_samplers:
             _one_of("loop.eval_samplers", kind, SAMPLER_KINDS)
         _positive("loop.duration_s", self.duration_s)
@@ -678,6 +686,9 @@ class DetectConfig(_Section):
     collect_seeds: int = 200
     collect_seed_start: int = 200000  # disjoint from demos (0..), harvest (50000..) and evaluation (100000..)
     test_share: float = 0.25  # initial states held out for measuring (by a hash of the seed)
+    # Cross-task transfer (ARMOR's R->M): one of several tasks in env.task that `explain --study` measures on,
+    # training on the others' episodes only; None: every task, on held-out initial states
+    transfer_to: str | None = None
     backbone: str = "success_only"  # the stage whose policy's backbone encodes the frames
     frames: int = 16  # evenly spaced observations per episode
     recipe: str = "armor"  # ARMOR's training and inference (or one of its ablation rows) for `afil-ray explain`

@@ -22,11 +22,11 @@ from afil_ray.replay.episode import Episode
 STATE_DIM = max(s.stop for s in TAXONOMY["PullCube-v1"].layout.values())
 
 
-def _episodes(n: int, rng: np.random.Generator, source: str) -> list[Episode]:
+def _episodes(n: int, rng: np.random.Generator, source: str, task: str = "PullCube-v1") -> list[Episode]:
     out = []
     for i in range(n):
         won, length = i % 2 == 0, 20
-        out.append(Episode(task="PullCube-v1", outcome="success" if won else "failure", source=source,
+        out.append(Episode(task=task, outcome="success" if won else "failure", source=source,
                            state=rng.normal(0, 0.1, (length, STATE_DIM)).astype("f4"),
                            action=np.zeros((length, 8), np.float32), reward=np.zeros(length, np.float32),
                            step_success=(np.arange(length) == length - 1) & won, terminated=np.zeros(length, bool),
@@ -39,17 +39,22 @@ def test_recipes_are_the_configs():
     assert tuple(RECIPES) == EXPLAINER_RECIPES
 
 
-def test_afil_ray_explain_on_a_tiny_store(tmp_path, capsys):
+def _tiny_run(tmp_path, rng: np.random.Generator):
     torch.manual_seed(0)
     cfg = PolicyConfig(hidden_size=32, num_layers=1, num_heads=2, max_text_tokens=10, horizon=4, head_width=32,
                        head_depth=1)
     policy = DAGPolicy.from_config(cfg, STATE_DIM, 8)
-    rng = np.random.default_rng(0)
     policy.fit_normalizer(rng.normal(0, 1, (64, STATE_DIM)), rng.uniform(-1, 1, (64, 8)))
     run = tmp_path / "run"
     save_policy(policy, run / "ckpt")
     (run / "stages").mkdir(parents=True)
     (run / "stages" / "success_only.json").write_text(json.dumps({"outputs": {"checkpoint": str(run / "ckpt")}}))
+    return run
+
+
+def test_afil_ray_explain_on_a_tiny_store(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    run = _tiny_run(tmp_path, rng)
     ReplayStore(run / "detect" / "replay").write_episodes(_episodes(24, rng, "detect:success_only"))
     asked = _episodes(6, rng, "harvest")
     ReplayStore(run / "replay").write_episodes(asked)
@@ -73,3 +78,23 @@ def test_afil_ray_explain_on_a_tiny_store(tmp_path, capsys):
     assert main(["explain", "--config", str(config), "--quiet", "--episode", asked[0].episode_id]) == 0
     assert main(["explain", "--config", str(config), "--quiet", "detect.recipe=multitask"]) == 2
     assert "was trained with recipe 'armor'" in capsys.readouterr().err
+
+
+def test_the_cross_task_study_trains_on_the_other_tasks_and_measures_on_the_named_one(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    run = _tiny_run(tmp_path, rng)
+    ReplayStore(run / "detect" / "replay").write_episodes(
+        _episodes(16, rng, "detect:success_only", "PushCube-v1") + _episodes(8, rng, "detect:success_only"))
+    config = tmp_path / "config.yaml"
+    config.write_text(f"run_dir: {run}\nenv:\n  task: [PushCube-v1, PullCube-v1]\n"
+                      "detect:\n  collect_policies: [success_only]\n  frames: 4\n  warmup_epochs: 2\n"
+                      "  online_epochs: 1\n  transfer_to: PullCube-v1\n  study_recipes: [multitask]\n"
+                      "  study_ratios: [2.0]\n")
+    assert main(["explain", "--config", str(config), "--quiet", "--study"]) == 0
+    result = json.loads((run / "detect" / "explain.json").read_text())
+    assert result["transfer"] == {"train_tasks": ["PushCube-v1"], "test_task": "PullCube-v1"}
+    assert (result["train"]["episodes"], result["test"]["episodes"]) == (16, 8)
+    assert "PullCube-v1, a task it never saw" in (run / "detect" / "explain.md").read_text()
+    capsys.readouterr()
+    assert main(["explain", "--config", str(config), "--quiet", "--study", "detect.transfer_to=StackCube-v1"]) == 2
+    assert "detect.transfer_to='StackCube-v1' must be one of several tasks" in capsys.readouterr().err

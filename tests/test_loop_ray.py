@@ -176,12 +176,12 @@ def _stop_when(driver: LoopDriver, condition, timeout_s: float = 500) -> None:
 def test_the_loop_branches_trains_the_critic_and_ranks_with_it(tmp_path):
     """Issue 22's loop: a branch actor branches the rollouts the rank-sampling actor stores, the learner trains the
     critic on those branches and ships it, and the actor ranks its candidates with the shipped critic; TensorBoard
-    gets the branch counts and the critic's loss and held-out AUROC."""
+    gets the branch counts, the critic's loss and held-out AUROC, and the live alarm that scores with the critic."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = loop_config(tmp_path, duration_s=600, local_num_cpus=4, rollout_cpus=1, learner_cpus=1, branch_cpus=1,
                       num_rollout_actors=1, num_branch_actors=1, eval_every_s=0, learner_mode="critic",
-                      keep_success_snapshots=True, min_failures=2, branch_states_per_round=2)
+                      keep_success_snapshots=True, min_failures=2, branch_states_per_round=2, monitor="critic")
     cfg.env.snapshot_every = 4
     cfg.policy.critic = True
     cfg.sampler.kind, cfg.sampler.k = "rank", 2
@@ -201,6 +201,10 @@ def test_the_loop_branches_trains_the_critic_and_ranks_with_it(tmp_path):
     rollouts = {e.episode_id for e in store.read_episodes() if e.source == "rollout"}
     assert branches and {e.parent_episode_id for e in branches} <= rollouts
     assert {e.sampler for e in store.read_episodes() if e.source == "rollout"} == {"rank"}
+    # the live alarm (loop.monitor=critic): every rollout keeps the critic's score at each re-planning step
+    assert all(len(e.extra["failure_scores"]) == len(e.chunk_steps) for e in store.read_episodes()
+               if e.source == "rollout")
     tags = EventAccumulator(str(Path(cfg.run_dir) / "tb" / summary["run_id"])).Reload().Tags()["scalars"]
     assert {"branches/total", "branches/success_rate", "learner/loss_critic_q"} <= set(tags)
+    assert {f"detect/max_score/{o}" for o in ("success", "failure")} & set(tags)
     assert any(t.startswith("critic/") for t in tags)  # held-out AUROC at the learner's checkpoints

@@ -27,7 +27,7 @@ def calibrate(success_scores: Sequence[np.ndarray], alpha: float) -> float:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     maxima = np.sort(episode_maxima(success_scores))
     n = len(maxima)
-    rank = math.ceil((n + 1) * (1.0 - alpha))
+    rank = math.ceil((n + 1) * (1.0 - alpha) - 1e-9)  # 10 * (1 - 0.1) is 9.000000000000002 in floating point
     if rank > n:  # fewer than 1/alpha - 1 episodes: only "never" keeps the promise
         return math.inf
     return float(maxima[rank - 1])

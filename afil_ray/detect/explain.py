@@ -62,20 +62,25 @@ def _settings(cfg: Config) -> ArmorSettings:
 
 
 def _detector_data(cfg: Config, progress: bool) -> tuple[Labelled, torch.Tensor, list[bool], DAGPolicy]:
-    """The detector's labelled rollouts (collected first if missing), their frame features and test flags."""
-    if len(cfg.env.tasks) != 1:
-        raise ConfigError(f"env.task: the detector-explainer runs on one reproduction's task, got "
-                          f"{', '.join(cfg.env.tasks)}")
-    check_labelled_task("env.task", cfg.env.tasks[0])  # before hours of rollouts and training
+    """The detector's labelled rollouts (collected first if missing), their frame features and test flags: by
+    initial state, or with ``detect.transfer_to`` by task (every episode of that task is a test episode)."""
+    for task in cfg.env.tasks:
+        check_labelled_task("env.task", task)  # before hours of rollouts and training
+    transfer = cfg.detect.transfer_to
+    if transfer is not None and (transfer not in cfg.env.tasks or len(cfg.env.tasks) < 2):
+        raise ConfigError(f"detect.transfer_to={transfer!r} must be one of several tasks in env.task "
+                          f"({', '.join(cfg.env.tasks)}): the others are what the detector trains on")
     root = Path(cfg.run_dir)
     store = ReplayStore(root / DETECT_DIR / "replay")
     checkpoints = {spec: stage_checkpoint(root, spec) for spec in cfg.detect.collect_policies}
     collect(cfg, checkpoints, store, cfg.detect.collect_seed_start, cfg.detect.collect_seeds, progress)
-    episodes = [e for e in store.read_episodes(cfg.env.tasks[0], ["success", "failure"])
+    episodes = [e for e in store.read_episodes(cfg.env.tasks, ["success", "failure"])
                 if e.source.startswith(SOURCE_PREFIX)]
     backbone = load_policy(stage_checkpoint(root, cfg.detect.backbone)).eval()
     features = frame_features(backbone, episodes, cfg.detect.frames, progress)
-    return Labelled.of(episodes), features, [is_test(e.seed, cfg.detect.test_share) for e in episodes], backbone
+    test = [e.task == transfer if transfer is not None else is_test(e.seed, cfg.detect.test_share)
+            for e in episodes]
+    return Labelled.of(episodes), features, test, backbone
 
 
 def _new_model(cfg: Config, features: torch.Tensor, tokenizer: ExplanationTokenizer, seed: int) -> DetectorExplainer:
@@ -116,8 +121,10 @@ def explainer_study(cfg: Config, progress: bool = True) -> dict[str, Any]:
                          "mean_rounds": sum(a.rounds for a in answers) / len(answers), **dataclasses.asdict(q)})
             if progress:
                 print(f"  {name} @ {ratio:g}: {rows[-1]}")
+    trained_on = sorted({e.task for e in train_set.episodes})
     result = {
-        "task": cfg.env.tasks[0], "episodes": len(labelled.episodes),
+        "task": ", ".join(cfg.env.tasks), "transfer": None if cfg.detect.transfer_to is None else
+        {"train_tasks": trained_on, "test_task": cfg.detect.transfer_to}, "episodes": len(labelled.episodes),
         "train": {"episodes": len(train_set.episodes), "failures": int(train_set.failed.sum())},
         "test": {"episodes": len(test_set.episodes), "failures": int(test_set.failed.sum())},
         "causes": {c: labelled.causes.count(c) for c in sorted(set(labelled.causes))},
@@ -132,9 +139,12 @@ def explainer_study(cfg: Config, progress: bool = True) -> dict[str, Any]:
 
 def study_markdown(result: dict[str, Any]) -> str:
     causes = ", ".join(f"{c} {n}" for c, n in result["causes"].items())
-    lines = [f"{result['task']}: {result['episodes']} episodes ({causes}); trained on {result['train']['episodes']} "
-             f"({result['train']['failures']} failures), measured on {result['test']['episodes']} from other initial "
-             f"states ({result['test']['failures']} failures).", "",
+    transfer = result.get("transfer")
+    trained = "" if transfer is None else f" of {', '.join(transfer['train_tasks'])}"
+    measured = "other initial states" if transfer is None else f"{transfer['test_task']}, a task it never saw"
+    lines = [f"{result['task']}: {result['episodes']} episodes ({causes}); trained on {result['train']['episodes']}"
+             f"{trained} ({result['train']['failures']} failures), measured on {result['test']['episodes']} from "
+             f"{measured} ({result['test']['failures']} failures).", "",
              "| recipe | sparse:dense | dense (train) | detection acc. | cause acc. | cause acc. (failures) | "
              "similarity | similarity (held-out phrasing) | consistency | rounds |", "|" + "---|" * 10]
     for r in result["rows"]:

@@ -5,6 +5,10 @@ so a killed worker loses at most the episodes still running. Failures keep their
 correction restores them); successes drop theirs unless asked. Between steps the worker asks its weight source
 for a newer version (at most every ``loop.weight_poll_s``) and applies it: envs whose action queues still hold
 actions of the old chunk finish them, every later chunk comes from the new weights.
+
+With ``loop.monitor`` set, the worker also scores every re-planning state with that failure signal (the episode
+keeps the scores) and judges each finished episode with its live alarm (afil_ray/detect/live.py); the verdicts
+travel in the report to TensorBoard's ``detect/``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ import numpy as np
 import torch
 
 from afil_ray.config import Config
+from afil_ray.detect.live import LiveAlarm
+from afil_ray.detect.monitor import FailureMonitor
+from afil_ray.detect.signals import FailureSignals
 from afil_ray.envs.base import SimulatorError, VecEnv
 from afil_ray.envs.factory import make_vec_env
 from afil_ray.envs.tasks import episode_instruction
@@ -41,6 +48,11 @@ class EpisodeSummary:
     length: int
     seed: int
     policy_version: int
+    # the live alarm's view (loop.monitor): the episode's largest failure score, the threshold it was judged by
+    # (inf before the alarm is calibrated) and the step the alarm fired at (None: never)
+    max_failure_score: float | None = None
+    alarm_threshold: float | None = None
+    alarm_step: int | None = None
 
 
 @dataclass
@@ -80,16 +92,37 @@ class RolloutWorker:
         self._last_poll = -np.inf
         self._applied: list[tuple[int, float]] = []
         self._crashes = 0
+        self.monitor, self.alarm = self._monitor(cfg)
         # a restarted worker picks up the newest version before its simulator starts the first episodes, which
         # are labelled with the version they start with
         self._poll(force=True)
         self._start_env()
 
+    def _monitor(self, cfg: Config) -> tuple[FailureMonitor | None, LiveAlarm | None]:
+        """The failure monitor and its live alarm, when ``loop.monitor`` asks for one. The signals read
+        ``self.policy``, which new weight versions update in place."""
+        if cfg.loop.monitor is None:
+            return None, None
+        if cfg.loop.monitor == "critic" and self.policy.critic is None:
+            raise ValueError(f"loop.monitor=critic needs a critic: {cfg.loop.init_from} has none and "
+                             f"loop.learner_mode={cfg.loop.learner_mode} trains none (use train.mode=critic)")
+        signals = FailureSignals(self.policy, cfg.sampler, k=cfg.detect.spread_k, seed=cfg.seed,
+                                 signals=[cfg.loop.monitor])
+        return FailureMonitor(signals, threshold=np.inf), LiveAlarm(cfg.detect.alpha, cfg.loop.monitor_window)
+
+    def _summary(self, ep: Episode) -> EpisodeSummary:
+        summary = EpisodeSummary(ep.task, bool(ep.success), ep.length, ep.seed, ep.policy_version)
+        verdict = None if self.alarm is None else self.alarm.observe(ep)
+        if verdict is not None:
+            summary.max_failure_score, summary.alarm_threshold = verdict.max_score, verdict.threshold
+            summary.alarm_step = verdict.alarm_step
+        return summary
+
     def _start_env(self) -> None:
         self.env = self.make_env(self.cfg.env)
         self.rollout = ChunkedRollout(self.env, self.policy, self.cfg.sampler, self.seeds, source="rollout",
                                       policy_version=self.version, generator=self.generator,
-                                      instruct=episode_instruction(self.cfg.env.paraphrase))
+                                      instruct=episode_instruction(self.cfg.env.paraphrase), monitor=self.monitor)
 
     def _poll(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -148,8 +181,7 @@ class RolloutWorker:
                 for ep in finished:
                     self.writer.add(self._keep(ep))
                 report.shards_written += len(self.writer.flush())
-                report.episodes += [EpisodeSummary(ep.task, bool(ep.success), ep.length, ep.seed, ep.policy_version)
-                                    for ep in finished]
+                report.episodes += [self._summary(ep) for ep in finished]
         w, cos = w + self.rollout.stats.w, cos + self.rollout.stats.cos
         report.seconds = time.perf_counter() - t0
         report.version, report.latest_version = self.version, max(self.version, self.weights.latest_version())

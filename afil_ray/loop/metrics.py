@@ -5,8 +5,10 @@ Tags: ``rollout/`` success and failure rates per task (rolling window and cumula
 steps/s; ``replay/`` episodes by outcome; ``learner/`` loss per head, grad norm, steps/s; ``sync/`` weight
 version, staleness per actor, publish time, bytes per version, publish-to-applied latency; ``sampler/`` mean w
 and cos; ``eval/`` success rate per sampler; ``branches/`` branch actors' states, branches, success rate and mixed
-states; ``critic/`` the learner's held-out AUROCs (train.mode=critic). Rollout-side scalars are indexed by total
-env steps, learner scalars by learner step.
+states; ``critic/`` the learner's held-out AUROCs (train.mode=critic); ``detect/`` the live alarm (loop.monitor):
+rolling share of failures flagged and of successes false-alarmed (episodes judged by a calibrated threshold), each
+actor's threshold, the mean largest score by outcome, the median lead from alarm to episode end. Rollout-side
+scalars are indexed by total env steps, learner scalars by learner step.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ class LoopMetrics:
     branch_successes: int = 0
     branch_states: int = 0
     branch_mixed: int = 0  # branched states whose branches have both outcomes
+    # the live alarm's verdicts (fired or not) on episodes judged by a calibrated threshold, rolling, by outcome
+    alarms: dict[str, deque[bool]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tb_dir.mkdir(parents=True, exist_ok=True)
@@ -109,10 +113,32 @@ class LoopMetrics:
             self.latency.append(seconds)
             self.versions_applied[r.worker].add(version)
             self._scalar("sync/publish_to_applied_s", seconds)
+        self._alarms(r)
         if r.w_mean is not None:
             self._scalar("sampler/w_mean", r.w_mean)
         if r.cos_mean is not None:
             self._scalar("sampler/cos_mean", r.cos_mean)
+
+    def _alarms(self, r: RolloutReport) -> None:
+        judged = [ep for ep in r.episodes if ep.max_failure_score is not None]
+        if not judged:
+            return
+        for outcome in ("success", "failure"):
+            mine = [ep for ep in judged if ep.success == (outcome == "success")]
+            if mine:
+                self._scalar(f"detect/max_score/{outcome}", float(np.mean([ep.max_failure_score for ep in mine])))
+            window = self.alarms.setdefault(outcome, deque(maxlen=self.rolling_window))
+            window.extend(ep.alarm_step is not None for ep in mine if np.isfinite(ep.alarm_threshold))
+        if self.alarms["failure"]:
+            self._scalar("detect/failures_flagged_rolling", float(np.mean(self.alarms["failure"])))
+        if self.alarms["success"]:
+            self._scalar("detect/false_alarms_rolling", float(np.mean(self.alarms["success"])))
+        threshold = judged[-1].alarm_threshold
+        if np.isfinite(threshold):
+            self._scalar(f"detect/threshold/worker{r.worker}", threshold)
+        leads = [ep.length - ep.alarm_step for ep in judged if not ep.success and ep.alarm_step is not None]
+        if leads:
+            self._scalar("detect/lead_steps_median", float(np.median(leads)))
 
     def branch(self, r: BranchRoundReport) -> None:
         """Branch counts, indexed by env steps like the rollouts they come from."""
@@ -184,6 +210,8 @@ class LoopMetrics:
             "actor_restarts": self.actor_restarts,
             "branches": {"states": self.branch_states, "branches": self.branches, "successes": self.branch_successes,
                          "mixed_states": self.branch_mixed},
+            "detect": {f"{'failures_flagged' if k == 'failure' else 'false_alarms'}_rolling":
+                       round(float(np.mean(v)), 3) if v else None for k, v in sorted(self.alarms.items())},
         }
 
     def close(self) -> None:

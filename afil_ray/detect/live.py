@@ -1,0 +1,72 @@
+"""The alarm of a running loop: per-episode verdicts against a threshold calibrated on the worker's own recent
+successes.
+
+A study calibrates once on a fixed set of successful rollouts (afil_ray/detect/alarm.py); a loop's policy changes
+with every weight version, and its scores with it, so the rollout worker keeps re-calibrating: the threshold for an
+episode is the split-conformal one (afil_ray/detect/conformal.py) on the largest scores of the ``window`` successful
+episodes that finished before it. Until there are enough of them to promise the false-alarm rate, no alarm fires.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from afil_ray.detect.conformal import calibrate, first_alarm
+from afil_ray.replay.episode import Episode
+
+SCORES_KEY = "failure_scores"  # where ChunkedRollout(monitor=...) keeps an episode's [step, score] pairs
+
+
+@dataclass(frozen=True)
+class AlarmVerdict:
+    """What the alarm said about one finished episode."""
+
+    success: bool
+    length: int
+    max_score: float
+    threshold: float  # the threshold in force for it (inf: not calibrated yet)
+    alarm_step: int | None  # the first scored step above the threshold, None when it never fired
+
+    @property
+    def fired(self) -> bool:
+        return self.alarm_step is not None
+
+    @property
+    def lead(self) -> int | None:
+        """Steps between the alarm and the episode's end (how long a hand-over would have had)."""
+        return None if self.alarm_step is None else self.length - self.alarm_step
+
+
+def episode_scores(episode: Episode) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, scores) the monitor recorded for ``episode``; empty when it ran without one."""
+    pairs = np.asarray(episode.extra.get(SCORES_KEY, []), np.float64).reshape(-1, 2)
+    return pairs[:, 0].astype(np.int64), pairs[:, 1]
+
+
+class LiveAlarm:
+    """Calibrates on successes as they finish and judges every episode with the threshold before it."""
+
+    def __init__(self, alpha: float, window: int) -> None:
+        if window < 1:
+            raise ValueError(f"the calibration window needs at least one episode, got {window}")
+        self.alpha = alpha
+        self.success_maxima: deque[float] = deque(maxlen=window)
+        self.threshold = math.inf
+
+    def observe(self, episode: Episode) -> AlarmVerdict | None:
+        """The verdict on a finished episode (None when it carries no scores), then its score joins the
+        calibration if it succeeded."""
+        steps, scores = episode_scores(episode)
+        if not len(scores):
+            return None
+        alarm = first_alarm(scores, self.threshold)
+        verdict = AlarmVerdict(bool(episode.success), episode.length, float(scores.max()), self.threshold,
+                               None if alarm is None else int(steps[alarm]))
+        if episode.success:
+            self.success_maxima.append(float(scores.max()))
+            self.threshold = calibrate([np.array([m]) for m in self.success_maxima], self.alpha)
+        return verdict

@@ -678,6 +678,12 @@ class DetectConfig(_Section):
     signals: list[str] = field(default_factory=lambda: list(DETECT_SIGNALS))
     alpha: float = 0.05  # the alarm's false-alarm rate on successful episodes (split-conformal threshold)
     spread_k: int = 8  # chunks sampled per state for the spread
+    # `afil-ray alarm` measures on the success-only policy's rollouts from alarm_seeds fresh initial states (from
+    # alarm_seed_start) x alarm_runs noise draws, corrected for their points of no return; 0: on the reproduction's
+    # harvest, whose outcomes the critic trained on
+    alarm_seeds: int = 150
+    alarm_runs: int = 3
+    alarm_seed_start: int = 300000  # disjoint from demos (0..), harvest (50000..), eval (100000..), collect (200000..)
     # The detector-explainer (ARMOR, afil_ray/detect/armor.py) on a reproduction's policies (`afil-ray explain`):
     # rollouts of these checkpoints of run_dir ("<stage>" or "<stage>@<step>": an earlier checkpoint fails more)
     # on collect_seeds initial states from collect_seed_start, into run_dir/detect/replay
@@ -706,6 +712,9 @@ class DetectConfig(_Section):
         _in_range("detect.alpha", self.alpha, 0.0, 1.0, high_open=True)
         _positive("detect.alpha", self.alpha)
         _at_least("detect.spread_k", self.spread_k, 2)
+        _at_least("detect.alarm_seeds", self.alarm_seeds, 0)
+        _at_least("detect.alarm_runs", self.alarm_runs, 1)
+        _at_least("detect.alarm_seed_start", self.alarm_seed_start, 0)
         _at_least("detect.collect_seeds", self.collect_seeds, 1)
         _at_least("detect.collect_seed_start", self.collect_seed_start, 0)
         _in_range("detect.test_share", self.test_share, 0.0, 1.0, high_open=True)

@@ -158,7 +158,7 @@ def test_afil_ray_alarm_on_a_tiny_reproduction(tmp_path, capsys):
     store.write_episodes(episodes + corrected)
     config = tmp_path / "config.yaml"
     config.write_text(f"run_dir: {run}\nreplay:\n  root: {run / 'replay'}\nenv:\n  task: PullCube-v1\n"
-                      "sampler:\n  steps: 2\n  execute_steps: 8\ndetect:\n  spread_k: 3\n"
+                      "sampler:\n  steps: 2\n  execute_steps: 8\ndetect:\n  spread_k: 3\n  alarm_seeds: 0\n"
                       "data:\n  critic_holdout: 0.5\n")
     assert main(["alarm", "--config", str(config), "--quiet"]) == 2
     assert "stage 'dag' has not completed" in capsys.readouterr().err
@@ -196,3 +196,39 @@ def test_the_live_monitor_scores_with_the_fitted_combination():
     np.testing.assert_array_equal(monitor.alarms(scores), scores > 0.0)
     with pytest.raises(ValueError, match="needs their fitted combination"):
         FailureMonitor(signals, threshold=0.0)
+
+
+def test_afil_ray_alarm_on_fresh_rollouts_of_the_success_only_policy(tmp_path, capsys):
+    """By default the study rolls the success-only policy out on its own initial states (snapshots kept), has the
+    planner correct the failures for their points of no return, and measures there; a second call reuses them."""
+    import json
+
+    from afil_ray.cli import main
+    from afil_ray.detect.study import ALARM_REPLAY, ALARM_SOURCE
+    from afil_ray.replay import ReplayStore
+    from tests.loop_fixtures import loop_config, make_start_checkpoint
+
+    cfg = loop_config(tmp_path)
+    start = make_start_checkpoint(cfg)
+    run = tmp_path / "run"
+    (run / "stages").mkdir(parents=True)
+    (run / "stages" / "success_only.json").write_text(json.dumps({"outputs": {"checkpoint": str(start)}}))
+    config = tmp_path / "config.yaml"
+    config.write_text(f"run_dir: {run}\nreplay:\n  root: {run / 'replay'}\nenv:\n  task: PullCube-v1\n"
+                      "  max_episode_steps: 16\n  snapshot_every: 4\nsampler:\n  steps: 2\n  execute_steps: 4\n"
+                      "eval:\n  workers: 1\ncorrect:\n  workers: 1\n  max_attempts: 1\n"
+                      "detect:\n  signals: [spread]\n  spread_k: 2\n  alarm_seeds: 3\n  alarm_runs: 2\n")
+    assert main(["alarm", "--config", str(config), "--quiet"]) == 0
+    store = ReplayStore(run / "detect" / ALARM_REPLAY)
+    rollouts = store.read_episodes("PullCube-v1", ["success", "failure"])
+    assert len(rollouts) == 6 and {e.source for e in rollouts} == {ALARM_SOURCE}
+    assert sorted({e.seed for e in rollouts}) == [300000, 300001, 300002]
+    assert all(e.snapshots for e in rollouts)  # a hand-over restores them
+    result = json.loads((run / "detect" / "alarm.json").read_text())
+    assert set(result) >= {"fresh"} and "all" not in result and result["fresh"]["episodes"] == 6
+    assert (run / "detect" / "scores_spread_fresh.npz").is_file()
+    assert main(["alarm", "--config", str(config), "--quiet"]) == 0  # reads them back: no second rollout
+    assert len(store.read_episodes("PullCube-v1", ["success", "failure"])) == 6
+    capsys.readouterr()
+    assert main(["alarm", "--config", str(config), "--quiet", "detect.alarm_seeds=4"]) == 2
+    assert "holds rollouts of seeds 300000..300002, not 300000..300003" in capsys.readouterr().err

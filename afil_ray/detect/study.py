@@ -1,8 +1,12 @@
-"""The runtime-alarm study on a reproduction's harvest (``afil-ray alarm``), and why its failures failed.
+"""The runtime-alarm study on a reproduction (``afil-ray alarm``), and why its failures failed.
 
-The harvest is the success-only policy rolled out on fresh initial states, every episode stored; the correction
-stage then finished each failure it could from the latest restore point that still worked, which is the failure's
-point of no return. Each signal is read from the stage whose policy it belongs to:
+It measures on the success-only policy's rollouts: by default fresh ones (``detect.alarm_seeds`` initial states
+none of the reproduction's stages saw, ``detect.alarm_runs`` noise draws each, kept with their snapshots in
+``run_dir/detect/alarm_replay``), whose failures the correction planner then finishes from the latest restore point
+that still works: the failure's point of no return. With ``detect.alarm_seeds=0`` it reads the reproduction's
+harvest and its corrections instead (the critic trained on those episodes' outcomes, so its score is in-sample
+there except on the initial states it held out, which are reported apart). Each signal is read from the stage whose
+policy it belongs to:
 
 - ``spread``: the success-only policy itself (the policy that ran the episodes);
 - ``critic``: the critic stage's success critic (trained on branches from the harvest's states, so it has seen
@@ -25,15 +29,18 @@ from typing import Any
 import numpy as np
 
 from afil_ray.config import Config, ConfigError
-from afil_ray.correction import Corrector
+from afil_ray.correction import Corrector, correct_failures
 from afil_ray.detect.alarm import ScoredEpisode, evaluate_alarm, markdown_table
 from afil_ray.detect.intervention import Handovers
 from afil_ray.detect.intervention import markdown_table as handover_table
 from afil_ray.detect.labels import check_labelled_task, diagnose
 from afil_ray.detect.signals import FailureSignals, score_episodes
+from afil_ray.eval.arms import sampler_arm
+from afil_ray.eval.workers import run_units, task_units
 from afil_ray.pipeline.pipeline import HARVEST_SOURCE
-from afil_ray.pipeline.stages import recorded_outputs
+from afil_ray.pipeline.stages import recorded_outputs, with_updates
 from afil_ray.policy.checkpoint import load_policy
+from afil_ray.policy.loading import load_start_policy
 from afil_ray.replay import ReplayStore
 from afil_ray.replay.chunks import origin_of
 from afil_ray.replay.episode import Episode
@@ -41,18 +48,53 @@ from afil_ray.replay.outcomes import held_out
 
 SIGNAL_STAGES = {"spread": "success_only", "critic": "critic", "disagreement": "dag"}
 OUTPUT_DIR = "detect"
+ALARM_REPLAY = "alarm_replay"  # under OUTPUT_DIR: the fresh rollouts the study measures on
+ALARM_SOURCE = "detect:alarm"
 
 
-def harvest_episodes(store: ReplayStore, task: str) -> tuple[list[Episode], dict[str, int]]:
-    """The task's harvested rollouts (successes and failures) and, per corrected failure, its point of no return
-    (the correction's restore step)."""
-    episodes = [e for e in store.read_episodes(task, ["success", "failure"]) if e.source == HARVEST_SOURCE]
+def harvest_episodes(store: ReplayStore, task: str, source: str = HARVEST_SOURCE
+                     ) -> tuple[list[Episode], dict[str, int]]:
+    """The task's rollouts from ``source`` (successes and failures) and, per corrected failure, its point of no
+    return (the correction's restore step)."""
+    episodes = [e for e in store.read_episodes(task, ["success", "failure"]) if e.source == source]
     if not episodes:
-        raise ConfigError(f"replay.root={store.root}: no harvested episodes of {task} (the reproduction's "
+        raise ConfigError(f"replay.root={store.root}: no {source} episodes of {task} (the reproduction's "
                           "harvest stage stores them)")
     points = {c.parent_episode_id: int(c.extra["restore_step"]) for c in store.read_episodes(task, "corrected")
               if c.parent_episode_id and "restore_step" in c.extra}
     return episodes, points
+
+
+def fresh_episodes(cfg: Config, root: Path, progress: bool) -> tuple[ReplayStore, list[Episode], dict[str, int]]:
+    """The success-only policy's rollouts on the study's own initial states, with snapshots, and their failures'
+    points of no return: rolled out and corrected on first use (per noise draw, so a stopped study resumes), then
+    read back."""
+    task, dc = cfg.env.tasks[0], cfg.detect
+    store = ReplayStore(root / OUTPUT_DIR / ALARM_REPLAY)
+    ledger = root / OUTPUT_DIR / "alarm_rollouts.json"
+    done: dict[str, int] = json.loads(ledger.read_text()) if ledger.is_file() else {}
+    spec = f"{dc.alarm_seed_start}..{dc.alarm_seed_start + dc.alarm_seeds - 1}"
+    if done and done.get("seeds") != spec:
+        raise ConfigError(f"{store.root} holds rollouts of seeds {done.get('seeds')}, not {spec} "
+                          "(detect.alarm_seed_start, detect.alarm_seeds): delete it to roll out again")
+    run_cfg = with_updates(cfg, eval={"seed_start": dc.alarm_seed_start, "episodes": dc.alarm_seeds,
+                                      "runs": dc.alarm_runs}, sampler={"kind": "success_only"},
+                           replay={"root": str(store.root)})
+    units = [u for u in task_units([task], 1, dc.alarm_runs) if str(u[2]) not in done]
+    if units:
+        policy = load_start_policy(recorded_outputs(root, SIGNAL_STAGES["spread"])["checkpoint"])
+        for (_, _, run), episodes in run_units(run_cfg, policy, [sampler_arm(run_cfg.sampler)], units,
+                                               keep_snapshots=True):
+            for ep in episodes:
+                ep.source = ALARM_SOURCE
+            store.write_episodes(episodes)
+            done.update({"seeds": spec, str(run): len(episodes)})  # after the run is stored: a stop in between
+            ledger.write_text(json.dumps(done, indent=1) + "\n")  # repeats that run
+            if progress:
+                print(f"  alarm rollouts run {run}: {sum(not e.success for e in episodes)} failures of "
+                      f"{len(episodes)}")
+    correct_failures(run_cfg, store, progress)  # resumable: corrects the failures not handled yet
+    return store, *harvest_episodes(store, task, ALARM_SOURCE)
 
 
 def cause_table(failures: list[Episode], points: dict[str, int]) -> list[dict[str, Any]]:
@@ -77,15 +119,19 @@ def alarm_study(cfg: Config, progress: bool = True, handover: bool = True) -> di
         raise ConfigError(f"env.task: the alarm study reads one task's harvest, got {', '.join(cfg.env.tasks)}")
     task, root = cfg.env.tasks[0], Path(cfg.run_dir)
     check_labelled_task("env.task", task)  # the causes table labels every failure
-    store = ReplayStore.from_config(cfg.replay)
-    episodes, points = harvest_episodes(store, task)
+    if cfg.detect.alarm_seeds:
+        store, episodes, points = fresh_episodes(cfg, root, progress)
+    else:
+        store = ReplayStore.from_config(cfg.replay)
+        episodes, points = harvest_episodes(store, task)
     every = cfg.sampler.execute_steps
     scores: list[dict[str, np.ndarray]] = [{} for _ in episodes]
     sources = {}
     for signal in cfg.detect.signals:
         checkpoint = recorded_outputs(root, SIGNAL_STAGES[signal])["checkpoint"]
         sources[signal] = checkpoint
-        cache = root / OUTPUT_DIR / f"scores_{signal}.npz"  # scoring is the slow part: kept for re-runs
+        # scoring is the slow part: kept for re-runs, one file per signal and episode set
+        cache = root / OUTPUT_DIR / f"scores_{signal}{'_fresh' if cfg.detect.alarm_seeds else ''}.npz"
         key = json.dumps([checkpoint, cfg.detect.spread_k, cfg.seed, every, [e.episode_id for e in episodes]])
         if cache.is_file() and str(np.load(cache)["key"]) == key:
             with np.load(cache) as saved:
@@ -100,18 +146,19 @@ def alarm_study(cfg: Config, progress: bool = True, handover: bool = True) -> di
             mine.update(part)
     scored = [ScoredEpisode(e.episode_id, e.success, s, points.get(e.episode_id))
               for e, s in zip(episodes, scores, strict=True)]
-    # The critic trained on these episodes' outcomes (Monte-Carlo rows) except on the initial states it held out
-    # (data.critic_holdout): its score is in-sample elsewhere, so the study is repeated on those states alone.
+    # On the harvest the critic trained on these episodes' outcomes (Monte-Carlo rows) except on the initial states
+    # it held out (data.critic_holdout): its score is in-sample elsewhere, so the study is repeated on those alone.
     unseen = [held_out(origin_of(e.task, e.seed, e.parent_episode_id, e.episode_id), cfg.data.critic_holdout)
               for e in episodes]
+    parts = {"fresh": (scored, episodes)} if cfg.detect.alarm_seeds else {
+        "all": (scored, episodes),
+        "critic_unseen": ([s for s, u in zip(scored, unseen, strict=True) if u],
+                          [e for e, u in zip(episodes, unseen, strict=True) if u])}
     corrector = Corrector(cfg.env, cfg.correct, cfg.demos) if handover else None
     planner = Handovers(corrector) if corrector is not None else None
     try:
         result = {"task": task, "alpha": cfg.detect.alpha, "signal_checkpoints": sources, "causes": cause_table(
             [e for e in episodes if not e.success], points)}
-        parts = {"all": (scored, episodes), "critic_unseen": (
-            [s for s, u in zip(scored, unseen, strict=True) if u], [e for e, u in zip(episodes, unseen, strict=True)
-                                                                    if u])}
         tables = []
         for name, (part, part_episodes) in parts.items():
             reports = evaluate_alarm(part, list(cfg.detect.signals), alpha=cfg.detect.alpha)
@@ -148,7 +195,8 @@ def _part(episodes: list[Episode], points: dict[str, int], reports: list, handov
     }
 
 
-PART_TITLES = {"all": "every harvested episode",
+PART_TITLES = {"fresh": "fresh initial states (no stage of the reproduction saw them)",
+               "all": "every harvested episode",
                "critic_unseen": "the initial states the critic held out (its score is out-of-sample)"}
 
 

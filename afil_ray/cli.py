@@ -204,6 +204,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if cfg.reproduce.online_s > 0:
         from afil_ray.driver import run_loop
     outputs = Pipeline(cfg, progress=not args.quiet, runner=_eval_runner(cfg), run_loop=run_loop).run()
+    if outputs["report"] is None:
+        print(f"stopped after stage {outputs['stopped_after']!r} (reproduce.until): {cfg.run_dir}/stages/")
+        return 0
     print()
     print(Path(outputs["report"]).read_text(), end="")
     print(f"results: {outputs['report']}")

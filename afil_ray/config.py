@@ -612,6 +612,9 @@ class ReproduceConfig(_Section):
     Success-only training uses ``train.*`` with ``train.steps``; the later stages override only the keys below.
     """
 
+    # stop after this stage of the pipeline's first part (a later command with until=None goes on from there):
+    # demos, success_only, harvest, correct, corrected, dag; None: every stage
+    until: str | None = None
     harvest_seed_start: int = 50000  # rollout seeds for failures: disjoint from demos (0..) and eval (100000..)
     harvest_seeds: int = 100  # initial states rolled out by the success-only policy ...
     harvest_runs: int = 3  # ... each this many times (fresh sampling noise)
@@ -653,6 +656,8 @@ class ReproduceConfig(_Section):
     outcome_arms: list[str] = field(default_factory=lambda: ["outcome:w=1", "outcome:w=2"])
 
     def check(self) -> None:
+        if self.until is not None:
+            _one_of("reproduce.until", self.until, REPRODUCE_UNTIL)
         _at_least("reproduce.harvest_seed_start", self.harvest_seed_start, 0)
         for key in ("harvest_seeds", "harvest_runs", "correction_steps", "failure_head_steps", "critic_steps"):
             _at_least(f"reproduce.{key}", getattr(self, key), 1)
@@ -664,6 +669,7 @@ class ReproduceConfig(_Section):
         _each_at_least("reproduce.train_seeds", self.train_seeds, 0)
 
 
+REPRODUCE_UNTIL = ("demos", "success_only", "harvest", "correct", "corrected", "dag")  # reproduce.until
 DETECT_SIGNALS = ("critic", "spread", "disagreement")  # afil_ray/detect/signals.py
 # ARMOR's ablation rows (afil_ray/detect/armor.py RECIPES)
 EXPLAINER_RECIPES = ("multitask", "refine_only", "offline", "online", "armor")

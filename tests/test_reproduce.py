@@ -279,3 +279,14 @@ def test_a_stage_recorded_before_a_key_existed_is_reused_while_the_key_keeps_its
     with pytest.raises(ConfigError, match=r"train\.steps"):  # a recorded key still counts as before
         cache.run("harvest", lambda: {}, {"train": {"steps": 6, "new_key": 0.2}}, defaults=defaults)
     assert ran == [1]
+
+
+def test_reproduce_until_a_stage_stops_after_it(tmp_path, capsys):
+    assert main(["reproduce", "--quiet", *tiny_args(tmp_path), "reproduce.until=success_only"]) == 0
+    out = capsys.readouterr().out
+    done = sorted(p.stem for p in (tmp_path / "run" / "stages").glob("*.json"))
+    assert done == ["demos", "success_only"]
+    assert "stopped after stage 'success_only' (reproduce.until)" in out
+    assert not (tmp_path / "run" / "results").exists()
+    assert main(["reproduce", "--quiet", *tiny_args(tmp_path), "reproduce.until=eval"]) == 2
+    assert "reproduce.until must be one of demos, success_only" in capsys.readouterr().err

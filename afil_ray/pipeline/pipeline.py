@@ -114,6 +114,11 @@ class Pipeline:
         keys = tuple(k for k in settings if k != "overrides")  # a study variant's record adds its overrides
         return self.stages.run(stage, fn, settings, defaults=select(Config(), keys))
 
+    def _stopped(self) -> dict[str, Any]:
+        """What ``run`` returns when ``reproduce.until`` stops it: the stages that ran, no report."""
+        return {"stopped_after": self.cfg.reproduce.until, "report": None,
+                "stages": {stage: record["outputs"] for stage, record in self.stages.records.items()}}
+
     # ---------------------------------------------------------------- stages
 
     def run(self) -> dict[str, Any]:
@@ -143,11 +148,23 @@ class Pipeline:
         check_writable("replay.root", self.cfg.replay.root)
         save_resolved(self.cfg, self.root)
         self._stage("demos", self.demos)
+        if rc.until == "demos":
+            return self._stopped()
         success_ckpt = self._stage("success_only", self.success_only)["checkpoint"]
+        if rc.until == "success_only":
+            return self._stopped()
         self._stage("harvest", lambda: self.harvest(success_ckpt))
+        if rc.until == "harvest":
+            return self._stopped()
         self._stage("correct", self.correct)
+        if rc.until == "correct":
+            return self._stopped()
         corrected_ckpt = self._stage("corrected", lambda: self.corrected(success_ckpt))["checkpoint"]
+        if rc.until == "corrected":
+            return self._stopped()
         dag_ckpt = self._stage("dag", lambda: self.dag(corrected_ckpt))["checkpoint"]
+        if rc.until == "dag":
+            return self._stopped()
         # before the online loop adds failures, so every seed's failure head sees what the main one saw
         seed_ckpts = {seed: self.seed_stages(seed, success_ckpt) for seed in seeds}
         if rc.critic_arms or rc.branch_rule_arms:  # issue 22's failure signal: branches from the harvest

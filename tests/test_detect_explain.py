@@ -95,6 +95,13 @@ def test_the_cross_task_study_trains_on_the_other_tasks_and_measures_on_the_name
     assert result["transfer"] == {"train_tasks": ["PushCube-v1"], "test_task": "PullCube-v1"}
     assert (result["train"]["episodes"], result["test"]["episodes"]) == (16, 8)
     assert "PullCube-v1, a task it never saw" in (run / "detect" / "explain.md").read_text()
+    # each row is kept as it is measured: a second call reads it back instead of training again
+    row_file = run / "detect" / "explain_rows" / "multitask@2.json"
+    kept = json.loads(row_file.read_text())
+    kept["row"]["detection_accuracy"] = -1.0
+    row_file.write_text(json.dumps(kept))
+    assert main(["explain", "--config", str(config), "--quiet", "--study"]) == 0
+    assert json.loads((run / "detect" / "explain.json").read_text())["rows"][0]["detection_accuracy"] == -1.0
     capsys.readouterr()
     assert main(["explain", "--config", str(config), "--quiet", "--study", "detect.transfer_to=StackCube-v1"]) == 2
     assert "detect.transfer_to='StackCube-v1' must be one of several tasks" in capsys.readouterr().err

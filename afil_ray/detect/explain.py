@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +43,7 @@ from afil_ray.replay.episode import Episode
 from afil_ray.replay.store import ReplayStore
 
 DETECT_DIR = "detect"
+STUDY_ROWS = "explain_rows"  # under DETECT_DIR: one file per measured row of the study (recipe@ratio)
 EXPLANATIONS_DIR = "_meta/explanations"
 
 
@@ -93,6 +95,14 @@ def _rows(items: list, keep: list[bool]) -> list:
     return [x for x, k in zip(items, keep, strict=True) if k]
 
 
+def study_key(cfg: Config, labelled: Labelled, test: list[bool]) -> str:
+    """What a study row depends on: the episodes and their split, the backbone, the frames, the recipe settings
+    and the seed."""
+    return hashlib.blake2b(json.dumps([
+        [e.episode_id for e in labelled.episodes], test, stage_checkpoint(cfg.run_dir, cfg.detect.backbone),
+        cfg.detect.frames, dataclasses.asdict(_settings(cfg)), cfg.seed]).encode(), digest_size=8).hexdigest()
+
+
 def explainer_study(cfg: Config, progress: bool = True) -> dict[str, Any]:
     """ARMOR's ablation rows at each ratio, measured on held-out initial states; writes run_dir/detect/explain.*"""
     labelled, features, test, _ = _detector_data(cfg, progress)
@@ -103,10 +113,18 @@ def explainer_study(cfg: Config, progress: bool = True) -> dict[str, Any]:
     train_features, test_features = features[torch.tensor(train_rows)], features[torch.tensor(test)]
     settings = _settings(cfg)
     rows = []
+    # each row is kept as it is measured (a stopped study goes on at the next row), under the data and settings
+    # that made it
+    cached = Path(cfg.run_dir) / DETECT_DIR / STUDY_ROWS
+    data_key = study_key(cfg, labelled, test)
     for ratio in cfg.detect.study_ratios:
         batch = train_set.batch(train_features, tokenizer, ratio)
         trained: dict[tuple[bool, bool], DetectorExplainer] = {}  # recipes that train alike share the model
         for name in cfg.detect.study_recipes:
+            row_file = cached / f"{name}@{ratio:g}.json"
+            if row_file.is_file() and json.loads(row_file.read_text())["key"] == data_key:
+                rows.append(json.loads(row_file.read_text())["row"])
+                continue
             recipe = RECIPES[name]
             key = (recipe.conditioned, recipe.online)
             if key not in trained:
@@ -119,6 +137,8 @@ def explainer_study(cfg: Config, progress: bool = True) -> dict[str, Any]:
                         [a.failure_probability for a in answers], [a.text for a in answers])
             rows.append({"recipe": name, "sparse_per_dense": ratio, "dense_train": int(batch.dense.sum()),
                          "mean_rounds": sum(a.rounds for a in answers) / len(answers), **dataclasses.asdict(q)})
+            cached.mkdir(parents=True, exist_ok=True)
+            row_file.write_text(json.dumps({"key": data_key, "row": rows[-1]}, indent=1) + "\n")
             if progress:
                 print(f"  {name} @ {ratio:g}: {rows[-1]}")
     trained_on = sorted({e.task for e in train_set.episodes})

@@ -161,7 +161,8 @@ def test_replay_stats_of_a_missing_store_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "nothing").exists()
 
 
-@pytest.mark.parametrize("command", ["demos", "eval"])
+# the demos command's check (about 30 s idle: the first rendering env of the run) is the same as eval's
+@pytest.mark.parametrize("command", [pytest.param("demos", marks=pytest.mark.slow), "eval"])
 def test_a_camera_the_task_does_not_have_is_one_line(capsys, tmp_path, command):
     code, line = _run(capsys, tmp_path, command, "env.obs_mode=rgb", "env.camera_size=32", "env.cameras=[wrist]")
     assert code == 2

@@ -153,6 +153,7 @@ def test_bad_arm_specs_are_clear_errors():
     assert all(not a.sampler.fused_heads for a in resolve_arms(loaded))  # exact pairing
 
 
+@pytest.mark.slow  # about 20 s idle; test_tasks_share_the_workers_and_give_the_same_episodes runs 2 workers
 def test_results_do_not_depend_on_the_worker_count(setup):
     """Units (task, arm, run) spread over two spawned processes give the same episodes as one in-process worker."""
     cfg, policy, _ = setup

@@ -168,6 +168,7 @@ def test_a_task_list_that_mixes_action_spaces_is_one_line(capsys, tmp_path, monk
     assert not Path(tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # about 15 s idle (two tasks rendered); the single-task camera check stays in the suite
 def test_a_task_list_whose_cameras_differ_is_one_line_naming_the_shared_ones(capsys, tmp_path):
     code = main(["eval", f"run_dir={tmp_path / 'run'}", "env.task=[PushCube-v1,StackCube-v1]", "env.obs_mode=rgb",
                  "env.camera_size=32"])

@@ -155,3 +155,20 @@ def test_compare_paired_rejects_unpaired_input() -> None:
         compare_paired([True, True, False], [True, False])
     with pytest.raises(ValueError, match="success flags"):
         compare_paired([0, 1, 2], [0, 1, 1])
+
+
+def test_the_comparison_over_seeds_counts_each_episode_once() -> None:
+    from afil_ray.eval.stats import compare_paired_over_seeds
+
+    reference = [True] * 10 + [False] * 10
+    same = compare_paired_over_seeds(reference, [reference, reference])
+    assert (same.difference, same.p) == (0.0, 1.0)
+    # one seed gains the ten failures, the other nothing: +0.25 on average, every gain on the same ten episodes
+    half = compare_paired_over_seeds(reference, [[True] * 20, reference])
+    assert half.difference == pytest.approx(0.25) and half.seeds == 2 and half.arm_rate == pytest.approx(0.75)
+    assert half.diff_low > 0 and half.p < 0.01
+    # seeds that disagree in sign cancel out
+    mixed = compare_paired_over_seeds(reference, [[True] * 20, [False] * 20])
+    assert mixed.difference == pytest.approx(0.0) and mixed.p > 0.5
+    with pytest.raises(ValueError, match="needs at least one seed"):
+        compare_paired_over_seeds(reference, [])

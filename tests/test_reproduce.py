@@ -172,6 +172,9 @@ def test_reproduce_runs_every_stage_then_reuses_them(tmp_path, capsys):
     assert [a["arm"] for a in seed_arms][:2] == ["success only", "seed 0: + failure correction"]
     assert all(a["episodes"] == 2 for a in seed_arms) and len(seed_arms) == 1 + 2 * 9
     assert "| mean ± sd |" in (root / "results" / "seeds" / "report.md").read_text()
+    pooled = spread["pooled_vs_success_only"]["+ failure correction"]
+    corrected_rates = [spread["per_seed"][s]["+ failure correction"] for s in ("0", "1")]
+    assert pooled["seeds"] == 2 and pooled["arm_rate"] == pytest.approx(sum(corrected_rates) / 2)
     assert (root / "results" / "seeds" / "spread.png").stat().st_size > 0
     # a different seed really trained something else
     main_ckpt = json.loads((root / "stages" / "corrected.json").read_text())["outputs"]["checkpoint"]

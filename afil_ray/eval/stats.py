@@ -155,6 +155,52 @@ def compare_paired(
     )
 
 
+@dataclass(frozen=True)
+class PooledComparison:
+    """An arm re-trained with several seeds against one reference, on the same ``n`` episodes: ``difference`` is
+    the mean over episodes of the arm's success rate over seeds minus the reference's success."""
+
+    n: int
+    seeds: int
+    reference_rate: float
+    arm_rate: float
+    difference: float
+    diff_low: float
+    diff_high: float
+    p: float  # two-sided sign-flip permutation test of the per-episode differences
+    confidence: float
+
+
+def compare_paired_over_seeds(reference: Sequence[bool], arms: Sequence[Sequence[bool]], confidence: float = 0.95,
+                              resamples: int = 10_000, seed: int = 0) -> PooledComparison:
+    """One arm trained with each of several seeds (``arms[s]``, each paired with ``reference`` episode by
+    episode) against the reference, over the seeds.
+
+    Why not pool the pairs: the seeds share the reference's episodes, so their pairs are not independent. Each
+    episode instead contributes one number, its mean over seeds of arm minus reference, and the episodes are the
+    unit of resampling (bootstrap interval) and of the test (sign flips under "no difference")."""
+    ref = _as_flags(reference, "reference").astype(float)
+    runs = np.stack([_as_flags(a, "arm") for a in arms]).astype(float) if len(arms) else np.empty((0, ref.size))
+    if runs.shape[0] == 0 or runs.shape[1] != ref.size or ref.size == 0:
+        raise ValueError(f"compare_paired_over_seeds needs at least one seed's {ref.size} paired episodes, got "
+                         f"{list(runs.shape)}")
+    _check_confidence(confidence)
+    diff = runs.mean(axis=0) - ref
+    observed = float(diff.mean())
+    if np.all(diff == diff[0]):
+        low = high = observed
+        p = 1.0 if observed == 0 else float(2.0 ** (1 - ref.size))
+    else:
+        rng = np.random.default_rng(seed)
+        ci = stats.bootstrap((diff,), np.mean, confidence_level=confidence, n_resamples=resamples,
+                             method="percentile", rng=rng).confidence_interval
+        low, high = float(ci.low), float(ci.high)
+        p = float(stats.permutation_test((diff,), np.mean, permutation_type="samples", n_resamples=resamples,
+                                         rng=np.random.default_rng(seed)).pvalue)
+    return PooledComparison(int(ref.size), int(runs.shape[0]), float(ref.mean()), float(runs.mean()), observed,
+                            low, high, p, confidence)
+
+
 def _as_flags(values: Sequence[bool], name: str) -> np.ndarray:
     flags = np.asarray(values)
     if flags.ndim != 1:

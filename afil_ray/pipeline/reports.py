@@ -4,12 +4,14 @@ and the training-seed spread. Pure functions of evaluated rows; nothing here run
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from afil_ray.eval.report import ArmResult, build_report, format_p, markdown_table, write_report
+from afil_ray.eval.stats import compare_paired_over_seeds
 from afil_ray.pipeline.plan import CORRECTED_ARM, SUCCESS_ONLY
 
 
@@ -120,15 +122,42 @@ def seed_spread(by_seed: dict[int, dict[str, ArmResult]], roles: list[str], refe
     lines.append("| mean ± sd | " + " | ".join(
         f"{spread[a]['rate'][0]:.3f} ± {spread[a]['rate'][1]:.3f} | "
         f"{spread[a]['difference'][0]:+.3f} ± {spread[a]['difference'][1]:.3f}" for a in roles) + " |")
+    pooled = pooled_over_seeds(by_seed, roles, reference, metric, seed)
+    lines += ["", f"Over the {len(by_seed)} training seeds, every row against {SUCCESS_ONLY}: per episode the "
+              "row's success rate over the seeds minus success only's, averaged over the episodes; [95% bootstrap "
+              "over episodes], two-sided sign-flip permutation p (the seeds share success only's episodes, so "
+              "each episode counts once).", "", "| row | rate over seeds | Δ vs success only | p |",
+              "|---|---|---|---|"]
+    lines += [f"| {a} | {c['arm_rate']:.3f} | {c['difference']:+.3f} [{c['diff_low']:+.3f}, {c['diff_high']:+.3f}] "
+              f"| {format_p(c['p'])} |" for a, c in pooled.items()]
     lines += ["", "Every arm against success only:", "", markdown_table(report, legend=False)]
     paths = write_report(report, out, "\n".join(lines) + "\n")
-    summary = {"report": str(paths["md"]), "spread": spread,
+    summary = {"report": str(paths["md"]), "spread": spread, "pooled_vs_success_only": pooled,
                "per_seed": {s: {a: r[a]["rate"] for a in roles} for s, r in rows.items()}}
     (out / "spread.json").write_text(json.dumps(summary, indent=1) + "\n")
     entries = {e["arm"]: e for e in report["tasks"][task]["arms"]}
     points = {role: [(s, entries[f"seed {s}: {role}"]) for s in by_seed] for role in roles}
     plot_seed_spread(entries[SUCCESS_ONLY], points, out / "spread.png", task, metric, main_seed=seed)
     return summary
+
+
+def pooled_over_seeds(by_seed: dict[int, dict[str, ArmResult]], roles: list[str], reference: ArmResult,
+                      metric: str, seed: int) -> dict[str, dict[str, Any]]:
+    """Each row over the training seeds against success only (``compare_paired_over_seeds``), episode for
+    episode."""
+    def flags(result: ArmResult) -> dict[tuple[int, int], bool]:
+        return {(int(e.seed), int(e.run)): bool(getattr(e, metric)) for e in result.episodes}
+
+    ref = flags(reference)
+    keys = sorted(ref)
+    out = {}
+    for role in roles:
+        runs = [flags(group[role]) for group in by_seed.values()]
+        if any(set(r) != set(ref) for r in runs):
+            raise ValueError(f"{role}: a training seed's episodes differ from {SUCCESS_ONLY}'s")
+        out[role] = dataclasses.asdict(compare_paired_over_seeds([ref[k] for k in keys],
+                                                                 [[r[k] for k in keys] for r in runs], seed=seed))
+    return out
 
 
 def plot_seed_spread(reference: dict[str, Any], points: dict[str, list[tuple[int, dict[str, Any]]]],

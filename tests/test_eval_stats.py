@@ -170,5 +170,8 @@ def test_the_comparison_over_seeds_counts_each_episode_once() -> None:
     # seeds that disagree in sign cancel out
     mixed = compare_paired_over_seeds(reference, [[True] * 20, [False] * 20])
     assert mixed.difference == pytest.approx(0.0) and mixed.p > 0.5
+    # a reference per seed: each seed's arm against its own
+    own = compare_paired_over_seeds([reference, [False] * 20], [[True] * 20, [False] * 20])
+    assert own.difference == pytest.approx(0.25) and own.reference_rate == pytest.approx(0.25)
     with pytest.raises(ValueError, match="needs at least one seed"):
         compare_paired_over_seeds(reference, [])

@@ -175,6 +175,9 @@ def test_reproduce_runs_every_stage_then_reuses_them(tmp_path, capsys):
     pooled = spread["pooled_vs_success_only"]["+ failure correction"]
     corrected_rates = [spread["per_seed"][s]["+ failure correction"] for s in ("0", "1")]
     assert pooled["seeds"] == 2 and pooled["arm_rate"] == pytest.approx(sum(corrected_rates) / 2)
+    versus_rule = spread["pooled_vs_paper_rule"]["rank k=4"]  # each seed's rank against its own paper rule
+    assert versus_rule["reference_rate"] == pytest.approx(
+        sum(spread["per_seed"][s]["adaptive FIL λ=1"] for s in ("0", "1")) / 2)
     assert (root / "results" / "seeds" / "spread.png").stat().st_size > 0
     # a different seed really trained something else
     main_ckpt = json.loads((root / "stages" / "corrected.json").read_text())["outputs"]["checkpoint"]

@@ -171,33 +171,35 @@ class PooledComparison:
     confidence: float
 
 
-def compare_paired_over_seeds(reference: Sequence[bool], arms: Sequence[Sequence[bool]], confidence: float = 0.95,
-                              resamples: int = 10_000, seed: int = 0) -> PooledComparison:
-    """One arm trained with each of several seeds (``arms[s]``, each paired with ``reference`` episode by
-    episode) against the reference, over the seeds.
+def compare_paired_over_seeds(reference: Sequence[bool] | Sequence[Sequence[bool]], arms: Sequence[Sequence[bool]],
+                              confidence: float = 0.95, resamples: int = 10_000, seed: int = 0) -> PooledComparison:
+    """One arm trained with each of several seeds (``arms[s]``) against a reference on the same episodes: one
+    reference for every seed (success only), or one per seed (``reference[s]``, e.g. that seed's paper rule).
 
-    Why not pool the pairs: the seeds share the reference's episodes, so their pairs are not independent. Each
-    episode instead contributes one number, its mean over seeds of arm minus reference, and the episodes are the
-    unit of resampling (bootstrap interval) and of the test (sign flips under "no difference")."""
-    ref = _as_flags(reference, "reference").astype(float)
+    Why not pool the pairs: the seeds share the episodes (and a shared reference's outcomes), so their pairs are
+    not independent. Each episode instead contributes one number, its mean over seeds of arm minus reference, and
+    the episodes are the unit of resampling (bootstrap interval) and of the test (sign flips under "no
+    difference")."""
+    ref = np.asarray(reference)
     runs = np.stack([_as_flags(a, "arm") for a in arms]).astype(float) if len(arms) else np.empty((0, ref.size))
-    if runs.shape[0] == 0 or runs.shape[1] != ref.size or ref.size == 0:
-        raise ValueError(f"compare_paired_over_seeds needs at least one seed's {ref.size} paired episodes, got "
-                         f"{list(runs.shape)}")
+    refs = np.stack([_as_flags(r, "reference") for r in ref]).astype(float) if ref.ndim == 2 else \
+        np.broadcast_to(_as_flags(ref, "reference").astype(float), runs.shape)
+    if runs.shape[0] == 0 or runs.shape != refs.shape or runs.shape[1] == 0:
+        raise ValueError(f"compare_paired_over_seeds needs at least one seed's paired episodes, got arms "
+                         f"{list(runs.shape)} and reference {list(ref.shape)}")
     _check_confidence(confidence)
-    diff = runs.mean(axis=0) - ref
+    diff = (runs - refs).mean(axis=0)
     observed = float(diff.mean())
     if np.all(diff == diff[0]):
         low = high = observed
-        p = 1.0 if observed == 0 else float(2.0 ** (1 - ref.size))
+        p = 1.0 if observed == 0 else float(2.0 ** (1 - diff.size))
     else:
-        rng = np.random.default_rng(seed)
         ci = stats.bootstrap((diff,), np.mean, confidence_level=confidence, n_resamples=resamples,
-                             method="percentile", rng=rng).confidence_interval
+                             method="percentile", rng=np.random.default_rng(seed)).confidence_interval
         low, high = float(ci.low), float(ci.high)
         p = float(stats.permutation_test((diff,), np.mean, permutation_type="samples", n_resamples=resamples,
                                          rng=np.random.default_rng(seed)).pvalue)
-    return PooledComparison(int(ref.size), int(runs.shape[0]), float(ref.mean()), float(runs.mean()), observed,
+    return PooledComparison(int(diff.size), int(runs.shape[0]), float(refs.mean()), float(runs.mean()), observed,
                             low, high, p, confidence)
 
 

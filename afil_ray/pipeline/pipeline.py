@@ -488,8 +488,9 @@ class Pipeline:
         by_seed = {self.cfg.seed: {a: main[a] for a in roles}}
         self._evaluate_by_seed(planning.seed_plan(self.cfg, ckpts, signal), by_seed)
         self.seed_results = by_seed
+        paper_rule = planning.adaptive_arms(self.cfg)[0].title if planning.adaptive_arms(self.cfg) else None
         return self._spread(by_seed, roles, "seeds", f"`{CORRECTED_ARM}` and its failure head re-trained with each "
-                            "seed from the same success-only policy and store.")
+                            "seed from the same success-only policy and store.", paper_rule)
 
     def evaluate_seed_variants(self, ckpts: dict[tuple[int, str], str]) -> dict[str, Any]:
         """``results/seed_variants/``: the ``reproduce.seed_variants`` failure heads re-trained with each training
@@ -511,10 +512,10 @@ class Pipeline:
             by_seed.setdefault(row.seed, {})[row.role] = result
 
     def _spread(self, by_seed: dict[int, dict[str, ArmResult]], roles: list[str], name: str,
-                what: str) -> dict[str, Any]:
+                what: str, paper_rule: str | None = None) -> dict[str, Any]:
         reference = next(r for r in self.results if r.arm == SUCCESS_ONLY)
         return seed_spread(by_seed, roles, reference, self.cfg.env.task, self.cfg.eval.metric, self.cfg.seed,
-                           self.root / "results" / name, what)
+                           self.root / "results" / name, what, paper_rule)
 
     def _evaluate_plan(self, rows: list[PlannedArm], task: str | None = None) -> list[ArmResult]:
         """Evaluate rows (in order), one evaluation per checkpoint, on ``task`` (default: the reproduction's own);

@@ -91,10 +91,12 @@ def summary_table(vs_success: dict[str, Any], vs_correction: dict[str, Any] | No
 
 
 def seed_spread(by_seed: dict[int, dict[str, ArmResult]], roles: list[str], reference: ArmResult, task: str,
-                metric: str, seed: int, out: Path, what: str) -> dict[str, Any]:
+                metric: str, seed: int, out: Path, what: str, paper_rule: str | None = None) -> dict[str, Any]:
     """Per training seed, "+ failure correction" paired against success only and every other row against that
     seed's "+ failure correction"; the mean ± sd over seeds; ``report.{md,json,png}``, ``spread.{json,png}`` under
-    ``out``. ``by_seed[s][role]``: seed ``s``'s row ``role`` (``roles`` in table order, "+ correction" first)."""
+    ``out``. ``by_seed[s][role]``: seed ``s``'s row ``role`` (``roles`` in table order, "+ correction" first).
+    Over the seeds, every row is also paired with success only and (``paper_rule``, one of ``roles``) with the
+    paper's rule of the same seed."""
     flat = [reference] + [ArmResult(f"seed {s}: {role}", r.task, r.episodes)
                           for s, group in by_seed.items() for role, r in group.items()]
     report = build_report(flat, metric=metric, reference_arm=SUCCESS_ONLY, seed=seed)
@@ -123,16 +125,25 @@ def seed_spread(by_seed: dict[int, dict[str, ArmResult]], roles: list[str], refe
         f"{spread[a]['rate'][0]:.3f} ± {spread[a]['rate'][1]:.3f} | "
         f"{spread[a]['difference'][0]:+.3f} ± {spread[a]['difference'][1]:.3f}" for a in roles) + " |")
     pooled = pooled_over_seeds(by_seed, roles, reference, metric, seed)
-    lines += ["", f"Over the {len(by_seed)} training seeds, every row against {SUCCESS_ONLY}: per episode the "
-              "row's success rate over the seeds minus success only's, averaged over the episodes; [95% bootstrap "
-              "over episodes], two-sided sign-flip permutation p (the seeds share success only's episodes, so "
-              "each episode counts once).", "", "| row | rate over seeds | Δ vs success only | p |",
-              "|---|---|---|---|"]
-    lines += [f"| {a} | {c['arm_rate']:.3f} | {c['difference']:+.3f} [{c['diff_low']:+.3f}, {c['diff_high']:+.3f}] "
-              f"| {format_p(c['p'])} |" for a, c in pooled.items()]
+    versus_rule = pooled_over_seeds(by_seed, roles, reference, metric, seed, paper_rule) if paper_rule else {}
+    head = ["row", "rate over seeds", f"Δ vs {SUCCESS_ONLY}", "p"] + ([f"Δ vs {paper_rule}", "p"] if paper_rule
+                                                                      else [])
+    lines += ["", f"Over the {len(by_seed)} training seeds, every row against {SUCCESS_ONLY}"
+              f"{f' and against the same seed’s {paper_rule} (the paper’s rule)' if paper_rule else ''}: per "
+              "episode the mean over seeds of the row's success minus the reference's, averaged over the episodes; "
+              "[95% bootstrap over episodes], two-sided sign-flip permutation p (the seeds share the episodes, so "
+              "each episode counts once).", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cells(c: dict[str, Any]) -> list[str]:
+        return [f"{c['difference']:+.3f} [{c['diff_low']:+.3f}, {c['diff_high']:+.3f}]", format_p(c["p"])]
+
+    for a, c in pooled.items():
+        rule = cells(versus_rule[a]) if a in versus_rule and a != paper_rule else ["—", "—"] if paper_rule else []
+        lines.append("| " + " | ".join([a, f"{c['arm_rate']:.3f}", *cells(c), *rule]) + " |")
     lines += ["", "Every arm against success only:", "", markdown_table(report, legend=False)]
     paths = write_report(report, out, "\n".join(lines) + "\n")
     summary = {"report": str(paths["md"]), "spread": spread, "pooled_vs_success_only": pooled,
+               "pooled_vs_paper_rule": versus_rule,
                "per_seed": {s: {a: r[a]["rate"] for a in roles} for s, r in rows.items()}}
     (out / "spread.json").write_text(json.dumps(summary, indent=1) + "\n")
     entries = {e["arm"]: e for e in report["tasks"][task]["arms"]}
@@ -142,22 +153,25 @@ def seed_spread(by_seed: dict[int, dict[str, ArmResult]], roles: list[str], refe
 
 
 def pooled_over_seeds(by_seed: dict[int, dict[str, ArmResult]], roles: list[str], reference: ArmResult,
-                      metric: str, seed: int) -> dict[str, dict[str, Any]]:
-    """Each row over the training seeds against success only (``compare_paired_over_seeds``), episode for
-    episode."""
+                      metric: str, seed: int, per_seed_reference: str | None = None) -> dict[str, dict[str, Any]]:
+    """Each row over the training seeds (``compare_paired_over_seeds``), episode for episode, against
+    ``reference`` or, with ``per_seed_reference`` (a role), against that row of the same seed."""
     def flags(result: ArmResult) -> dict[tuple[int, int], bool]:
         return {(int(e.seed), int(e.run)): bool(getattr(e, metric)) for e in result.episodes}
 
     ref = flags(reference)
     keys = sorted(ref)
-    out = {}
-    for role in roles:
-        runs = [flags(group[role]) for group in by_seed.values()]
-        if any(set(r) != set(ref) for r in runs):
+
+    def aligned(result: ArmResult, role: str) -> list[bool]:
+        mine = flags(result)
+        if set(mine) != set(ref):
             raise ValueError(f"{role}: a training seed's episodes differ from {SUCCESS_ONLY}'s")
-        out[role] = dataclasses.asdict(compare_paired_over_seeds([ref[k] for k in keys],
-                                                                 [[r[k] for k in keys] for r in runs], seed=seed))
-    return out
+        return [mine[k] for k in keys]
+
+    against = [ref[k] for k in keys] if per_seed_reference is None else \
+        [aligned(group[per_seed_reference], per_seed_reference) for group in by_seed.values()]
+    return {role: dataclasses.asdict(compare_paired_over_seeds(
+        against, [aligned(group[role], role) for group in by_seed.values()], seed=seed)) for role in roles}
 
 
 def plot_seed_spread(reference: dict[str, Any], points: dict[str, list[tuple[int, dict[str, Any]]]],

@@ -172,10 +172,10 @@ def test_reproduce_runs_every_stage_then_reuses_them(tmp_path, capsys):
     assert [a["arm"] for a in seed_arms][:2] == ["success only", "seed 0: + failure correction"]
     assert all(a["episodes"] == 2 for a in seed_arms) and len(seed_arms) == 1 + 2 * 9
     assert "| mean ± sd |" in (root / "results" / "seeds" / "report.md").read_text()
-    pooled = spread["pooled_vs_success_only"]["+ failure correction"]
+    pooled = spread["over_seeds"]["success only"]["+ failure correction"]
     corrected_rates = [spread["per_seed"][s]["+ failure correction"] for s in ("0", "1")]
     assert pooled["seeds"] == 2 and pooled["arm_rate"] == pytest.approx(sum(corrected_rates) / 2)
-    versus_rule = spread["pooled_vs_paper_rule"]["rank k=4"]  # each seed's rank against its own paper rule
+    versus_rule = spread["over_seeds"]["adaptive FIL λ=1"]["rank k=4"]  # each seed's rank against its own paper rule
     assert versus_rule["reference_rate"] == pytest.approx(
         sum(spread["per_seed"][s]["adaptive FIL λ=1"] for s in ("0", "1")) / 2)
     assert (root / "results" / "seeds" / "spread.png").stat().st_size > 0

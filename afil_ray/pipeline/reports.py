@@ -124,26 +124,27 @@ def seed_spread(by_seed: dict[int, dict[str, ArmResult]], roles: list[str], refe
     lines.append("| mean ± sd | " + " | ".join(
         f"{spread[a]['rate'][0]:.3f} ± {spread[a]['rate'][1]:.3f} | "
         f"{spread[a]['difference'][0]:+.3f} ± {spread[a]['difference'][1]:.3f}" for a in roles) + " |")
-    pooled = pooled_over_seeds(by_seed, roles, reference, metric, seed)
-    versus_rule = pooled_over_seeds(by_seed, roles, reference, metric, seed, paper_rule) if paper_rule else {}
-    head = ["row", "rate over seeds", f"Δ vs {SUCCESS_ONLY}", "p"] + ([f"Δ vs {paper_rule}", "p"] if paper_rule
-                                                                      else [])
-    lines += ["", f"Over the {len(by_seed)} training seeds, every row against {SUCCESS_ONLY}"
-              f"{f' and against the same seed’s {paper_rule} (the paper’s rule)' if paper_rule else ''}: per "
-              "episode the mean over seeds of the row's success minus the reference's, averaged over the episodes; "
-              "[95% bootstrap over episodes], two-sided sign-flip permutation p (the seeds share the episodes, so "
-              "each episode counts once).", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-
-    def cells(c: dict[str, Any]) -> list[str]:
-        return [f"{c['difference']:+.3f} [{c['diff_low']:+.3f}, {c['diff_high']:+.3f}]", format_p(c["p"])]
-
-    for a, c in pooled.items():
-        rule = cells(versus_rule[a]) if a in versus_rule and a != paper_rule else ["—", "—"] if paper_rule else []
-        lines.append("| " + " | ".join([a, f"{c['arm_rate']:.3f}", *cells(c), *rule]) + " |")
+    # over the seeds: every row against success only, and against the same seed's "+ failure correction" (whose
+    # success head the critic, outcome and branch rows start from) and paper rule
+    references = {SUCCESS_ONLY: None, CORRECTED_ARM: CORRECTED_ARM, **({paper_rule: paper_rule} if paper_rule else {})}
+    pooled = {name: pooled_over_seeds(by_seed, roles, reference, metric, seed, role)
+              for name, role in references.items()}
+    head = ["row", "rate over seeds"] + [h for name in references for h in (f"Δ vs {name}", "p")]
+    lines += ["", f"Over the {len(by_seed)} training seeds, every row against {SUCCESS_ONLY} and against the same "
+              f"seed's {' and '.join(f'`{r}`' for r in list(references)[1:])}: per episode the mean over seeds of "
+              "the row's success minus the reference's, averaged over the episodes; [95% bootstrap over episodes], "
+              "two-sided sign-flip permutation p (the seeds share the episodes, so each episode counts once).", "",
+              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for a in roles:
+        cells = [a, f"{pooled[SUCCESS_ONLY][a]['arm_rate']:.3f}"]
+        for name in references:
+            c = pooled[name][a]
+            cells += ["—", "—"] if name == a else [
+                f"{c['difference']:+.3f} [{c['diff_low']:+.3f}, {c['diff_high']:+.3f}]", format_p(c["p"])]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Every arm against success only:", "", markdown_table(report, legend=False)]
     paths = write_report(report, out, "\n".join(lines) + "\n")
-    summary = {"report": str(paths["md"]), "spread": spread, "pooled_vs_success_only": pooled,
-               "pooled_vs_paper_rule": versus_rule,
+    summary = {"report": str(paths["md"]), "spread": spread, "over_seeds": pooled,
                "per_seed": {s: {a: r[a]["rate"] for a in roles} for s, r in rows.items()}}
     (out / "spread.json").write_text(json.dumps(summary, indent=1) + "\n")
     entries = {e["arm"]: e for e in report["tasks"][task]["arms"]}

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from afil_ray.detect.conformal import calibrate, first_alarm
+from afil_ray.envs.collector import FAILURE_SCORES_KEY
 from afil_ray.replay.episode import Episode
-
-SCORES_KEY = "failure_scores"  # where ChunkedRollout(monitor=...) keeps an episode's [step, score] pairs
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ class AlarmVerdict:
 
 def episode_scores(episode: Episode) -> tuple[np.ndarray, np.ndarray]:
     """(steps, scores) the monitor recorded for ``episode``; empty when it ran without one."""
-    pairs = np.asarray(episode.extra.get(SCORES_KEY, []), np.float64).reshape(-1, 2)
+    pairs = np.asarray(episode.extra.get(FAILURE_SCORES_KEY, []), np.float64).reshape(-1, 2)
     return pairs[:, 0].astype(np.int64), pairs[:, 1]
 
 

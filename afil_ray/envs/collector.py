@@ -16,6 +16,8 @@ from afil_ray.envs.base import Obs, StepResult, VecEnv
 from afil_ray.envs.tasks import Instruct, canonical_instruction
 from afil_ray.replay.episode import IMAGE_PREFIX, Episode
 
+FAILURE_SCORES_KEY = "failure_scores"  # extra key: the runtime failure monitor's [step, score] pairs
+
 
 @dataclass
 class StepBuffer:
@@ -138,7 +140,7 @@ class EpisodeCollector:
         """A runtime failure score for env ``i`` at its current step (``afil_ray/detect/monitor.py``), kept in
         its episode's ``extra["failure_scores"]`` as [step, score] pairs."""
         buf = self._buffers[i]
-        buf.extra.setdefault("failure_scores", []).append([len(buf.actions), float(score)])
+        buf.extra.setdefault(FAILURE_SCORES_KEY, []).append([len(buf.actions), float(score)])
 
     def reset(self) -> Obs:
         n = self.env.num_envs

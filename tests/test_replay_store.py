@@ -259,6 +259,21 @@ def test_retention_keeps_the_newest_episodes_per_partition(tmp_path, make_episod
     assert ReplayStore(tmp_path).apply_retention() == []  # no capacity: nothing removed
 
 
+def test_discard_writer_removes_only_that_writers_shards(tmp_path, make_episode):
+    """A unit of work stopped after its shards were stored but before its ledger line is rolled out again: its
+    shards go first, whatever partitions they landed in, and no other writer's."""
+    store = ReplayStore(tmp_path, episodes_per_shard=2)
+    kept = store.write_episodes([make_episode("A", "failure", seed=i) for i in range(3)], "unit-0")
+    store.write_episodes([make_episode("A", o, seed=10 + i) for i, o in enumerate(["success", "failure"] * 2)],
+                         "unit-1")
+    assert len(store.read_episodes()) == 7
+    removed = store.discard_writer("unit-1")
+    assert len(removed) == 2 and {s.split("/")[-2] for s in removed} == {"outcome=success", "outcome=failure"}
+    assert sorted(e.seed for e in store.read_episodes()) == [0, 1, 2]
+    assert store.manifest()["writer_id"].to_pylist() == ["unit-0"] * len(kept)
+    assert store.discard_writer("unit-1") == []  # idempotent
+
+
 def test_manifest_rebuild_equals_reconciled_manifest(tmp_path, make_episode, monkeypatch):
     store = ReplayStore(tmp_path, episodes_per_shard=2)
     first = store.write_episodes([make_episode("A", "demo", length=3 + i, seed=i) for i in range(5)])

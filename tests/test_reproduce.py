@@ -296,3 +296,16 @@ def test_reproduce_until_a_stage_stops_after_it(tmp_path, capsys):
     assert not (tmp_path / "run" / "results").exists()
     assert main(["reproduce", "--quiet", *tiny_args(tmp_path), "reproduce.until=eval"]) == 2
     assert "reproduce.until must be one of demos, success_only" in capsys.readouterr().err
+
+    # a stop after a harvest unit's episodes reached the store but before its ledger line: the rerun rolls the
+    # unit out again, so its first copy must go (it used to stay, and the harvest counted it twice)
+    args = [*tiny_args(tmp_path), "reproduce.until=harvest"]
+    assert main(["reproduce", "--quiet", *args]) == 0
+    store = ReplayStore(tmp_path / "replay")
+    first = sorted(e.seed for e in store.read_episodes(TASK) if e.source == "harvest")
+    assert len(first) == 3
+    (tmp_path / "run" / "harvest" / "units.json").unlink()
+    (tmp_path / "run" / "stages" / "harvest.json").unlink()
+    assert main(["reproduce", "--quiet", *args]) == 0
+    assert sorted(e.seed for e in store.read_episodes(TASK) if e.source == "harvest") == first
+    assert json.loads((tmp_path / "run" / "stages" / "harvest.json").read_text())["outputs"]["episodes"] == 3

@@ -81,15 +81,17 @@ def fresh_episodes(cfg: Config, root: Path, progress: bool) -> tuple[ReplayStore
                                       "runs": dc.alarm_runs}, sampler={"kind": "success_only"},
                            replay={"root": str(store.root)})
     units = [u for u in task_units([task], 1, dc.alarm_runs) if str(u[2]) not in done]
+    for _, _, run in units:  # stored by a study stopped before its ledger line: rolled out again
+        store.discard_writer(f"alarm-run-{run}")
     if units:
         policy = load_start_policy(recorded_outputs(root, SIGNAL_STAGES["spread"])["checkpoint"])
         for (_, _, run), episodes in run_units(run_cfg, policy, [sampler_arm(run_cfg.sampler)], units,
                                                keep_snapshots=True):
             for ep in episodes:
                 ep.source = ALARM_SOURCE
-            store.write_episodes(episodes)
+            store.write_episodes(episodes, f"alarm-run-{run}")
             done.update({"seeds": spec, str(run): len(episodes)})  # after the run is stored: a stop in between
-            ledger.write_text(json.dumps(done, indent=1) + "\n")  # repeats that run
+            ledger.write_text(json.dumps(done, indent=1) + "\n")  # discards its shards and repeats it
             if progress:
                 print(f"  alarm rollouts run {run}: {sum(not e.success for e in episodes)} failures of "
                       f"{len(episodes)}")

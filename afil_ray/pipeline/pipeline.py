@@ -283,7 +283,12 @@ class Pipeline:
         def key(task: str, run: int) -> str:  # a task list's ledger names the task too
             return f"{task}/{run}" if len(tasks) > 1 else str(run)
 
+        def writer(task: str, run: int) -> str:  # one per unit and run dir: a stopped unit's shards are found again
+            return f"harvest:{self.root.resolve()}:{key(task, run)}"
+
         units = [u for u in task_units(tasks, 1, rc.harvest_runs) if key(u[0], u[2]) not in done]
+        for task, _, run in units:  # stored by a harvest stopped before its ledger line: rolled out again
+            self.store.discard_writer(writer(task, run))
         desc = f"harvest {tasks[0]}" if len(tasks) == 1 else f"harvest {len(tasks)} tasks"
         bar = tqdm(total=len(units) * rc.harvest_seeds, desc=desc, unit="ep", disable=not self.progress,
                    dynamic_ncols=True)  # advances a run (unit) at a time, as eval's
@@ -293,7 +298,7 @@ class Pipeline:
                 ep.source = HARVEST_SOURCE
                 if ep.outcome != "failure" and not (rc.critic_arms or rc.branch_rule_arms):
                     ep.snapshot_steps, ep.snapshots = [], []  # only failures are corrected (successes: branched)
-            self.store.write_episodes(episodes, run_id=self.run_id)
+            self.store.write_episodes(episodes, writer(task, run), run_id=self.run_id)
             done[key(task, run)] = {"episodes": len(episodes),
                                     "failures": sum(e.outcome == "failure" for e in episodes)}
             ledger.parent.mkdir(parents=True, exist_ok=True)

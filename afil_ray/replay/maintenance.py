@@ -313,6 +313,24 @@ def apply_retention(
     return removed
 
 
+def discard_writer(files: ShardFiles, writer_id: str) -> list[str]:
+    """Delete every shard ``writer_id`` committed: what a unit of work wrote before a stop cut it short, so that
+    its rerun does not store the same episodes twice. Returns the removed relative paths."""
+    table = manifest(files, refresh=True)
+    removed = []
+    for path, writer in zip(table["path"].to_pylist(), table["writer_id"].to_pylist(), strict=True):
+        if writer == writer_id:
+            try:
+                files.delete(path)
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+            files.episode_counts.pop(path, None)
+    if removed:
+        log.warning("replay: removed %d shard(s) of the unfinished writer %s", len(removed), writer_id)
+    return removed
+
+
 def clean_stale_temps(files: ShardFiles, older_than_s: float = 3600.0) -> list[str]:
     """Delete '.'-prefixed temporaries left by writers that died mid-write, if older than ``older_than_s``
     (young ones may belong to a live writer). Returns the removed relative paths."""

@@ -150,6 +150,9 @@ class ReplayStore(ShardFiles):
         """Retention at this store's ``capacity_per_partition`` (see :func:`maintenance.apply_retention`)."""
         return maintenance.apply_retention(self, self.capacity_per_partition, task, outcome)
 
+    def discard_writer(self, writer_id: str) -> list[str]:
+        return maintenance.discard_writer(self, writer_id)
+
     def clean_stale_temps(self, older_than_s: float = 3600.0) -> list[str]:
         return maintenance.clean_stale_temps(self, older_than_s)
 

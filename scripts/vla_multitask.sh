@@ -9,7 +9,8 @@
 #   scripts/vla_multitask.sh compare    # per-task and pooled tables (docs/results.md)
 #   scripts/vla_multitask.sh reproduce  # the paper's arms on the image policy, per task and pooled
 # OVERRIDES="policy.vision_stride=32 ..." RUN=runs/other scripts/vla_multitask.sh image: a variant of the image
-# policy in its own run directory, trained on the demos in REPLAY (default $RUN/replay); `reproduce` always
+# policy in its own run directory, trained on the demos in REPLAY (default $RUN/replay); ARMS="[...]" the arms
+# `image` evaluates (default: success only and the three probes); `reproduce` always
 # uses $RUN/replay, which must hold its own copy of the demos.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +22,7 @@ read -ra OVERRIDES <<< "${OVERRIDES:-}"  # extra dotlist overrides of configs/vl
 EPISODES=${EPISODES:-10}  # per task and arm for the image policy (four arms x five tasks of rendering)
 STATE_EPISODES=${STATE_EPISODES:-20}  # per task for the state policies; compare pairs the seeds both have
 TASKS=(PushCube-v1 PullCube-v1 PickCube-v1 StackCube-v1 LiftPegUpright-v1)
-ARMS="eval.arms=[success_only,success_only@blank_cameras,success_only@other_instruction,success_only@heldout_phrasing]"
+ARMS="eval.arms=${ARMS:-[success_only,success_only@blank_cameras,success_only@other_instruction,success_only@heldout_phrasing]}"
 
 evaluated() { compgen -G "$1/eval/*/report.json" > /dev/null; }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -157,3 +159,44 @@ def test_bad_loop_config_fails_before_ray_starts(cfg):
     bad.loop.init_from = "/nonexistent"
     with pytest.raises(Exception, match=r"loop\.init_from"):
         check_loop_config(bad)
+
+
+def test_plot_loop_curves_reads_each_runs_rolling_rates_per_task(tmp_path: Path) -> None:
+    """scripts/plot_loop_curves.py (issue 22's online figure): a run's curves come from every event file below its
+    directory (one folder per run id: a resumed loop), per task, in step order; a directory without them is an
+    error that names it."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    script = Path(__file__).parent.parent / "scripts" / "plot_loop_curves.py"
+    spec = importlib.util.spec_from_file_location("plot_loop_curves", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def write(folder: Path, points: dict[str, list[tuple[int, float]]]) -> None:
+        writer = SummaryWriter(str(folder))
+        for task, pts in points.items():
+            for step, value in pts:
+                writer.add_scalar(f"rollout/success_rate_rolling/{task}", value, step)
+        writer.add_scalar("sync/staleness/worker0", 3.0, 10)  # another tag: not read
+        writer.close()
+
+    write(tmp_path / "a" / "tb" / "run-2", {"PullCube-v1": [(300, 0.7), (400, 0.8)]})
+    write(tmp_path / "a" / "tb" / "run-1", {"PullCube-v1": [(100, 0.5), (200, 0.6)], "PushCube-v1": [(100, 1.0)]})
+    write(tmp_path / "b" / "tb" / "run-1", {"PullCube-v1": [(100, 0.5), (200, 0.4)]})
+    a = module.curves(tmp_path / "a")
+    assert a == {"PullCube-v1": ([100, 200, 300, 400], pytest.approx([0.5, 0.6, 0.7, 0.8])),
+                 "PushCube-v1": ([100], [1.0])}
+    out = tmp_path / "fig" / "online.png"
+    done = subprocess.run([sys.executable, str(script), "--run", "rank=" + str(tmp_path / "a"),
+                           "--run", "paper's rule=" + str(tmp_path / "b" / "tb"), "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert out.stat().st_size > 10_000
+    (tmp_path / "empty").mkdir()
+    bad = subprocess.run([sys.executable, str(script), "--run", "x=" + str(tmp_path / "empty"), "--out", str(out)],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and f"{tmp_path / 'empty'}: no TensorBoard event files" in bad.stderr

@@ -671,6 +671,7 @@ class ReproduceConfig(_Section):
 
 REPRODUCE_UNTIL = ("demos", "success_only", "harvest", "correct", "corrected", "dag")  # reproduce.until
 DETECT_SIGNALS = ("critic", "spread", "disagreement")  # afil_ray/detect/signals.py
+DETECT_COMBINERS = ("logistic", "boosted")  # afil_ray/detect/alarm.py
 # ARMOR's ablation rows (afil_ray/detect/armor.py RECIPES)
 EXPLAINER_RECIPES = ("multitask", "refine_only", "offline", "online", "armor")
 
@@ -683,6 +684,7 @@ class DetectConfig(_Section):
     # head disagreement; with more than one, their combination is reported too
     signals: list[str] = field(default_factory=lambda: list(DETECT_SIGNALS))
     alpha: float = 0.05  # the alarm's false-alarm rate on successful episodes (split-conformal threshold)
+    combiner: str = "logistic"  # how several signals combine (afil_ray/detect/alarm.py): logistic or boosted
     spread_k: int = 8  # chunks sampled per state for the spread
     # `afil-ray alarm` measures on the success-only policy's rollouts from alarm_seeds fresh initial states (from
     # alarm_seed_start) x alarm_runs noise draws, corrected for their points of no return; 0: on the reproduction's
@@ -717,6 +719,7 @@ class DetectConfig(_Section):
             _one_of("detect.signals", signal, DETECT_SIGNALS)
         _in_range("detect.alpha", self.alpha, 0.0, 1.0, high_open=True)
         _positive("detect.alpha", self.alpha)
+        _one_of("detect.combiner", self.combiner, DETECT_COMBINERS)
         _at_least("detect.spread_k", self.spread_k, 2)
         _at_least("detect.alarm_seeds", self.alarm_seeds, 0)
         _at_least("detect.alarm_runs", self.alarm_runs, 1)

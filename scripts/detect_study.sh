@@ -3,6 +3,7 @@
 # makes (runs/fs_<task>; the alarm needs its stages up to the critic and the dag, the explainer its success-only
 # and corrected policies):
 #   scripts/detect_study.sh alarm PullCube-v1     # the runtime alarm on fresh rollouts -> runs/fs_PullCube/detect/alarm.md
+#                                                 # (overrides after the task: detect.combiner=boosted ...)
 #   scripts/detect_study.sh explain PullCube-v1   # ARMOR's ablation rows at sparse:dense 2 and 30 -> .../detect/explain.md
 #   scripts/detect_study.sh transfer              # cross-task: one state policy for PushCube and PullCube (20 demos
 #                                                 # each, 5,000 steps), the detector trained on PushCube's rollouts and
@@ -16,11 +17,11 @@ what=${1:?alarm, explain or transfer}
 case "$what" in
   alarm)
     run="runs/fs_${2:?task}"; run="${run%-v1}"
-    "$AFIL" alarm --config "$run/config.yaml" detect.alarm_seeds=300
+    "$AFIL" alarm --config "$run/config.yaml" detect.alarm_seeds=300 "${@:3}"
     ;;
   explain)
     run="runs/fs_${2:?task}"; run="${run%-v1}"
-    "$AFIL" explain --config "$run/config.yaml" --study
+    "$AFIL" explain --config "$run/config.yaml" --study "${@:3}"
     ;;
   transfer)
     run=runs/detect_transfer

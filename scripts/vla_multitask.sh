@@ -5,6 +5,7 @@
 # an evaluation with a report is not run again), so after a stop the same command goes on.
 #   scripts/vla_multitask.sh image      # demos, training, the four evaluation arms
 #   scripts/vla_multitask.sh state      # per task: state demos, training, evaluation on the same seeds
+#                                       # (STATE_TASKS="PushCube-v1 ..." for some of them)
 #   scripts/vla_multitask.sh alone      # the image policy trained on one task at a time (ALONE_TASKS)
 #   scripts/vla_multitask.sh compare    # per-task and pooled tables (docs/results.md)
 #   scripts/vla_multitask.sh reproduce  # the paper's arms on the image policy, per task and pooled
@@ -52,7 +53,7 @@ alone() {  # the image policy on one task at a time, with a state policy's budge
 state() {  # 2,000 steps each on one task: what the image policy gets per task of 10,000 steps with
   # train.balance=tasks (its 8,000 default steps, uniform over stored steps, give PushCube 13%, LiftPeg 36%)
   local t o
-  for t in "${TASKS[@]}"; do
+  for t in ${STATE_TASKS:-${TASKS[*]}}; do
     o=(env.task="$t" run_dir="$STATE/$t" replay.root="$STATE/replay" demos.num=40 train.steps=2000
        train.num_threads=1 eval.episodes="$STATE_EPISODES" eval.runs=1)
     "$AFIL" demos --config configs/state_cpu.yaml "${o[@]}"

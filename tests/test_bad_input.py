@@ -122,6 +122,7 @@ def test_an_empty_store_is_one_line(capsys, tmp_path):
     ("eval.workers=0", "eval.workers must be >= 1"),
     ("loop.round_s=0", "loop.round_s must be > 0"),
     ("loop.eval_every_s=-1", "loop.eval_every_s must be >= 0"),
+    ("detect.combiner=mean", "detect.combiner must be one of logistic, boosted, got 'mean'"),
     ("reproduce.harvest_runs=0", "reproduce.harvest_runs must be >= 1"),
     ("reproduce.lams=[1.0,-2.0]", "reproduce.lams must be >= 0.0, got -2.0"),
     ("seed=-1", "seed must be >= 0"),

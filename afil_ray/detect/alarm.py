@@ -12,8 +12,12 @@ round, and the two halves are pooled, so every number is on episodes nothing was
   restore point): it counts as flagged in time when its alarm fires at or before that step, and its lead time is
   the number of steps between the two.
 
-The combination is a logistic regression on the signals' per-step scores (standardised; labels: the episode
-failed), scikit-learn's, as FIPER combines its two scores with a learned rule rather than a fixed one.
+The combination is learned from the signals' per-step scores (labels: the episode failed), as FIPER combines its
+two scores with a learned rule rather than a fixed one: a logistic regression on the standardised scores
+(``logistic``), or gradient-boosted trees constrained to be monotone in every signal (``boosted``: it can learn
+"both high" or "one very high", which a weighted sum cannot). Its threshold is calibrated on successes it was not
+fitted on: the other fold is halved by a second hash of the episode id, one half fits, the other calibrates. A
+flexible model fits its own training successes' scores low, and a threshold set on them would fire too often.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from afil_ray.config import DETECT_COMBINERS
 from afil_ray.detect.conformal import calibrate, first_alarm
 from afil_ray.eval.critic import auroc
 
 FRACTIONS = (0.25, 0.5, 0.75)
 COMBINED = "combined"
+COMBINERS = DETECT_COMBINERS
 
 
 @dataclass(frozen=True)
@@ -47,46 +53,82 @@ def fold_of(episode_id: str) -> int:
     return hashlib.blake2b(episode_id.encode(), digest_size=1).digest()[0] % 2
 
 
+def calibration_half(episode_id: str) -> bool:
+    """Whether an episode calibrates a combination (True) or fits it (False): a hash independent of the fold's."""
+    return hashlib.blake2b(episode_id.encode(), digest_size=2).digest()[1] % 2 == 1
+
+
 def early_score(scores: np.ndarray, fraction: float) -> float:
     """The largest score over the first ``fraction`` of the steps (at least one step)."""
     return float(np.max(scores[: max(1, int(np.ceil(fraction * len(scores))))]))
 
 
 class Combination:
-    """Logistic regression from the signals' standardised per-step scores to P(the episode fails)."""
+    """A learned map from the signals' per-step scores to a failure score (higher: more likely to fail)."""
 
-    def __init__(self, signals: Sequence[str]) -> None:
-        self.signals = tuple(signals)
+    def __init__(self, signals: Sequence[str], kind: str = "logistic") -> None:
+        if kind not in COMBINERS:
+            raise ValueError(f"combiner {kind!r} is not one of {', '.join(COMBINERS)}")
+        self.signals, self.kind = tuple(signals), kind
 
     def fit(self, episodes: Sequence[ScoredEpisode]) -> Combination:
+        from sklearn.ensemble import HistGradientBoostingClassifier
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
-        x = np.concatenate([self._features(e) for e in episodes])
+        x = np.concatenate([self._features(e.scores) for e in episodes])
         y = np.concatenate([np.full(e.length, not e.success) for e in episodes])
         # every episode weighs the same, however long it ran (failures run to the time limit)
         w = np.concatenate([np.full(e.length, 1.0 / e.length) for e in episodes])
         if len(np.unique(y)) < 2:
             raise ValueError("combining signals needs failures and successes in the fitting fold")
-        self.model = make_pipeline(StandardScaler(), LogisticRegression())
-        self.model.fit(x, y, logisticregression__sample_weight=w)
+        if self.kind == "logistic":
+            self.model = make_pipeline(StandardScaler(), LogisticRegression())
+            self.model.fit(x, y, logisticregression__sample_weight=w)
+        else:  # monotone: a higher score of any signal never lowers the failure score
+            self.model = HistGradientBoostingClassifier(
+                max_iter=200, learning_rate=0.05, max_leaf_nodes=15, min_samples_leaf=100,
+                monotonic_cst=[1] * len(self.signals), early_stopping=False, random_state=0)
+            with _one_thread():
+                self.model.fit(x, y, sample_weight=w * len(episodes))  # weights summing to the episodes, as above
         return self
 
-    def _features(self, episode: ScoredEpisode) -> np.ndarray:
-        return np.stack([episode.scores[s] for s in self.signals], axis=1)
+    def _features(self, scores: dict[str, np.ndarray]) -> np.ndarray:
+        return np.stack([scores[s] for s in self.signals], axis=1)
 
     def __call__(self, episode: ScoredEpisode) -> np.ndarray:
-        return self.model.decision_function(self._features(episode))
+        return self.rows(episode.scores)
+
+    def episodes(self, episodes: Sequence[ScoredEpisode]) -> dict[str, np.ndarray]:
+        """Each episode's combined per-step scores, by episode id, from one batched call."""
+        if not episodes:
+            return {}
+        rows = self.rows({s: np.concatenate([e.scores[s] for e in episodes]) for s in self.signals})
+        ends = np.cumsum([e.length for e in episodes])[:-1]
+        return {e.episode_id: part for e, part in zip(episodes, np.split(rows, ends), strict=True)}
 
     def rows(self, scores: dict[str, np.ndarray]) -> np.ndarray:
         """The combined score of rows of signal scores ({signal: [B]}), as a live monitor computes it."""
-        return self.model.decision_function(np.stack([scores[s] for s in self.signals], axis=1))
+        x = self._features(scores)
+        if self.kind == "logistic":
+            return self.model.decision_function(x)
+        with _one_thread():
+            return self.model.decision_function(x)
 
     @property
     def coefficients(self) -> dict[str, float]:
+        if self.kind != "logistic":
+            raise ValueError(f"a {self.kind} combination has no coefficients")
         coef = self.model[-1].coef_[0]
         return {s: float(c) for s, c in zip(self.signals, coef, strict=True)}
+
+
+def _one_thread():
+    """Trees on a few thousand rows: OpenMP threads cost more than they give, and far more on busy cores."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="openmp")
 
 
 @dataclass
@@ -110,19 +152,25 @@ class SignalReport:
 
 
 def evaluate_alarm(episodes: Sequence[ScoredEpisode], signals: Sequence[str], alpha: float = 0.05,
-                   combine: bool = True) -> list[SignalReport]:
-    """One report per signal (and their combination), each measured on the fold nothing was fitted on: for fold k,
-    the combination is fitted on the other fold, and the threshold is calibrated on the other fold's successes
-    scored by that same combination."""
+                   combine: bool = True, combiner: str = "logistic") -> list[SignalReport]:
+    """One report per signal (and their ``combiner`` combination), each measured on the fold nothing was fitted on:
+    for fold k, a single signal's threshold is calibrated on the other fold's successes; the combination is fitted
+    on one half of the other fold and its threshold calibrated on the other half's successes."""
     folds = [[e for e in episodes if fold_of(e.episode_id) == k] for k in (0, 1)]
+    fit_parts = [[e for e in fold if not calibration_half(e.episode_id)] for fold in folds]
     combinations: list[Combination] = []
-    both = all(len({e.success for e in fold}) == 2 for fold in folds)  # a fit needs failures and successes
+    both = all(len({e.success for e in part}) == 2 for part in fit_parts)  # a fit needs failures and successes
     if combine and len(signals) > 1 and both:
-        combinations = [Combination(signals).fit(folds[1 - k]) for k in (0, 1)]
+        combinations = [Combination(signals, combiner).fit(fit_parts[1 - k]) for k in (0, 1)]
         signals = [*signals, COMBINED]
 
+    combined = [c.episodes(episodes) for c in combinations]  # fitted without fold k, scoring every episode
+
     def scores_of(e: ScoredEpisode, signal: str, k: int) -> np.ndarray:
-        return combinations[k](e) if signal == COMBINED else e.scores[signal]
+        return combined[k][e.episode_id] if signal == COMBINED else e.scores[signal]
+
+    def calibrates(e: ScoredEpisode, signal: str) -> bool:
+        return e.success and (signal != COMBINED or calibration_half(e.episode_id))
 
     reports = []
     for signal in signals:
@@ -130,7 +178,7 @@ def evaluate_alarm(episodes: Sequence[ScoredEpisode], signals: Sequence[str], al
         false_alarms, detected, in_time, leads = [], [], [], []
         alarms: dict[str, int | None] = {}
         for k in (0, 1):
-            threshold = calibrate([scores_of(e, signal, k) for e in folds[1 - k] if e.success], alpha)
+            threshold = calibrate([scores_of(e, signal, k) for e in folds[1 - k] if calibrates(e, signal)], alpha)
             for e in folds[k]:
                 scores = scores_of(e, signal, k)
                 for f in FRACTIONS:

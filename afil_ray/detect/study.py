@@ -159,11 +159,13 @@ def alarm_study(cfg: Config, progress: bool = True, handover: bool = True) -> di
     corrector = Corrector(cfg.env, cfg.correct, cfg.demos) if handover else None
     planner = Handovers(corrector) if corrector is not None else None
     try:
-        result = {"task": task, "alpha": cfg.detect.alpha, "signal_checkpoints": sources, "causes": cause_table(
-            [e for e in episodes if not e.success], points)}
+        result = {"task": task, "alpha": cfg.detect.alpha, "combiner": cfg.detect.combiner,
+                  "signal_checkpoints": sources,
+                  "causes": cause_table([e for e in episodes if not e.success], points)}
         tables = []
         for name, (part, part_episodes) in parts.items():
-            reports = evaluate_alarm(part, list(cfg.detect.signals), alpha=cfg.detect.alpha)
+            reports = evaluate_alarm(part, list(cfg.detect.signals), alpha=cfg.detect.alpha,
+                                     combiner=cfg.detect.combiner)
             handovers = [] if planner is None else [planner.report(r.signal, part_episodes, r.alarms, progress)
                                                     for r in reports]
             result[name] = _part(part_episodes, points, reports, handovers)

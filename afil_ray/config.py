@@ -613,7 +613,8 @@ class ReproduceConfig(_Section):
     """
 
     # stop after this stage of the pipeline's first part (a later command with until=None goes on from there):
-    # demos, success_only, harvest, correct, corrected, dag; None: every stage
+    # demos, success_only, harvest, correct, corrected, dag, signal (issue 22's branches and the stages trained on
+    # them, after the training seeds' corrected and dag: what `afil-ray alarm` needs); None: every stage
     until: str | None = None
     harvest_seed_start: int = 50000  # rollout seeds for failures: disjoint from demos (0..) and eval (100000..)
     harvest_seeds: int = 100  # initial states rolled out by the success-only policy ...
@@ -669,7 +670,7 @@ class ReproduceConfig(_Section):
         _each_at_least("reproduce.train_seeds", self.train_seeds, 0)
 
 
-REPRODUCE_UNTIL = ("demos", "success_only", "harvest", "correct", "corrected", "dag")  # reproduce.until
+REPRODUCE_UNTIL = ("demos", "success_only", "harvest", "correct", "corrected", "dag", "signal")  # reproduce.until
 DETECT_SIGNALS = ("critic", "spread", "disagreement")  # afil_ray/detect/signals.py
 DETECT_COMBINERS = ("logistic", "boosted")  # afil_ray/detect/alarm.py
 # ARMOR's ablation rows (afil_ray/detect/armor.py RECIPES)

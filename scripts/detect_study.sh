@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 23's measurements (afil_ray/detect/) as resumable runs, on the reproductions scripts/failure_signal.sh
 # makes (runs/fs_<task>; the alarm needs its stages up to the critic and the dag, the explainer its success-only
-# and corrected policies):
+# and corrected policies; OVERRIDES="reproduce.until=signal reproduce.train_seeds=[]" scripts/failure_signal.sh
+# <task> makes only the alarm's, in about half the time):
 #   scripts/detect_study.sh alarm PullCube-v1     # the runtime alarm on fresh rollouts -> runs/fs_PullCube/detect/alarm.md
 #                                                 # (overrides after the task: detect.combiner=boosted ...)
 #   scripts/detect_study.sh explain PullCube-v1   # ARMOR's ablation rows at sparse:dense 2 and 30 -> .../detect/explain.md

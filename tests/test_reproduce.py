@@ -309,3 +309,11 @@ def test_reproduce_until_a_stage_stops_after_it(tmp_path, capsys):
     assert main(["reproduce", "--quiet", *args]) == 0
     assert sorted(e.seed for e in store.read_episodes(TASK) if e.source == "harvest") == first
     assert json.loads((tmp_path / "run" / "stages" / "harvest.json").read_text())["outputs"]["episodes"] == 3
+
+    # `signal` stops once the critic exists (what `afil-ray alarm` needs), before any evaluation
+    critic_only = ["reproduce.critic_arms=['rank:k=4']", "reproduce.critic_steps=10", "branches.per_state=2",
+                   "branches.states_per_episode=1"]
+    assert main(["reproduce", "--quiet", *tiny_args(tmp_path), *critic_only, "reproduce.until=signal"]) == 0
+    done = sorted(p.stem for p in (tmp_path / "run" / "stages").glob("*.json"))
+    assert done == ["branch", "correct", "corrected", "critic", "dag", "demos", "harvest", "success_only"]
+    assert "stopped after stage 'signal' (reproduce.until)" in capsys.readouterr().out

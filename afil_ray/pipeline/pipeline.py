@@ -170,6 +170,8 @@ class Pipeline:
         if rc.critic_arms or rc.branch_rule_arms:  # issue 22's failure signal: branches from the harvest
             self._stage("branch", lambda: self.branch(corrected_ckpt))
         signal = self.signal_stages(corrected_ckpt)
+        if rc.until == "signal":
+            return self._stopped()
         # each training seed's, on the same branches (made by the main corrected policy)
         seed_signal = {seed: self.signal_stages(seed_ckpts[seed][0], seed) for seed in seeds}
         online_ckpt = None

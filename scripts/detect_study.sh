@@ -2,7 +2,7 @@
 # Issue 23's measurements (afil_ray/detect/) as resumable runs, on the reproductions scripts/failure_signal.sh
 # makes (runs/fs_<task>; the alarm needs its stages up to the critic and the dag, the explainer its success-only
 # and corrected policies; OVERRIDES="reproduce.until=signal reproduce.train_seeds=[]" scripts/failure_signal.sh
-# <task> makes only the alarm's, in about half the time):
+# <task> makes only the alarm's, in 35 min on PullCube):
 #   scripts/detect_study.sh alarm PullCube-v1     # the runtime alarm on fresh rollouts -> runs/fs_PullCube/detect/alarm.md
 #                                                 # (overrides after the task: detect.combiner=boosted ...)
 #   scripts/detect_study.sh explain PullCube-v1   # ARMOR's ablation rows at sparse:dense 2 and 30 -> .../detect/explain.md
@@ -27,7 +27,8 @@ case "$what" in
   transfer)
     run=runs/detect_transfer
     "$AFIL" reproduce --config configs/reproduce.yaml "env.task=[PushCube-v1,PullCube-v1]" run_dir="$run" \
-      replay.root="$run/replay" demos.num=20 train.steps=5000 reproduce.until=success_only
+      replay.root="$run/replay" demos.num=20 train.steps=5000 reproduce.until=success_only \
+      "reproduce.train_seeds=[]" "reproduce.variants={}" "reproduce.seed_variants=[]"  # one-task studies
     "$AFIL" explain --config "$run/config.yaml" --study detect.transfer_to=PullCube-v1 \
       "detect.collect_policies=[success_only@1000,success_only@2000,success_only@3000,success_only@4000,success_only]" \
       "detect.study_recipes=[multitask,armor]" "detect.study_ratios=[2.0]"

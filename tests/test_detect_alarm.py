@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from afil_ray.config import PolicyConfig, SamplerConfig
-from afil_ray.detect.alarm import COMBINED, FRACTIONS, ScoredEpisode, early_score, evaluate_alarm, markdown_table
+from afil_ray.detect.alarm import (
+    COMBINED,
+    FRACTIONS,
+    ScoredEpisode,
+    against_combination,
+    early_score,
+    evaluate_alarm,
+    markdown_table,
+)
 from afil_ray.detect.signals import SIGNALS, FailureSignals, hold, score_episodes
 from afil_ray.policy import DAGPolicy
 from afil_ray.replay.episode import Episode
@@ -114,6 +122,18 @@ def test_the_combination_beats_each_signal_when_each_sees_half_the_failures():
     assert reports[COMBINED].false_alarm_rate < 0.1
     table = markdown_table(list(reports.values()), 0.05)
     assert table.count("\n") == 4 and "combined" in table
+    # paired with the combination on the same episodes: the counts are the reports' own, and the gain is no noise
+    paired = {p.signal: p for p in against_combination(list(reports.values()), episodes)}
+    assert set(paired) == {"a", "b"}
+    for single in ("a", "b"):
+        in_time, false_alarms = paired[single].in_time, paired[single].false_alarms
+        assert in_time.n == 200 and false_alarms.n == 300
+        assert in_time.reference_successes == round(reports[single].flagged_in_time * 200)
+        assert in_time.arm_successes == round(reports[COMBINED].flagged_in_time * 200)
+        assert false_alarms.reference_successes == round(reports[single].false_alarm_rate * 300)
+        assert false_alarms.arm_successes == round(reports[COMBINED].false_alarm_rate * 300)
+        assert in_time.difference > 0.1 and in_time.mcnemar_p < 0.001
+    assert against_combination([reports["a"]], episodes) == []  # nothing to pair without a combination
 
 
 def _both_high(n: int, rng: np.random.Generator, success: bool, length: int = 60, onset: int = 20) -> ScoredEpisode:

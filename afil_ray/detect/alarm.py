@@ -18,6 +18,10 @@ two scores with a learned rule rather than a fixed one: a logistic regression on
 "both high" or "one very high", which a weighted sum cannot). Its threshold is calibrated on successes it was not
 fitted on: the other fold is halved by a second hash of the episode id, one half fits, the other calibrates. A
 flexible model fits its own training successes' scores low, and a threshold set on them would fire too often.
+
+Whether the combination beats a signal is a paired question (``against_combination``): the same failures flagged
+in time or not by each, the same successes falsely alarmed or not, so McNemar's test and a paired bootstrap
+interval say whether a gain of a few failures is more than the thresholds' noise.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import numpy as np
 from afil_ray.config import DETECT_COMBINERS
 from afil_ray.detect.conformal import calibrate, first_alarm
 from afil_ray.eval.critic import auroc
+from afil_ray.eval.stats import PairedComparison, compare_paired
 
 FRACTIONS = (0.25, 0.5, 0.75)
 COMBINED = "combined"
@@ -203,6 +208,52 @@ def evaluate_alarm(episodes: Sequence[ScoredEpisode], signals: Sequence[str], al
             alarms,
         ))
     return reports
+
+
+@dataclass(frozen=True)
+class AgainstCombination:
+    """The combination against one signal on the same episodes (reference: the signal, arm: the combination)."""
+
+    signal: str
+    in_time: PairedComparison  # failures with a point of no return: flagged at or before it
+    false_alarms: PairedComparison  # successes: the alarm fired
+
+    def row(self) -> list[str]:
+        def paired(c: PairedComparison) -> list[str]:
+            return [f"{c.reference_successes}/{c.n} -> {c.arm_successes}/{c.n}",
+                    f"{c.difference:+.3f} [{c.diff_low:+.3f}, {c.diff_high:+.3f}]", f"{c.mcnemar_p:.3f}"]
+
+        return [self.signal, *paired(self.in_time), *paired(self.false_alarms)]
+
+
+def against_combination(reports: Sequence[SignalReport],
+                        episodes: Sequence[ScoredEpisode]) -> list[AgainstCombination]:
+    """Each single signal's alarms paired with the combination's, on the episodes ``reports`` measured."""
+    combined = next((r for r in reports if r.signal == COMBINED), None)
+    if combined is None:
+        return []
+    timed = [e for e in episodes if not e.success and e.point_of_no_return is not None]
+    successes = [e for e in episodes if e.success]
+
+    def in_time(alarms: dict[str, int | None], e: ScoredEpisode) -> bool:
+        alarm = alarms[e.episode_id]
+        return alarm is not None and alarm <= e.point_of_no_return
+
+    def fired(alarms: dict[str, int | None]) -> list[bool]:
+        return [alarms[e.episode_id] is not None for e in successes]
+
+    return [AgainstCombination(r.signal,
+                               compare_paired([in_time(r.alarms, e) for e in timed],
+                                              [in_time(combined.alarms, e) for e in timed]),
+                               compare_paired(fired(r.alarms), fired(combined.alarms)))
+            for r in reports if r.signal != COMBINED and timed and successes]
+
+
+def against_combination_table(rows: Sequence[AgainstCombination]) -> str:
+    header = ["signal", "before point of no return: signal -> combined", "Δ [95% paired bootstrap]", "McNemar p",
+              "false alarms: signal -> combined", "Δ [95% paired bootstrap]", "McNemar p"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r.row()) + " |" for r in rows])
 
 
 def markdown_table(reports: Sequence[SignalReport], alpha: float) -> str:

@@ -30,7 +30,13 @@ import numpy as np
 
 from afil_ray.config import Config, ConfigError
 from afil_ray.correction import Corrector, correct_failures
-from afil_ray.detect.alarm import ScoredEpisode, evaluate_alarm, markdown_table
+from afil_ray.detect.alarm import (
+    ScoredEpisode,
+    against_combination,
+    against_combination_table,
+    evaluate_alarm,
+    markdown_table,
+)
 from afil_ray.detect.intervention import Handovers
 from afil_ray.detect.intervention import markdown_table as handover_table
 from afil_ray.detect.labels import check_labelled_task, diagnose
@@ -168,8 +174,9 @@ def alarm_study(cfg: Config, progress: bool = True, handover: bool = True) -> di
                                      combiner=cfg.detect.combiner)
             handovers = [] if planner is None else [planner.report(r.signal, part_episodes, r.alarms, progress)
                                                     for r in reports]
-            result[name] = _part(part_episodes, points, reports, handovers)
-            tables.append(markdown(result[name], task, cfg.detect.alpha, reports, handovers, name))
+            paired = against_combination(reports, part)
+            result[name] = _part(part_episodes, points, reports, handovers, paired)
+            tables.append(markdown(result[name], task, cfg.detect.alpha, reports, handovers, paired, name))
     finally:
         if corrector is not None:
             corrector.close()
@@ -186,7 +193,8 @@ def alarm_study(cfg: Config, progress: bool = True, handover: bool = True) -> di
     return result
 
 
-def _part(episodes: list[Episode], points: dict[str, int], reports: list, handovers: list) -> dict[str, Any]:
+def _part(episodes: list[Episode], points: dict[str, int], reports: list, handovers: list,
+          paired: list) -> dict[str, Any]:
     failures = [e for e in episodes if not e.success]
     return {
         "episodes": len(episodes), "failures": len(failures),
@@ -196,6 +204,8 @@ def _part(episodes: list[Episode], points: dict[str, int], reports: list, handov
         "handovers": [{"signal": h.signal, **dataclasses.asdict(h.comparison), "handovers": h.handovers,
                        "handovers_of_successes": h.handovers_of_successes, "handovers_won": h.handovers_won,
                        "reasons": h.reasons} for h in handovers],
+        "against_combination": [{"signal": p.signal, "in_time": dataclasses.asdict(p.in_time),
+                                 "false_alarms": dataclasses.asdict(p.false_alarms)} for p in paired],
     }
 
 
@@ -204,10 +214,13 @@ PART_TITLES = {"fresh": "fresh initial states (no stage of the reproduction saw 
                "critic_unseen": "the initial states the critic held out (its score is out-of-sample)"}
 
 
-def markdown(part: dict[str, Any], task: str, alpha: float, reports: list, handovers: list, name: str) -> str:
+def markdown(part: dict[str, Any], task: str, alpha: float, reports: list, handovers: list, paired: list,
+             name: str) -> str:
     lines = [f"{task}, {PART_TITLES[name]}: {part['episodes']} episodes, {part['failures']} failures, "
              f"{part['failures_with_point_of_no_return']} of them with a point of no return (corrected).", "",
              markdown_table(reports, alpha)]
+    if paired:
+        lines += ["", against_combination_table(paired)]
     if handovers:
         lines += ["", handover_table(handovers)]
     return "\n".join(lines)

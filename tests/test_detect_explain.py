@@ -94,6 +94,8 @@ def test_the_cross_task_study_trains_on_the_other_tasks_and_measures_on_the_name
     result = json.loads((run / "detect" / "explain.json").read_text())
     assert result["transfer"] == {"train_tasks": ["PushCube-v1"], "test_task": "PullCube-v1"}
     assert (result["train"]["episodes"], result["test"]["episodes"]) == (16, 8)
+    assert sum(result["test"]["causes"].values()) == 8  # what a failure-cause accuracy reads against
+    assert result["test"]["failures"] == 8 - result["test"]["causes"].get("success", 0)
     assert "PullCube-v1, a task it never saw" in (run / "detect" / "explain.md").read_text()
     # each row is kept as it is measured: a second call reads it back instead of training again
     row_file = run / "detect" / "explain_rows" / "multitask@2.json"

@@ -26,6 +26,7 @@ import torch
 
 from afil_ray.config import Config, ConfigError
 from afil_ray.detect.armor import RECIPES, ArmorSettings, infer, train
+from afil_ray.detect.causes import SUCCESS
 from afil_ray.detect.dataset import SOURCE_PREFIX, Labelled, collect, frame_features, is_test
 from afil_ray.detect.explainer import (
     DetectorExplainer,
@@ -145,8 +146,7 @@ def explainer_study(cfg: Config, progress: bool = True) -> dict[str, Any]:
     result = {
         "task": ", ".join(cfg.env.tasks), "transfer": None if cfg.detect.transfer_to is None else
         {"train_tasks": trained_on, "test_task": cfg.detect.transfer_to}, "episodes": len(labelled.episodes),
-        "train": {"episodes": len(train_set.episodes), "failures": int(train_set.failed.sum())},
-        "test": {"episodes": len(test_set.episodes), "failures": int(test_set.failed.sum())},
+        "train": _split(train_set), "test": _split(test_set),
         "causes": {c: labelled.causes.count(c) for c in sorted(set(labelled.causes))},
         "rows": rows,
     }
@@ -157,6 +157,12 @@ def explainer_study(cfg: Config, progress: bool = True) -> dict[str, Any]:
     return result
 
 
+def _split(part: Labelled) -> dict[str, Any]:
+    """A split's size and causes: a failure-cause accuracy reads against how often its commonest cause occurs."""
+    return {"episodes": len(part.episodes), "failures": int(part.failed.sum()),
+            "causes": {c: part.causes.count(c) for c in sorted(set(part.causes))}}
+
+
 def study_markdown(result: dict[str, Any]) -> str:
     causes = ", ".join(f"{c} {n}" for c, n in result["causes"].items())
     transfer = result.get("transfer")
@@ -164,7 +170,7 @@ def study_markdown(result: dict[str, Any]) -> str:
     measured = "other initial states" if transfer is None else f"{transfer['test_task']}, a task it never saw"
     lines = [f"{result['task']}: {result['episodes']} episodes ({causes}); trained on {result['train']['episodes']}"
              f"{trained} ({result['train']['failures']} failures), measured on {result['test']['episodes']} from "
-             f"{measured} ({result['test']['failures']} failures).", "",
+             f"{measured} ({result['test']['failures']} failures: {_failure_causes(result['test'])}).", "",
              "| recipe | sparse:dense | dense (train) | detection acc. | cause acc. | cause acc. (failures) | "
              "similarity | similarity (held-out phrasing) | consistency | rounds |", "|" + "---|" * 10]
     for r in result["rows"]:
@@ -173,6 +179,10 @@ def study_markdown(result: dict[str, Any]) -> str:
                      f"{r['detection_accuracy']:.3f} | {r['cause_accuracy']:.3f} | {fail} | {r['similarity']:.3f} | "
                      f"{r['heldout_similarity']:.3f} | {r['consistency']:.3f} | {r['mean_rounds']:.2f} |")
     return "\n".join(lines)
+
+
+def _failure_causes(split: dict[str, Any]) -> str:
+    return ", ".join(f"{c} {n}" for c, n in split.get("causes", {}).items() if c != SUCCESS) or "none"
 
 
 def trained_explainer(cfg: Config, progress: bool = True) -> tuple[DetectorExplainer, DAGPolicy]:

@@ -220,8 +220,7 @@ class AgainstCombination:
 
     def row(self) -> list[str]:
         def paired(c: PairedComparison) -> list[str]:
-            return [f"{c.reference_successes}/{c.n} -> {c.arm_successes}/{c.n}",
-                    f"{c.difference:+.3f} [{c.diff_low:+.3f}, {c.diff_high:+.3f}]", f"{c.mcnemar_p:.3f}"]
+            return [f"{c.reference_successes}/{c.n} -> {c.arm_successes}/{c.n}", *c.cells()]
 
         return [self.signal, *paired(self.in_time), *paired(self.false_alarms)]
 

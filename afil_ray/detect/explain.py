@@ -147,7 +147,7 @@ def explainer_study(cfg: Config, progress: bool = True) -> dict[str, Any]:
         "task": ", ".join(cfg.env.tasks), "transfer": None if cfg.detect.transfer_to is None else
         {"train_tasks": trained_on, "test_task": cfg.detect.transfer_to}, "episodes": len(labelled.episodes),
         "train": _split(train_set), "test": _split(test_set),
-        "causes": {c: labelled.causes.count(c) for c in sorted(set(labelled.causes))},
+        "causes": _cause_counts(labelled.causes),
         "rows": rows,
     }
     out = Path(cfg.run_dir) / DETECT_DIR
@@ -160,7 +160,11 @@ def explainer_study(cfg: Config, progress: bool = True) -> dict[str, Any]:
 def _split(part: Labelled) -> dict[str, Any]:
     """A split's size and causes: a failure-cause accuracy reads against how often its commonest cause occurs."""
     return {"episodes": len(part.episodes), "failures": int(part.failed.sum()),
-            "causes": {c: part.causes.count(c) for c in sorted(set(part.causes))}}
+            "causes": _cause_counts(part.causes)}
+
+
+def _cause_counts(causes: list[str]) -> dict[str, int]:
+    return {c: causes.count(c) for c in sorted(set(causes))}
 
 
 def study_markdown(result: dict[str, Any]) -> str:

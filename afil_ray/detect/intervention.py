@@ -31,7 +31,7 @@ class HandoverReport:
     def row(self) -> list[str]:
         c = self.comparison
         return [self.signal, f"{c.reference_successes}/{c.n}", f"{c.arm_successes}/{c.n}",
-                f"{c.difference:+.3f} [{c.diff_low:+.3f}, {c.diff_high:+.3f}]", f"{c.mcnemar_p:.3f}",
+                *c.cells(),
                 f"{self.handovers / c.n:.3f}", f"{self.handovers_won}/{self.handovers}",
                 str(self.handovers_of_successes)]
 

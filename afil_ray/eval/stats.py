@@ -121,6 +121,10 @@ class PairedComparison:
     diff_high: float
     confidence: float
 
+    def cells(self) -> list[str]:
+        """The difference with its interval, and McNemar's p, as a table's two cells."""
+        return [f"{self.difference:+.3f} [{self.diff_low:+.3f}, {self.diff_high:+.3f}]", f"{self.mcnemar_p:.3f}"]
+
 
 def compare_paired(
     reference: Sequence[bool],

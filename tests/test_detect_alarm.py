@@ -133,6 +133,9 @@ def test_the_combination_beats_each_signal_when_each_sees_half_the_failures():
         assert false_alarms.reference_successes == round(reports[single].false_alarm_rate * 300)
         assert false_alarms.arm_successes == round(reports[COMBINED].false_alarm_rate * 300)
         assert in_time.difference > 0.1 and in_time.mcnemar_p < 0.001
+        by_state = paired[single].in_time_by_state  # one episode per initial state: the same difference
+        assert (by_state.n, by_state.clusters) == (200, 200) and by_state.difference == in_time.difference
+        assert by_state.p < 0.001 and paired[single].false_alarms_by_state.n == 300
     assert against_combination([reports["a"]], episodes) == []  # nothing to pair without a combination
 
 

@@ -175,3 +175,24 @@ def test_the_comparison_over_seeds_counts_each_episode_once() -> None:
     assert own.difference == pytest.approx(0.25) and own.reference_rate == pytest.approx(0.25)
     with pytest.raises(ValueError, match="needs at least one seed"):
         compare_paired_over_seeds(reference, [])
+
+
+def test_copies_of_one_initial_state_add_no_evidence_when_clustered() -> None:
+    """Rolling every initial state out three times with the same outcome triples the pairs: McNemar's p falls, as
+    if there were three times the evidence; by initial state the difference, interval and p stay where they were."""
+    from afil_ray.eval.stats import compare_paired_clustered
+
+    reference, arm = correlated_pair()
+    states = list(range(len(reference)))
+    once = compare_paired_clustered(reference, arm, states)
+    thrice = compare_paired_clustered(np.tile(reference, 3), np.tile(arm, 3), states * 3)
+    assert (once.n, once.clusters, thrice.n, thrice.clusters) == (150, 150, 450, 150)
+    assert thrice.difference == pytest.approx(once.difference) == pytest.approx(10 / 150)
+    assert (thrice.diff_low, thrice.diff_high, thrice.p) == pytest.approx((once.diff_low, once.diff_high, once.p))
+    assert compare_paired(np.tile(reference, 3), np.tile(arm, 3)).mcnemar_p < once.p / 10
+    # one pair per cluster: the sign-flip test agrees with McNemar's (5 against 15 discordant pairs)
+    assert once.p == pytest.approx(exact_mcnemar_closed_form(5, 15), abs=0.01)
+    same = compare_paired_clustered(reference, reference, states)
+    assert (same.difference, same.diff_low, same.diff_high, same.p) == (0.0, 0.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="same length"):
+        compare_paired_clustered(reference, arm, states[:-1])

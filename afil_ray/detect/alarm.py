@@ -1,8 +1,9 @@
 """How good a runtime alarm is: early AUROC, failures flagged before their point of no return, lead time.
 
-Episodes are split in two folds by a hash of their id (cross-fitting): what needs fitting (the combination of
-signals, the conformal threshold on successes) is fitted on one fold and measured on the other, then the other way
-round, and the two halves are pooled, so every number is on episodes nothing was fitted on.
+Episodes are split in two folds by a hash of their initial state (cross-fitting): what needs fitting (the
+combination of signals, the conformal threshold on successes) is fitted on one fold and measured on the other, then
+the other way round, and the two halves are pooled, so every number is on episodes nothing was fitted on, not even
+another noise draw of the same initial state.
 
 - AUROC at a fraction f of the episode: each episode scored by its largest score over its first f of steps
   (what the alarm has seen by then), failures against successes.
@@ -16,12 +17,14 @@ The combination is learned from the signals' per-step scores (labels: the episod
 two scores with a learned rule rather than a fixed one: a logistic regression on the standardised scores
 (``logistic``), or gradient-boosted trees constrained to be monotone in every signal (``boosted``: it can learn
 "both high" or "one very high", which a weighted sum cannot). Its threshold is calibrated on successes it was not
-fitted on: the other fold is halved by a second hash of the episode id, one half fits, the other calibrates. A
+fitted on: the other fold is halved by a second hash of the initial state, one half fits, the other calibrates. A
 flexible model fits its own training successes' scores low, and a threshold set on them would fire too often.
 
 Whether the combination beats a signal is a paired question (``against_combination``): the same failures flagged
-in time or not by each, the same successes falsely alarmed or not, so McNemar's test and a paired bootstrap
-interval say whether a gain of a few failures is more than the thresholds' noise.
+in time or not by each, the same successes falsely alarmed or not, so a paired test says whether a gain of a few
+failures is more than the thresholds' noise. Noise draws of one initial state are not independent pairs: the test
+and the interval resample initial states (``compare_paired_clustered``); McNemar's test, which counts every episode
+as one pair, is shown beside them.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import numpy as np
 from afil_ray.config import DETECT_COMBINERS
 from afil_ray.detect.conformal import calibrate, first_alarm
 from afil_ray.eval.critic import auroc
-from afil_ray.eval.stats import PairedComparison, compare_paired
+from afil_ray.eval.stats import ClusteredComparison, PairedComparison, compare_paired, compare_paired_clustered
 
 FRACTIONS = (0.25, 0.5, 0.75)
 COMBINED = "combined"
@@ -48,19 +51,25 @@ class ScoredEpisode:
     success: bool
     scores: dict[str, np.ndarray]  # signal -> per-step scores [T]
     point_of_no_return: int | None = None  # failures the planner corrected: the latest step it could still win from
+    initial_state: str | None = None  # episodes rolled out from one initial state share it (None: its own)
 
     @property
     def length(self) -> int:
         return len(next(iter(self.scores.values())))
 
+    @property
+    def cluster(self) -> str:
+        """What the folds and the paired tests keep together: the initial state."""
+        return self.episode_id if self.initial_state is None else self.initial_state
 
-def fold_of(episode_id: str) -> int:
-    return hashlib.blake2b(episode_id.encode(), digest_size=1).digest()[0] % 2
+
+def fold_of(cluster: str) -> int:
+    return hashlib.blake2b(cluster.encode(), digest_size=1).digest()[0] % 2
 
 
-def calibration_half(episode_id: str) -> bool:
+def calibration_half(cluster: str) -> bool:
     """Whether an episode calibrates a combination (True) or fits it (False): a hash independent of the fold's."""
-    return hashlib.blake2b(episode_id.encode(), digest_size=2).digest()[1] % 2 == 1
+    return hashlib.blake2b(cluster.encode(), digest_size=2).digest()[1] % 2 == 1
 
 
 def early_score(scores: np.ndarray, fraction: float) -> float:
@@ -161,8 +170,8 @@ def evaluate_alarm(episodes: Sequence[ScoredEpisode], signals: Sequence[str], al
     """One report per signal (and their ``combiner`` combination), each measured on the fold nothing was fitted on:
     for fold k, a single signal's threshold is calibrated on the other fold's successes; the combination is fitted
     on one half of the other fold and its threshold calibrated on the other half's successes."""
-    folds = [[e for e in episodes if fold_of(e.episode_id) == k] for k in (0, 1)]
-    fit_parts = [[e for e in fold if not calibration_half(e.episode_id)] for fold in folds]
+    folds = [[e for e in episodes if fold_of(e.cluster) == k] for k in (0, 1)]
+    fit_parts = [[e for e in fold if not calibration_half(e.cluster)] for fold in folds]
     combinations: list[Combination] = []
     both = all(len({e.success for e in part}) == 2 for part in fit_parts)  # a fit needs failures and successes
     if combine and len(signals) > 1 and both:
@@ -175,7 +184,7 @@ def evaluate_alarm(episodes: Sequence[ScoredEpisode], signals: Sequence[str], al
         return combined[k][e.episode_id] if signal == COMBINED else e.scores[signal]
 
     def calibrates(e: ScoredEpisode, signal: str) -> bool:
-        return e.success and (signal != COMBINED or calibration_half(e.episode_id))
+        return e.success and (signal != COMBINED or calibration_half(e.cluster))
 
     reports = []
     for signal in signals:
@@ -217,12 +226,16 @@ class AgainstCombination:
     signal: str
     in_time: PairedComparison  # failures with a point of no return: flagged at or before it
     false_alarms: PairedComparison  # successes: the alarm fired
+    in_time_by_state: ClusteredComparison  # the same, initial states as the unit
+    false_alarms_by_state: ClusteredComparison
 
     def row(self) -> list[str]:
-        def paired(c: PairedComparison) -> list[str]:
-            return [f"{c.reference_successes}/{c.n} -> {c.arm_successes}/{c.n}", *c.cells()]
+        def paired(c: PairedComparison, by_state: ClusteredComparison) -> list[str]:
+            return [f"{c.reference_successes}/{c.n} -> {c.arm_successes}/{c.n}", *by_state.cells(),
+                    f"{c.mcnemar_p:.3f}"]
 
-        return [self.signal, *paired(self.in_time), *paired(self.false_alarms)]
+        return [self.signal, *paired(self.in_time, self.in_time_by_state),
+                *paired(self.false_alarms, self.false_alarms_by_state)]
 
 
 def against_combination(reports: Sequence[SignalReport],
@@ -241,16 +254,23 @@ def against_combination(reports: Sequence[SignalReport],
     def fired(alarms: dict[str, int | None]) -> list[bool]:
         return [alarms[e.episode_id] is not None for e in successes]
 
-    return [AgainstCombination(r.signal,
-                               compare_paired([in_time(r.alarms, e) for e in timed],
-                                              [in_time(combined.alarms, e) for e in timed]),
-                               compare_paired(fired(r.alarms), fired(combined.alarms)))
-            for r in reports if r.signal != COMBINED and timed and successes]
+    rows = []
+    for r in reports:
+        if r.signal == COMBINED or not timed or not successes:
+            continue
+        flagged = ([in_time(r.alarms, e) for e in timed], [in_time(combined.alarms, e) for e in timed])
+        false = (fired(r.alarms), fired(combined.alarms))
+        rows.append(AgainstCombination(
+            r.signal, compare_paired(*flagged), compare_paired(*false),
+            compare_paired_clustered(*flagged, [e.cluster for e in timed]),
+            compare_paired_clustered(*false, [e.cluster for e in successes])))
+    return rows
 
 
 def against_combination_table(rows: Sequence[AgainstCombination]) -> str:
-    header = ["signal", "before point of no return: signal -> combined", "Δ [95% paired bootstrap]", "McNemar p",
-              "false alarms: signal -> combined", "Δ [95% paired bootstrap]", "McNemar p"]
+    header = ["signal", "before point of no return: signal -> combined", "Δ [95% CI, by initial state]",
+              "p (by initial state)", "McNemar p (by episode)", "false alarms: signal -> combined",
+              "Δ [95% CI, by initial state]", "p (by initial state)", "McNemar p (by episode)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r.row()) + " |" for r in rows])
 

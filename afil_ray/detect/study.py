@@ -152,7 +152,8 @@ def alarm_study(cfg: Config, progress: bool = True, handover: bool = True) -> di
             np.savez(cache, key=key, **{f"e{i}": s[signal] for i, s in enumerate(new)})
         for mine, part in zip(scores, new, strict=True):
             mine.update(part)
-    scored = [ScoredEpisode(e.episode_id, e.success, s, points.get(e.episode_id))
+    # the fresh rollouts' noise draws of one initial state share its seed: folds and paired tests keep them together
+    scored = [ScoredEpisode(e.episode_id, e.success, s, points.get(e.episode_id), initial_state=f"{e.task}:{e.seed}")
               for e, s in zip(episodes, scores, strict=True)]
     # On the harvest the critic trained on these episodes' outcomes (Monte-Carlo rows) except on the initial states
     # it held out (data.critic_holdout): its score is in-sample elsewhere, so the study is repeated on those alone.
@@ -205,7 +206,10 @@ def _part(episodes: list[Episode], points: dict[str, int], reports: list, handov
                        "handovers_of_successes": h.handovers_of_successes, "handovers_won": h.handovers_won,
                        "reasons": h.reasons} for h in handovers],
         "against_combination": [{"signal": p.signal, "in_time": dataclasses.asdict(p.in_time),
-                                 "false_alarms": dataclasses.asdict(p.false_alarms)} for p in paired],
+                                 "false_alarms": dataclasses.asdict(p.false_alarms),
+                                 "in_time_by_state": dataclasses.asdict(p.in_time_by_state),
+                                 "false_alarms_by_state": dataclasses.asdict(p.false_alarms_by_state)}
+                                for p in paired],
     }
 
 

@@ -160,6 +160,61 @@ def compare_paired(
 
 
 @dataclass(frozen=True)
+class ClusteredComparison:
+    """An arm against the reference on ``n`` paired episodes that come in ``clusters`` (e.g. several noise draws of
+    one initial state): ``difference`` is ``arm_rate - reference_rate`` over the episodes, its interval and ``p``
+    come from the clusters."""
+
+    n: int
+    clusters: int
+    difference: float
+    diff_low: float
+    diff_high: float
+    p: float  # two-sided sign-flip permutation test of the clusters' summed differences
+    confidence: float
+
+    def cells(self) -> list[str]:
+        return [f"{self.difference:+.3f} [{self.diff_low:+.3f}, {self.diff_high:+.3f}]", f"{self.p:.3f}"]
+
+
+def compare_paired_clustered(reference: Sequence[bool], arm: Sequence[bool], clusters: Sequence[object],
+                             confidence: float = 0.95, resamples: int = 10_000, seed: int = 0
+                             ) -> ClusteredComparison:
+    """``compare_paired`` for pairs that are not independent: episodes of one cluster share what decides them (an
+    initial state rolled out with fresh noise fails or succeeds together more often than two states do), so
+    McNemar's test and an episode bootstrap count them as more evidence than they are. Here the cluster is the
+    unit: the interval resamples whole clusters (the ratio of summed differences to summed sizes) and the test
+    flips the sign of each cluster's summed difference (no difference: either arm's flags are as likely in each
+    cluster). With one episode per cluster this is the paired permutation test."""
+    ref = _as_flags(reference, "reference").astype(float)
+    other = _as_flags(arm, "arm").astype(float)
+    if ref.shape != other.shape or ref.shape != (len(clusters),):
+        raise ValueError(f"paired samples and their clusters must have the same length, got {ref.size}, "
+                         f"{other.size} and {len(clusters)}")
+    if ref.size == 0:
+        raise ValueError("compare_paired_clustered needs at least one pair")
+    _check_confidence(confidence)
+    _, member = np.unique(np.asarray([str(c) for c in clusters]), return_inverse=True)
+    summed = np.bincount(member, weights=other - ref)
+    sizes = np.bincount(member).astype(float)
+    observed = float(summed.sum() / sizes.sum())
+    if np.all(summed == 0) or summed.size == 1:
+        low = high = observed
+        p = 1.0 if observed == 0 else float(2.0 ** (1 - summed.size))
+    else:
+        def ratio(d: np.ndarray, m: np.ndarray, axis: int = -1) -> np.ndarray:
+            return d.sum(axis=axis) / m.sum(axis=axis)
+
+        ci = stats.bootstrap((summed, sizes), ratio, paired=True, vectorized=True, confidence_level=confidence,
+                             n_resamples=resamples, method="percentile",
+                             rng=np.random.default_rng(seed)).confidence_interval
+        low, high = float(ci.low), float(ci.high)
+        p = float(stats.permutation_test((summed,), np.sum, permutation_type="samples", n_resamples=resamples,
+                                         vectorized=True, rng=np.random.default_rng(seed)).pvalue)
+    return ClusteredComparison(int(ref.size), int(summed.size), observed, low, high, p, confidence)
+
+
+@dataclass(frozen=True)
 class PooledComparison:
     """An arm re-trained with several seeds against one reference, on the same ``n`` episodes: ``difference`` is
     the mean over episodes of the arm's success rate over seeds minus the reference's success."""

@@ -294,3 +294,32 @@ def test_afil_ray_alarm_on_fresh_rollouts_of_the_success_only_policy(tmp_path, c
     capsys.readouterr()
     assert main(["alarm", "--config", str(config), "--quiet", "detect.alarm_seeds=4"]) == 2
     assert "holds rollouts of seeds 300000..300002, not 300000..300003" in capsys.readouterr().err
+
+
+def test_hand_over_outcomes_are_planned_once_and_kept_for_the_next_study(tmp_path):
+    """The planner runs once per (episode, snapshot at or before the alarm); a second study with the same
+    demonstrator settings reads the kept outcomes, one with other settings plans again."""
+    from afil_ray.detect.intervention import Handovers
+
+    class Planner:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, int]] = []
+
+        def handover(self, episode: Episode, step: int) -> tuple[bool, int | None, str]:
+            self.calls.append((episode.episode_id, step))
+            return step < 20, None, "planner_no_success"
+
+    episode = _episode(40, 0)
+    episode.snapshot_steps = [0, 16, 32]
+    keep = tmp_path / "handovers.json"
+    first = Planner()
+    planner = Handovers(first, keep, key="settings")
+    report = planner.report("critic", [episode, episode], {episode.episode_id: 18})
+    assert first.calls == [(episode.episode_id, 18)]  # the second alarm at the same snapshot is not planned again
+    assert (report.handovers, report.handovers_won) == (2, 2)
+    again = Planner()
+    assert Handovers(again, keep, key="settings").outcome(episode, 20) == (True, "planner_no_success")
+    assert again.calls == []  # alarm 20 restores snapshot 16, as alarm 18 did
+    other = Planner()
+    Handovers(other, keep, key="other settings").outcome(episode, 20)
+    assert other.calls == [(episode.episode_id, 20)]

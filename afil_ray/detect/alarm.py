@@ -13,7 +13,8 @@ another noise draw of the same initial state.
   restore point): it counts as flagged in time when its alarm fires at or before that step, and its lead time is
   the number of steps between the two.
 
-The combination is learned from the signals' per-step scores (labels: the episode failed), as FIPER combines its
+The combination is learned from the signals' per-step scores (labels: the episode failed; a failure's steps after
+its point of no return left out, since the alarm is judged on the steps before it), as FIPER combines its
 two scores with a learned rule rather than a fixed one: a logistic regression on the standardised scores
 (``logistic``), or gradient-boosted trees constrained to be monotone in every signal (``boosted``: it can learn
 "both high" or "one very high", which a weighted sum cannot). Its threshold is calibrated on successes it was not
@@ -91,10 +92,14 @@ class Combination:
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
-        x = np.concatenate([self._features(e.scores) for e in episodes])
-        y = np.concatenate([np.full(e.length, not e.success) for e in episodes])
-        # every episode weighs the same, however long it ran (failures run to the time limit)
-        w = np.concatenate([np.full(e.length, 1.0 / e.length) for e in episodes])
+        # what the alarm is for: telling a failure from a success while it can still be saved, so a failure's steps
+        # after its point of no return (where every signal already says "failed") are left out of the fit
+        steps = [e.length if e.success or e.point_of_no_return is None else min(e.length, e.point_of_no_return + 1)
+                 for e in episodes]
+        x = np.concatenate([self._features(e.scores)[:n] for e, n in zip(episodes, steps, strict=True)])
+        y = np.concatenate([np.full(n, not e.success) for e, n in zip(episodes, steps, strict=True)])
+        # every episode weighs the same, however many of its steps are fitted (failures run to the time limit)
+        w = np.concatenate([np.full(n, 1.0 / n) for n in steps])
         if len(np.unique(y)) < 2:
             raise ValueError("combining signals needs failures and successes in the fitting fold")
         if self.kind == "logistic":

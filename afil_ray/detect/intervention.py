@@ -9,8 +9,10 @@ and what its false alarms cost (a success handed to a planner that then fails).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -37,11 +39,24 @@ class HandoverReport:
 
 
 class Handovers:
-    """The demonstrator's outcomes from alarm points, each (episode, take-over step) planned once."""
+    """The demonstrator's outcomes from alarm points, each (episode, take-over step) planned once; with ``keep``,
+    kept in that file for the next study on the same episodes (another combiner alarms mostly at the same steps),
+    as long as its ``key`` (what decides a plan: the demonstrator's settings) is the same."""
 
-    def __init__(self, corrector: Corrector) -> None:
-        self.corrector = corrector
+    def __init__(self, corrector: Corrector, keep: Path | None = None, key: str = "") -> None:
+        self.corrector, self.keep, self.key = corrector, keep, key
         self.cache: dict[tuple[str, int], tuple[bool, str]] = {}
+        if keep is not None and keep.is_file():
+            saved = json.loads(keep.read_text())
+            if saved.get("key") == key:
+                self.cache = {(episode, int(step)): (bool(won), reason)
+                              for episode, step, won, reason in saved["outcomes"]}
+
+    def save(self) -> None:
+        if self.keep is not None:
+            outcomes = [[episode, step, won, reason] for (episode, step), (won, reason) in self.cache.items()]
+            self.keep.parent.mkdir(parents=True, exist_ok=True)
+            self.keep.write_text(json.dumps({"key": self.key, "outcomes": outcomes}) + "\n")
 
     def outcome(self, episode: Episode, alarm: int) -> tuple[bool, str]:
         at = max((s for s in episode.snapshot_steps if s <= alarm), default=None)
@@ -69,6 +84,7 @@ class Handovers:
             if not success:
                 reasons[reason] = reasons.get(reason, 0) + 1
             with_handover.append(success)
+        self.save()
         comparison = compare_paired([e.success for e in episodes], with_handover)
         return HandoverReport(signal, comparison, handovers, of_successes, won, reasons)
 

@@ -164,7 +164,9 @@ def alarm_study(cfg: Config, progress: bool = True, handover: bool = True) -> di
         "critic_unseen": ([s for s, u in zip(scored, unseen, strict=True) if u],
                           [e for e, u in zip(episodes, unseen, strict=True) if u])}
     corrector = Corrector(cfg.env, cfg.correct, cfg.demos) if handover else None
-    planner = Handovers(corrector) if corrector is not None else None
+    planner = None if corrector is None else Handovers(
+        corrector, root / OUTPUT_DIR / f"handovers{'_fresh' if cfg.detect.alarm_seeds else ''}.json",
+        key=json.dumps([dataclasses.asdict(cfg.correct), dataclasses.asdict(cfg.demos)], sort_keys=True))
     try:
         result = {"task": task, "alpha": cfg.detect.alpha, "combiner": cfg.detect.combiner,
                   "signal_checkpoints": sources,

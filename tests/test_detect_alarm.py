@@ -16,6 +16,7 @@ from afil_ray.detect.alarm import (
     against_combination,
     early_score,
     evaluate_alarm,
+    in_time_at,
     markdown_table,
 )
 from afil_ray.detect.signals import SIGNALS, FailureSignals, hold, score_episodes
@@ -136,6 +137,12 @@ def test_the_combination_beats_each_signal_when_each_sees_half_the_failures():
         by_state = paired[single].in_time_by_state  # one episode per initial state: the same difference
         assert (by_state.n, by_state.clusters) == (200, 200) and by_state.difference == in_time.difference
         assert by_state.p < 0.001 and paired[single].false_alarms_by_state.n == 300
+        # at the combination's false-alarm count the single signal still misses the other half of the failures
+        assert paired[single].in_time_at_matched_false_alarms < 0.6 * 200
+    successes = [e for e in episodes if e.success]
+    timed = [e for e in episodes if not e.success]
+    budget = [in_time_at("a", n, successes, timed) for n in (0, 15, 60, 300)]
+    assert budget == sorted(budget) and budget[-1] == 200  # more false alarms, more flagged; all of them at 300
     assert against_combination([reports["a"]], episodes) == []  # nothing to pair without a combination
 
 

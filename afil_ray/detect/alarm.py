@@ -233,6 +233,9 @@ class AgainstCombination:
     false_alarms: PairedComparison  # successes: the alarm fired
     in_time_by_state: ClusteredComparison  # the same, initial states as the unit
     false_alarms_by_state: ClusteredComparison
+    # the signal's failures flagged in time with its threshold moved to as many false alarms as the combination
+    # raised on these successes: how much of a gain is only a larger false-alarm budget
+    in_time_at_matched_false_alarms: int
 
     def row(self) -> list[str]:
         def paired(c: PairedComparison, by_state: ClusteredComparison) -> list[str]:
@@ -240,7 +243,22 @@ class AgainstCombination:
                     f"{c.mcnemar_p:.3f}"]
 
         return [self.signal, *paired(self.in_time, self.in_time_by_state),
+                f"{self.in_time_at_matched_false_alarms}/{self.in_time.n}",
                 *paired(self.false_alarms, self.false_alarms_by_state)]
+
+
+def in_time_at(signal: str, false_alarms: int, successes: Sequence[ScoredEpisode],
+               timed: Sequence[ScoredEpisode]) -> int:
+    """Failures ``signal`` flags at or before their point of no return with the threshold that gives
+    ``false_alarms`` false alarms on ``successes`` (set on the measured episodes themselves, for a comparison at
+    an equal false-alarm count, not as a usable threshold)."""
+    maxima = np.sort([e.scores[signal].max() for e in successes])[::-1]
+    if false_alarms >= len(maxima):
+        threshold = -np.inf
+    else:  # between the false_alarms-th largest success maximum and the next
+        threshold = maxima[false_alarms] if false_alarms == 0 else (maxima[false_alarms - 1] + maxima[false_alarms]) / 2
+    alarms = [first_alarm(e.scores[signal], threshold) for e in timed]
+    return sum(a is not None and a <= e.point_of_no_return for a, e in zip(alarms, timed, strict=True))
 
 
 def against_combination(reports: Sequence[SignalReport],
@@ -268,13 +286,15 @@ def against_combination(reports: Sequence[SignalReport],
         rows.append(AgainstCombination(
             r.signal, compare_paired(*flagged), compare_paired(*false),
             compare_paired_clustered(*flagged, [e.cluster for e in timed]),
-            compare_paired_clustered(*false, [e.cluster for e in successes])))
+            compare_paired_clustered(*false, [e.cluster for e in successes]),
+            in_time_at(r.signal, sum(false[1]), successes, timed)))
     return rows
 
 
 def against_combination_table(rows: Sequence[AgainstCombination]) -> str:
     header = ["signal", "before point of no return: signal -> combined", "Δ [95% CI, by initial state]",
-              "p (by initial state)", "McNemar p (by episode)", "false alarms: signal -> combined",
+              "p (by initial state)", "McNemar p (by episode)", "signal at the combination's false alarms",
+              "false alarms: signal -> combined",
               "Δ [95% CI, by initial state]", "p (by initial state)", "McNemar p (by episode)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r.row()) + " |" for r in rows])

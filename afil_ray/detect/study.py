@@ -210,7 +210,8 @@ def _part(episodes: list[Episode], points: dict[str, int], reports: list, handov
         "against_combination": [{"signal": p.signal, "in_time": dataclasses.asdict(p.in_time),
                                  "false_alarms": dataclasses.asdict(p.false_alarms),
                                  "in_time_by_state": dataclasses.asdict(p.in_time_by_state),
-                                 "false_alarms_by_state": dataclasses.asdict(p.false_alarms_by_state)}
+                                 "false_alarms_by_state": dataclasses.asdict(p.false_alarms_by_state),
+                                 "in_time_at_matched_false_alarms": p.in_time_at_matched_false_alarms}
                                 for p in paired],
     }
 

@@ -4,7 +4,7 @@
 # and corrected policies; OVERRIDES="reproduce.until=signal reproduce.train_seeds=[]" scripts/failure_signal.sh
 # <task> makes only the alarm's, in 35 min on PullCube):
 #   scripts/detect_study.sh alarm PullCube-v1     # the runtime alarm on fresh rollouts -> runs/fs_PullCube/detect/alarm.md
-#                                                 # (overrides after the task: detect.combiner=boosted ...)
+#                                                 # (overrides after the task: detect.combiner=logistic ...)
 #   scripts/detect_study.sh explain PullCube-v1   # ARMOR's ablation rows at sparse:dense 2 and 30 -> .../detect/explain.md
 #   scripts/detect_study.sh transfer              # cross-task: one state policy for PushCube and PullCube (20 demos
 #                                                 # each, 5,000 steps), the detector trained on PushCube's rollouts and

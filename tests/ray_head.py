@@ -76,7 +76,7 @@ def _stop_head(temp: str) -> None:
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=20)
+    _, alive = psutil.wait_procs(procs, timeout=5)  # a test head need not drain: what outlives 5 s is killed
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()

@@ -400,7 +400,9 @@ class LoopDriver:
             log.error("could not count this run's episodes in %s: %s", self.cfg.replay.root, e)
             return
         summary["episodes"], summary["episodes_reported"] = stored, reported
-        summary["episodes_in_lost_rounds"] = sum(stored.values()) - sum(reported.values())
+        # branch actors report their branches apart from the rollouts' outcomes; both are stored under this run id
+        branched = summary.get("branches", {}).get("branches", 0)
+        summary["episodes_in_lost_rounds"] = sum(stored.values()) - sum(reported.values()) - branched
 
 
 def _capacity(resources: dict[str, float]) -> str:

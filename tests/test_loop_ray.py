@@ -195,6 +195,7 @@ def test_the_loop_branches_trains_the_critic_and_ranks_with_it(tmp_path):
     summary = driver.run()
     stopper.join(timeout=5)
     assert summary["branches"]["branches"] >= 4 and summary["versions_published"] >= 2
+    assert summary["episodes_in_lost_rounds"] == 0  # the branches are stored and reported, not lost
     assert summary["versions_applied_per_worker"].get(0, 0) >= 1  # the rank actor acts with a shipped critic
     store = ReplayStore(cfg.replay.root)
     branches = store.read_episodes(outcome="branch")

@@ -19,7 +19,7 @@ out="runs/online_${name}"
 start=$(ls -d "$source_run"/success_only/checkpoints/step_* | sort | tail -1)
 read -ra OVERRIDES <<< "${OVERRIDES:-}"
 common=(--config "$source_run/config.yaml" loop.init_from="$start" loop.duration_s="${DURATION_S:-1200}"
-        loop.eval_every_s=0 loop.local_num_cpus=3 "${OVERRIDES[@]}")
+        loop.eval_every_s=0 loop.local_num_cpus=3 run_id=null "${OVERRIDES[@]}")  # each loop its own run id
 
 loop() {  # label, then the loop's own overrides
   local label=$1; shift

@@ -324,6 +324,7 @@ def test_hand_over_outcomes_are_planned_once_and_kept_for_the_next_study(tmp_pat
     report = planner.report("critic", [episode, episode], {episode.episode_id: 18})
     assert first.calls == [(episode.episode_id, 18)]  # the second alarm at the same snapshot is not planned again
     assert (report.handovers, report.handovers_won) == (2, 2)
+    assert (report.comparison.n, report.by_state.n, report.by_state.clusters) == (2, 2, 1)  # one initial state
     again = Planner()
     assert Handovers(again, keep, key="settings").outcome(episode, 20) == (True, "planner_no_success")
     assert again.calls == []  # alarm 20 restores snapshot 16, as alarm 18 did

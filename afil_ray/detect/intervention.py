@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from afil_ray.correction import Corrector
-from afil_ray.eval.stats import PairedComparison, compare_paired
+from afil_ray.eval.stats import ClusteredComparison, PairedComparison, compare_paired, compare_paired_clustered
 from afil_ray.replay.episode import Episode
 
 
@@ -29,11 +29,12 @@ class HandoverReport:
     handovers_of_successes: int  # false alarms acted on
     handovers_won: int  # hand-overs after which the episode succeeded
     reasons: dict[str, int]  # why hand-overs did not succeed
+    by_state: ClusteredComparison  # the same difference, initial states as the unit (noise draws share one)
 
     def row(self) -> list[str]:
         c = self.comparison
         return [self.signal, f"{c.reference_successes}/{c.n}", f"{c.arm_successes}/{c.n}",
-                *c.cells(),
+                *self.by_state.cells(), f"{c.mcnemar_p:.3f}",
                 f"{self.handovers / c.n:.3f}", f"{self.handovers_won}/{self.handovers}",
                 str(self.handovers_of_successes)]
 
@@ -85,12 +86,15 @@ class Handovers:
                 reasons[reason] = reasons.get(reason, 0) + 1
             with_handover.append(success)
         self.save()
-        comparison = compare_paired([e.success for e in episodes], with_handover)
-        return HandoverReport(signal, comparison, handovers, of_successes, won, reasons)
+        as_run = [e.success for e in episodes]
+        by_state = compare_paired_clustered(as_run, with_handover, [f"{e.task}:{e.seed}" for e in episodes])
+        return HandoverReport(signal, compare_paired(as_run, with_handover), handovers, of_successes, won, reasons,
+                              by_state)
 
 
 def markdown_table(reports: Sequence[HandoverReport]) -> str:
-    header = ["alarm signal", "success as run", "success with hand-over", "Δ [95% paired bootstrap]", "McNemar p",
+    header = ["alarm signal", "success as run", "success with hand-over", "Δ [95% CI, by initial state]",
+              "p (by initial state)", "McNemar p (by episode)",
               "hand-overs per episode", "hand-overs that succeeded", "false alarms handed over"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r.row()) + " |" for r in reports])

@@ -205,6 +205,7 @@ def _part(episodes: list[Episode], points: dict[str, int], reports: list, handov
         "reports": [{**{k: v for k, v in r.__dict__.items() if k != "alarms"},
                      "auroc": {str(f): a for f, a in r.auroc.items()}} for r in reports],
         "handovers": [{"signal": h.signal, **dataclasses.asdict(h.comparison), "handovers": h.handovers,
+                       "by_state": dataclasses.asdict(h.by_state),
                        "handovers_of_successes": h.handovers_of_successes, "handovers_won": h.handovers_won,
                        "reasons": h.reasons} for h in handovers],
         "against_combination": [{"signal": p.signal, "in_time": dataclasses.asdict(p.in_time),

@@ -16,7 +16,12 @@ task=${1:?task, e.g. PullCube-v1}
 name=${task%-v1}
 source_run="runs/fs_${name}"
 out="runs/online_${name}"
-start=$(ls -d "$source_run"/success_only/checkpoints/step_* | sort | tail -1)
+start=$(ls -d "$source_run"/success_only/checkpoints/step_* 2>/dev/null | sort | tail -1 || true)
+if [[ -z "$start" ]]; then
+  echo "$source_run has no success_only checkpoint: make it first with" \
+    "OVERRIDES=reproduce.until=success_only scripts/failure_signal.sh $task" >&2
+  exit 2
+fi
 read -ra OVERRIDES <<< "${OVERRIDES:-}"
 common=(--config "$source_run/config.yaml" loop.init_from="$start" loop.duration_s="${DURATION_S:-1200}"
         loop.eval_every_s=0 loop.local_num_cpus=3 run_id=null "${OVERRIDES[@]}")  # each loop its own run id

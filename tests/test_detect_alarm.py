@@ -331,3 +331,7 @@ def test_hand_over_outcomes_are_planned_once_and_kept_for_the_next_study(tmp_pat
     other = Planner()
     Handovers(other, keep, key="other settings").outcome(episode, 20)
     assert other.calls == [(episode.episode_id, 20)]
+    keep.write_text('{"key": "settings", "outcomes": [tru')  # a file cut short: only a cache, so planned again
+    torn = Planner()
+    assert Handovers(torn, keep, key="settings").outcome(episode, 20) == (False, "planner_no_success")
+    assert torn.calls == [(episode.episode_id, 20)]

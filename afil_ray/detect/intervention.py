@@ -10,6 +10,7 @@ and what its false alarms cost (a success handed to a planner that then fails).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,10 @@ from tqdm import tqdm
 
 from afil_ray.correction import Corrector
 from afil_ray.eval.stats import ClusteredComparison, PairedComparison, compare_paired, compare_paired_clustered
+from afil_ray.replay.chunks import origin_of
 from afil_ray.replay.episode import Episode
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,10 +52,13 @@ class Handovers:
         self.corrector, self.keep, self.key = corrector, keep, key
         self.cache: dict[tuple[str, int], tuple[bool, str]] = {}
         if keep is not None and keep.is_file():
-            saved = json.loads(keep.read_text())
-            if saved.get("key") == key:
-                self.cache = {(episode, int(step)): (bool(won), reason)
-                              for episode, step, won, reason in saved["outcomes"]}
+            try:
+                saved = json.loads(keep.read_text())
+                if saved.get("key") == key:
+                    self.cache = {(episode, int(step)): (bool(won), reason)
+                                  for episode, step, won, reason in saved["outcomes"]}
+            except (ValueError, KeyError, TypeError) as e:  # only a cache: planned again, and rewritten
+                log.warning("%s: unreadable kept hand-overs (%s); they are planned again", keep, e)
 
     def save(self) -> None:
         if self.keep is not None:
@@ -87,7 +94,8 @@ class Handovers:
             with_handover.append(success)
         self.save()
         as_run = [e.success for e in episodes]
-        by_state = compare_paired_clustered(as_run, with_handover, [f"{e.task}:{e.seed}" for e in episodes])
+        states = [origin_of(e.task, e.seed, e.parent_episode_id, e.episode_id) for e in episodes]
+        by_state = compare_paired_clustered(as_run, with_handover, states)
         return HandoverReport(signal, compare_paired(as_run, with_handover), handovers, of_successes, won, reasons,
                               by_state)
 

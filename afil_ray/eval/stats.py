@@ -123,7 +123,7 @@ class PairedComparison:
 
     def cells(self) -> list[str]:
         """The difference with its interval, and McNemar's p, as a table's two cells."""
-        return [f"{self.difference:+.3f} [{self.diff_low:+.3f}, {self.diff_high:+.3f}]", f"{self.mcnemar_p:.3f}"]
+        return _cells(self.difference, self.diff_low, self.diff_high, self.mcnemar_p)
 
 
 def compare_paired(
@@ -174,7 +174,7 @@ class ClusteredComparison:
     confidence: float
 
     def cells(self) -> list[str]:
-        return [f"{self.difference:+.3f} [{self.diff_low:+.3f}, {self.diff_high:+.3f}]", f"{self.p:.3f}"]
+        return _cells(self.difference, self.diff_low, self.diff_high, self.p)
 
 
 def compare_paired_clustered(reference: Sequence[bool], arm: Sequence[bool], clusters: Sequence[object],
@@ -260,6 +260,11 @@ def compare_paired_over_seeds(reference: Sequence[bool] | Sequence[Sequence[bool
                                          rng=np.random.default_rng(seed)).pvalue)
     return PooledComparison(int(diff.size), int(runs.shape[0]), float(refs.mean()), float(runs.mean()), observed,
                             low, high, p, confidence)
+
+
+def _cells(difference: float, low: float, high: float, p: float) -> list[str]:
+    """A difference with its interval, and its p-value, as a table's two cells."""
+    return [f"{difference:+.3f} [{low:+.3f}, {high:+.3f}]", f"{p:.3f}"]
 
 
 def _as_flags(values: Sequence[bool], name: str) -> np.ndarray:

@@ -685,8 +685,8 @@ class DetectConfig(_Section):
     # head disagreement; with more than one, their combination is reported too
     signals: list[str] = field(default_factory=lambda: list(DETECT_SIGNALS))
     alpha: float = 0.05  # the alarm's false-alarm rate on successful episodes (split-conformal threshold)
-    # how several signals combine (afil_ray/detect/alarm.py): boosted (monotone trees; on PullCube it flags the most
-    # failures in time, docs/results.md) or logistic
+    # how several signals combine (afil_ray/detect/alarm.py): boosted (monotone trees) or logistic; on PullCube
+    # neither beats the critic alone over fold splits (docs/results.md)
     combiner: str = "boosted"
     spread_k: int = 8  # chunks sampled per state for the spread
     # `afil-ray alarm` measures on the success-only policy's rollouts from alarm_seeds fresh initial states (from

@@ -695,6 +695,9 @@ class DetectConfig(_Section):
     alarm_seeds: int = 150
     alarm_runs: int = 3
     alarm_seed_start: int = 300000  # disjoint from demos (0..), harvest (50000..), eval (100000..), collect (200000..)
+    # the combination against each signal on this many draws of the cross-fitting's folds (split 0 is the main
+    # table): one draw of which initial states fit, calibrate and measure is one draw
+    alarm_splits: int = 1
     # The detector-explainer (ARMOR, afil_ray/detect/armor.py) on a reproduction's policies (`afil-ray explain`):
     # rollouts of these checkpoints of run_dir ("<stage>" or "<stage>@<step>": an earlier checkpoint fails more)
     # on collect_seeds initial states from collect_seed_start, into run_dir/detect/replay
@@ -727,6 +730,7 @@ class DetectConfig(_Section):
         _at_least("detect.alarm_seeds", self.alarm_seeds, 0)
         _at_least("detect.alarm_runs", self.alarm_runs, 1)
         _at_least("detect.alarm_seed_start", self.alarm_seed_start, 0)
+        _at_least("detect.alarm_splits", self.alarm_splits, 1)
         _at_least("detect.collect_seeds", self.collect_seeds, 1)
         _at_least("detect.collect_seed_start", self.collect_seed_start, 0)
         _in_range("detect.test_share", self.test_share, 0.0, 1.0, high_open=True)

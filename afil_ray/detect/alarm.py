@@ -17,9 +17,13 @@ The combination is learned from the signals' per-step scores (labels: the episod
 its point of no return left out, since the alarm is judged on the steps before it), as FIPER combines its
 two scores with a learned rule rather than a fixed one: a logistic regression on the standardised scores
 (``logistic``), or gradient-boosted trees constrained to be monotone in every signal (``boosted``: it can learn
-"both high" or "one very high", which a weighted sum cannot). Its threshold is calibrated on successes it was not
-fitted on: the other fold is halved by a second hash of the initial state, one half fits, the other calibrates. A
-flexible model fits its own training successes' scores low, and a threshold set on them would fire too often.
+"both high" or "one very high", which a weighted sum cannot; trees give whole regions one score, so their ties
+are broken by the mean standardised signal, or the threshold lands on the top value and the alarm never fires). Its
+threshold is calibrated on successes it was not fitted on (a flexible model fits its own training successes' scores
+low, and a threshold set on them would fire too often): the other fold is halved by a second hash of the initial
+state, and a combination fitted on each half, with its threshold calibrated on the other half's successes, judges
+the measured episodes that hash to its half. One fit and one threshold judging every measured episode made the
+combination's count swing by a fifth from one draw of the folds to another; two independent ones average.
 
 Whether the combination beats a signal is a paired question (``against_combination``): the same failures flagged
 in time or not by each, the same successes falsely alarmed or not, so a paired test says whether a gain of a few
@@ -64,13 +68,19 @@ class ScoredEpisode:
         return self.episode_id if self.initial_state is None else self.initial_state
 
 
-def fold_of(cluster: str) -> int:
-    return hashlib.blake2b(cluster.encode(), digest_size=1).digest()[0] % 2
+def _salted(cluster: str, split: int) -> bytes:
+    """What the folds are hashed from; ``split`` > 0 salts it, drawing other folds from the same episodes."""
+    return (cluster if split == 0 else f"split{split}:{cluster}").encode()
 
 
-def calibration_half(cluster: str) -> bool:
-    """Whether an episode calibrates a combination (True) or fits it (False): a hash independent of the fold's."""
-    return hashlib.blake2b(cluster.encode(), digest_size=2).digest()[1] % 2 == 1
+def fold_of(cluster: str, split: int = 0) -> int:
+    return hashlib.blake2b(_salted(cluster, split), digest_size=1).digest()[0] % 2
+
+
+def calibration_half(cluster: str, split: int = 0) -> bool:
+    """Which half of its fold an episode falls in (each half's combination scores the other half): a hash
+    independent of the fold's."""
+    return hashlib.blake2b(_salted(cluster, split), digest_size=2).digest()[1] % 2 == 1
 
 
 def early_score(scores: np.ndarray, fraction: float) -> float:
@@ -111,7 +121,18 @@ class Combination:
                 monotonic_cst=[1] * len(self.signals), early_stopping=False, random_state=0)
             with _one_thread():
                 self.model.fit(x, y, sample_weight=w * len(episodes))  # weights summing to the episodes, as above
+                trees = self.model.decision_function(x)
+            # Trees score whole regions alike: where every signal is high, many successes share the top value, the
+            # conformal threshold lands on it, and nothing ever exceeds it (the alarm goes silent). Ties are broken
+            # by the mean standardised signal, scaled below the smallest step between the trees' values.
+            self.tie_scaler = StandardScaler().fit(x)
+            steps_between = np.diff(np.unique(trees))
+            spread = np.ptp(self._tie_break(x))
+            self.tie_weight = 0.0 if not len(steps_between) or spread == 0 else 0.5 * steps_between.min() / spread
         return self
+
+    def _tie_break(self, x: np.ndarray) -> np.ndarray:
+        return self.tie_scaler.transform(x).mean(axis=1)
 
     def _features(self, scores: dict[str, np.ndarray]) -> np.ndarray:
         return np.stack([scores[s] for s in self.signals], axis=1)
@@ -133,7 +154,7 @@ class Combination:
         if self.kind == "logistic":
             return self.model.decision_function(x)
         with _one_thread():
-            return self.model.decision_function(x)
+            return self.model.decision_function(x) + self.tie_weight * self._tie_break(x)
 
     @property
     def coefficients(self) -> dict[str, float]:
@@ -171,25 +192,23 @@ class SignalReport:
 
 
 def evaluate_alarm(episodes: Sequence[ScoredEpisode], signals: Sequence[str], alpha: float = 0.05,
-                   combine: bool = True, combiner: str = "logistic") -> list[SignalReport]:
+                   combine: bool = True, combiner: str = "logistic", split: int = 0) -> list[SignalReport]:
     """One report per signal (and their ``combiner`` combination), each measured on the fold nothing was fitted on:
     for fold k, a single signal's threshold is calibrated on the other fold's successes; the combination is fitted
-    on one half of the other fold and its threshold calibrated on the other half's successes."""
-    folds = [[e for e in episodes if fold_of(e.cluster) == k] for k in (0, 1)]
-    fit_parts = [[e for e in fold if not calibration_half(e.cluster)] for fold in folds]
-    combinations: list[Combination] = []
-    both = all(len({e.success for e in part}) == 2 for part in fit_parts)  # a fit needs failures and successes
+    on each half of the other fold and calibrated on the other half (``_cross_fitted``). ``split`` salts the
+    hashes that draw the folds and halves."""
+    folds = [[e for e in episodes if fold_of(e.cluster, split) == k] for k in (0, 1)]
+    halves = [[[e for e in fold if calibration_half(e.cluster, split) == h] for h in (False, True)]
+              for fold in folds]
+    # every half fits a combination, so each needs failures and successes
+    both = all(len({e.success for e in half}) == 2 for fold in halves for half in fold)
+    combined: list[dict[str, np.ndarray]] = []  # k -> fold k's episode id -> scores less their threshold
     if combine and len(signals) > 1 and both:
-        combinations = [Combination(signals, combiner).fit(fit_parts[1 - k]) for k in (0, 1)]
+        combined = [_cross_fitted(signals, combiner, halves[1 - k], folds[k], split, alpha) for k in (0, 1)]
         signals = [*signals, COMBINED]
-
-    combined = [c.episodes(episodes) for c in combinations]  # fitted without fold k, scoring every episode
 
     def scores_of(e: ScoredEpisode, signal: str, k: int) -> np.ndarray:
         return combined[k][e.episode_id] if signal == COMBINED else e.scores[signal]
-
-    def calibrates(e: ScoredEpisode, signal: str) -> bool:
-        return e.success and (signal != COMBINED or calibration_half(e.cluster))
 
     reports = []
     for signal in signals:
@@ -197,7 +216,8 @@ def evaluate_alarm(episodes: Sequence[ScoredEpisode], signals: Sequence[str], al
         false_alarms, detected, in_time, leads = [], [], [], []
         alarms: dict[str, int | None] = {}
         for k in (0, 1):
-            threshold = calibrate([scores_of(e, signal, k) for e in folds[1 - k] if calibrates(e, signal)], alpha)
+            threshold = 0.0 if signal == COMBINED else calibrate(
+                [scores_of(e, signal, k) for e in folds[1 - k] if e.success], alpha)
             for e in folds[k]:
                 scores = scores_of(e, signal, k)
                 for f in FRACTIONS:
@@ -222,6 +242,22 @@ def evaluate_alarm(episodes: Sequence[ScoredEpisode], signals: Sequence[str], al
             alarms,
         ))
     return reports
+
+
+def _cross_fitted(signals: Sequence[str], combiner: str, halves: Sequence[Sequence[ScoredEpisode]],
+                  measured: Sequence[ScoredEpisode], split: int, alpha: float) -> dict[str, np.ndarray]:
+    """The ``measured`` episodes' combined scores, by episode id, less the threshold they are judged by (the alarm
+    fires above 0): a combination fitted on each of the calibrating fold's two ``halves``, its threshold calibrated
+    on the other half's successes, judges the measured episodes whose initial state hashes to its half. Each
+    episode is judged by one fit on a quarter of the episodes and one threshold on another quarter's successes, as
+    with a single pair of halves, but the counts average two independent draws of both."""
+    scores = {}
+    for h, half in enumerate(halves):
+        fit = Combination(signals, combiner).fit(half)
+        threshold = calibrate(list(fit.episodes([e for e in halves[1 - h] if e.success]).values()), alpha)
+        judged = fit.episodes([e for e in measured if calibration_half(e.cluster, split) == bool(h)])
+        scores.update({episode_id: part - threshold for episode_id, part in judged.items()})
+    return scores
 
 
 @dataclass(frozen=True)
@@ -298,6 +334,31 @@ def against_combination_table(rows: Sequence[AgainstCombination]) -> str:
               "Δ [95% CI, by initial state]", "p (by initial state)", "McNemar p (by episode)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r.row()) + " |" for r in rows])
+
+
+def splits_table(splits: Sequence[Sequence[AgainstCombination]]) -> str:
+    """The combination against each signal on each draw of the folds (``splits[s]``: split s's pairs), and each
+    signal's mean difference over the draws: a gain that holds on one draw only is the draw's."""
+    header = ["split", "signal", "before point of no return: signal -> combined", "Δ [95% CI, by initial state]", "p",
+              "signal at the combination's false alarms", "false alarms: signal -> combined"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for split, rows in enumerate(splits):
+        if not rows:
+            lines.append(f"| {split} | | no combination: a half of a fold lacks failures or successes | | | | |")
+        for r in rows:
+            c = r.in_time_by_state
+            lines.append(f"| {split} | {r.signal} | {r.in_time.reference_successes} -> {r.in_time.arm_successes} "
+                         f"of {r.in_time.n} | {' | '.join(c.cells())} | "
+                         f"{r.in_time_at_matched_false_alarms} | {r.false_alarms.reference_successes} -> "
+                         f"{r.false_alarms.arm_successes} of {r.false_alarms.n} |")
+    for signal in dict.fromkeys(r.signal for rows in splits for r in rows):
+        mine = [r for rows in splits for r in rows if r.signal == signal]
+        gains = [r.in_time_by_state.difference for r in mine]
+        better = sum(r.in_time_by_state.difference > 0 and r.in_time_by_state.p < 0.05 for r in mine)
+        worse = sum(r.in_time_by_state.difference < 0 and r.in_time_by_state.p < 0.05 for r in mine)
+        lines.append(f"| mean of {len(mine)} | {signal} | | {np.mean(gains):+.3f} (from {min(gains):+.3f} to "
+                     f"{max(gains):+.3f}) | combined better on {better}, worse on {worse} (p < 0.05) | | |")
+    return "\n".join(lines)
 
 
 def markdown_table(reports: Sequence[SignalReport], alpha: float) -> str:

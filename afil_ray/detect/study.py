@@ -36,6 +36,7 @@ from afil_ray.detect.alarm import (
     against_combination_table,
     evaluate_alarm,
     markdown_table,
+    splits_table,
 )
 from afil_ray.detect.intervention import Handovers
 from afil_ray.detect.intervention import markdown_table as handover_table
@@ -178,8 +179,12 @@ def alarm_study(cfg: Config, progress: bool = True, handover: bool = True) -> di
             handovers = [] if planner is None else [planner.report(r.signal, part_episodes, r.alarms, progress)
                                                     for r in reports]
             paired = against_combination(reports, part)
-            result[name] = _part(part_episodes, points, reports, handovers, paired)
-            tables.append(markdown(result[name], task, cfg.detect.alpha, reports, handovers, paired, name))
+            splits = [paired] + [  # the same comparison on other draws of the folds
+                against_combination(evaluate_alarm(part, list(cfg.detect.signals), alpha=cfg.detect.alpha,
+                                                   combiner=cfg.detect.combiner, split=split), part)
+                for split in range(1, cfg.detect.alarm_splits if paired else 1)]
+            result[name] = _part(part_episodes, points, reports, handovers, splits)
+            tables.append(markdown(result[name], task, cfg.detect.alpha, reports, handovers, splits, name))
     finally:
         if corrector is not None:
             corrector.close()
@@ -196,8 +201,17 @@ def alarm_study(cfg: Config, progress: bool = True, handover: bool = True) -> di
     return result
 
 
+def _paired(p: Any) -> dict[str, Any]:
+    return {"signal": p.signal, "in_time": dataclasses.asdict(p.in_time),
+            "false_alarms": dataclasses.asdict(p.false_alarms),
+            "in_time_by_state": dataclasses.asdict(p.in_time_by_state),
+            "false_alarms_by_state": dataclasses.asdict(p.false_alarms_by_state),
+            "in_time_at_matched_false_alarms": p.in_time_at_matched_false_alarms}
+
+
 def _part(episodes: list[Episode], points: dict[str, int], reports: list, handovers: list,
-          paired: list) -> dict[str, Any]:
+          splits: list[list]) -> dict[str, Any]:
+    """``splits[0]``: each signal against the combination on the main folds; ``splits[s]``: on the s-th draw."""
     failures = [e for e in episodes if not e.success]
     return {
         "episodes": len(episodes), "failures": len(failures),
@@ -208,12 +222,8 @@ def _part(episodes: list[Episode], points: dict[str, int], reports: list, handov
                        "by_state": dataclasses.asdict(h.by_state),
                        "handovers_of_successes": h.handovers_of_successes, "handovers_won": h.handovers_won,
                        "reasons": h.reasons} for h in handovers],
-        "against_combination": [{"signal": p.signal, "in_time": dataclasses.asdict(p.in_time),
-                                 "false_alarms": dataclasses.asdict(p.false_alarms),
-                                 "in_time_by_state": dataclasses.asdict(p.in_time_by_state),
-                                 "false_alarms_by_state": dataclasses.asdict(p.false_alarms_by_state),
-                                 "in_time_at_matched_false_alarms": p.in_time_at_matched_false_alarms}
-                                for p in paired],
+        "against_combination": [_paired(p) for p in splits[0]],
+        "against_combination_splits": [[_paired(p) for p in rows] for rows in splits[1:]],
     }
 
 
@@ -222,13 +232,16 @@ PART_TITLES = {"fresh": "fresh initial states (no stage of the reproduction saw 
                "critic_unseen": "the initial states the critic held out (its score is out-of-sample)"}
 
 
-def markdown(part: dict[str, Any], task: str, alpha: float, reports: list, handovers: list, paired: list,
+def markdown(part: dict[str, Any], task: str, alpha: float, reports: list, handovers: list, splits: list[list],
              name: str) -> str:
     lines = [f"{task}, {PART_TITLES[name]}: {part['episodes']} episodes, {part['failures']} failures, "
              f"{part['failures_with_point_of_no_return']} of them with a point of no return (corrected).", "",
              markdown_table(reports, alpha)]
-    if paired:
-        lines += ["", against_combination_table(paired)]
+    if splits[0]:
+        lines += ["", against_combination_table(splits[0])]
+    if len(splits) > 1:
+        lines += ["", f"The combination against each signal on {len(splits)} draws of the folds (split 0: above):",
+                  "", splits_table(splits)]
     if handovers:
         lines += ["", handover_table(handovers)]
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from afil_ray.config import PolicyConfig, SamplerConfig
 from afil_ray.detect.alarm import (
     COMBINED,
     FRACTIONS,
+    Combination,
     ScoredEpisode,
     against_combination,
     early_score,
@@ -141,7 +142,8 @@ def test_the_combination_beats_each_signal_when_each_sees_half_the_failures():
         assert paired[single].in_time_at_matched_false_alarms < 0.6 * 200
     successes = [e for e in episodes if e.success]
     timed = [e for e in episodes if not e.success]
-    budget = [in_time_at("a", n, successes, timed) for n in (0, 15, 60, 300)]
+    budget = [in_time_at({e.episode_id: e.scores["a"] for e in episodes}, n, successes, timed)
+              for n in (0, 15, 60, 300)]
     assert budget == sorted(budget) and budget[-1] == 200  # more false alarms, more flagged; all of them at 300
     assert against_combination([reports["a"]], episodes) == []  # nothing to pair without a combination
 
@@ -184,6 +186,34 @@ def test_tied_top_scores_of_the_trees_do_not_silence_the_boosted_alarm():
         reports = {r.signal: r for r in evaluate_alarm(episodes, ["a", "b"], combiner="boosted", split=split)}
         assert reports[COMBINED].false_alarm_rate == pytest.approx(0.05, abs=0.025)
         assert reports[COMBINED].flagged_in_time > 0.6 * reports["a"].flagged_in_time
+
+
+def _doubtful_start(n: int, rng: np.random.Generator, success: bool) -> ScoredEpisode:
+    """Every episode's score starts high and decays over its first 20 steps (early doubt, as a critic reads before
+    the outcome shows); a failure's rises by 1.5 from step 30, its point of no return at 40: below the early peak,
+    so only a threshold that falls with the step sees it."""
+    t = np.arange(60)
+    score = 3.0 * np.exp(-t / 8.0) + rng.normal(0, 0.3, 60)
+    if not success:
+        score[30:] += 1.5
+    return ScoredEpisode(f"ep{n}", success, {"a": score, "b": rng.normal(0, 1, 60)}, None if success else 40)
+
+
+def test_a_time_aware_alarm_flags_what_sits_below_the_early_doubt_of_successes():
+    rng = np.random.default_rng(5)
+    episodes = [_doubtful_start(i, rng, True) for i in range(400)]
+    episodes += [_doubtful_start(400 + i, rng, False) for i in range(200)]
+    fixed = {r.signal: r for r in evaluate_alarm(episodes, ["a", "b"], combiner="boosted")}
+    aware = {r.signal: r for r in evaluate_alarm(episodes, ["a", "b"], combiner="boosted", time_aware=True)}
+    assert fixed["a"].flagged_in_time < 0.2  # a fixed threshold sits above the successes' first steps
+    for signal in ("a", COMBINED):
+        assert aware[signal].flagged_in_time > 0.8
+        assert aware[signal].false_alarm_rate == pytest.approx(0.05, abs=0.03)
+    assert aware["b"].flagged_in_time < 0.2  # the step alone tells nothing
+    paired = {p.signal: p for p in against_combination(list(aware.values()), episodes)}
+    assert paired["a"].in_time_at_matched_false_alarms > 0.8 * 200  # read on the time-aware scores, not the raw
+    with pytest.raises(ValueError, match="needs each row's step"):
+        Combination(["a"], "boosted", with_step=True).fit(episodes[::3]).rows({"a": np.zeros(3)})
 
 
 def test_a_flexible_combination_is_calibrated_on_successes_it_was_not_fitted_on():
@@ -246,10 +276,14 @@ def test_afil_ray_alarm_on_a_tiny_reproduction(tmp_path, capsys):
     config = tmp_path / "config.yaml"
     config.write_text(f"run_dir: {run}\nreplay:\n  root: {run / 'replay'}\nenv:\n  task: PullCube-v1\n"
                       "sampler:\n  steps: 2\n  execute_steps: 8\ndetect:\n  spread_k: 3\n  alarm_seeds: 0\n"
+                      "  time_aware: false\n"
                       "data:\n  critic_holdout: 0.5\n")
     assert main(["alarm", "--config", str(config), "--quiet"]) == 2
     assert "stage 'dag' has not completed" in capsys.readouterr().err
     (run / "stages" / "dag.json").write_text(json.dumps({"outputs": {"checkpoint": str(run / "ckpt")}}))
+    # 40 episodes: too few for a model of score and step on every quarter of them
+    assert main(["alarm", "--config", str(config), "--quiet", "detect.time_aware=true"]) == 2
+    assert "detect.time_aware: a time-aware alarm is fitted on each half" in capsys.readouterr().err
     assert main(["alarm", "--config", str(config), "--quiet"]) == 0
     result = json.loads((run / "detect" / "alarm.json").read_text())
     everything = result["all"]
@@ -271,7 +305,6 @@ def test_afil_ray_alarm_on_a_tiny_reproduction(tmp_path, capsys):
 
 
 def test_the_live_monitor_scores_with_the_fitted_combination():
-    from afil_ray.detect.alarm import Combination
     from afil_ray.detect.monitor import FailureMonitor
 
     rng = np.random.default_rng(3)
@@ -308,7 +341,8 @@ def test_afil_ray_alarm_on_fresh_rollouts_of_the_success_only_policy(tmp_path, c
     config.write_text(f"run_dir: {run}\nreplay:\n  root: {run / 'replay'}\nenv:\n  task: PullCube-v1\n"
                       "  max_episode_steps: 16\n  snapshot_every: 4\nsampler:\n  steps: 2\n  execute_steps: 4\n"
                       "eval:\n  workers: 1\ncorrect:\n  workers: 1\n  max_attempts: 1\n"
-                      "detect:\n  signals: [spread]\n  spread_k: 2\n  alarm_seeds: 3\n  alarm_runs: 2\n")
+                      "detect:\n  signals: [spread]\n  spread_k: 2\n  alarm_seeds: 3\n  alarm_runs: 2\n"
+                      "  time_aware: false\n")
     assert main(["alarm", "--config", str(config), "--quiet"]) == 0
     store = ReplayStore(run / "detect" / ALARM_REPLAY)
     rollouts = store.read_episodes("PullCube-v1", ["success", "failure"])

@@ -68,6 +68,10 @@ class ScoredEpisode:
         return self.episode_id if self.initial_state is None else self.initial_state
 
 
+class TooFewEpisodes(ValueError):
+    """A fit that needs failures and successes in each half of each fold did not get them."""
+
+
 def _salted(cluster: str, split: int) -> bytes:
     """What the folds are hashed from; ``split`` > 0 salts it, drawing other folds from the same episodes."""
     return (cluster if split == 0 else f"split{split}:{cluster}").encode()
@@ -89,12 +93,17 @@ def early_score(scores: np.ndarray, fraction: float) -> float:
 
 
 class Combination:
-    """A learned map from the signals' per-step scores to a failure score (higher: more likely to fail)."""
+    """A learned map from the signals' per-step scores to a failure score (higher: more likely to fail).
 
-    def __init__(self, signals: Sequence[str], kind: str = "logistic") -> None:
+    ``with_step`` adds the episode's step as a feature the score need not rise with: what a score means depends on
+    when it is seen (a success's critic reads uncertain at the start and sure near the end), so a fixed threshold
+    must sit above every success's early doubt and fires late; a model of (score, step) is a time-varying threshold
+    (FAIL-Detect calibrates its bands per step for the same reason)."""
+
+    def __init__(self, signals: Sequence[str], kind: str = "logistic", with_step: bool = False) -> None:
         if kind not in COMBINERS:
             raise ValueError(f"combiner {kind!r} is not one of {', '.join(COMBINERS)}")
-        self.signals, self.kind = tuple(signals), kind
+        self.signals, self.kind, self.with_step = tuple(signals), kind, with_step
 
     def fit(self, episodes: Sequence[ScoredEpisode]) -> Combination:
         from sklearn.ensemble import HistGradientBoostingClassifier
@@ -106,7 +115,8 @@ class Combination:
         # after its point of no return (where every signal already says "failed") are left out of the fit
         steps = [e.length if e.success or e.point_of_no_return is None else min(e.length, e.point_of_no_return + 1)
                  for e in episodes]
-        x = np.concatenate([self._features(e.scores)[:n] for e, n in zip(episodes, steps, strict=True)])
+        x = np.concatenate([self._features(e.scores, np.arange(e.length))[:n]
+                            for e, n in zip(episodes, steps, strict=True)])
         y = np.concatenate([np.full(n, not e.success) for e, n in zip(episodes, steps, strict=True)])
         # every episode weighs the same, however many of its steps are fitted (failures run to the time limit)
         w = np.concatenate([np.full(n, 1.0 / n) for n in steps])
@@ -118,7 +128,7 @@ class Combination:
         else:  # monotone: a higher score of any signal never lowers the failure score
             self.model = HistGradientBoostingClassifier(
                 max_iter=200, learning_rate=0.05, max_leaf_nodes=15, min_samples_leaf=100,
-                monotonic_cst=[1] * len(self.signals), early_stopping=False, random_state=0)
+                monotonic_cst=[1] * len(self.signals) + [0] * self.with_step, early_stopping=False, random_state=0)
             with _one_thread():
                 self.model.fit(x, y, sample_weight=w * len(episodes))  # weights summing to the episodes, as above
                 trees = self.model.decision_function(x)
@@ -132,25 +142,32 @@ class Combination:
         return self
 
     def _tie_break(self, x: np.ndarray) -> np.ndarray:
-        return self.tie_scaler.transform(x).mean(axis=1)
+        return self.tie_scaler.transform(x)[:, :len(self.signals)].mean(axis=1)  # the signals, not the step
 
-    def _features(self, scores: dict[str, np.ndarray]) -> np.ndarray:
-        return np.stack([scores[s] for s in self.signals], axis=1)
+    def _features(self, scores: dict[str, np.ndarray], steps: np.ndarray | None) -> np.ndarray:
+        columns = [scores[s] for s in self.signals]
+        if self.with_step:
+            if steps is None:
+                raise ValueError("a combination with the step as a feature needs each row's step")
+            columns.append(np.asarray(steps, np.float64))
+        return np.stack(columns, axis=1)
 
     def __call__(self, episode: ScoredEpisode) -> np.ndarray:
-        return self.rows(episode.scores)
+        return self.rows(episode.scores, np.arange(episode.length))
 
     def episodes(self, episodes: Sequence[ScoredEpisode]) -> dict[str, np.ndarray]:
         """Each episode's combined per-step scores, by episode id, from one batched call."""
         if not episodes:
             return {}
-        rows = self.rows({s: np.concatenate([e.scores[s] for e in episodes]) for s in self.signals})
+        rows = self.rows({s: np.concatenate([e.scores[s] for e in episodes]) for s in self.signals},
+                         np.concatenate([np.arange(e.length) for e in episodes]))
         ends = np.cumsum([e.length for e in episodes])[:-1]
         return {e.episode_id: part for e, part in zip(episodes, np.split(rows, ends), strict=True)}
 
-    def rows(self, scores: dict[str, np.ndarray]) -> np.ndarray:
-        """The combined score of rows of signal scores ({signal: [B]}), as a live monitor computes it."""
-        x = self._features(scores)
+    def rows(self, scores: dict[str, np.ndarray], steps: np.ndarray | None = None) -> np.ndarray:
+        """The combined score of rows of signal scores ({signal: [B]}) at ``steps`` ([B], needed ``with_step``), as
+        a live monitor computes it."""
+        x = self._features(scores, steps)
         if self.kind == "logistic":
             return self.model.decision_function(x)
         with _one_thread():
@@ -181,6 +198,8 @@ class SignalReport:
     with_point: int  # failures with a point of no return
     median_lead: float | None  # steps from alarm to point of no return, over the failures flagged in time
     alarms: dict[str, int | None] = field(default_factory=dict, repr=False)  # episode id -> first alarm step
+    # episode id -> the scores the alarm read (a fitted alarm's less its threshold, so it fires above 0)
+    judged: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def row(self) -> list[str]:
         def show(x: float | None, fmt: str = "{:.3f}") -> str:
@@ -192,34 +211,45 @@ class SignalReport:
 
 
 def evaluate_alarm(episodes: Sequence[ScoredEpisode], signals: Sequence[str], alpha: float = 0.05,
-                   combine: bool = True, combiner: str = "logistic", split: int = 0) -> list[SignalReport]:
+                   combine: bool = True, combiner: str = "logistic", split: int = 0,
+                   time_aware: bool = False) -> list[SignalReport]:
     """One report per signal (and their ``combiner`` combination), each measured on the fold nothing was fitted on:
     for fold k, a single signal's threshold is calibrated on the other fold's successes; the combination is fitted
     on each half of the other fold and calibrated on the other half (``_cross_fitted``). ``split`` salts the
-    hashes that draw the folds and halves."""
+    hashes that draw the folds and halves. ``time_aware``: every alarm, each single signal's too, is a ``combiner``
+    model of its score(s) and the step, fitted and calibrated like the combination (a time-varying threshold)."""
     folds = [[e for e in episodes if fold_of(e.cluster, split) == k] for k in (0, 1)]
     halves = [[[e for e in fold if calibration_half(e.cluster, split) == h] for h in (False, True)]
               for fold in folds]
     # every half fits a combination, so each needs failures and successes
     both = all(len({e.success for e in half}) == 2 for fold in halves for half in fold)
-    combined: list[dict[str, np.ndarray]] = []  # k -> fold k's episode id -> scores less their threshold
+    if time_aware and not both:
+        raise TooFewEpisodes("a time-aware alarm is fitted on each half of each fold, and a half of these folds "
+                             "lacks failures or successes")
+    # alarm -> k -> fold k's episode id -> scores less their threshold
+    fitted: dict[str, list[dict[str, np.ndarray]]] = {}
+    if time_aware:
+        fitted = {s: [_cross_fitted([s], combiner, halves[1 - k], folds[k], split, alpha, time_aware)
+                      for k in (0, 1)] for s in signals}
     if combine and len(signals) > 1 and both:
-        combined = [_cross_fitted(signals, combiner, halves[1 - k], folds[k], split, alpha) for k in (0, 1)]
+        fitted[COMBINED] = [_cross_fitted(signals, combiner, halves[1 - k], folds[k], split, alpha, time_aware)
+                            for k in (0, 1)]
         signals = [*signals, COMBINED]
 
     def scores_of(e: ScoredEpisode, signal: str, k: int) -> np.ndarray:
-        return combined[k][e.episode_id] if signal == COMBINED else e.scores[signal]
+        return fitted[signal][k][e.episode_id] if signal in fitted else e.scores[signal]
 
     reports = []
     for signal in signals:
         early: dict[float, list[tuple[bool, float]]] = {f: [] for f in FRACTIONS}
         false_alarms, detected, in_time, leads = [], [], [], []
         alarms: dict[str, int | None] = {}
+        judged: dict[str, np.ndarray] = {}
         for k in (0, 1):
-            threshold = 0.0 if signal == COMBINED else calibrate(
+            threshold = 0.0 if signal in fitted else calibrate(
                 [scores_of(e, signal, k) for e in folds[1 - k] if e.success], alpha)
             for e in folds[k]:
-                scores = scores_of(e, signal, k)
+                scores = judged[e.episode_id] = scores_of(e, signal, k)
                 for f in FRACTIONS:
                     early[f].append((not e.success, early_score(scores, f)))
                 alarm = first_alarm(scores, threshold)
@@ -239,13 +269,14 @@ def evaluate_alarm(episodes: Sequence[ScoredEpisode], signals: Sequence[str], al
             float(np.mean(detected)) if detected else float("nan"),
             float(np.mean(in_time)) if in_time else None, len(in_time),
             float(np.median(leads)) if leads else None,
-            alarms,
+            alarms, judged,
         ))
     return reports
 
 
 def _cross_fitted(signals: Sequence[str], combiner: str, halves: Sequence[Sequence[ScoredEpisode]],
-                  measured: Sequence[ScoredEpisode], split: int, alpha: float) -> dict[str, np.ndarray]:
+                  measured: Sequence[ScoredEpisode], split: int, alpha: float,
+                  with_step: bool = False) -> dict[str, np.ndarray]:
     """The ``measured`` episodes' combined scores, by episode id, less the threshold they are judged by (the alarm
     fires above 0): a combination fitted on each of the calibrating fold's two ``halves``, its threshold calibrated
     on the other half's successes, judges the measured episodes whose initial state hashes to its half. Each
@@ -253,7 +284,7 @@ def _cross_fitted(signals: Sequence[str], combiner: str, halves: Sequence[Sequen
     with a single pair of halves, but the counts average two independent draws of both."""
     scores = {}
     for h, half in enumerate(halves):
-        fit = Combination(signals, combiner).fit(half)
+        fit = Combination(signals, combiner, with_step).fit(half)
         threshold = calibrate(list(fit.episodes([e for e in halves[1 - h] if e.success]).values()), alpha)
         judged = fit.episodes([e for e in measured if calibration_half(e.cluster, split) == bool(h)])
         scores.update({episode_id: part - threshold for episode_id, part in judged.items()})
@@ -283,17 +314,17 @@ class AgainstCombination:
                 *paired(self.false_alarms, self.false_alarms_by_state)]
 
 
-def in_time_at(signal: str, false_alarms: int, successes: Sequence[ScoredEpisode],
+def in_time_at(scores: dict[str, np.ndarray], false_alarms: int, successes: Sequence[ScoredEpisode],
                timed: Sequence[ScoredEpisode]) -> int:
-    """Failures ``signal`` flags at or before their point of no return with the threshold that gives
-    ``false_alarms`` false alarms on ``successes`` (set on the measured episodes themselves, for a comparison at
-    an equal false-alarm count, not as a usable threshold)."""
-    maxima = np.sort([e.scores[signal].max() for e in successes])[::-1]
+    """Failures an alarm reading ``scores`` (by episode id) flags at or before their point of no return with the
+    threshold that gives ``false_alarms`` false alarms on ``successes`` (set on the measured episodes themselves,
+    for a comparison at an equal false-alarm count, not as a usable threshold)."""
+    maxima = np.sort([scores[e.episode_id].max() for e in successes])[::-1]
     if false_alarms >= len(maxima):
         threshold = -np.inf
     else:  # between the false_alarms-th largest success maximum and the next
         threshold = maxima[false_alarms] if false_alarms == 0 else (maxima[false_alarms - 1] + maxima[false_alarms]) / 2
-    alarms = [first_alarm(e.scores[signal], threshold) for e in timed]
+    alarms = [first_alarm(scores[e.episode_id], threshold) for e in timed]
     return sum(a is not None and a <= e.point_of_no_return for a, e in zip(alarms, timed, strict=True))
 
 
@@ -323,7 +354,8 @@ def against_combination(reports: Sequence[SignalReport],
             r.signal, compare_paired(*flagged), compare_paired(*false),
             compare_paired_clustered(*flagged, [e.cluster for e in timed]),
             compare_paired_clustered(*false, [e.cluster for e in successes]),
-            in_time_at(r.signal, sum(false[1]), successes, timed)))
+            in_time_at(r.judged or {e.episode_id: e.scores[r.signal] for e in episodes}, sum(false[1]),
+                       successes, timed)))
     return rows
 
 

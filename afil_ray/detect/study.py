@@ -31,7 +31,9 @@ import numpy as np
 from afil_ray.config import Config, ConfigError
 from afil_ray.correction import Corrector, correct_failures
 from afil_ray.detect.alarm import (
+    AgainstCombination,
     ScoredEpisode,
+    TooFewEpisodes,
     against_combination,
     against_combination_table,
     evaluate_alarm,
@@ -170,21 +172,26 @@ def alarm_study(cfg: Config, progress: bool = True, handover: bool = True) -> di
         key=json.dumps([dataclasses.asdict(cfg.correct), dataclasses.asdict(cfg.demos)], sort_keys=True))
     try:
         result = {"task": task, "alpha": cfg.detect.alpha, "combiner": cfg.detect.combiner,
+                  "time_aware": cfg.detect.time_aware,
                   "signal_checkpoints": sources,
                   "causes": cause_table([e for e in episodes if not e.success], points)}
         tables = []
         for name, (part, part_episodes) in parts.items():
-            reports = evaluate_alarm(part, list(cfg.detect.signals), alpha=cfg.detect.alpha,
-                                     combiner=cfg.detect.combiner)
+            try:
+                reports = evaluate_alarm(part, list(cfg.detect.signals), alpha=cfg.detect.alpha,
+                                         combiner=cfg.detect.combiner, time_aware=cfg.detect.time_aware)
+            except TooFewEpisodes as error:
+                raise ConfigError(f"detect.time_aware: {error} ({len(part)} episodes of {name}); set it false or "
+                                  "raise detect.alarm_seeds") from None
             handovers = [] if planner is None else [planner.report(r.signal, part_episodes, r.alarms, progress)
                                                     for r in reports]
             paired = against_combination(reports, part)
-            splits = [paired] + [  # the same comparison on other draws of the folds
-                against_combination(evaluate_alarm(part, list(cfg.detect.signals), alpha=cfg.detect.alpha,
-                                                   combiner=cfg.detect.combiner, split=split), part)
-                for split in range(1, cfg.detect.alarm_splits if paired else 1)]
+            splits = [paired] + [_against_on_split(cfg, part, split)  # other draws of the folds
+                                 for split in range(1, cfg.detect.alarm_splits if paired else 1)]
             result[name] = _part(part_episodes, points, reports, handovers, splits)
-            tables.append(markdown(result[name], task, cfg.detect.alpha, reports, handovers, splits, name))
+            alarms = (f"every alarm a {cfg.detect.combiner} model of its score(s) and the step (detect.time_aware)"
+                      if cfg.detect.time_aware else "each single signal on a fixed threshold")
+            tables.append(markdown(result[name], task, cfg.detect.alpha, reports, handovers, splits, name, alarms))
     finally:
         if corrector is not None:
             corrector.close()
@@ -201,7 +208,18 @@ def alarm_study(cfg: Config, progress: bool = True, handover: bool = True) -> di
     return result
 
 
-def _paired(p: Any) -> dict[str, Any]:
+def _against_on_split(cfg: Config, part: list[ScoredEpisode], split: int) -> list[AgainstCombination]:
+    """Each signal against the combination on the ``split``-th draw of the folds; none where a half lacks an
+    outcome (the table says so)."""
+    try:
+        reports = evaluate_alarm(part, list(cfg.detect.signals), alpha=cfg.detect.alpha,
+                                 combiner=cfg.detect.combiner, split=split, time_aware=cfg.detect.time_aware)
+    except TooFewEpisodes:
+        return []
+    return against_combination(reports, part)
+
+
+def _paired(p: AgainstCombination) -> dict[str, Any]:
     return {"signal": p.signal, "in_time": dataclasses.asdict(p.in_time),
             "false_alarms": dataclasses.asdict(p.false_alarms),
             "in_time_by_state": dataclasses.asdict(p.in_time_by_state),
@@ -216,7 +234,7 @@ def _part(episodes: list[Episode], points: dict[str, int], reports: list, handov
     return {
         "episodes": len(episodes), "failures": len(failures),
         "failures_with_point_of_no_return": sum(e.episode_id in points for e in failures),
-        "reports": [{**{k: v for k, v in r.__dict__.items() if k != "alarms"},
+        "reports": [{**{k: v for k, v in r.__dict__.items() if k not in ("alarms", "judged")},
                      "auroc": {str(f): a for f, a in r.auroc.items()}} for r in reports],
         "handovers": [{"signal": h.signal, **dataclasses.asdict(h.comparison), "handovers": h.handovers,
                        "by_state": dataclasses.asdict(h.by_state),
@@ -233,9 +251,10 @@ PART_TITLES = {"fresh": "fresh initial states (no stage of the reproduction saw 
 
 
 def markdown(part: dict[str, Any], task: str, alpha: float, reports: list, handovers: list, splits: list[list],
-             name: str) -> str:
+             name: str, alarms: str) -> str:
     lines = [f"{task}, {PART_TITLES[name]}: {part['episodes']} episodes, {part['failures']} failures, "
-             f"{part['failures_with_point_of_no_return']} of them with a point of no return (corrected).", "",
+             f"{part['failures_with_point_of_no_return']} of them with a point of no return (corrected); "
+             f"{alarms}.", "",
              markdown_table(reports, alpha)]
     if splits[0]:
         lines += ["", against_combination_table(splits[0])]

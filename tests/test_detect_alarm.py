@@ -12,6 +12,7 @@ from afil_ray.config import PolicyConfig, SamplerConfig
 from afil_ray.detect.alarm import (
     COMBINED,
     FRACTIONS,
+    STEP,
     Combination,
     ScoredEpisode,
     against_combination,
@@ -209,7 +210,8 @@ def test_a_time_aware_alarm_flags_what_sits_below_the_early_doubt_of_successes()
     for signal in ("a", COMBINED):
         assert aware[signal].flagged_in_time > 0.8
         assert aware[signal].false_alarm_rate == pytest.approx(0.05, abs=0.03)
-    assert aware["b"].flagged_in_time < 0.2  # the step alone tells nothing
+    assert list(aware) == [STEP, "a", "b", COMBINED]
+    assert aware[STEP].flagged_in_time < 0.2 and aware["b"].flagged_in_time < 0.2  # the step alone tells nothing
     paired = {p.signal: p for p in against_combination(list(aware.values()), episodes)}
     assert paired["a"].in_time_at_matched_false_alarms > 0.8 * 200  # read on the time-aware scores, not the raw
     with pytest.raises(ValueError, match="needs each row's step"):

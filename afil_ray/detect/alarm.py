@@ -47,6 +47,7 @@ from afil_ray.eval.stats import ClusteredComparison, PairedComparison, compare_p
 
 FRACTIONS = (0.25, 0.5, 0.75)
 COMBINED = "combined"
+STEP = "step alone"  # a time-aware alarm's baseline: how long the episode has run, no signal (failures run longer)
 COMBINERS = DETECT_COMBINERS
 
 
@@ -142,6 +143,8 @@ class Combination:
         return self
 
     def _tie_break(self, x: np.ndarray) -> np.ndarray:
+        if not self.signals:  # the step alone: nothing to break its ties with
+            return np.zeros(len(x))
         return self.tie_scaler.transform(x)[:, :len(self.signals)].mean(axis=1)  # the signals, not the step
 
     def _features(self, scores: dict[str, np.ndarray], steps: np.ndarray | None) -> np.ndarray:
@@ -217,7 +220,8 @@ def evaluate_alarm(episodes: Sequence[ScoredEpisode], signals: Sequence[str], al
     for fold k, a single signal's threshold is calibrated on the other fold's successes; the combination is fitted
     on each half of the other fold and calibrated on the other half (``_cross_fitted``). ``split`` salts the
     hashes that draw the folds and halves. ``time_aware``: every alarm, each single signal's too, is a ``combiner``
-    model of its score(s) and the step, fitted and calibrated like the combination (a time-varying threshold)."""
+    model of its score(s) and the step, fitted and calibrated like the combination (a time-varying threshold), and
+    a model of the step alone (``STEP``) reports what elapsed time says by itself."""
     folds = [[e for e in episodes if fold_of(e.cluster, split) == k] for k in (0, 1)]
     halves = [[[e for e in fold if calibration_half(e.cluster, split) == h] for h in (False, True)]
               for fold in folds]
@@ -229,12 +233,12 @@ def evaluate_alarm(episodes: Sequence[ScoredEpisode], signals: Sequence[str], al
     # alarm -> k -> fold k's episode id -> scores less their threshold
     fitted: dict[str, list[dict[str, np.ndarray]]] = {}
     if time_aware:
-        fitted = {s: [_cross_fitted([s], combiner, halves[1 - k], folds[k], split, alpha, time_aware)
-                      for k in (0, 1)] for s in signals}
+        fitted = {s: [_cross_fitted([] if s == STEP else [s], combiner, halves[1 - k], folds[k], split, alpha,
+                                    time_aware) for k in (0, 1)] for s in [STEP, *signals]}
     if combine and len(signals) > 1 and both:
         fitted[COMBINED] = [_cross_fitted(signals, combiner, halves[1 - k], folds[k], split, alpha, time_aware)
                             for k in (0, 1)]
-        signals = [*signals, COMBINED]
+    signals = [*([STEP] if time_aware else []), *signals, *([COMBINED] if COMBINED in fitted else [])]
 
     def scores_of(e: ScoredEpisode, signal: str, k: int) -> np.ndarray:
         return fitted[signal][k][e.episode_id] if signal in fitted else e.scores[signal]

@@ -8,7 +8,9 @@ another noise draw of the same initial state.
 - AUROC at a fraction f of the episode: each episode scored by its largest score over its first f of steps
   (what the alarm has seen by then), failures against successes.
 - The alarm fires at the first step above the threshold calibrated on the other fold's successes for false-alarm
-  rate ``alpha`` (afil_ray/detect/conformal.py); the false-alarm rate is measured on this fold's successes.
+  rate ``alpha`` (afil_ray/detect/conformal.py); the false-alarm rate is measured on this fold's successes. A
+  time-aware alarm (``time_aware``) is a model of its score and the step, fitted and calibrated like the
+  combination below: its threshold falls as a success's early doubt fades.
 - A failure's point of no return is the latest step from which the planner still completed it (the correction's
   restore point): it counts as flagged in time when its alarm fires at or before that step, and its lead time is
   the number of steps between the two.

@@ -283,11 +283,12 @@ def evaluate_alarm(episodes: Sequence[ScoredEpisode], signals: Sequence[str], al
 def _cross_fitted(signals: Sequence[str], combiner: str, halves: Sequence[Sequence[ScoredEpisode]],
                   measured: Sequence[ScoredEpisode], split: int, alpha: float,
                   with_step: bool = False) -> dict[str, np.ndarray]:
-    """The ``measured`` episodes' combined scores, by episode id, less the threshold they are judged by (the alarm
-    fires above 0): a combination fitted on each of the calibrating fold's two ``halves``, its threshold calibrated
-    on the other half's successes, judges the measured episodes whose initial state hashes to its half. Each
-    episode is judged by one fit on a quarter of the episodes and one threshold on another quarter's successes, as
-    with a single pair of halves, but the counts average two independent draws of both."""
+    """The ``measured`` episodes' scores from a ``Combination`` of ``signals`` (one signal, or none, with the step),
+    by episode id, less the threshold they are judged by (the alarm fires above 0): a model fitted on each of the
+    calibrating fold's two ``halves``, its threshold calibrated on the other half's successes, judges the measured
+    episodes whose initial state hashes to its half. Each episode is judged by one fit on a quarter of the episodes
+    and one threshold on another quarter's successes, as with a single pair of halves, but the counts average two
+    independent draws of both."""
     scores = {}
     for h, half in enumerate(halves):
         fit = Combination(signals, combiner, with_step).fit(half)
@@ -360,8 +361,7 @@ def against_combination(reports: Sequence[SignalReport],
             r.signal, compare_paired(*flagged), compare_paired(*false),
             compare_paired_clustered(*flagged, [e.cluster for e in timed]),
             compare_paired_clustered(*false, [e.cluster for e in successes]),
-            in_time_at(r.judged or {e.episode_id: e.scores[r.signal] for e in episodes}, sum(false[1]),
-                       successes, timed)))
+            in_time_at(r.judged, sum(false[1]), successes, timed)))
     return rows
 
 

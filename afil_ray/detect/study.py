@@ -178,8 +178,7 @@ def alarm_study(cfg: Config, progress: bool = True, handover: bool = True) -> di
         tables = []
         for name, (part, part_episodes) in parts.items():
             try:
-                reports = evaluate_alarm(part, list(cfg.detect.signals), alpha=cfg.detect.alpha,
-                                         combiner=cfg.detect.combiner, time_aware=cfg.detect.time_aware)
+                reports = _reports(cfg, part)
             except TooFewEpisodes as error:
                 raise ConfigError(f"detect.time_aware: {error} ({len(part)} episodes of {name}); set it false or "
                                   "raise detect.alarm_seeds") from None
@@ -208,15 +207,19 @@ def alarm_study(cfg: Config, progress: bool = True, handover: bool = True) -> di
     return result
 
 
+def _reports(cfg: Config, part: list[ScoredEpisode], split: int = 0) -> list:
+    """Every alarm of ``cfg.detect`` measured on ``part`` with the ``split``-th draw of the folds."""
+    return evaluate_alarm(part, list(cfg.detect.signals), alpha=cfg.detect.alpha, combiner=cfg.detect.combiner,
+                          split=split, time_aware=cfg.detect.time_aware)
+
+
 def _against_on_split(cfg: Config, part: list[ScoredEpisode], split: int) -> list[AgainstCombination]:
     """Each signal against the combination on the ``split``-th draw of the folds; none where a half lacks an
     outcome (the table says so)."""
     try:
-        reports = evaluate_alarm(part, list(cfg.detect.signals), alpha=cfg.detect.alpha,
-                                 combiner=cfg.detect.combiner, split=split, time_aware=cfg.detect.time_aware)
+        return against_combination(_reports(cfg, part, split), part)
     except TooFewEpisodes:
         return []
-    return against_combination(reports, part)
 
 
 def _paired(p: AgainstCombination) -> dict[str, Any]:

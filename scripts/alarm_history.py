@@ -34,6 +34,8 @@ def trailing_mean(x: np.ndarray, window: int) -> np.ndarray:
 
 
 def scored_episodes(root: Path, window: int) -> tuple[list[ScoredEpisode], list[str], str]:
+    if not (root / "config.yaml").is_file():
+        raise SystemExit(f"{root / 'config.yaml'}: no reproduction here (scripts/failure_signal.sh makes one)")
     cfg = load_config(root / "config.yaml")
     task = cfg.env.tasks[0]
     episodes, points = harvest_episodes(ReplayStore(root / OUTPUT_DIR / ALARM_REPLAY), task, ALARM_SOURCE)
@@ -42,6 +44,8 @@ def scored_episodes(root: Path, window: int) -> tuple[list[ScoredEpisode], list[
     raw = list(cfg.detect.signals)
     for signal in raw:
         path = root / OUTPUT_DIR / f"scores_{signal}_fresh.npz"
+        if not path.is_file():
+            raise SystemExit(f"{path}: no kept scores of {signal} (scripts/detect_study.sh alarm <task> keeps them)")
         with np.load(path) as saved:
             if json.loads(str(saved["key"]))[-1] != ids:
                 raise SystemExit(f"{path}: scored other episodes than {root / OUTPUT_DIR / ALARM_REPLAY} holds")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from afil_ray.config import load_config
+from afil_ray.config import ConfigError, load_config
 from afil_ray.detect.alarm import COMBINED, STEP, ScoredEpisode, against_combination, evaluate_alarm
 from afil_ray.detect.study import ALARM_REPLAY, ALARM_SOURCE, OUTPUT_DIR, harvest_episodes
 from afil_ray.replay.store import ReplayStore
@@ -64,7 +64,10 @@ def main() -> None:
     parser.add_argument("--splits", type=int, default=3)
     parser.add_argument("--alpha", type=float, default=0.05)
     args = parser.parse_args()
-    scored, signals, combiner = scored_episodes(args.run_dir, args.window)
+    try:
+        scored, signals, combiner = scored_episodes(args.run_dir, args.window)
+    except ConfigError as error:  # no study has rolled out there yet
+        raise SystemExit(str(error)) from None
     with_point = sum(not e.success and e.point_of_no_return is not None for e in scored)
     in_time: dict[str, list[int]] = {}
     false_alarms: dict[str, list[float]] = {}

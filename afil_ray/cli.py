@@ -217,7 +217,7 @@ def cmd_alarm(args: argparse.Namespace) -> int:
     from afil_ray.detect.study import OUTPUT_DIR, alarm_study
 
     cfg = _config(args, [])
-    alarm_study(cfg, progress=not args.quiet)
+    alarm_study(cfg, progress=not args.quiet, handover=not args.no_handover)
     report = Path(cfg.run_dir) / OUTPUT_DIR / "alarm.md"
     print(report.read_text(), end="")
     print(f"results: {report}")
@@ -319,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "their point of no return, and the failures' causes")
     with_config(a)
     a.add_argument("--quiet", action="store_true", help="no progress bars")
+    a.add_argument("--no-handover", action="store_true",
+                   help="the alarms alone, without planning a hand-over at each (the slow part on long tasks)")
     a.set_defaults(func=cmd_alarm)
 
     x = sub.add_parser("explain", help="ARMOR's detector-explainer on a reproduction: whether episodes failed and "

@@ -671,7 +671,7 @@ class ReproduceConfig(_Section):
 
 
 REPRODUCE_UNTIL = ("demos", "success_only", "harvest", "correct", "corrected", "dag", "signal")  # reproduce.until
-DETECT_SIGNALS = ("critic", "spread", "disagreement")  # afil_ray/detect/signals.py
+DETECT_SIGNALS = ("critic", "spread", "disagreement", "chosen")  # afil_ray/detect/signals.py
 DETECT_COMBINERS = ("logistic", "boosted")  # afil_ray/detect/alarm.py
 # ARMOR's ablation rows (afil_ray/detect/armor.py RECIPES)
 EXPLAINER_RECIPES = ("multitask", "refine_only", "offline", "online", "armor")
@@ -682,7 +682,7 @@ class DetectConfig(_Section):
     """Failure detection (afil_ray/detect/): the runtime alarm's signals and the false-alarm rate it is set for."""
 
     # per-state failure scores: 1 - V(s) of the success critic, the spread of sampled chunks, the success/failure
-    # head disagreement; with more than one, their combination is reported too
+    # head disagreement, 1 - Q(s, chunk) of the chunk the policy chose; with more than one, their combination too
     signals: list[str] = field(default_factory=lambda: list(DETECT_SIGNALS))
     alpha: float = 0.05  # the alarm's false-alarm rate on successful episodes (split-conformal threshold)
     # how several signals combine (afil_ray/detect/alarm.py): boosted (monotone trees) or logistic; on PullCube

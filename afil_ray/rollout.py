@@ -74,9 +74,10 @@ class ChunkedRollout:
                  source: str = "policy", policy_version: int = -1, generator: Any = None,
                  noise_seed: Callable[[int], int | None] | None = None, instruct: Instruct = canonical_instruction,
                  observe: Callable[[Obs], Obs] | None = None, keep_images: bool = True,
-                 monitor: Callable[[Obs, list[str]], np.ndarray] | None = None) -> None:
+                 monitor: Callable[[Obs, list[str], np.ndarray], np.ndarray] | None = None) -> None:
         self.env, self.policy, self.sampler = env, policy, sampler
-        # a runtime failure monitor (afil_ray/detect/monitor.py): scores each re-planning state, kept per episode
+        # a runtime failure monitor (afil_ray/detect/monitor.py): scores each re-planning state and the chunk sampled
+        # there (before it runs), kept per episode
         self.monitor = monitor
         self.observe = observe  # what the policy is shown of an observation (an evaluation probe's view), if not all
         self.generator = generator
@@ -124,7 +125,7 @@ class ChunkedRollout:
             self.stats.w.append(float(np.mean(w)))
         if cos is not None:
             self.stats.cos.append(float(np.mean(cos)))
-        scores = None if self.monitor is None else self.monitor(obs, instructions)
+        scores = None if self.monitor is None else self.monitor(obs, instructions, actions)
         for j, i in enumerate(idx):
             if scores is not None:
                 self.collector.add_failure_score(int(i), float(scores[j]))

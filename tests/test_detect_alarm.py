@@ -51,16 +51,26 @@ def _episode(length: int, seed: int, chunk_steps: list[int] | None = None) -> Ep
 def test_signals_depend_on_the_state_alone_and_batch_like_single_calls():
     policy = _policy()
     signals = FailureSignals(policy, SamplerConfig(steps=4), k=6)
-    obs = {"state": np.random.default_rng(2).normal(0, 1, (5, STATE_DIM)).astype(np.float32)}
-    first, again = signals(obs, ["pull the cube"] * 5), signals(obs, ["pull the cube"] * 5)
+    rng = np.random.default_rng(2)
+    obs = {"state": rng.normal(0, 1, (5, STATE_DIM)).astype(np.float32)}
+    chunks = rng.uniform(-2, 3, (5, H, ACTION_DIM)).astype(np.float32)
+    first, again = signals(obs, ["pull the cube"] * 5, chunks), signals(obs, ["pull the cube"] * 5, chunks)
     assert set(first) == set(SIGNALS)
     for name in SIGNALS:
         assert first[name].shape == (5,) and np.all(np.isfinite(first[name]))
         np.testing.assert_array_equal(first[name], again[name])
     np.testing.assert_allclose(first["critic"], 1.0 - policy.v(obs, "pull the cube"), rtol=1e-6)
+    np.testing.assert_allclose(first["chosen"], 1.0 - policy.q(obs, "pull the cube", chunks), rtol=1e-6)
     assert np.all(first["spread"] > 0) and np.all(first["disagreement"] > 0)
+    # the chosen signal judges the chunk, the others the state alone
+    other = signals(obs, ["pull the cube"] * 5, chunks[::-1].copy())
+    assert not np.allclose(other["chosen"], first["chosen"])
+    for name in ("critic", "spread", "disagreement"):
+        np.testing.assert_array_equal(other[name], first[name])
+    with pytest.raises(ValueError, match="pass chunks"):
+        signals(obs, ["pull the cube"] * 5)
     policy.init_failure_head_from_success()  # identical heads: cos = 1, no disagreement
-    np.testing.assert_allclose(signals(obs, ["pull the cube"] * 5)["disagreement"], 0.0, atol=1e-5)
+    np.testing.assert_allclose(signals(obs, ["pull the cube"] * 5, chunks)["disagreement"], 0.0, atol=1e-5)
 
 
 def test_episode_scores_hold_between_replans_and_batch_across_episodes():
@@ -77,6 +87,23 @@ def test_episode_scores_hold_between_replans_and_batch_across_episodes():
     assert len(np.unique(together[1]["critic"][0:5])) == 1  # no recorded re-planning steps: every 5
 
 
+def test_the_chosen_signal_reads_each_episode_s_recorded_chunk_at_its_replanning_step():
+    policy = _policy()
+    signals = FailureSignals(policy, SamplerConfig(steps=4), k=2, signals=("chosen",))
+    rng = np.random.default_rng(4)
+    episodes = [_episode(20, 0, [0, 8, 16]), _episode(9, 1, [0, 4, 8])]
+    for ep in episodes:
+        ep.chunks = rng.uniform(-2, 3, (len(ep.chunk_steps), H, ACTION_DIM)).astype(np.float32)
+    scored = score_episodes(signals, episodes, every=5, batch_size=4)  # batches cut across the episodes
+    for ep, got in zip(episodes, scored, strict=True):
+        steps = np.asarray(ep.chunk_steps)
+        want = 1.0 - policy.q({"state": ep.state[steps]}, ep.instruction, ep.chunks)
+        np.testing.assert_allclose(got["chosen"][steps], want, rtol=1e-5)
+    bare = _episode(10, 2)  # an episode that kept no chunks cannot be scored by its choices
+    with pytest.raises(ValueError, match=f"episode {bare.episode_id} kept no sampled chunks"):
+        score_episodes(signals, [bare], every=5)
+
+
 def test_hold_fills_from_each_scored_step_to_the_next():
     np.testing.assert_array_equal(hold(np.array([1.0, 2.0]), np.array([0, 3]), 5), [1, 1, 1, 2, 2])
 
@@ -84,8 +111,9 @@ def test_hold_fills_from_each_scored_step_to_the_next():
 def test_signals_refuse_a_policy_without_critic_and_a_single_sample():
     policy = _policy()
     policy.critic = None
-    with pytest.raises(ValueError, match="needs a policy with a trained critic"):
-        FailureSignals(policy, SamplerConfig())
+    for signal in ("critic", "chosen"):
+        with pytest.raises(ValueError, match=f"the {signal} signal needs a policy with a trained critic"):
+            FailureSignals(policy, SamplerConfig(), signals=(signal,))
     with pytest.raises(ValueError, match="k >= 2"):
         FailureSignals(_policy(), SamplerConfig(), k=1)
 
@@ -268,7 +296,9 @@ def test_afil_ray_alarm_on_a_tiny_reproduction(tmp_path, capsys):
                      action=np.zeros((length, ACTION_DIM), np.float32), reward=np.zeros(length, np.float32),
                      step_success=np.arange(length) == length - 1 if won else np.zeros(length, bool),
                      terminated=np.zeros(length, bool), truncated=np.zeros(length, bool),
-                     final_state=np.zeros(state_dim, np.float32), instruction="pull the cube", seed=i)
+                     final_state=np.zeros(state_dim, np.float32), instruction="pull the cube", seed=i,
+                     chunk_steps=list(range(0, length, 8)))  # re-planning every 8 steps, as rollouts record
+        ep.chunks = rng.uniform(-2, 3, (len(ep.chunk_steps), H, ACTION_DIM)).astype(np.float32)
         episodes.append(ep)
         if not won and i % 4 == 1:
             corrected.append(Episode(**{**ep.__dict__, "episode_id": f"c{i}", "outcome": "corrected",
@@ -291,7 +321,7 @@ def test_afil_ray_alarm_on_a_tiny_reproduction(tmp_path, capsys):
     everything = result["all"]
     assert (everything["episodes"], everything["failures"], everything["failures_with_point_of_no_return"]) == \
         (40, 20, 10)
-    assert [r["signal"] for r in everything["reports"]] == ["critic", "spread", "disagreement", COMBINED]
+    assert [r["signal"] for r in everything["reports"]] == ["critic", "spread", "disagreement", "chosen", COMBINED]
     assert 0 < result["critic_unseen"]["episodes"] < 40  # the states the critic held out (data.critic_holdout)
     assert sum(row["failures"] for row in result["causes"]) == 20
     assert "| combined |" in (run / "detect" / "alarm.md").read_text()
@@ -303,7 +333,7 @@ def test_afil_ray_alarm_on_a_tiny_reproduction(tmp_path, capsys):
     result = json.loads((run / "detect" / "alarm.json").read_text())
     assert len(result["all"]["against_combination_splits"]) == 2  # splits 1 and 2 beside the main table's 0
     table = (run / "detect" / "alarm.md").read_text()  # a split whose halves lack an outcome is said so
-    assert table.count("| mean of ") == 3 and table.count("| 1 | ") + table.count("| 2 | ") >= 2
+    assert table.count("| mean of ") == len(SIGNALS) and table.count("| 1 | ") + table.count("| 2 | ") >= 2
 
 
 def test_the_live_monitor_scores_with_the_fitted_combination():

@@ -71,10 +71,11 @@ def test_evaluate_uses_exactly_the_seeded_episodes():
 def test_a_monitor_scores_every_replanning_state_and_the_episode_keeps_the_scores():
     env = ManiSkillVecEnv(EnvConfig(task="PushCube-v1", num_envs=2, max_episode_steps=10, backend="cpu",
                                     cpu_vectorization="loop"))
-    seen = []
+    seen, chunks = [], []
 
-    def monitor(obs, instructions):
+    def monitor(obs, instructions, sampled):
         seen.append(len(instructions))
+        chunks.append(np.array(sampled))  # the chunks about to run, which the chosen signal judges
         return obs["state"][:, 0] + len(seen)  # a score the test can recompute
 
     rollout = ChunkedRollout(env, ScriptedPolicy(), SamplerConfig(execute_steps=4), itertools.count(0),
@@ -85,6 +86,8 @@ def test_a_monitor_scores_every_replanning_state_and_the_episode_keeps_the_score
     env.close()
     assert seen == [2, 2, 2]  # once per re-planning, for the envs that re-plan
     for ep in episodes:
+        for c, kept in enumerate(ep.chunks):  # the monitor saw the very chunk the episode then ran
+            assert any(np.array_equal(kept, row) for row in chunks[c])
         steps = [s for s, _ in ep.extra["failure_scores"]]
         assert steps == ep.chunk_steps == [0, 4, 8]
         np.testing.assert_allclose([v for _, v in ep.extra["failure_scores"]],

@@ -5,10 +5,15 @@
   chunk of the per-dimension standard deviation, in normalised action units), FIPER's and FAIL-Detect's sign that
   the policy is off the data it knows;
 - ``disagreement``: 1 - cos(v_s, v_f) of the success and failure heads, averaged over the integration steps (what
-  the paper's adaptive rule already computes to set its weight).
+  the paper's adaptive rule already computes to set its weight);
+- ``chosen``: 1 - Q(s, chunk) of the chunk the policy sampled to execute next. The others judge the state; this one
+  judges the policy's choice in it, which V(s), the critic's average over the policy's choices, cannot see: where
+  the outcome still depends on the action (the critic's within-state AUROC above 0.5), an unlucky draw shows here
+  before its consequences reach the state. It is known before the chunk runs.
 
-Higher is more alarming for each. A score is a function of the state (and fixed noise), so scoring a stored
-episode's states replays exactly what a monitor running beside the policy would have seen at its re-planning steps.
+Higher is more alarming for each. A score is a function of the state (and fixed noise, and for ``chosen`` the
+chunk, which every stored episode keeps at its re-planning steps), so scoring a stored episode replays exactly what
+a monitor running beside the policy would have seen at its re-planning steps.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from afil_ray.policy.model import DAGPolicy
 from afil_ray.replay.episode import Episode
 
 SIGNALS = DETECT_SIGNALS
+CRITIC_SIGNALS = ("critic", "chosen")  # the signals that read the success critic
 
 
 class FailureSignals:
@@ -35,8 +41,9 @@ class FailureSignals:
         unknown = [s for s in signals if s not in SIGNALS]
         if unknown:
             raise ValueError(f"unknown failure signal {unknown[0]!r}; signals: {', '.join(SIGNALS)}")
-        if "critic" in signals and policy.critic is None:
-            raise ValueError("the critic signal needs a policy with a trained critic (train.mode=critic)")
+        needs_critic = [s for s in signals if s in CRITIC_SIGNALS]
+        if needs_critic and policy.critic is None:
+            raise ValueError(f"the {needs_critic[0]} signal needs a policy with a trained critic (train.mode=critic)")
         if k < 2:
             raise ValueError(f"the spread of sampled chunks needs k >= 2, got {k}")
         self.policy, self.k, self.seed, self.signals = policy, k, seed, tuple(signals)
@@ -49,12 +56,18 @@ class FailureSignals:
         return torch.randn((batch, k, *self.policy.noise_shape), generator=generator)
 
     @torch.no_grad()
-    def __call__(self, obs: Mapping[str, np.ndarray], instructions: Sequence[str]) -> dict[str, np.ndarray]:
-        """{signal: [B] scores} for env observations (``state`` and cameras) and one instruction per row."""
+    def __call__(self, obs: Mapping[str, np.ndarray], instructions: Sequence[str],
+                 chunks: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """{signal: [B] scores} for env observations (``state`` and cameras), one instruction per row and, for
+        ``chosen``, the chunk [B, H, A] (env units) the policy sampled for each."""
         batch = len(obs["state"])
         out: dict[str, np.ndarray] = {}
         if "critic" in self.signals:
             out["critic"] = 1.0 - self.policy.v(obs, list(instructions))
+        if "chosen" in self.signals:
+            if chunks is None:
+                raise ValueError("the chosen signal scores the chunk the policy sampled: pass chunks")
+            out["chosen"] = 1.0 - self.policy.q(obs, list(instructions), chunks)
         if "spread" in self.signals:
             wide = {key: np.repeat(value, self.k, axis=0) for key, value in obs.items()}
             chunks, _ = self.policy.sample(wide, [i for i in instructions for _ in range(self.k)], self.plain,
@@ -90,15 +103,26 @@ def hold(values: np.ndarray, steps: np.ndarray, length: int) -> np.ndarray:
 
 def score_episodes(signals: FailureSignals, episodes: Sequence[Episode], every: int,
                    batch_size: int = 256, progress: bool = False) -> list[dict[str, np.ndarray]]:
-    """Per-step scores [T] of each signal for every episode (state-mode episodes: the scores read ``state``),
-    computed in batches across episodes."""
+    """Per-step scores [T] of each signal for every episode (state-mode episodes: the scores read ``state``; the
+    ``chosen`` signal its recorded chunks), computed in batches across episodes."""
+    chosen = "chosen" in signals.signals
+    if chosen:
+        for ep in episodes:
+            if ep.chunks is None or not len(ep.chunk_steps):
+                raise ValueError(f"episode {ep.episode_id} kept no sampled chunks: the chosen signal scores them")
     rows = [(i, int(s)) for i, ep in enumerate(episodes) for s in scored_steps(ep, every)]
+    chunk_of = [c for ep in episodes for c in range(len(scored_steps(ep, every)))]  # each row's chunk index
     values: dict[str, np.ndarray] = {name: np.empty(len(rows)) for name in signals.signals}
     starts = range(0, len(rows), batch_size)
     for start in tqdm(starts, desc=f"score {', '.join(signals.signals)}", unit="batch", disable=not progress):
         part = rows[start:start + batch_size]
         obs = {"state": np.stack([episodes[i].state[s] for i, s in part])}
-        scores = signals(obs, [episodes[i].instruction for i, _ in part])
+        chunks = None
+        if chosen:
+            horizon, action_dim = signals.policy.noise_shape
+            chunks = np.stack([episodes[i].chunks[c].reshape(horizon, action_dim)
+                               for (i, _), c in zip(part, chunk_of[start:start + len(part)], strict=True)])
+        scores = signals(obs, [episodes[i].instruction for i, _ in part], chunks)
         for name, v in scores.items():
             values[name][start:start + len(part)] = v
     out: list[dict[str, np.ndarray]] = []

@@ -55,7 +55,7 @@ from afil_ray.replay.chunks import origin_of
 from afil_ray.replay.episode import Episode
 from afil_ray.replay.outcomes import held_out
 
-SIGNAL_STAGES = {"spread": "success_only", "critic": "critic", "disagreement": "dag"}
+SIGNAL_STAGES = {"spread": "success_only", "critic": "critic", "disagreement": "dag", "chosen": "critic"}
 OUTPUT_DIR = "detect"
 ALARM_REPLAY = "alarm_replay"  # under OUTPUT_DIR: the fresh rollouts the study measures on
 ALARM_SOURCE = "detect:alarm"

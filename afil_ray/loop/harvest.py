@@ -26,7 +26,7 @@ import torch
 from afil_ray.config import Config
 from afil_ray.detect.live import LiveAlarm
 from afil_ray.detect.monitor import FailureMonitor
-from afil_ray.detect.signals import FailureSignals
+from afil_ray.detect.signals import CRITIC_SIGNALS, FailureSignals
 from afil_ray.envs.base import SimulatorError, VecEnv
 from afil_ray.envs.factory import make_vec_env
 from afil_ray.envs.tasks import episode_instruction
@@ -103,8 +103,8 @@ class RolloutWorker:
         ``self.policy``, which new weight versions update in place."""
         if cfg.loop.monitor is None:
             return None, None
-        if cfg.loop.monitor == "critic" and self.policy.critic is None:
-            raise ValueError(f"loop.monitor=critic needs a critic: {cfg.loop.init_from} has none and "
+        if cfg.loop.monitor in CRITIC_SIGNALS and self.policy.critic is None:
+            raise ValueError(f"loop.monitor={cfg.loop.monitor} needs a critic: {cfg.loop.init_from} has none and "
                              f"loop.learner_mode={cfg.loop.learner_mode} trains none (use train.mode=critic)")
         signals = FailureSignals(self.policy, cfg.sampler, k=cfg.detect.spread_k, seed=cfg.seed,
                                  signals=[cfg.loop.monitor])

@@ -33,7 +33,8 @@ def trailing_mean(x: np.ndarray, window: int) -> np.ndarray:
     return (total[t + 1] - total[low]) / (t + 1 - low)
 
 
-def scored_episodes(root: Path, window: int) -> tuple[list[ScoredEpisode], list[str], str]:
+def scored_episodes(root: Path, window: int, signals: list[str] | None = None
+                    ) -> tuple[list[ScoredEpisode], list[str], str]:
     if not (root / "config.yaml").is_file():
         raise SystemExit(f"{root / 'config.yaml'}: no reproduction here (scripts/failure_signal.sh makes one)")
     cfg = load_config(root / "config.yaml")
@@ -41,7 +42,7 @@ def scored_episodes(root: Path, window: int) -> tuple[list[ScoredEpisode], list[
     episodes, points = harvest_episodes(ReplayStore(root / OUTPUT_DIR / ALARM_REPLAY), task, ALARM_SOURCE)
     ids = [e.episode_id for e in episodes]
     scores: list[dict[str, np.ndarray]] = [{} for _ in episodes]
-    raw = list(cfg.detect.signals)
+    raw = signals or list(cfg.detect.signals)
     for signal in raw:
         path = root / OUTPUT_DIR / f"scores_{signal}_fresh.npz"
         if not path.is_file():
@@ -63,9 +64,11 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=10)
     parser.add_argument("--splits", type=int, default=3)
     parser.add_argument("--alpha", type=float, default=0.05)
+    parser.add_argument("--signals", help="signals separated by commas (default: the reproduction's detect.signals)")
     args = parser.parse_args()
     try:
-        scored, signals, combiner = scored_episodes(args.run_dir, args.window)
+        scored, signals, combiner = scored_episodes(args.run_dir, args.window,
+                                                    args.signals.split(",") if args.signals else None)
     except ConfigError as error:  # no study has rolled out there yet
         raise SystemExit(str(error)) from None
     with_point = sum(not e.success and e.point_of_no_return is not None for e in scored)

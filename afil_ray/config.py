@@ -689,7 +689,8 @@ class DetectConfig(_Section):
     # neither beats the critic alone over fold splits (docs/results.md)
     combiner: str = "boosted"
     # every alarm, each single signal's too, a combiner model of its score(s) and the episode's step: a threshold
-    # that falls as a success's early doubt fades (on PullCube the critic flags 67% of failures in time, not 47%)
+    # that falls as a success's early doubt fades (on PullCube the critic flags 67% of failures in time, not 47%);
+    # the loop's live alarm (loop.monitor) a band per step, calibrated on its recent successes (detect/live.py)
     time_aware: bool = True
     spread_k: int = 8  # chunks sampled per state for the spread
     # `afil-ray alarm` measures on the success-only policy's rollouts from alarm_seeds fresh initial states (from

@@ -45,3 +45,24 @@ def test_failures_are_flagged_after_their_shift_and_few_calibration_episodes_nev
     assert first_alarm(np.array([0.1, 0.2]), math.inf) is None
     with pytest.raises(ValueError, match="alpha"):
         calibrate(_episodes(rng, 10), 0.0)
+
+
+def test_a_time_band_standardises_each_score_by_the_successes_at_its_step():
+    from afil_ray.detect.conformal import TimeBand
+
+    rng = np.random.default_rng(0)
+    steps = np.arange(0, 40, 8)  # re-planning steps
+    successes = [(steps, 5.0 - steps / 8 + rng.normal(0, 0.5, len(steps))) for _ in range(60)]
+    band = TimeBand.fit(successes[:30], successes[30:], alpha=0.1)
+    np.testing.assert_array_equal(band.steps, steps)
+    np.testing.assert_allclose(band.centre, 5.0 - steps / 8, atol=0.4)
+    assert np.isfinite(band.height) and band.height > 0
+    # a score of 3 is ordinary at step 16 and alarming at step 32; a step past the successes' reach (48) is
+    # judged like the last one they reached, and one between re-planning steps like the step before it
+    z = band.standardise(np.array([16, 32, 48, 20]), np.array([3.0, 3.0, 3.0, 3.0]))
+    assert abs(z[0]) < 1.0 and z[1] > band.height and z[2] == z[1] and z[3] == z[0]
+    # too few successes at a step: it borrows; none at all: no band, no alarm
+    late = [(np.array([0, 8, 16]), np.zeros(3))] * 2 + [(np.array([0, 8]), np.zeros(2))] * 10
+    assert TimeBand.fit(late, late, alpha=0.1, min_count=5).steps.tolist() == [0, 8]
+    empty = TimeBand.fit([], late, alpha=0.1)
+    assert np.isinf(empty.height) and empty.standardise(np.array([0]), np.array([2.0])).tolist() == [2.0]

@@ -122,3 +122,40 @@ def test_a_critic_monitor_without_a_critic_is_a_one_line_error(tmp_path):
     make_start_checkpoint(cfg)
     with pytest.raises(ValueError, match=r"loop\.monitor=critic needs a critic"):
         RolloutWorker(cfg, 0, LocalWeightSource(WeightBoard()), seed_start=8_100_000)
+
+
+def _doubtful_early(rng: np.random.Generator, success: bool, n: int = 20) -> np.ndarray:
+    """A success's score starts high and fades (the critic's early doubt); a failure's stays at a middling level
+    that is below every success's start and above every success's end."""
+    t = np.arange(n)
+    level = 3.0 * np.exp(-t / 4.0) if success else np.full(n, 1.2)
+    return level + rng.normal(0, 0.2, n)
+
+
+def test_a_time_aware_live_alarm_flags_failures_that_stay_below_the_early_doubt_of_successes():
+    rng = np.random.default_rng(2)
+    fixed, banded = LiveAlarm(alpha=0.1, window=200), LiveAlarm(alpha=0.1, window=200, time_aware=True)
+    for _ in range(200):
+        episode = _scored(True, _doubtful_early(rng, True))
+        fixed.observe(episode)
+        banded.observe(episode)
+    verdicts: dict[str, dict[bool, list[bool]]] = {"fixed": {True: [], False: []}, "band": {True: [], False: []}}
+    for i in range(1500):
+        success = i % 5 != 0
+        episode = _scored(success, _doubtful_early(rng, success))
+        verdicts["fixed"][success].append(fixed.observe(episode).fired)
+        verdicts["band"][success].append(banded.observe(episode).fired)
+    assert np.mean(verdicts["fixed"][False]) < 0.2  # the fixed threshold sits above every success's start
+    assert np.mean(verdicts["band"][False]) > 0.9  # the band sits low where successes have settled
+    for name in ("fixed", "band"):
+        assert 0.05 < np.mean(verdicts[name][True]) < 0.15, name  # both hold alpha on successes
+
+
+def test_a_time_aware_live_alarm_is_silent_until_its_half_of_the_window_promises_alpha():
+    alarm = LiveAlarm(alpha=0.1, window=100, time_aware=True)
+    rng = np.random.default_rng(3)
+    verdicts = [alarm.observe(_scored(True, rng.normal(0, 1, 10))) for _ in range(20)]
+    # every other success sets the height: the ninth of them (the 18th success) is the first that can promise 0.1
+    assert all(math.isinf(v.threshold) and not v.fired for v in verdicts[:18])
+    assert all(math.isfinite(v.threshold) for v in verdicts[18:])
+    assert alarm.observe(_scored(False, np.full(10, 50.0))).alarm_step == 0  # calibrated: far above, at once

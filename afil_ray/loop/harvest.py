@@ -108,7 +108,8 @@ class RolloutWorker:
                              f"loop.learner_mode={cfg.loop.learner_mode} trains none (use train.mode=critic)")
         signals = FailureSignals(self.policy, cfg.sampler, k=cfg.detect.spread_k, seed=cfg.seed,
                                  signals=[cfg.loop.monitor])
-        return FailureMonitor(signals, threshold=np.inf), LiveAlarm(cfg.detect.alpha, cfg.loop.monitor_window)
+        return FailureMonitor(signals, threshold=np.inf), LiveAlarm(cfg.detect.alpha, cfg.loop.monitor_window,
+                                                                     time_aware=cfg.detect.time_aware)
 
     def _summary(self, ep: Episode) -> EpisodeSummary:
         summary = EpisodeSummary(ep.task, bool(ep.success), ep.length, ep.seed, ep.policy_version)

@@ -109,7 +109,7 @@ class RolloutWorker:
         signals = FailureSignals(self.policy, cfg.sampler, k=cfg.detect.spread_k, seed=cfg.seed,
                                  signals=[cfg.loop.monitor])
         return FailureMonitor(signals, threshold=np.inf), LiveAlarm(cfg.detect.alpha, cfg.loop.monitor_window,
-                                                                     time_aware=cfg.detect.time_aware)
+                                                                     time_aware=cfg.loop.monitor_time_aware)
 
     def _summary(self, ep: Episode) -> EpisodeSummary:
         summary = EpisodeSummary(ep.task, bool(ep.success), ep.length, ep.seed, ep.policy_version)

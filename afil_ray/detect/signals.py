@@ -70,9 +70,9 @@ class FailureSignals:
             out["chosen"] = 1.0 - self.policy.q(obs, list(instructions), chunks)
         if "spread" in self.signals:
             wide = {key: np.repeat(value, self.k, axis=0) for key, value in obs.items()}
-            chunks, _ = self.policy.sample(wide, [i for i in instructions for _ in range(self.k)], self.plain,
-                                           noise=self._noise(batch, self.k).flatten(0, 1))
-            normalised = self.policy.normalizer.normalize_action(torch.as_tensor(chunks, dtype=torch.float32,
+            candidates, _ = self.policy.sample(wide, [i for i in instructions for _ in range(self.k)], self.plain,
+                                               noise=self._noise(batch, self.k).flatten(0, 1))
+            normalised = self.policy.normalizer.normalize_action(torch.as_tensor(candidates, dtype=torch.float32,
                                                                                  device=self.policy.device))
             spread = normalised.view(batch, self.k, -1).std(dim=1, unbiased=False).mean(dim=1)
             out["spread"] = spread.float().cpu().numpy()

@@ -13,7 +13,6 @@ and the study's rollouts; it scores nothing itself.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from tqdm import tqdm
 
 from afil_ray.config import ConfigError, load_config
 from afil_ray.detect.alarm import COMBINED, STEP, ScoredEpisode, against_combination, evaluate_alarm
-from afil_ray.detect.study import ALARM_REPLAY, ALARM_SOURCE, OUTPUT_DIR, harvest_episodes
+from afil_ray.detect.study import ALARM_REPLAY, ALARM_SOURCE, OUTPUT_DIR, harvest_episodes, kept_fresh_scores
 from afil_ray.replay.store import ReplayStore
 
 
@@ -40,19 +39,12 @@ def scored_episodes(root: Path, window: int, signals: list[str] | None = None
     cfg = load_config(root / "config.yaml")
     task = cfg.env.tasks[0]
     episodes, points = harvest_episodes(ReplayStore(root / OUTPUT_DIR / ALARM_REPLAY), task, ALARM_SOURCE)
-    ids = [e.episode_id for e in episodes]
     scores: list[dict[str, np.ndarray]] = [{} for _ in episodes]
     raw = signals or list(cfg.detect.signals)
     for signal in raw:
-        path = root / OUTPUT_DIR / f"scores_{signal}_fresh.npz"
-        if not path.is_file():
-            raise SystemExit(f"{path}: no kept scores of {signal} (scripts/detect_study.sh alarm <task> keeps them)")
-        with np.load(path) as saved:
-            if json.loads(str(saved["key"]))[-1] != ids:
-                raise SystemExit(f"{path}: scored other episodes than {root / OUTPUT_DIR / ALARM_REPLAY} holds")
-            for i, mine in enumerate(scores):
-                mine[signal] = saved[f"e{i}"]
-                mine[f"{signal} mean{window}"] = trailing_mean(saved[f"e{i}"], window)
+        for mine, kept in zip(scores, kept_fresh_scores(root, signal, episodes), strict=True):
+            mine[signal] = kept
+            mine[f"{signal} mean{window}"] = trailing_mean(kept, window)
     scored = [ScoredEpisode(e.episode_id, e.success, s, points.get(e.episode_id), initial_state=f"{e.task}:{e.seed}")
               for e, s in zip(episodes, scores, strict=True)]
     return scored, [*raw, *(f"{s} mean{window}" for s in raw)], cfg.detect.combiner

@@ -14,7 +14,6 @@ their point of no return. It scores nothing itself.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 from afil_ray.config import ConfigError, load_config
 from afil_ray.detect.live import LiveAlarm
 from afil_ray.detect.signals import scored_steps
-from afil_ray.detect.study import ALARM_REPLAY, ALARM_SOURCE, OUTPUT_DIR, harvest_episodes
+from afil_ray.detect.study import ALARM_REPLAY, ALARM_SOURCE, OUTPUT_DIR, harvest_episodes, kept_fresh_scores
 from afil_ray.envs.collector import FAILURE_SCORES_KEY
 from afil_ray.replay.store import ReplayStore
 
@@ -43,15 +42,9 @@ def main() -> None:
     try:
         episodes, points = harvest_episodes(ReplayStore(root / OUTPUT_DIR / ALARM_REPLAY), cfg.env.tasks[0],
                                             ALARM_SOURCE)
+        held = kept_fresh_scores(root, args.signal, episodes)
     except ConfigError as error:
         raise SystemExit(str(error)) from None
-    path = root / OUTPUT_DIR / f"scores_{args.signal}_fresh.npz"
-    if not path.is_file():
-        raise SystemExit(f"{path}: no kept scores of {args.signal} (scripts/detect_study.sh alarm <task> keeps them)")
-    with np.load(path) as saved:
-        if json.loads(str(saved["key"]))[-1] != [e.episode_id for e in episodes]:
-            raise SystemExit(f"{path}: scored other episodes than {root / OUTPUT_DIR / ALARM_REPLAY} holds")
-        held = [saved[f"e{i}"] for i in range(len(episodes))]
     every = cfg.sampler.execute_steps
     alarms = {"fixed": LiveAlarm(args.alpha, args.window), "band": LiveAlarm(args.alpha, args.window, True)}
     counts = {name: {"successes": 0, "false_alarms": 0, "failures": 0, "flagged": 0, "with_point": 0,

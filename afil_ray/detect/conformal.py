@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -76,8 +76,8 @@ class TimeBand:
         # of the spread over all steps
         floor = max(0.1 * float(np.std(np.concatenate([by_step[s] for s in grid]))), 1e-9)
         band = cls(grid, centre, np.maximum(spread, floor), math.inf)
-        height = calibrate([band.standardise(steps, scores) for steps, scores in calibrate_on], alpha)
-        return cls(grid, centre, band.scale, height)
+        return replace(band, height=calibrate([band.standardise(steps, scores) for steps, scores in calibrate_on],
+                                              alpha))
 
     def standardise(self, steps: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """Each score less its step's centre, over its step's spread (an uncalibrated band: the scores as given)."""

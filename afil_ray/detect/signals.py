@@ -110,19 +110,15 @@ def score_episodes(signals: FailureSignals, episodes: Sequence[Episode], every: 
         for ep in episodes:
             if ep.chunks is None or not len(ep.chunk_steps):
                 raise ValueError(f"episode {ep.episode_id} kept no sampled chunks: the chosen signal scores them")
-    rows = [(i, int(s)) for i, ep in enumerate(episodes) for s in scored_steps(ep, every)]
-    chunk_of = [c for ep in episodes for c in range(len(scored_steps(ep, every)))]  # each row's chunk index
+    # (episode, step, its chunk's index): the chunk a re-planning step sampled is the episode's c-th
+    rows = [(i, int(s), c) for i, ep in enumerate(episodes) for c, s in enumerate(scored_steps(ep, every))]
     values: dict[str, np.ndarray] = {name: np.empty(len(rows)) for name in signals.signals}
     starts = range(0, len(rows), batch_size)
     for start in tqdm(starts, desc=f"score {', '.join(signals.signals)}", unit="batch", disable=not progress):
         part = rows[start:start + batch_size]
-        obs = {"state": np.stack([episodes[i].state[s] for i, s in part])}
-        chunks = None
-        if chosen:
-            horizon, action_dim = signals.policy.noise_shape
-            chunks = np.stack([episodes[i].chunks[c].reshape(horizon, action_dim)
-                               for (i, _), c in zip(part, chunk_of[start:start + len(part)], strict=True)])
-        scores = signals(obs, [episodes[i].instruction for i, _ in part], chunks)
+        obs = {"state": np.stack([episodes[i].state[s] for i, s, _ in part])}
+        chunks = np.stack([episodes[i].chunks[c] for i, _, c in part]) if chosen else None
+        scores = signals(obs, [episodes[i].instruction for i, _, _ in part], chunks)
         for name, v in scores.items():
             values[name][start:start + len(part)] = v
     out: list[dict[str, np.ndarray]] = []

@@ -108,6 +108,18 @@ def fresh_episodes(cfg: Config, root: Path, progress: bool) -> tuple[ReplayStore
     return store, *harvest_episodes(store, task, ALARM_SOURCE)
 
 
+def kept_fresh_scores(root: Path, signal: str, episodes: list[Episode]) -> list[np.ndarray]:
+    """The per-step scores of ``signal`` that an alarm study on fresh rollouts kept for ``episodes`` (the study's
+    own, from ``ALARM_REPLAY``), for probes that score nothing themselves; a one-line error when there are none."""
+    path = root / OUTPUT_DIR / f"scores_{signal}_fresh.npz"
+    if not path.is_file():
+        raise ConfigError(f"{path}: no kept scores of {signal} (scripts/detect_study.sh alarm <task> keeps them)")
+    with np.load(path) as saved:
+        if json.loads(str(saved["key"]))[-1] != [e.episode_id for e in episodes]:
+            raise ConfigError(f"{path}: scored other episodes than {root / OUTPUT_DIR / ALARM_REPLAY} holds")
+        return [saved[f"e{i}"] for i in range(len(episodes))]
+
+
 def cause_table(failures: list[Episode], points: dict[str, int]) -> list[dict[str, Any]]:
     """Per cause: how many failures, and the median point of no return (as a share of the episode) of those the
     planner corrected."""

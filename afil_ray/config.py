@@ -579,6 +579,10 @@ class LoopConfig(_Section):
     # the live alarm's threshold a band per step (detect/live.py TimeBand) rather than one level; replayed over
     # LiftPegUpright's alarm study it flagged no more failures in time than the fixed one (docs/results.md)
     monitor_time_aware: bool = False
+    # Acting on it: every episode the alarm fires on is handed to the task's demonstrator (planner, LIBERO script)
+    # at the alarm, and the episode it became is stored beside the policy's (detect/ shows the success with
+    # hand-overs). Needs monitor and env.snapshot_every > 0; the rollout actor waits while the demonstrator plans.
+    handover: bool = False
 
     def check(self) -> None:
         _one_of("loop.learner_mode", self.learner_mode, TRAIN_MODES)
@@ -779,6 +783,11 @@ class Config(_Section):
                 raise ConfigError(f"{key}=critic needs policy.critic=true (the critic it trains)")
             if mode == "outcome" and not self.policy.outcome_conditioning:
                 raise ConfigError(f"{key}=outcome needs policy.outcome_conditioning=true (the token it trains)")
+        if self.loop.handover and self.loop.monitor is None:
+            raise ConfigError("loop.handover=true needs loop.monitor (the alarm whose firing hands an episode over)")
+        if self.loop.handover and self.env.snapshot_every == 0:
+            raise ConfigError("loop.handover=true needs env.snapshot_every > 0 (the demonstrator takes over from "
+                              "the last snapshot before the alarm)")
 
 
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:

@@ -40,6 +40,7 @@ from afil_ray.run_id import new_run_id
 
 log = logging.getLogger(__name__)
 SOURCE = "correction"
+HANDOVER_SOURCE = "handover"  # an episode the demonstrator took over when an alarm fired
 _LEDGER_KIND = "corrections"  # failures the planner could not finish, under <store>/_meta/
 
 
@@ -140,20 +141,34 @@ class Corrector:
         return CorrectionResult(failure.episode_id, None, reason, None, attempts, time.time() - t0)
 
     def handover(self, episode: Episode, step: int) -> tuple[bool, int | None, str]:
-        """What handing ``episode`` to the demonstrator at ``step`` (an alarm's) would have given: it takes over at
-        the last snapshot at or before ``step``, plans, and its plan is replayed in the policy's control mode
-        (as a correction is). Returns (succeeded within the episode limit, the step it took over, reason)."""
+        """What handing ``episode`` to the demonstrator at ``step`` (an alarm's) would have given: (succeeded
+        within the episode limit, the step it took over, reason); ``take_over`` says how."""
+        taken, at, reason = self.take_over(episode, step)
+        return taken is not None, at, reason
+
+    def take_over(self, episode: Episode, step: int) -> tuple[Episode | None, int | None, str]:
+        """Hand ``episode`` to the demonstrator at ``step``: it takes over at the last snapshot at or before
+        ``step``, plans, and its plan is replayed in the policy's control mode (as a correction is). Returns the
+        episode as it went with the hand-over (source ``handover``, linked to ``episode``; None unless it
+        succeeded within the episode limit), the step it took over and the reason.
+
+        In a simulator whose snapshots restore exactly this is the same computation as a hand-over during the
+        episode: the demonstrator never sees what the policy did after the snapshot."""
         pairs = [(s, b) for s, b in zip(episode.snapshot_steps, episode.snapshots, strict=True) if s <= step]
         if not pairs:
-            return False, None, "no_snapshot"
+            return None, None, "no_snapshot"
         at, blob = max(pairs, key=lambda p: p[0])
         plan = self.planner.plan(int(episode.seed or 0), start_state=blob)
         if plan.reason != "ok":
-            return False, at, plan.reason.split(":")[0]
+            return None, at, plan.reason.split(":")[0]
         if at + plan.first_success > self.limit:
-            return False, at, "over_limit"
-        replayed = self._splice(episode, at, blob, plan.targets)
-        return replayed is not None, at, "ok" if replayed is not None else "replay_failed"
+            return None, at, "over_limit"
+        taken = self._splice(episode, at, blob, plan.targets)
+        if taken is None:
+            return None, at, "replay_failed"
+        taken.source = HANDOVER_SOURCE
+        taken.extra.update(handover_step=at, alarm_step=int(step), parent_outcome=episode.outcome)
+        return taken, at, "ok"
 
     def _splice(self, failure: Episode, step: int, blob: bytes, targets: list[np.ndarray]) -> Episode | None:
         """The failure's first ``step`` steps, then the plan replayed from the restored snapshot."""

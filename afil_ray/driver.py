@@ -73,7 +73,8 @@ def _absolute(cfg: Config) -> Config:
 def check_loop_config(cfg: Config) -> None:
     """What the loop needs from its config, checked before Ray starts: a bad value costs one line, not a Ray
     start and actors that raise half a minute later."""
-    check_tasks(env_tasks(cfg.env))  # the rollout actors and the evaluator simulate them
+    # the rollout actors and the evaluator simulate them; with loop.handover the actors' demonstrators plan too
+    check_tasks(env_tasks(cfg.env), planner=cfg.loop.handover)
     check_one_action_space(cfg.env)
     check_cameras(cfg.env)
     check_tasks(trained_tasks(cfg), simulate=False)  # the learner reads these from the store

@@ -8,7 +8,11 @@ actions of the old chunk finish them, every later chunk comes from the new weigh
 
 With ``loop.monitor`` set, the worker also scores every re-planning state with that failure signal (the episode
 keeps the scores) and judges each finished episode with its live alarm (afil_ray/detect/live.py); the verdicts
-travel in the report to TensorBoard's ``detect/``.
+travel in the report to TensorBoard's ``detect/``. With ``loop.handover`` as well, every episode the alarm fired on
+is handed to the task's demonstrator at the alarm (``Corrector.take_over``: from the last snapshot at or before it,
+which in an exactly restoring simulator is the hand-over the episode would have had live; false alarms on successes
+are handed over too, as they would be live); the episode it became is stored beside the policy's own (source
+``handover``, when the demonstrator finished it), and the report says which hand-overs succeeded.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 
 from afil_ray.config import Config
+from afil_ray.correction import Corrector
 from afil_ray.detect.live import LiveAlarm
 from afil_ray.detect.monitor import FailureMonitor
 from afil_ray.detect.signals import CRITIC_SIGNALS, FailureSignals
@@ -53,6 +58,10 @@ class EpisodeSummary:
     max_failure_score: float | None = None
     alarm_threshold: float | None = None
     alarm_step: int | None = None
+    # loop.handover: whether the episode the alarm fired on succeeded once handed to the demonstrator (None: not
+    # handed over), and why not when it did not
+    handover_success: bool | None = None
+    handover_reason: str | None = None
 
 
 @dataclass
@@ -70,6 +79,8 @@ class RolloutReport:
     cos_mean: float | None = None
     shards_written: int = 0
     simulator_errors: list[str] = field(default_factory=list)
+    handover: bool = False  # loop.handover: the alarmed episodes were handed to the demonstrator
+    handover_s: float = 0.0  # of ``seconds``, how long the demonstrator's hand-overs took
 
 
 class RolloutWorker:
@@ -93,6 +104,7 @@ class RolloutWorker:
         self._applied: list[tuple[int, float]] = []
         self._crashes = 0
         self.monitor, self.alarm = self._monitor(cfg)
+        self.correctors: dict[str, Corrector] = {}  # loop.handover: each task's demonstrator, made when first needed
         # a restarted worker picks up the newest version before its simulator starts the first episodes, which
         # are labelled with the version they start with
         self._poll(force=True)
@@ -118,6 +130,17 @@ class RolloutWorker:
             summary.max_failure_score, summary.alarm_threshold = verdict.max_score, verdict.threshold
             summary.alarm_step = verdict.alarm_step
         return summary
+
+    def _hand_over(self, ep: Episode, summary: EpisodeSummary) -> Episode | None:
+        """The demonstrator's take-over at the alarm, when it fired and ``loop.handover`` asks for it; returns the
+        episode it became if it succeeded (for the store)."""
+        if not self.cfg.loop.handover or summary.alarm_step is None:
+            return None
+        if ep.task not in self.correctors:
+            self.correctors[ep.task] = Corrector(self.cfg.env.for_task(ep.task), self.cfg.correct, self.cfg.demos)
+        taken, _, reason = self.correctors[ep.task].take_over(ep, summary.alarm_step)
+        summary.handover_success, summary.handover_reason = taken is not None, reason
+        return taken
 
     def _start_env(self) -> None:
         self.env = self.make_env(self.cfg.env)
@@ -163,7 +186,7 @@ class RolloutWorker:
         """Step for ``seconds`` of wall time; every episode that finishes is durable before this returns."""
         t0 = time.perf_counter()
         report = RolloutReport(worker=self.index, seconds=0.0, env_steps=0, version=self.version,
-                               latest_version=self.version)
+                               latest_version=self.version, handover=self.cfg.loop.handover)
         w: list[float] = []
         cos: list[float] = []
         self.rollout.stats = RolloutStats()
@@ -179,10 +202,19 @@ class RolloutWorker:
             self._crashes = 0
             report.env_steps += self.env.num_envs
             if finished:
+                summaries = [self._summary(ep) for ep in finished]
                 for ep in finished:
                     self.writer.add(self._keep(ep))
-                report.shards_written += len(self.writer.flush())
-                report.episodes += [self._summary(ep) for ep in finished]
+                report.shards_written += len(self.writer.flush())  # the policy's episodes first: durable
+                if self.cfg.loop.handover:
+                    t_handover = time.perf_counter()
+                    for ep, summary in zip(finished, summaries, strict=True):
+                        taken = self._hand_over(ep, summary)
+                        if taken is not None:
+                            self.writer.add(self._keep(taken))
+                    report.shards_written += len(self.writer.flush())
+                    report.handover_s += time.perf_counter() - t_handover
+                report.episodes += summaries
         w, cos = w + self.rollout.stats.w, cos + self.rollout.stats.cos
         report.seconds = time.perf_counter() - t0
         report.version, report.latest_version = self.version, max(self.version, self.weights.latest_version())
@@ -197,3 +229,6 @@ class RolloutWorker:
         if self.env is not None:
             self.env.close()
             self.env = None
+        for corrector in self.correctors.values():
+            corrector.close()
+        self.correctors = {}

@@ -7,15 +7,17 @@ version, staleness per actor, publish time, bytes per version, publish-to-applie
 and cos; ``eval/`` success rate per sampler; ``branches/`` branch actors' states, branches, success rate and mixed
 states; ``critic/`` the learner's held-out AUROCs (train.mode=critic); ``detect/`` the live alarm (loop.monitor):
 rolling share of failures flagged and of successes false-alarmed (episodes judged by a calibrated threshold), each
-actor's threshold, the mean largest score by outcome, the median lead from alarm to episode end. Rollout-side
-scalars are indexed by total env steps, learner scalars by learner step.
+actor's threshold, the mean largest score by outcome, the median lead from alarm to episode end; with loop.handover,
+``detect/handover/``: the rolling success as run and with the demonstrator's hand-overs on the same episodes,
+hand-overs per episode, the share of hand-overs that succeeded and the demonstrator's share of rollout time.
+Rollout-side scalars are indexed by total env steps, learner scalars by learner step.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,9 +68,13 @@ class LoopMetrics:
     branch_mixed: int = 0  # branched states whose branches have both outcomes
     # the live alarm's verdicts (fired or not) on episodes judged by a calibrated threshold, rolling, by outcome
     alarms: dict[str, deque[bool]] = field(default_factory=dict)
+    # loop.handover: (success as run, success with the hand-over) of the newest episodes, and the counts so far
+    handover_window: deque[tuple[bool, bool]] = field(init=False)
+    handover_counts: Counter = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         self.tb_dir.mkdir(parents=True, exist_ok=True)
+        self.handover_window = deque(maxlen=self.rolling_window)
         self.writer = SummaryWriter(str(self.tb_dir), flush_secs=10)
         self.started = time.time()
         self.first_report: tuple[float, int] | None = None  # (monotonic time, env steps) of the first round
@@ -114,6 +120,8 @@ class LoopMetrics:
             self.versions_applied[r.worker].add(version)
             self._scalar("sync/publish_to_applied_s", seconds)
         self._alarms(r)
+        if r.handover:
+            self._handovers(r)
         if r.w_mean is not None:
             self._scalar("sampler/w_mean", r.w_mean)
         if r.cos_mean is not None:
@@ -139,6 +147,28 @@ class LoopMetrics:
         leads = [ep.length - ep.alarm_step for ep in judged if not ep.success and ep.alarm_step is not None]
         if leads:
             self._scalar("detect/lead_steps_median", float(np.median(leads)))
+
+    def _handovers(self, r: RolloutReport) -> None:
+        counts = self.handover_counts
+        for ep in r.episodes:
+            handed = ep.handover_success is not None
+            self.handover_window.append((ep.success, ep.handover_success if handed else ep.success))
+            counts["episodes"] += 1
+            counts["handovers"] += handed
+            counts["won"] += bool(ep.handover_success)
+            counts["of_successes"] += handed and ep.success
+        counts["seconds"] += r.seconds
+        counts["handover_s"] += r.handover_s
+        if self.handover_window:
+            as_run, with_handover = np.mean(self.handover_window, axis=0)
+            self._scalar("detect/handover/success_as_run_rolling", float(as_run))
+            self._scalar("detect/handover/success_with_rolling", float(with_handover))
+        if counts["episodes"]:
+            self._scalar("detect/handover/per_episode", counts["handovers"] / counts["episodes"])
+        if counts["handovers"]:
+            self._scalar("detect/handover/won", counts["won"] / counts["handovers"])
+        if counts["seconds"]:
+            self._scalar("detect/handover/time_share", counts["handover_s"] / counts["seconds"])
 
     def branch(self, r: BranchRoundReport) -> None:
         """Branch counts, indexed by env steps like the rollouts they come from."""
@@ -212,6 +242,12 @@ class LoopMetrics:
                          "mixed_states": self.branch_mixed},
             "detect": {f"{'failures_flagged' if k == 'failure' else 'false_alarms'}_rolling":
                        round(float(np.mean(v)), 3) if v else None for k, v in sorted(self.alarms.items())},
+            "handover": None if not self.handover_counts else {
+                **{k: int(self.handover_counts[k]) for k in ("episodes", "handovers", "won", "of_successes")},
+                "success_as_run_rolling": round(float(np.mean([a for a, _ in self.handover_window])), 3)
+                if self.handover_window else None,
+                "success_with_rolling": round(float(np.mean([w for _, w in self.handover_window])), 3)
+                if self.handover_window else None},
         }
 
     def close(self) -> None:

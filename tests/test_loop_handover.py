@@ -4,12 +4,16 @@ success with hand-overs reaches TensorBoard's ``detect/handover/``."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from afil_ray.config import ConfigError, load_config
 from afil_ray.correction import HANDOVER_SOURCE
-from afil_ray.detect.live import AlarmVerdict
+from afil_ray.detect.intervention import loop_handovers
+from afil_ray.detect.live import LIVE_ALARM_KEY, AlarmVerdict
 from afil_ray.loop.harvest import EpisodeSummary, RolloutReport
 from afil_ray.loop.metrics import LoopMetrics
 from afil_ray.replay.episode import Episode
@@ -64,6 +68,38 @@ def test_a_handed_over_episode_is_the_policys_prefix_then_the_planner_and_is_sto
         assert child.extra["parent_outcome"] == parent.outcome
         assert (child.state[:8] == parent.state[:8]).all() and (child.action[:8] == parent.action[:8]).all()
         assert child.length <= cfg.env.max_episode_steps
+    # the store alone pairs the episodes as run with their hand-overs (scripts/loop_handover_report.py)
+    report = loop_handovers(stored, "spread")
+    assert report.comparison.n == len(own) >= len(summaries) and report.handovers == len(own)
+    assert report.handovers_won == len(taken) == sum(bool(s.handover_success) for s in summaries)
+    assert report.comparison.arm_successes == len(taken)  # every episode was handed over
+
+
+def _judged(success: bool, alarm_step: int | None, eid: str) -> Episode:
+    n = 20
+    return Episode(task="PullCube-v1", outcome="success" if success else "failure", episode_id=eid,
+                   seed=int.from_bytes(eid.encode(), "little"),
+                   state=np.zeros((n, 3), np.float32), action=np.zeros((n, 2), np.float32),
+                   reward=np.zeros(n, np.float32), step_success=np.full(n, success), terminated=np.zeros(n, bool),
+                   truncated=np.zeros(n, bool), final_state=np.zeros(3, np.float32), instruction="pull the cube",
+                   source="rollout", extra={LIVE_ALARM_KEY: {"step": alarm_step, "threshold": 0.5}})
+
+
+def test_loop_handovers_pair_each_judged_episode_with_its_handover():
+    saved = dataclasses.replace(_judged(True, None, "f1"), outcome="corrected", source=HANDOVER_SOURCE,
+                                parent_episode_id="f1", episode_id="h1", extra={})
+    episodes = [_judged(False, 5, "f1"),  # alarmed failure, handed over and won (h1 stored)
+                _judged(False, 5, "f2"),  # alarmed failure, the hand-over lost (nothing stored)
+                _judged(True, 5, "s1"),  # false alarm, the hand-over lost: a success given away
+                _judged(True, None, "s2"), _judged(False, None, "f3"), saved]
+    unjudged = dataclasses.replace(_judged(True, None, "s3"), extra={})  # before calibration: not counted
+    report = loop_handovers([*episodes, unjudged], "critic")
+    c = report.comparison
+    assert (c.n, c.reference_successes, c.arm_successes) == (5, 2, 2)
+    assert (c.only_reference, c.only_arm) == (1, 1)
+    assert (report.handovers, report.handovers_of_successes, report.handovers_won) == (3, 1, 1)
+    with pytest.raises(ValueError, match="no episode a calibrated live alarm judged"):
+        loop_handovers([unjudged], "critic")
 
 
 def test_the_success_with_handovers_reaches_tensorboard(tmp_path):

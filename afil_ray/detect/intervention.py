@@ -5,6 +5,9 @@ what it was up to the alarm, and from there the demonstrator takes over (``Corre
 snapshot at or before the alarm, planned and replayed in the policy's control mode). An episode without an alarm
 keeps its outcome. Paired with the episodes as they were, this gives the success gained by the alarm's hand-overs,
 and what its false alarms cost (a success handed to a planner that then fails).
+
+A loop with ``loop.handover`` does the same live (afil_ray/loop/harvest.py) and stores what happened: each judged
+episode its alarm's verdict, each hand-over that succeeded the episode it became; ``loop_handovers`` pairs them.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from afil_ray.correction import Corrector
+from afil_ray.correction import HANDOVER_SOURCE, Corrector
+from afil_ray.detect.live import LIVE_ALARM_KEY
 from afil_ray.eval.stats import ClusteredComparison, PairedComparison, compare_paired, compare_paired_clustered
 from afil_ray.replay.chunks import origin_of
 from afil_ray.replay.episode import Episode
@@ -98,6 +102,26 @@ class Handovers:
         by_state = compare_paired_clustered(as_run, with_handover, states)
         return HandoverReport(signal, compare_paired(as_run, with_handover), handovers, of_successes, won, reasons,
                               by_state)
+
+
+def loop_handovers(episodes: Sequence[Episode], signal: str) -> HandoverReport:
+    """What a loop's hand-overs (``loop.handover``) gave: every episode its live alarm judged (after calibration),
+    as the policy ran it and with the hand-over where the alarm fired, which succeeded when the episode the
+    demonstrator made of it is stored. Why the others did not is not stored (TensorBoard has the counts)."""
+    won_parents = {e.parent_episode_id for e in episodes if e.source == HANDOVER_SOURCE}
+    judged = [e for e in episodes if e.source != HANDOVER_SOURCE and LIVE_ALARM_KEY in e.extra]
+    if not judged:
+        raise ValueError("no episode a calibrated live alarm judged (loop.monitor unset, or the run ended before "
+                         "the alarm had its successes)")
+    alarmed = [e.extra[LIVE_ALARM_KEY]["step"] is not None for e in judged]
+    as_run = [e.success for e in judged]
+    with_handover = [e.episode_id in won_parents if fired else e.success for e, fired in zip(judged, alarmed,
+                                                                                            strict=True)]
+    states = [origin_of(e.task, e.seed, e.parent_episode_id, e.episode_id) for e in judged]
+    return HandoverReport(signal, compare_paired(as_run, with_handover), sum(alarmed),
+                          sum(f and e.success for f, e in zip(alarmed, judged, strict=True)),
+                          sum(with_handover[i] for i, f in enumerate(alarmed) if f), {},
+                          compare_paired_clustered(as_run, with_handover, states))
 
 
 def markdown_table(reports: Sequence[HandoverReport]) -> str:

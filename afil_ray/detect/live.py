@@ -23,6 +23,8 @@ from afil_ray.detect.conformal import TimeBand, calibrate, first_alarm
 from afil_ray.envs.collector import FAILURE_SCORES_KEY
 from afil_ray.replay.episode import Episode
 
+LIVE_ALARM_KEY = "live_alarm"  # extra key of an episode a calibrated live alarm judged: {"step": ..., "threshold": ...}
+
 
 @dataclass(frozen=True)
 class AlarmVerdict:

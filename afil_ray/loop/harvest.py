@@ -29,7 +29,7 @@ import torch
 
 from afil_ray.config import Config
 from afil_ray.correction import Corrector
-from afil_ray.detect.live import LiveAlarm
+from afil_ray.detect.live import LIVE_ALARM_KEY, LiveAlarm
 from afil_ray.detect.monitor import FailureMonitor
 from afil_ray.detect.signals import CRITIC_SIGNALS, FailureSignals
 from afil_ray.envs.base import SimulatorError, VecEnv
@@ -129,6 +129,8 @@ class RolloutWorker:
         if verdict is not None:
             summary.max_failure_score, summary.alarm_threshold = verdict.max_score, verdict.threshold
             summary.alarm_step = verdict.alarm_step
+            if np.isfinite(verdict.threshold):  # judged: the stored episode says what the alarm said
+                ep.extra[LIVE_ALARM_KEY] = {"step": verdict.alarm_step, "threshold": verdict.threshold}
         return summary
 
     def _hand_over(self, ep: Episode, summary: EpisodeSummary) -> Episode | None:

@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from afil_ray.config import ConfigError, load_config
+from afil_ray.config import ConfigError
 from afil_ray.detect.alarm import COMBINED, STEP, ScoredEpisode, against_combination, evaluate_alarm
-from afil_ray.detect.study import ALARM_REPLAY, ALARM_SOURCE, OUTPUT_DIR, harvest_episodes, kept_fresh_scores
-from afil_ray.replay.store import ReplayStore
+from afil_ray.detect.study import kept_study
 
 
 def trailing_mean(x: np.ndarray, window: int) -> np.ndarray:
@@ -34,17 +33,13 @@ def trailing_mean(x: np.ndarray, window: int) -> np.ndarray:
 
 def scored_episodes(root: Path, window: int, signals: list[str] | None = None
                     ) -> tuple[list[ScoredEpisode], list[str], str]:
-    if not (root / "config.yaml").is_file():
-        raise SystemExit(f"{root / 'config.yaml'}: no reproduction here (scripts/failure_signal.sh makes one)")
-    cfg = load_config(root / "config.yaml")
-    task = cfg.env.tasks[0]
-    episodes, points = harvest_episodes(ReplayStore(root / OUTPUT_DIR / ALARM_REPLAY), task, ALARM_SOURCE)
+    cfg, episodes, points, kept = kept_study(root, signals)
     scores: list[dict[str, np.ndarray]] = [{} for _ in episodes]
-    raw = signals or list(cfg.detect.signals)
+    raw = list(kept)
     for signal in raw:
-        for mine, kept in zip(scores, kept_fresh_scores(root, signal, episodes), strict=True):
-            mine[signal] = kept
-            mine[f"{signal} mean{window}"] = trailing_mean(kept, window)
+        for mine, held in zip(scores, kept[signal], strict=True):
+            mine[signal] = held
+            mine[f"{signal} mean{window}"] = trailing_mean(held, window)
     scored = [ScoredEpisode(e.episode_id, e.success, s, points.get(e.episode_id), initial_state=f"{e.task}:{e.seed}")
               for e, s in zip(episodes, scores, strict=True)]
     return scored, [*raw, *(f"{s} mean{window}" for s in raw)], cfg.detect.combiner

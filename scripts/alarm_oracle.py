@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 from sklearn.ensemble import HistGradientBoostingClassifier
 
-from afil_ray.config import ConfigError, load_config
+from afil_ray.config import ConfigError
 from afil_ray.detect.alarm import STEP, ScoredEpisode, evaluate_alarm
 from afil_ray.detect.signals import hold, scored_steps
-from afil_ray.detect.study import ALARM_REPLAY, ALARM_SOURCE, OUTPUT_DIR, harvest_episodes, kept_fresh_scores
+from afil_ray.detect.study import kept_study
 from afil_ray.replay.episode import Episode
-from afil_ray.replay.store import ReplayStore
 
 ORACLE = "state reader"
 
@@ -76,15 +75,9 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5, help="the state reader's cross-fitting folds")
     parser.add_argument("--alpha", type=float, default=0.05)
     args = parser.parse_args()
-    root = args.run_dir
-    if not (root / "config.yaml").is_file():
-        raise SystemExit(f"{root / 'config.yaml'}: no reproduction here (scripts/failure_signal.sh makes one)")
-    cfg = load_config(root / "config.yaml")
     signals = [s for s in args.signals.split(",") if s]
     try:
-        episodes, points = harvest_episodes(ReplayStore(root / OUTPUT_DIR / ALARM_REPLAY), cfg.env.tasks[0],
-                                            ALARM_SOURCE)
-        kept = {s: kept_fresh_scores(root, s, episodes) for s in signals}
+        cfg, episodes, points, kept = kept_study(args.run_dir, signals)
     except ConfigError as error:
         raise SystemExit(str(error)) from None
     reader = state_reader_scores(episodes, points, cfg.sampler.execute_steps, args.folds, cfg.seed)

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from afil_ray.config import ConfigError, load_config
+from afil_ray.config import ConfigError
 from afil_ray.detect.live import LiveAlarm
 from afil_ray.detect.signals import scored_steps
-from afil_ray.detect.study import ALARM_REPLAY, ALARM_SOURCE, OUTPUT_DIR, harvest_episodes, kept_fresh_scores
+from afil_ray.detect.study import kept_study
 from afil_ray.envs.collector import FAILURE_SCORES_KEY
-from afil_ray.replay.store import ReplayStore
 
 
 def main() -> None:
@@ -35,14 +34,8 @@ def main() -> None:
                         help="successes the alarm calibrates on (loop.monitor_window)")
     parser.add_argument("--alpha", type=float, default=0.05)
     args = parser.parse_args()
-    root = args.run_dir
-    if not (root / "config.yaml").is_file():
-        raise SystemExit(f"{root / 'config.yaml'}: no reproduction here (scripts/failure_signal.sh makes one)")
-    cfg = load_config(root / "config.yaml")
     try:
-        episodes, points = harvest_episodes(ReplayStore(root / OUTPUT_DIR / ALARM_REPLAY), cfg.env.tasks[0],
-                                            ALARM_SOURCE)
-        held = kept_fresh_scores(root, args.signal, episodes)
+        cfg, episodes, points, kept = kept_study(args.run_dir, [args.signal])
     except ConfigError as error:
         raise SystemExit(str(error)) from None
     every = cfg.sampler.execute_steps
@@ -52,7 +45,7 @@ def main() -> None:
     for i in sorted(range(len(episodes)), key=lambda i: (episodes[i].seed, episodes[i].episode_id)):
         episode = episodes[i]
         steps = scored_steps(episode, every)
-        episode.extra[FAILURE_SCORES_KEY] = [[int(s), float(held[i][s])] for s in steps]
+        episode.extra[FAILURE_SCORES_KEY] = [[int(s), float(kept[args.signal][i][s])] for s in steps]
         for name, alarm in alarms.items():
             verdict = alarm.observe(episode)
             if verdict is None or math.isinf(verdict.threshold):  # not calibrated yet: not counted

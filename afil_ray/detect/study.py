@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from afil_ray.config import Config, ConfigError
+from afil_ray.config import Config, ConfigError, load_config
 from afil_ray.correction import Corrector, correct_failures
 from afil_ray.detect.alarm import (
     AgainstCombination,
@@ -118,6 +118,19 @@ def kept_fresh_scores(root: Path, signal: str, episodes: list[Episode]) -> list[
         if json.loads(str(saved["key"]))[-1] != [e.episode_id for e in episodes]:
             raise ConfigError(f"{path}: scored other episodes than {root / OUTPUT_DIR / ALARM_REPLAY} holds")
         return [saved[f"e{i}"] for i in range(len(episodes))]
+
+
+def kept_study(root: Path, signals: list[str] | None = None
+               ) -> tuple[Config, list[Episode], dict[str, int], dict[str, list[np.ndarray]]]:
+    """What an alarm study on fresh rollouts left in ``root`` (a reproduction's run directory), for the probes that
+    score nothing themselves: its config, its episodes, their points of no return, and each of ``signals``' kept
+    per-step scores (None: the config's ``detect.signals``); a one-line error when any is missing."""
+    if not (root / "config.yaml").is_file():
+        raise ConfigError(f"{root / 'config.yaml'}: no reproduction here (scripts/failure_signal.sh makes one)")
+    cfg = load_config(root / "config.yaml")
+    episodes, points = harvest_episodes(ReplayStore(root / OUTPUT_DIR / ALARM_REPLAY), cfg.env.tasks[0],
+                                        ALARM_SOURCE)
+    return cfg, episodes, points, {s: kept_fresh_scores(root, s, episodes) for s in signals or cfg.detect.signals}
 
 
 def cause_table(failures: list[Episode], points: dict[str, int]) -> list[dict[str, Any]]:

@@ -27,6 +27,7 @@ from afil_ray.branches import (
     group_outcomes,
     open_points,
 )
+from afil_ray.branches.decides import StateRecord, analyse, chunk_noise_seed, read_records, run_decides
 from afil_ray.cli import main
 from afil_ray.config import BranchConfig, ConfigError, load_config
 from afil_ray.envs import snapshot as snap
@@ -319,3 +320,69 @@ def test_the_loops_branch_worker_branches_new_rollouts_with_the_newest_weights(s
         assert {e.extra.get("branch_worker") for e in new} == {0}
     finally:
         worker.close()
+
+
+def test_chunk_decides_continues_each_first_chunk_with_fresh_noise_and_resumes(setup, tmp_path):
+    cfg, policy, _, parents = setup
+    points = [BranchPoint(p, STEP, dict(zip(p.snapshot_steps, p.snapshots, strict=True))[STEP]) for p in parents]
+    out = tmp_path / "decides.jsonl"
+    branches: list[Episode] = []
+
+    def scorer(point, first):  # a stub critic: Q grows with the chunk's first action, V is fixed
+        return first[:, 0, 0], 0.5
+
+    with ManiSkillVecEnv(cfg.env) as env:
+        runner = BranchRunner(env, policy, cfg.sampler)
+        records = run_decides(runner, points, 2, 2, out, scorer, on_branch=branches.append)
+        assert [r.group for r in records] == [p.group for p in points] and len(branches) == 8
+        for pt in points:
+            mine = {b.branch_index: b for b in branches if b.branch_group == pt.group}
+            # a chunk's continuations run the same first chunk (seeded from the chunk, not the branch) ...
+            for c in range(2):
+                a, b = mine[2 * c], mine[2 * c + 1]
+                assert a.extra["first_noise_seed"] == b.extra["first_noise_seed"] == chunk_noise_seed(
+                    pt.parent.episode_id, STEP, c)
+                np.testing.assert_allclose(a.chunks[0], b.chunks[0], rtol=0, atol=1e-5)
+                assert not np.allclose(a.chunks[1], b.chunks[1])  # ... and then their own noise
+            assert not np.allclose(mine[0].chunks[0], mine[2].chunks[0])  # two first chunks, two noises
+            record = next(r for r in records if r.group == pt.group)
+            assert record.outcomes == [[mine[2 * c + m].success for m in range(2)] for c in range(2)]
+            np.testing.assert_allclose(record.q, [mine[0].chunks[0][0, 0], mine[2].chunks[0][0, 0]], atol=1e-6)
+            assert record.v == 0.5 and record.step == STEP
+        # resumable: a finished state is never run again, a truncated record (a kill mid-write) is
+        lines = out.read_text().splitlines()
+        out.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])
+        again: list[Episode] = []
+        records_again = run_decides(runner, points, 2, 2, out, scorer, on_branch=again.append)
+    assert {b.branch_group for b in again} == {points[1].group} and len(again) == 4
+    assert [r.group for r in records_again] == [p.group for p in points]
+    assert len(out.read_text().splitlines()) == 2 and read_records(out)[0] == records[0]
+
+
+def test_chunk_decides_analysis_tells_a_deciding_chunk_from_later_noise():
+    rng = np.random.default_rng(0)
+    # the chunk decides everything: chunk 1 and 3 always succeed, 0 and 2 never
+    decided = [StateRecord(f"s{i}", "T", "failure", 0, [[c % 2 == 1] * 8 for c in range(4)], q=[0.1, 0.9, 0.2, 0.8])
+               for i in range(20)]
+    result = analyse(decided)
+    assert result.chunk_share == pytest.approx(1.0) and result.chunk_share_p < 0.01
+    assert result.oracle_gain == pytest.approx(0.5) and result.critic_gain == pytest.approx(0.5)
+    assert result.critic_concordance == pytest.approx(1.0)
+    backwards = [dataclasses.replace(r, q=[0.9, 0.1, 0.8, 0.2]) for r in decided]
+    assert analyse(backwards).critic_gain == pytest.approx(-0.5) and analyse(backwards).critic_concordance == 0.0
+
+    def states(rates_of_state, n=300):
+        return [StateRecord(f"s{i}", "T", "success", 0,
+                            [list(rng.random(8) < p) for p in rates_of_state(i)], q=list(rng.random(4)))
+                for i in range(n)]
+
+    # later noise decides everything: every chunk succeeds half the time
+    noise = analyse(states(lambda i: [0.5] * 4))
+    assert abs(noise.chunk_share) < 0.03 and noise.chunk_share_p > 0.01
+    assert noise.oracle_ci[0] < 0 < noise.oracle_ci[1] and noise.critic_ci[0] < 0 < noise.critic_ci[1]
+    # each chunk 0.2 or 0.8 at random: Var(p_c) / p(1-p) = 0.09 / 0.25 = 0.36 of the variance is the chunk's
+    mixed = analyse(states(lambda i: rng.choice([0.2, 0.8], 4)))
+    assert mixed.chunk_share == pytest.approx(0.36, abs=0.06) and mixed.chunk_share_p < 0.01
+    assert 0.15 < mixed.oracle_gain < 0.3 and mixed.oracle_ci[0] > 0  # picking by 4 continuations: not always right
+    with pytest.raises(ValueError, match="2 chunks and 2 continuations"):
+        analyse([StateRecord("s", "T", "failure", 0, [[True, False]])])

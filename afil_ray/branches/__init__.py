@@ -9,6 +9,8 @@ restored state) gets the branch's outcome, so a group is K chunks for the same o
 - ``rollout``: restoring states into env slots and rolling out branches with per-branch noise.
 - ``records``: what the store holds of branches (which are done; (group, branch, first chunk, outcome) rows).
 - ``run``: ``afil-ray branch`` for one task: parents from the store, branches into it, resumable.
+- ``decides``: K first chunks x M continuations per state, to measure how much the next chunk decides the outcome
+  (``scripts/chunk_decides.py``).
 """
 
 from afil_ray.branches.records import branch_outcomes, branch_rows, branched_keys, group_outcomes

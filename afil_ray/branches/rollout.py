@@ -39,10 +39,12 @@ def branch_noise_seed(parent_id: str, step: int, index: int, seed: int = 0) -> i
 
 @dataclass(frozen=True)
 class BranchJob:
-    """Branch ``index`` of the state ``point``."""
+    """Branch ``index`` of the state ``point``. ``first_noise_seed``: the noise of its first chunk, shared by the
+    branches that continue one chunk (``decides.py``); None: drawn from the branch's own noise like the rest."""
 
     point: BranchPoint
     index: int
+    first_noise_seed: int | None = None
 
 
 @dataclass
@@ -55,6 +57,7 @@ class _Branch:
     obs: Obs  # the slot's current observation, unbatched
     steps: StepBuffer
     queue: list[np.ndarray] = field(default_factory=list)
+    first: torch.Generator | None = None  # the first chunk's own noise, when the job fixes it
 
 
 class BranchRunner:
@@ -86,14 +89,18 @@ class BranchRunner:
                              f"{self.env.slot_tasks[slot].env_id}")
         obs = self.env.restore(slot, point.snapshot, point.step)
         seed = branch_noise_seed(parent.episode_id, point.step, job.index, self.seed)
+        first = None if job.first_noise_seed is None else torch.Generator().manual_seed(job.first_noise_seed)
         return _Branch(job, seed, torch.Generator().manual_seed(seed), {k: np.asarray(v) for k, v in obs.items()},
-                       StepBuffer(seed=parent.seed))
+                       StepBuffer(seed=parent.seed), first=first)
 
     def _replan(self, branches: list[_Branch]) -> None:
         obs = {k: np.stack([b.obs[k] for b in branches]) for k in branches[0].obs}
         instructions = [b.job.point.parent.instruction for b in branches]
         shape = tuple(self.policy.noise_shape)  # type: ignore[attr-defined]
-        noise = torch.stack([draw_noise(shape, self.sampler, b.generator) for b in branches])
+        noise = torch.stack([draw_noise(shape, self.sampler, b.generator if b.first is None else b.first)
+                             for b in branches])
+        for b in branches:
+            b.first = None  # later chunks draw from the branch's own noise
         actions, diag = self.policy.sample(obs, instructions, self.sampler, noise=noise)  # type: ignore[call-arg]
         w, cos = diag.get("w"), diag.get("cos")
         for j, b in enumerate(branches):
@@ -136,6 +143,7 @@ class BranchRunner:
     def _episode(self, b: _Branch) -> Episode:
         point, parent = b.job.point, b.job.point.parent
         extra = {**self.extra, "noise_seed": b.noise_seed, "parent_outcome": parent.outcome,
+                 **({} if b.job.first_noise_seed is None else {"first_noise_seed": b.job.first_noise_seed}),
                  **b.steps.outcome_extras()}
         if point.estimate is not None:
             extra["estimate"] = point.estimate

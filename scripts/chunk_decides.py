@@ -1,0 +1,106 @@
+"""Does the next chunk decide the outcome? K chunks x M continuations from open states of a run's harvest.
+
+Issue 22's critics rank states (AUROC V 0.79-0.93) but not the chunks of one state (within-state AUROC 0.39-0.55).
+This run tells apart the two readings of that (afil_ray/branches/decides.py): from open states of the harvest
+(the critic's V between ``branches.open_low`` and ``open_high``), on initial states the critic held out, K first
+chunks of the success head the critic's arms sample from, each continued M times with fresh noise. Resumable: each
+state's record is appended to ``--out`` as it completes.
+
+    .venv/bin/python scripts/chunk_decides.py runs/fs_LiftPegUpright --states 40 --chunks 4 --continuations 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from afil_ray.branches.decides import analyse, critic_chunk_scorer, read_records, run_decides
+from afil_ray.branches.rollout import BranchRunner
+from afil_ray.branches.states import BranchPoint, Scorer, critic_scorer, id_entropy, open_points
+from afil_ray.config import Config, ConfigError, load_config
+from afil_ray.envs.factory import make_vec_env
+from afil_ray.envs.tasks import get_task
+from afil_ray.pipeline.stages import with_updates
+from afil_ray.policy.loading import load_start_policy, resolve_checkpoint
+from afil_ray.replay.chunks import origin_of
+from afil_ray.replay.episode import table_to_episodes
+from afil_ray.replay.outcomes import held_out
+from afil_ray.replay.store import ReplayStore
+
+
+def open_states(cfg: Config, store: ReplayStore, scorer: Scorer, count: int, seed: int,
+                unseen_only: bool) -> list[BranchPoint]:
+    """Up to ``count`` open states, one per harvested parent, parents in an order drawn from ``seed``."""
+    bc, task = cfg.branches, cfg.env.tasks[0]
+    limit = cfg.env.max_episode_steps or get_task(task).max_episode_steps
+    parents = []
+    for shard in store.list_shards(task=task, outcome=list(bc.from_outcomes)):
+        table = store.read_checked(shard.path)
+        for parent in table_to_episodes(table) if table is not None else ():
+            origin = origin_of(parent.task, parent.seed, parent.parent_episode_id, parent.episode_id)
+            if parent.snapshot_steps and (not unseen_only or held_out(origin, cfg.data.critic_holdout)):
+                parents.append(parent)
+    parents.sort(key=lambda p: id_entropy(f"{seed}:{p.episode_id}"))
+    points: list[BranchPoint] = []
+    for parent in parents:
+        if len(points) >= count:
+            break
+        points += open_points(parent, bc, scorer, limit=limit)[:1]
+    return points
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a reproduce run (config.yaml, replay/, the critic stage)")
+    parser.add_argument("--checkpoint", type=Path, help="a critic checkpoint (default: <run_dir>/critic)")
+    parser.add_argument("--states", type=int, default=40)
+    parser.add_argument("--chunks", type=int, default=4, help="K: first chunks per state")
+    parser.add_argument("--continuations", type=int, default=8, help="M: continuations per chunk")
+    parser.add_argument("--num-envs", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--all-states", action="store_true", help="also initial states the critic trained on")
+    parser.add_argument("--out", type=Path, help="records (default: <run_dir>/decides/K<k>xM<m>.jsonl)")
+    args = parser.parse_args()
+    try:
+        cfg = load_config(args.run_dir / "config.yaml", [f"env.num_envs={args.num_envs}"])
+        cfg = with_updates(cfg, sampler={"kind": "success_only"})
+        checkpoint = resolve_checkpoint(args.checkpoint or args.run_dir / "critic")
+    except (ConfigError, FileNotFoundError) as error:
+        raise SystemExit(str(error)) from None
+    policy = load_start_policy(checkpoint).eval()
+    if policy.critic is None:
+        raise SystemExit(f"{checkpoint}: no success critic (train.mode=critic makes one)")
+    out = args.out or args.run_dir / "decides" / f"K{args.chunks}xM{args.continuations}.jsonl"
+    store = ReplayStore.from_config(cfg.replay)
+    points = open_states(cfg, store, critic_scorer(policy.v), args.states, args.seed, not args.all_states)
+    print(f"{cfg.env.tasks[0]}: {len(points)} open states (V in [{cfg.branches.open_low}, {cfg.branches.open_high}]"
+          f"{'' if args.all_states else ', initial states the critic held out'}); {checkpoint}")
+    if not points:
+        raise SystemExit("no open states: widen branches.open_low/open_high in the run's config, or --all-states")
+    env = make_vec_env(cfg.env)
+    size = args.chunks * args.continuations
+    done = {r.group for r in read_records(out)}
+    bar = tqdm(total=len(points) * size, initial=sum(p.group in done for p in points) * size,
+               desc="chunk x continuation", unit="branch", dynamic_ncols=True)
+    try:
+        runner = BranchRunner(env, policy, cfg.sampler, seed=args.seed, extra={"checkpoint": str(checkpoint)})
+        records = run_decides(runner, points, args.chunks, args.continuations, out, critic_chunk_scorer(policy),
+                              seed=args.seed, on_branch=lambda _: bar.update(1))
+    finally:
+        bar.close()
+        env.close()
+    result = analyse(records, seed=args.seed)
+    for line in result.lines():
+        print(line)
+    summary = {**asdict(result), "checkpoint": str(checkpoint), "open_states_v": [r.v for r in records],
+               "parent_failures": int(np.sum([r.parent_outcome == "failure" for r in records]))}
+    out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

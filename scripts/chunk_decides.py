@@ -12,6 +12,7 @@ state's record is appended to ``--out`` as it completes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -33,10 +34,14 @@ from afil_ray.replay.outcomes import held_out
 from afil_ray.replay.store import ReplayStore
 
 
-def open_states(cfg: Config, store: ReplayStore, scorer: Scorer, count: int, seed: int,
-                unseen_only: bool) -> list[BranchPoint]:
-    """Up to ``count`` open states, one per harvested parent, parents in an order drawn from ``seed``."""
+def open_states(cfg: Config, store: ReplayStore, scorer: Scorer, count: int, seed: int, unseen_only: bool,
+                at_step: int | None = None) -> list[BranchPoint]:
+    """Up to ``count`` open states, one per harvested parent, parents in an order drawn from ``seed``; with
+    ``at_step``, each parent's state at that step (when open), and one parent per initial state for step 0 (the
+    runs of one seed start from the same state)."""
     bc, task = cfg.branches, cfg.env.tasks[0]
+    if at_step is not None:
+        bc = dataclasses.replace(bc, states_per_episode=None)
     limit = cfg.env.max_episode_steps or get_task(task).max_episode_steps
     parents = []
     for shard in store.list_shards(task=task, outcome=list(bc.from_outcomes)):
@@ -47,10 +52,20 @@ def open_states(cfg: Config, store: ReplayStore, scorer: Scorer, count: int, see
                 parents.append(parent)
     parents.sort(key=lambda p: id_entropy(f"{seed}:{p.episode_id}"))
     points: list[BranchPoint] = []
+    initial_states: set[str] = set()
     for parent in parents:
         if len(points) >= count:
             break
-        points += open_points(parent, bc, scorer, limit=limit)[:1]
+        if at_step is None:
+            points += open_points(parent, bc, scorer, limit=limit)[:1]
+            continue
+        origin = origin_of(parent.task, parent.seed, parent.parent_episode_id, parent.episode_id)
+        if at_step == 0 and origin in initial_states:
+            continue
+        chosen = [p for p in open_points(parent, bc, scorer, limit=limit) if p.step == at_step]
+        if chosen:
+            points.append(chosen[0])
+            initial_states.add(origin)
     return points
 
 
@@ -64,6 +79,7 @@ def main() -> None:
     parser.add_argument("--num-envs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--all-states", action="store_true", help="also initial states the critic trained on")
+    parser.add_argument("--at-step", type=int, help="only states at this step (0: the initial states)")
     parser.add_argument("--out", type=Path, help="records (default: <run_dir>/decides/K<k>xM<m>.jsonl)")
     args = parser.parse_args()
     try:
@@ -75,9 +91,11 @@ def main() -> None:
     policy = load_start_policy(checkpoint).eval()
     if policy.critic is None:
         raise SystemExit(f"{checkpoint}: no success critic (train.mode=critic makes one)")
-    out = args.out or args.run_dir / "decides" / f"K{args.chunks}xM{args.continuations}.jsonl"
+    at = "" if args.at_step is None else f"-step{args.at_step}"
+    out = args.out or args.run_dir / "decides" / f"K{args.chunks}xM{args.continuations}{at}.jsonl"
     store = ReplayStore.from_config(cfg.replay)
-    points = open_states(cfg, store, critic_scorer(policy.v), args.states, args.seed, not args.all_states)
+    points = open_states(cfg, store, critic_scorer(policy.v), args.states, args.seed, not args.all_states,
+                         args.at_step)
     print(f"{cfg.env.tasks[0]}: {len(points)} open states (V in [{cfg.branches.open_low}, {cfg.branches.open_high}]"
           f"{'' if args.all_states else ', initial states the critic held out'}); {checkpoint}")
     if not points:

@@ -383,6 +383,8 @@ def test_chunk_decides_analysis_tells_a_deciding_chunk_from_later_noise():
     # each chunk 0.2 or 0.8 at random: Var(p_c) / p(1-p) = 0.09 / 0.25 = 0.36 of the variance is the chunk's
     mixed = analyse(states(lambda i: rng.choice([0.2, 0.8], 4)))
     assert mixed.chunk_share == pytest.approx(0.36, abs=0.06) and mixed.chunk_share_p < 0.01
+    assert mixed.chunk_share_ci[0] < 0.36 < mixed.chunk_share_ci[1] and mixed.chunk_sd == pytest.approx(0.3, abs=0.03)
+    assert noise.critic_concordance_ci[0] < 0.5 < noise.critic_concordance_ci[1]
     assert 0.15 < mixed.oracle_gain < 0.3 and mixed.oracle_ci[0] > 0  # picking by 4 continuations: not always right
     with pytest.raises(ValueError, match="2 chunks and 2 continuations"):
         analyse([StateRecord("s", "T", "failure", 0, [[True, False]])])

@@ -152,23 +152,30 @@ class Decides:
     continuations: int
     success_rate: float
     chunk_share: float
+    chunk_share_ci: tuple[float, float]
     chunk_share_p: float
+    chunk_sd: float  # the spread of a chunk's success probability within a state, sqrt of its variance component
     oracle_gain: float
     oracle_ci: tuple[float, float]
     critic_gain: float | None
     critic_ci: tuple[float, float] | None
     critic_concordance: float | None  # P(Q orders two chunks of a state as their measured rates do), ties excluded
+    critic_concordance_ci: tuple[float, float] | None = None
 
     def lines(self) -> list[str]:
         def ci(x: tuple[float, float]) -> str:
             return f"[{x[0]:+.3f}, {x[1]:+.3f}]"
         out = [f"{self.states} states x {self.chunks} chunks x {self.continuations} continuations: success "
                f"{self.success_rate:.3f}",
-               f"chunk share of the within-state outcome variance {self.chunk_share:.3f} (permutation p "
-               f"{self.chunk_share_p:.3g})",
+               f"chunk share of the within-state outcome variance {self.chunk_share:.3f} "
+               f"[{self.chunk_share_ci[0]:.3f}, {self.chunk_share_ci[1]:.3f}] (permutation p "
+               f"{self.chunk_share_p:.3g}); a chunk's success probability varies by sd {self.chunk_sd:.3f} within a "
+               f"state",
                f"oracle pick (cross-fitted) {self.oracle_gain:+.3f} {ci(self.oracle_ci)}"]
         if self.critic_gain is not None and self.critic_ci is not None:
             conc = "-" if self.critic_concordance is None else f"{self.critic_concordance:.3f}"
+            if self.critic_concordance_ci is not None:
+                conc += f" [{self.critic_concordance_ci[0]:.3f}, {self.critic_concordance_ci[1]:.3f}]"
             out.append(f"critic's pick (rank k={self.chunks}) {self.critic_gain:+.3f} {ci(self.critic_ci)}, "
                        f"concordance with the chunks' rates {conc}")
         return out
@@ -181,17 +188,21 @@ def _outcome_array(records: Sequence[StateRecord]) -> np.ndarray:
     return np.asarray([r.outcomes for r in records], np.float64)  # [S, K, M]
 
 
-def chunk_share(y: np.ndarray) -> float:
-    """ICC(1) of outcomes ``y`` [S, K, M] with chunks nested in states: the between-chunk variance component over
-    the between-chunk plus within-chunk components, pooled over states (0 when the chunks explain nothing)."""
+def variance_components(y: np.ndarray) -> tuple[float, float]:
+    """(between-chunk, within-chunk) variance components of outcomes ``y`` [S, K, M], chunks nested in states,
+    pooled over states (one-way ANOVA; the between part is floored at 0)."""
     s, k, m = y.shape
     chunk_means = y.mean(axis=2)
     ssb = m * ((chunk_means - chunk_means.mean(axis=1, keepdims=True)) ** 2).sum()
     ssw = ((y - chunk_means[..., None]) ** 2).sum()
     msb, msw = ssb / (s * (k - 1)), ssw / (s * k * (m - 1))
-    between = max((msb - msw) / m, 0.0)
-    total = between + msw
-    return float(between / total) if total > 0 else 0.0
+    return max((msb - msw) / m, 0.0), float(msw)
+
+
+def chunk_share(y: np.ndarray) -> float:
+    """ICC(1): the between-chunk variance component over both (0 when the chunks explain nothing)."""
+    between, within = variance_components(y)
+    return float(between / (between + within)) if between + within > 0 else 0.0
 
 
 def _between_ss(y: np.ndarray) -> float:
@@ -245,6 +256,14 @@ def _bootstrap(per_state: np.ndarray, rng: np.random.Generator, draws: int = 400
     return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
+def _bootstrap_of(statistic: Callable[[np.ndarray], float | None], states: int, rng: np.random.Generator,
+                  draws: int = 1000) -> tuple[float, float]:
+    """95% interval of ``statistic(state indices)`` over states resampled with replacement."""
+    values = [statistic(rng.integers(0, states, states)) for _ in range(draws)]
+    kept = np.asarray([v for v in values if v is not None], np.float64)
+    return float(np.quantile(kept, 0.025)), float(np.quantile(kept, 0.975))
+
+
 def analyse(records: Sequence[StateRecord], seed: int = 0) -> Decides:
     """The chunk share, the oracle's and the critic's gains over ``records`` (one K x M shape, M >= 2)."""
     if not records:
@@ -255,13 +274,16 @@ def analyse(records: Sequence[StateRecord], seed: int = 0) -> Decides:
         raise ValueError(f"chunk-decides needs at least 2 chunks and 2 continuations per state, got {k} x {m}")
     rng = np.random.default_rng(seed)
     oracle = oracle_gains(y)
-    critic_gain = critic_ci = conc = None
+    critic_gain = critic_ci = conc = conc_ci = None
     if all(r.q is not None for r in records):
         q = np.asarray([r.q for r in records], np.float64)
         rates = y.mean(axis=2)
         per_state = _pick_gain(q, rates)
         critic_gain, critic_ci, conc = float(per_state.mean()), _bootstrap(per_state, rng), concordance(q, rates)
+        conc_ci = None if conc is None else _bootstrap_of(lambda i: concordance(q[i], rates[i]), s, rng)
+    between, _ = variance_components(y)
     return Decides(states=s, chunks=k, continuations=m, success_rate=float(y.mean()), chunk_share=chunk_share(y),
-                   chunk_share_p=permutation_p(y, rng), oracle_gain=float(oracle.mean()),
-                   oracle_ci=_bootstrap(oracle, rng), critic_gain=critic_gain, critic_ci=critic_ci,
-                   critic_concordance=conc)
+                   chunk_share_ci=_bootstrap_of(lambda i: chunk_share(y[i]), s, rng),
+                   chunk_share_p=permutation_p(y, rng), chunk_sd=float(np.sqrt(between)),
+                   oracle_gain=float(oracle.mean()), oracle_ci=_bootstrap(oracle, rng), critic_gain=critic_gain,
+                   critic_ci=critic_ci, critic_concordance=conc, critic_concordance_ci=conc_ci)

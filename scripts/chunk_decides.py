@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from afil_ray.branches.decides import analyse, critic_chunk_scorer, read_records, run_decides
+from afil_ray.branches.decides import analyse, critic_chunk_scorer, read_records, rescore, run_decides
 from afil_ray.branches.rollout import BranchRunner
 from afil_ray.branches.states import BranchPoint, Scorer, critic_scorer, id_entropy, open_points
 from afil_ray.config import Config, ConfigError, load_config
@@ -69,6 +69,41 @@ def open_states(cfg: Config, store: ReplayStore, scorer: Scorer, count: int, see
     return points
 
 
+def stored_points(store: ReplayStore, task: str, groups: set[str]) -> list[BranchPoint]:
+    """The states ``groups`` (parent id @ step) name, restorable, from the store's episodes."""
+    wanted: dict[str, list[int]] = {}
+    for group in groups:
+        parent_id, step = group.rsplit("@", 1)
+        wanted.setdefault(parent_id, []).append(int(step))
+    points = []
+    for shard in store.list_shards(task=task):
+        table = store.read_checked(shard.path)
+        for parent in table_to_episodes(table) if table is not None else ():
+            snaps = dict(zip(parent.snapshot_steps, parent.snapshots, strict=True))
+            points += [BranchPoint(parent, s, snaps[s]) for s in wanted.get(parent.episode_id, []) if s in snaps]
+    missing = groups - {p.group for p in points}
+    if missing:
+        raise SystemExit(f"{store.root}: no stored snapshot for the states {sorted(missing)[:3]} (of {len(missing)})")
+    return points
+
+
+def rescore_run(cfg: Config, out: Path, critic: Path, seed: int) -> None:
+    """Score an earlier run's records with another critic (on the same first chunks), without new rollouts."""
+    records = read_records(out)
+    if not records:
+        raise SystemExit(f"{out}: no records to rescore")
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    sampled_by = load_start_policy(summary["checkpoint"]).eval()
+    scorer_policy = load_start_policy(resolve_checkpoint(critic)).eval()
+    if scorer_policy.critic is None:
+        raise SystemExit(f"{critic}: no success critic (train.mode=critic makes one)")
+    points = stored_points(ReplayStore.from_config(cfg.replay), cfg.env.tasks[0], {r.group for r in records})
+    rescored = rescore(records, points, sampled_by, critic_chunk_scorer(scorer_policy), cfg.sampler, seed)
+    print(f"{out}, Q and V by {critic}:")
+    for line in analyse(rescored, seed=seed).lines():
+        print(line)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a reproduce run (config.yaml, replay/, the critic stage)")
@@ -81,6 +116,8 @@ def main() -> None:
     parser.add_argument("--all-states", action="store_true", help="also initial states the critic trained on")
     parser.add_argument("--at-step", type=int, help="only states at this step (0: the initial states)")
     parser.add_argument("--out", type=Path, help="records (default: <run_dir>/decides/K<k>xM<m>.jsonl)")
+    parser.add_argument("--rescore", type=Path, help="score the records in --out with this critic checkpoint instead "
+                        "(no new rollouts)")
     args = parser.parse_args()
     try:
         cfg = load_config(args.run_dir / "config.yaml", [f"env.num_envs={args.num_envs}"])
@@ -93,6 +130,9 @@ def main() -> None:
         raise SystemExit(f"{checkpoint}: no success critic (train.mode=critic makes one)")
     at = "" if args.at_step is None else f"-step{args.at_step}"
     out = args.out or args.run_dir / "decides" / f"K{args.chunks}xM{args.continuations}{at}.jsonl"
+    if args.rescore is not None:
+        rescore_run(cfg, out, args.rescore, args.seed)
+        return
     store = ReplayStore.from_config(cfg.replay)
     points = open_states(cfg, store, critic_scorer(policy.v), args.states, args.seed, not args.all_states,
                          args.at_step)

@@ -27,7 +27,14 @@ from afil_ray.branches import (
     group_outcomes,
     open_points,
 )
-from afil_ray.branches.decides import StateRecord, analyse, chunk_noise_seed, read_records, run_decides
+from afil_ray.branches.decides import (
+    StateRecord,
+    analyse,
+    chunk_noise_seed,
+    read_records,
+    rescore,
+    run_decides,
+)
 from afil_ray.cli import main
 from afil_ray.config import BranchConfig, ConfigError, load_config
 from afil_ray.envs import snapshot as snap
@@ -349,6 +356,10 @@ def test_chunk_decides_continues_each_first_chunk_with_fresh_noise_and_resumes(s
             assert record.outcomes == [[mine[2 * c + m].success for m in range(2)] for c in range(2)]
             np.testing.assert_allclose(record.q, [mine[0].chunks[0][0, 0], mine[2].chunks[0][0, 0]], atol=1e-6)
             assert record.v == 0.5 and record.step == STEP
+        # a critic trained later scores the same first chunks, drawn again from their noise seeds
+        for old, new in zip(records, rescore(records, points, policy, scorer, cfg.sampler), strict=True):
+            np.testing.assert_allclose(new.q, old.q, rtol=0, atol=1e-5)
+            assert new.outcomes == old.outcomes
         # resumable: a finished state is never run again, a truncated record (a kill mid-write) is
         lines = out.read_text().splitlines()
         out.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])

@@ -20,6 +20,7 @@ it stopped; a truncated last line (a kill mid-write) is dropped and its state ru
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -28,10 +29,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from afil_ray.branches.rollout import BranchJob, BranchRunner
 from afil_ray.branches.states import BranchPoint, id_entropy
+from afil_ray.config import SamplerConfig
 from afil_ray.replay.episode import Episode, branch_group
+from afil_ray.rollout import draw_noise
 
 if TYPE_CHECKING:
     from afil_ray.policy.model import DAGPolicy
@@ -138,6 +142,31 @@ def critic_chunk_scorer(policy: DAGPolicy) -> ChunkScorer:
         instruction = [point.parent.instruction or ""]
         return policy.q(obs, instruction, first[None])[0], float(policy.v(obs, instruction)[0])
     return score
+
+
+def first_chunks(policy: DAGPolicy, point: BranchPoint, chunks: int, sampler: SamplerConfig,
+                 seed: int = 0) -> np.ndarray:
+    """The K first chunks a run sampled at ``point`` [K, H, A], drawn again from their noise seeds (equal to the
+    run's up to float rounding of the batch), so a record can be scored by a critic trained after the run."""
+    noise = torch.stack([draw_noise(tuple(policy.noise_shape), sampler, torch.Generator().manual_seed(
+        chunk_noise_seed(point.parent.episode_id, point.step, c, seed))) for c in range(chunks)])
+    obs = {k: np.repeat(np.asarray(x)[None], chunks, axis=0) for k, x in point.observation().items()}
+    actions, _ = policy.sample(obs, [point.parent.instruction or ""] * chunks, sampler, noise=noise)
+    return np.asarray(actions)
+
+
+def rescore(records: Sequence[StateRecord], points: Sequence[BranchPoint], sampled_by: DAGPolicy,
+            scorer: ChunkScorer, sampler: SamplerConfig, seed: int = 0) -> list[StateRecord]:
+    """``records`` with Q and V from ``scorer``, on the first chunks ``sampled_by`` drew at each record's point."""
+    by_group = {p.group: p for p in points}
+    out = []
+    for r in records:
+        if r.group not in by_group:
+            raise ValueError(f"chunk-decides record {r.group}: its state is not among the points given")
+        point = by_group[r.group]
+        q, v = scorer(point, first_chunks(sampled_by, point, len(r.outcomes), sampler, seed))
+        out.append(dataclasses.replace(r, q=[float(x) for x in q], v=float(v)))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- analysis

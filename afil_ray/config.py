@@ -479,6 +479,11 @@ class DataConfig(_Section):
     corrected_from_restore: bool = False
     # The success critic's Monte-Carlo rows come from these outcomes' stored chunks (train.critic_mc_weight)
     critic_mc_outcomes: list[str] = field(default_factory=lambda: ["failure", "success"])
+    # What those rows train: q and v, or v alone. A Monte-Carlo row credits a whole episode's outcome to each of
+    # its chunks, and a chunk carries what the episode's state was like beyond the critic's features, so within
+    # one state Q learns a bias against chunks like the failing episodes' (docs/results.md, "Does the next chunk
+    # decide the outcome?"); with [v], Q's dependence on the chunk comes from same-state branches alone
+    critic_mc_targets: list[str] = field(default_factory=lambda: ["q", "v"])
     # Fraction of initial states (task and seed: a parent, its branches and same-seed episodes together) that the
     # critic never trains on and is evaluated on; the split is a hash of the state's id, the same in every run
     critic_holdout: float = 0.2
@@ -494,6 +499,11 @@ class DataConfig(_Section):
         for outcome in self.critic_mc_outcomes:
             _one_of("data.critic_mc_outcomes", outcome, CRITIC_MC_OUTCOMES)
         _in_range("data.critic_holdout", self.critic_holdout, 0.0, 1.0, high_open=True)
+        if not self.critic_mc_targets:
+            raise ConfigError("data.critic_mc_targets must name q, v or both (train.critic_mc_weight=0 turns the "
+                              "Monte-Carlo rows off)")
+        for target in self.critic_mc_targets:
+            _one_of("data.critic_mc_targets", target, ("q", "v"))
 
 
 @dataclass

@@ -257,7 +257,7 @@ class Trainer:
                 metrics[f"losses/{head}_head"] = float(loss.detach())
                 metrics.update({f"train/{head}_{k}": float(v) for k, v in m.items()})
         if self.heads.critic:
-            loss, m = self.policy.critic_loss(self._batch("critic"))
+            loss, m = self.policy.critic_loss(self._batch("critic"), self.cfg.data.critic_mc_targets)
             total = total + loss
             metrics["losses/critic_q"], metrics["losses/critic_v"] = m["critic_q"], m["critic_v"]
             metrics["train/critic_success_rate"] = m["critic_success_rate"]

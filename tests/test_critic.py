@@ -319,6 +319,31 @@ def test_afil_ray_train_in_critic_mode_ends_with_one_line_per_task(decided, tmp_
     assert json.loads((final / REPORT_FILE).read_text())["tasks"][0]["task"] == TASK
 
 
+def test_monte_carlo_rows_train_what_data_critic_mc_targets_names():
+    policy = _policy()
+    rng = np.random.default_rng(0)
+    batch = {"state": rng.normal(0, 1, (6, STATE_DIM)), "action": rng.uniform(-1, 1, (6, H, ACTION_DIM)),
+             "instruction": ["pull the cube"] * 6, "label": np.array([1, 0, 1, 0, 1, 0], np.float32),
+             "weight": np.array([1, 1, 0.5, 0.5, 0.5, 0.5], np.float32),
+             "is_branch": np.array([True, True, False, False, False, False])}
+
+    def q_net_grad(targets) -> float:
+        policy.zero_grad()
+        loss, metrics = policy.critic_loss(batch, targets)
+        loss.backward()
+        return float(sum(p.grad.abs().sum() for p in policy.critic.q_net.parameters())), metrics
+
+    both, m_both = q_net_grad(("q", "v"))
+    v_only, m_v = q_net_grad(("v",))
+    assert m_both["critic_v"] == pytest.approx(m_v["critic_v"])  # V still learns every row
+    q, _ = policy.critic_logits(batch)
+    branch_q = torch.nn.functional.binary_cross_entropy_with_logits(q[:2], torch.tensor([1.0, 0.0]))
+    assert m_v["critic_q"] == pytest.approx(float(branch_q), rel=1e-5) != m_both["critic_q"]  # Q: branch rows only
+    assert both > 0 and v_only > 0
+    batch["is_branch"][:] = False  # a batch of Monte-Carlo rows alone leaves Q untouched
+    assert q_net_grad(("v",))[0] == 0.0
+
+
 # ---------------------------------------------------------------- bad settings
 
 
@@ -330,6 +355,8 @@ def test_bad_critic_settings_are_one_line_errors(tmp_path, capsys):
             (["data.critic_mc_outcomes=[demo]"], r"data\.critic_mc_outcomes must be one of failure, success, branch"),
             (["data.critic_mc_outcomes=[]"], r"data\.critic_mc_outcomes must name at least one"),
             (["train.critic_mc_weight=-1"], r"train\.critic_mc_weight must be >= 0\.0, got -1"),
+            (["data.critic_mc_targets=[a]"], r"data\.critic_mc_targets must be one of q, v"),
+            (["data.critic_mc_targets=[]"], r"data\.critic_mc_targets must name q, v or both"),
             (["policy.critic_width=0"], r"policy\.critic_width must be >= 1, got 0"),
             (["policy.critc=true"], r"bad config key 'policy\.critc'")):
         with pytest.raises(ConfigError, match=match):

@@ -35,7 +35,8 @@ DEPENDS["correct"] = (*DEPENDS["harvest"], "correct")
 DEPENDS["corrected"] = (*DEPENDS["correct"], "reproduce.correction_steps")
 DEPENDS["dag"] = (*DEPENDS["corrected"], "reproduce.failure_head_steps", "reproduce.failure_outcomes")
 DEPENDS["branch"] = (*DEPENDS["corrected"], "branches")
-DEPENDS["critic"] = (*DEPENDS["branch"], "reproduce.critic_steps", "data.critic_holdout", "data.critic_mc_outcomes")
+DEPENDS["critic"] = (*DEPENDS["branch"], "reproduce.critic_steps", "data.critic_holdout", "data.critic_mc_outcomes",
+                     "data.critic_mc_targets")
 DEPENDS["online"] = (*DEPENDS["dag"], "loop", "reproduce.online_s")
 DEPENDS["eval"] = (*DEPENDS["online"], "eval", "reproduce.static_w", "reproduce.lams")
 DEPENDS["branch_heads"] = DEPENDS["branch"]

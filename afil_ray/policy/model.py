@@ -268,13 +268,19 @@ class DAGPolicy(nn.Module):
         q, v = critic(prefix.hidden, prefix.mask, self.normalizer.normalize_action(chunk))
         return q, v
 
-    def critic_loss(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def critic_loss(self, batch: Mapping[str, Any], mc_targets: Sequence[str] = ("q", "v")
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
         """BCE of Q and of V against ``label`` (1: the row's episode succeeded), rows weighted by ``weight``;
-        the loss is their sum, the metrics each alone (``critic_q``, ``critic_v``)."""
+        the loss is their sum, the metrics each alone (``critic_q``, ``critic_v``). ``mc_targets``: what the
+        Monte-Carlo rows (``is_branch`` false) train (``data.critic_mc_targets``); the branch rows train both."""
         q, v = self.critic_logits(batch)
         labels = self._tensor(batch["label"], torch.float32)
         weights = self._tensor(batch["weight"], torch.float32) if "weight" in batch else torch.ones_like(labels)
-        loss_q, loss_v = weighted_bce(q, labels, weights), weighted_bce(v, labels, weights)
+        branch = (self._tensor(batch["is_branch"], torch.bool) if "is_branch" in batch
+                  else torch.zeros_like(labels, dtype=torch.bool))
+        weights_q = weights if "q" in mc_targets else weights * branch
+        weights_v = weights if "v" in mc_targets else weights * branch
+        loss_q, loss_v = weighted_bce(q, labels, weights_q), weighted_bce(v, labels, weights_v)
         return loss_q + loss_v, {"critic_q": float(loss_q.detach()), "critic_v": float(loss_v.detach()),
                                  "critic_success_rate": float(labels.mean())}
 

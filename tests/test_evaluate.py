@@ -237,15 +237,17 @@ def test_one_arm_and_one_run_on_two_tasks_is_two_units_for_two_workers():
                                             ("b", 0, 0), ("b", 0, 1), ("b", 1, 0), ("b", 1, 1)]
 
 
-def test_a_worker_keeps_one_env_open_and_builds_it_for_its_units_task(monkeypatch):
+def test_a_worker_keeps_one_env_open_and_builds_a_fresh_one_for_every_unit(monkeypatch):
     import afil_ray.eval.workers as workers
 
     open_envs: list[str] = []  # the tasks of the envs built and not closed yet
+    built: list[str] = []
 
     class CountedEnv:
         def __init__(self, env_cfg):
             self.task = env_cfg.task
             open_envs.append(self.task)
+            built.append(self.task)
 
         def close(self):
             open_envs.remove(self.task)
@@ -264,6 +266,7 @@ def test_a_worker_keeps_one_env_open_and_builds_it_for_its_units_task(monkeypatc
         worker.run(task, arm, run)
     # each unit on its own task's env, with a cfg naming that task alone; never two envs open at once
     assert ran == [(task, task, run, [task]) for task, run in units]
+    assert built == [task for task, _ in units]  # no unit inherits the simulator state an earlier one left
     worker.close()
     assert open_envs == []
     with pytest.raises(ConfigError, match="not one of"):

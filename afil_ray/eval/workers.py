@@ -8,11 +8,13 @@ share, where units of one task at a time would be one unit and an idle worker pe
 (every unit of the first task, then the next task's), and a Ray eval actor takes a pending unit of the task whose
 env it holds before any other (afil_ray/driver.py), so a worker switches task only when it must.
 
-A unit is the same computation wherever it runs (its task's own env, the same seeds in the same slots,
-per-episode noise), so results do not depend on how many workers there are or what kind: the paired protocol
-stays exact when it is spread out. A worker is given the whole config and builds the env of a unit's task when it
-first needs it, keeping one env at a time (it closes the previous task's when the task changes), so its memory
-stays that of one simulator however many tasks it serves.
+A unit is the same computation wherever it runs (a fresh env of its task, the same seeds in the same slots,
+per-episode noise), so results do not depend on how many workers there are or what kind, nor on which units ran
+before: the paired protocol stays exact when it is spread out. A worker is given the whole config and builds a
+fresh env for every unit, closing the previous one: a reset restores the initial state but not all of the
+simulator's internal state, so on a reused env later physics depends on the units that ran there before
+(docs/results.md, "Does the next chunk decide the outcome?"). Building an env takes seconds, a unit minutes. One
+env at a time keeps a worker's memory that of one simulator however many tasks it serves.
 Workers get the policy object itself (pickled once per worker), so they need no shared file system.
 
 This module knows no Ray: the composition root (``afil_ray/driver.py``) hands evaluation a :data:`UnitRunner`
@@ -62,10 +64,8 @@ class EvalWorker:
     def run(self, task: str, arm: Arm, run: int, keep_snapshots: bool = False) -> list[Episode]:
         """Unit ``(task, arm, run)``: ``arm``'s episodes of ``run`` on ``task``'s env."""
         cfg = dataclasses.replace(self.cfg, env=self.cfg.env.for_task(task))
-        if task != self.task:
-            self.close()  # one env at a time: memory stays that of one simulator
-            self.env, self.task = make_vec_env(cfg.env), task
-        assert self.env is not None
+        self.close()  # a fresh env per unit, so that no earlier unit's simulator state reaches this one's physics
+        self.env, self.task = make_vec_env(cfg.env), task
         return run_episodes(self.env, cfg, self.policy, arm, run, keep_snapshots=keep_snapshots)
 
     def close(self) -> None:

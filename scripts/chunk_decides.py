@@ -23,10 +23,11 @@ from tqdm import tqdm
 from afil_ray.branches.decides import analyse, critic_chunk_scorer, read_records, rescore, run_decides
 from afil_ray.branches.rollout import BranchRunner
 from afil_ray.branches.states import BranchPoint, Scorer, critic_scorer, id_entropy, open_points
-from afil_ray.config import Config, ConfigError, load_config
+from afil_ray.config import BRANCH_PARENTS, Config, ConfigError, load_config
 from afil_ray.envs.factory import make_vec_env
 from afil_ray.envs.tasks import get_task
 from afil_ray.pipeline.stages import with_updates
+from afil_ray.policy.checkpoint import CheckpointError
 from afil_ray.policy.loading import load_start_policy, resolve_checkpoint
 from afil_ray.replay.chunks import origin_of
 from afil_ray.replay.episode import table_to_episodes
@@ -76,7 +77,7 @@ def stored_points(store: ReplayStore, task: str, groups: set[str]) -> list[Branc
         parent_id, step = group.rsplit("@", 1)
         wanted.setdefault(parent_id, []).append(int(step))
     points = []
-    for shard in store.list_shards(task=task):
+    for shard in store.list_shards(task=task, outcome=list(BRANCH_PARENTS)):
         table = store.read_checked(shard.path)
         for parent in table_to_episodes(table) if table is not None else ():
             snaps = dict(zip(parent.snapshot_steps, parent.snapshots, strict=True))
@@ -90,11 +91,14 @@ def stored_points(store: ReplayStore, task: str, groups: set[str]) -> list[Branc
 def rescore_run(cfg: Config, out: Path, critic: Path, seed: int) -> None:
     """Score an earlier run's records with another critic (on the same first chunks), without new rollouts."""
     records = read_records(out)
-    if not records:
-        raise SystemExit(f"{out}: no records to rescore")
-    summary = json.loads(out.with_suffix(".summary.json").read_text())
-    sampled_by = load_start_policy(summary["checkpoint"]).eval()
-    scorer_policy = load_start_policy(resolve_checkpoint(critic)).eval()
+    summary_file = out.with_suffix(".summary.json")
+    if not records or not summary_file.is_file():
+        raise SystemExit(f"{out}: no finished chunk-decides run to rescore (records and {summary_file.name})")
+    try:
+        sampled_by = load_start_policy(json.loads(summary_file.read_text())["checkpoint"]).eval()
+        scorer_policy = load_start_policy(resolve_checkpoint(critic)).eval()
+    except CheckpointError as error:
+        raise SystemExit(str(error)) from None
     if scorer_policy.critic is None:
         raise SystemExit(f"{critic}: no success critic (train.mode=critic makes one)")
     points = stored_points(ReplayStore.from_config(cfg.replay), cfg.env.tasks[0], {r.group for r in records})
@@ -123,7 +127,7 @@ def main() -> None:
         cfg = load_config(args.run_dir / "config.yaml", [f"env.num_envs={args.num_envs}"])
         cfg = with_updates(cfg, sampler={"kind": "success_only"})
         checkpoint = resolve_checkpoint(args.checkpoint or args.run_dir / "critic")
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, CheckpointError, FileNotFoundError) as error:
         raise SystemExit(str(error)) from None
     policy = load_start_policy(checkpoint).eval()
     if policy.critic is None:

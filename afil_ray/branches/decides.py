@@ -70,10 +70,6 @@ class StateRecord:
     q: list[float] | None = None  # [K]
     v: float | None = None
 
-    @property
-    def rates(self) -> np.ndarray:
-        return np.asarray(self.outcomes, np.float64).mean(axis=1)
-
 
 # (state's observation, instruction, first chunks [K, H, A]) -> (Q [K], V)
 ChunkScorer = Callable[[BranchPoint, np.ndarray], tuple[Sequence[float], float]]
@@ -217,13 +213,18 @@ def _outcome_array(records: Sequence[StateRecord]) -> np.ndarray:
     return np.asarray([r.outcomes for r in records], np.float64)  # [S, K, M]
 
 
+def _sums_of_squares(y: np.ndarray) -> tuple[float, float]:
+    """(between-chunk, within-chunk) sums of squares of outcomes ``y`` [S, K, M], chunks nested in states."""
+    chunk_means = y.mean(axis=2)
+    ssb = y.shape[2] * ((chunk_means - chunk_means.mean(axis=1, keepdims=True)) ** 2).sum()
+    return float(ssb), float(((y - chunk_means[..., None]) ** 2).sum())
+
+
 def variance_components(y: np.ndarray) -> tuple[float, float]:
     """(between-chunk, within-chunk) variance components of outcomes ``y`` [S, K, M], chunks nested in states,
     pooled over states (one-way ANOVA; the between part is floored at 0)."""
     s, k, m = y.shape
-    chunk_means = y.mean(axis=2)
-    ssb = m * ((chunk_means - chunk_means.mean(axis=1, keepdims=True)) ** 2).sum()
-    ssw = ((y - chunk_means[..., None]) ** 2).sum()
+    ssb, ssw = _sums_of_squares(y)
     msb, msw = ssb / (s * (k - 1)), ssw / (s * k * (m - 1))
     return max((msb - msw) / m, 0.0), float(msw)
 
@@ -234,20 +235,15 @@ def chunk_share(y: np.ndarray) -> float:
     return float(between / (between + within)) if between + within > 0 else 0.0
 
 
-def _between_ss(y: np.ndarray) -> float:
-    chunk_means = y.mean(axis=2)
-    return float(((chunk_means - chunk_means.mean(axis=1, keepdims=True)) ** 2).sum())
-
-
 def permutation_p(y: np.ndarray, rng: np.random.Generator, draws: int = 2000) -> float:
     """P(between-chunk spread as large as observed | outcomes exchangeable within each state)."""
     s, k, m = y.shape
-    observed = _between_ss(y)
+    observed = _sums_of_squares(y)[0]
     flat = y.reshape(s, k * m)
     hits = 0
     for _ in range(draws):
         shuffled = rng.permuted(flat, axis=1).reshape(s, k, m)
-        hits += _between_ss(shuffled) >= observed - 1e-12
+        hits += _sums_of_squares(shuffled)[0] >= observed - 1e-12
     return (hits + 1) / (draws + 1)
 
 

@@ -7,6 +7,7 @@ chunks of the success head the critic's arms sample from, each continued M times
 state's record is appended to ``--out`` as it completes.
 
     .venv/bin/python scripts/chunk_decides.py runs/fs_LiftPegUpright --states 40 --chunks 4 --continuations 8
+    .venv/bin/python scripts/chunk_decides.py runs/fs_LiftPegUpright --states 6 --repeat-check 8  # no drift?
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from afil_ray.branches.decides import analyse, critic_chunk_scorer, read_records, rescore, run_decides
-from afil_ray.branches.rollout import BranchRunner
+from afil_ray.branches.decides import analyse, chunk_noise_seed, critic_chunk_scorer, read_records, rescore, run_decides
+from afil_ray.branches.rollout import BranchJob, BranchRunner
 from afil_ray.branches.states import BranchPoint, Scorer, critic_scorer, id_entropy, open_points
 from afil_ray.config import BRANCH_PARENTS, Config, ConfigError, load_config
 from afil_ray.envs.factory import make_vec_env
@@ -108,6 +109,26 @@ def rescore_run(cfg: Config, out: Path, critic: Path, seed: int) -> None:
         print(line)
 
 
+def repeat_check(runner: BranchRunner, points: list[BranchPoint], copies: int, seed: int) -> None:
+    """Run each state's first chunk with the same later noise ``copies`` times on the reused env: if the restore
+    left the simulator's history behind, the copies would drift apart, and the continuations' spread would be
+    partly the simulator's rather than their noise's."""
+    jobs = [BranchJob(p, 0, first_noise_seed=chunk_noise_seed(p.parent.episode_id, p.step, 0, seed))
+            for p in points for _ in range(copies)]
+    runs: dict[str, list] = {}
+    for branch in tqdm(runner.run(jobs), total=len(jobs), desc="same branch again", unit="branch"):
+        runs.setdefault(f"{branch.parent_episode_id}@{branch.branch_step}", []).append(branch)
+    drifted = 0
+    for group, branches in runs.items():
+        first = branches[0]
+        same = [b.state.shape == first.state.shape and bool(np.array_equal(b.state, first.state))
+                and b.success == first.success for b in branches[1:]]
+        drifted += not all(same)
+        print(f"{group}: {sum(same) + 1}/{len(branches)} copies identical to the first, length {len(first.state)}, "
+              f"{'success' if first.success else 'failure'}")
+    print(f"{len(runs)} states x {copies} copies: {drifted} states whose copies differ")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a reproduce run (config.yaml, replay/, the critic stage)")
@@ -120,6 +141,8 @@ def main() -> None:
     parser.add_argument("--all-states", action="store_true", help="also initial states the critic trained on")
     parser.add_argument("--at-step", type=int, help="only states at this step (0: the initial states)")
     parser.add_argument("--out", type=Path, help="records (default: <run_dir>/decides/K<k>xM<m>.jsonl)")
+    parser.add_argument("--repeat-check", type=int, metavar="N", help="instead: run each state's first branch N "
+                        "times with the same noise on the reused env and report whether the copies are identical")
     parser.add_argument("--rescore", type=Path, help="score the records in --out with this critic checkpoint instead "
                         "(no new rollouts)")
     args = parser.parse_args()
@@ -145,6 +168,12 @@ def main() -> None:
     if not points:
         raise SystemExit("no open states: widen branches.open_low/open_high in the run's config, or --all-states")
     env = make_vec_env(cfg.env)
+    if args.repeat_check:
+        try:
+            repeat_check(BranchRunner(env, policy, cfg.sampler, seed=args.seed), points, args.repeat_check, args.seed)
+        finally:
+            env.close()
+        return
     size = args.chunks * args.continuations
     done = {r.group for r in read_records(out)}
     bar = tqdm(total=len(points) * size, initial=sum(p.group in done for p in points) * size,

@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     tasks = {task_name(p): load(p) for p in args.spreads}
     arms = list(dict.fromkeys(arm for rows in tasks.values() for arm in rows))
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(arms) + 2))
+    fig, ax = plt.subplots(figsize=(10.5, 0.45 * len(arms) + 2))
     offset = 0.8 / max(len(tasks), 1)
     for t, (task, rows) in enumerate(tasks.items()):
         ys, xs, lo, hi = [], [], [], []

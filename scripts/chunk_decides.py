@@ -117,7 +117,7 @@ def repeat_check(runner: BranchRunner, points: list[BranchPoint], copies: int, s
             for p in points for _ in range(copies)]
     runs: dict[str, list] = {}
     for branch in tqdm(runner.run(jobs), total=len(jobs), desc="same branch again", unit="branch"):
-        runs.setdefault(f"{branch.parent_episode_id}@{branch.branch_step}", []).append(branch)
+        runs.setdefault(str(branch.branch_group), []).append(branch)
     drifted = 0
     for group, branches in runs.items():
         first = branches[0]
@@ -146,6 +146,8 @@ def main() -> None:
     parser.add_argument("--rescore", type=Path, help="score the records in --out with this critic checkpoint instead "
                         "(no new rollouts)")
     args = parser.parse_args()
+    if args.repeat_check is not None and args.repeat_check < 2:
+        raise SystemExit(f"--repeat-check {args.repeat_check}: needs at least 2 copies to compare")
     try:
         cfg = load_config(args.run_dir / "config.yaml", [f"env.num_envs={args.num_envs}"])
         cfg = with_updates(cfg, sampler={"kind": "success_only"})
